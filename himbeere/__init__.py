@@ -1,0 +1,25 @@
+"""himbeere: run Python code stored in CouchDB on a fleet of Raspberry Pis.
+
+The map (one module per noun):
+
+============== ============================================================
+``config``     settings from INI file, ``HIMBEERE_*`` variables and flags
+``defaults``   every default value, documented
+``exceptions`` ``HimbeereError`` and its subclasses
+``identity``   MAC id, password, serial number and IP address of a node
+``couch``      all CouchDB access; the only module that builds a URL
+``design``     the design document and the node's ``_changes`` filter
+``feed``       following ``_changes``, saving the ``seq``, reconnecting
+``codedoc``    reading code documents into programs
+``programs``   supervising programs: start, restart, back off, stop
+``forkserver`` the single-threaded process that forks programs warm
+``child``      what runs inside a program's process: helpers, importer
+``commands``   running ``<macid>_cmd`` documents exactly once
+``status``     the node's status document and heartbeat
+``daemon``     wiring it all together; signals
+``service``    running the daemon in the background (pidfile)
+``cli``        the ``himbeere`` command
+============== ============================================================
+"""
+
+__version__ = "0.1.0"

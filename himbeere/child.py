@@ -1,0 +1,280 @@
+"""What runs inside a program's own process.
+
+The daemon's fork server (see :mod:`himbeere.programs`) forks a child and
+calls :func:`main` with the program's :class:`ProgramSpec`.  The child makes
+itself a process group leader (so the daemon can signal everything it
+starts), installs an importer for the program's modules and the global
+modules, gives every module namespace the HimbeereCouch helpers and calls
+``main()``.  It reports back through its control connection:
+
+``("running", pid)``, ``("invalid", message)``, ``("crashed", traceback)``,
+``("finished", None)``.
+
+The daemon asks it to quit by sending ``"quit"`` (or by going away: the
+connection closing has the same effect), which turns ``should_quit()`` true
+and runs the quit notifications in a helper thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import faulthandler
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import signal
+import sys
+import threading
+import traceback
+import types
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+#: Exit codes the daemon reads when a child could not report.
+EXIT_FINISHED, EXIT_CRASHED, EXIT_INVALID = 0, 1, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramSpec:
+    """Everything a child needs to run one program; picklable."""
+
+    name: str
+    doc_id: str
+    rev: str
+    modules: dict[str, str]
+    main_module: str
+    global_modules: dict[str, str]
+    node: int
+    couch_url: Optional[str] = None
+    database: Optional[str] = None
+
+
+class Helpers:
+    """The helpers every module of a program sees as globals."""
+
+    def __init__(self, spec: ProgramSpec, send: Callable[[Any], None]) -> None:
+        self.spec = spec
+        self._send = send
+        self._quit = threading.Event()
+        self._notifications: list[Callable[[], Any]] = []
+        self._lock = threading.Lock()
+        self._db: Any = None
+
+    def log(self, *args: Any) -> None:
+        """Print ``args`` as one line, prefixed with the program's name."""
+        text = " ".join(str(arg) for arg in args)
+        _write_lines(self.spec.name, text + "\n")
+
+    def should_quit(self) -> bool:
+        """True once the daemon asked this program to stop."""
+        return self._quit.is_set()
+
+    def register_quit_notification(self, func: Callable[[], Any]) -> None:
+        """Call ``func()`` (in a helper thread) when the program must quit."""
+        with self._lock:
+            self._notifications.append(func)
+            late = self._quit.is_set()
+        if late:
+            self._call(func)
+
+    def remove_quit_notification(self, func: Callable[[], Any]) -> None:
+        with self._lock:
+            if func in self._notifications:
+                self._notifications.remove(func)
+
+    def request_quit(self) -> None:
+        with self._lock:
+            if self._quit.is_set():
+                return
+            self._quit.set()
+            pending = list(self._notifications)
+        for func in pending:
+            self._call(func)
+
+    def _call(self, func: Callable[[], Any]) -> None:
+        try:
+            func()
+        except Exception:
+            self.log("quit notification failed:\n" + traceback.format_exc().rstrip())
+
+    @property
+    def db(self) -> Any:
+        """A CouchDB-Python database handle, made on first use."""
+        if self._db is None and self.spec.couch_url and self.spec.database:
+            import couchdb
+
+            self._db = couchdb.Server(self.spec.couch_url)[self.spec.database]
+        return self._db
+
+    def namespace(self) -> dict[str, Any]:
+        return {
+            "log": self.log,
+            "should_quit": self.should_quit,
+            "register_quit_notification": self.register_quit_notification,
+            "remove_quit_notification": self.remove_quit_notification,
+            "db": _LazyDatabase(self),
+            "node": self.spec.node,
+        }
+
+
+class _LazyDatabase:
+    """Stands in for the database handle until a program touches it."""
+
+    def __init__(self, helpers: Helpers) -> None:
+        self._helpers = helpers
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._helpers.db, name)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._helpers.db[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._helpers.db[key] = value
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._helpers.db
+
+    def __repr__(self) -> str:
+        return f"<database {self._helpers.spec.database!r}>"
+
+
+class ProgramImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Resolves imports from the program's modules, then the global modules.
+
+    It sits first on ``sys.meta_path``, so a program's own ``util`` shadows a
+    global ``util``, which shadows one on ``sys.path``.
+    """
+
+    def __init__(self, sources: Sequence[dict[str, str]], helpers: Helpers) -> None:
+        self.sources = sources
+        self.helpers = helpers
+
+    def source(self, fullname: str) -> Optional[str]:
+        for modules in self.sources:
+            if fullname in modules:
+                return modules[fullname]
+        return None
+
+    def find_spec(self, fullname: str, path: Any = None,
+                  target: Any = None) -> Optional[importlib.machinery.ModuleSpec]:
+        if self.source(fullname) is None:
+            return None
+        return importlib.util.spec_from_loader(fullname, self, origin=f"<himbeere {fullname}>")
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        source = self.source(module.__name__)
+        assert source is not None
+        module.__dict__.update(self.helpers.namespace())
+        code = compile(source, f"<{self.helpers.spec.name}:{module.__name__}>", "exec")
+        exec(code, module.__dict__)
+
+
+def _write_lines(name: str, text: str) -> None:
+    """Write ``text`` to fd 1, each line prefixed ``[name]``, in one write."""
+    lines = text.splitlines(keepends=True)
+    data = "".join(f"[{name}] {line}" for line in lines)
+    try:
+        os.write(1, data.encode("utf-8", "backslashreplace"))
+    except OSError:
+        pass
+
+
+class PrefixedStream:
+    """``sys.stdout`` replacement: whole lines, prefixed with the program name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._partial = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            text = self._partial + text
+            complete, _, self._partial = text.rpartition("\n")
+        if complete or text.endswith("\n"):
+            _write_lines(self.name, complete + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        with self._lock:
+            partial, self._partial = self._partial, ""
+        if partial:
+            _write_lines(self.name, partial + "\n")
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return 1
+
+
+def main(spec: ProgramSpec, conn: Any) -> None:
+    """Entry point in the forked child; never returns normally."""
+    os.setsid()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
+    sys.stdout = PrefixedStream(spec.name)  # type: ignore[assignment]
+    sys.stderr = PrefixedStream(spec.name)  # type: ignore[assignment]
+    send_lock = threading.Lock()
+
+    def send(message: Any) -> None:
+        with send_lock:
+            try:
+                conn.send(message)
+            except OSError:
+                pass
+
+    helpers = Helpers(spec, send)
+    threading.Thread(target=_watch_quit, args=(conn, helpers), daemon=True,
+                     name="quit-watch").start()
+    sys.meta_path.insert(0, ProgramImporter([spec.modules, spec.global_modules], helpers))
+    send(("running", os.getpid()))
+    status, detail = run_main(spec)
+    send((status, detail))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    code = {"finished": EXIT_FINISHED, "invalid": EXIT_INVALID}.get(status, EXIT_CRASHED)
+    # os._exit: skip atexit handlers inherited from the fork server.
+    os._exit(code)
+
+
+def run_main(spec: ProgramSpec) -> tuple[str, Optional[str]]:
+    """Import the main module and call its ``main()``; say how it ended."""
+    try:
+        module = importlib.import_module(spec.main_module)
+    except SyntaxError:
+        return "invalid", traceback.format_exc(limit=0)
+    except BaseException:
+        return "crashed", traceback.format_exc()
+    entry = getattr(module, "main", None)
+    if entry is None:
+        return "invalid", "the main module defines no main(); define def main(): ..."
+    if not callable(entry):
+        return "invalid", f"main is a {type(entry).__name__}, not a function; define def main(): ..."
+    try:
+        entry()
+    except SystemExit as exc:
+        if exc.code in (None, 0):
+            return "finished", None
+        return "crashed", f"SystemExit({exc.code!r})"
+    except BaseException:
+        return "crashed", traceback.format_exc()
+    return "finished", None
+
+
+def _watch_quit(conn: Any, helpers: Helpers) -> None:
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            break
+        if message == "quit":
+            break
+    helpers.request_quit()

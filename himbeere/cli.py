@@ -1,0 +1,122 @@
+"""The ``himbeere`` command.
+
+``himbeere daemon`` runs a node in the foreground (for systemd and
+supervisord); ``himbeere daemon start|stop|restart|reload|status`` runs it in
+the background with a pidfile (for sysvinit and ``init_scripts/rspby``).
+Errors print as one line; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any, Callable, Optional
+
+from . import __version__
+from . import config as configuration
+from .exceptions import HimbeereError
+
+log = logging.getLogger("himbeere")
+
+LOG_FORMAT = "%(asctime)s himbeere %(levelname)s %(message)s"
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """The node's settings as flags; they win over file and environment."""
+    group = parser.add_argument_group("settings (flags win over HIMBEERE_* and the INI file)")
+    group.add_argument("--config", metavar="FILE", help="INI file (default "
+                       "/etc/himbeere/himbeere.conf, or HIMBEERE_CONFIG)")
+    group.add_argument("--server", metavar="URL",
+                       help="CouchDB URL with credentials, http://user:pw@host:5984")
+    group.add_argument("--database", metavar="NAME", help="code database (default raspberries)")
+    group.add_argument("--status-database", metavar="NAME",
+                       help="status database (default <database>_status)")
+    group.add_argument("--state-dir", metavar="DIR",
+                       help="where the node keeps seq, journal, password, pidfile, log")
+    group.add_argument("--interface", metavar="IFACE", help="network interface of the MAC id")
+    group.add_argument("--mac-id", metavar="N", help="use this MAC id (simulated nodes)")
+    group.add_argument("--heartbeat-interval", metavar="S", help="seconds between heartbeats")
+    group.add_argument("--grace-period", metavar="S",
+                       help="seconds a program has to quit before SIGTERM")
+    group.add_argument("--restart-policy", metavar="POLICY",
+                       help="on-failure (default), always or never")
+    group.add_argument("--log-file", metavar="FILE", help="log file when in the background")
+
+
+FLAG_KEYS = ("server", "database", "status_database", "state_dir", "interface", "mac_id",
+             "heartbeat_interval", "grace_period", "restart_policy", "log_file")
+
+
+def load_config(args: argparse.Namespace) -> Callable[[], configuration.Config]:
+    """A function that (re)reads the configuration the way ``args`` asks."""
+    flags = {key: getattr(args, key, None) for key in FLAG_KEYS}
+
+    def load() -> configuration.Config:
+        return configuration.load(flags, config_file=args.config)
+
+    return load
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    """Run the node daemon (foreground without an action)."""
+    from . import daemon, service
+
+    load = load_config(args)
+    config = load()
+
+    def run(cfg: configuration.Config) -> int:
+        setup_logging(args.debug)
+        return daemon.run(cfg, load)
+
+    if args.action is None:
+        setup_logging(args.debug)
+        return daemon.run(config, load)
+    return service.control(args.action, config, run)
+
+
+def setup_logging(debug: bool = False) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="himbeere", description="Run Python code stored in CouchDB on Raspberry Pis.")
+    parser.add_argument("--version", action="version", version=f"himbeere {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    daemon = sub.add_parser("daemon", help="run the node daemon", description=cmd_daemon.__doc__)
+    daemon.add_argument("action", nargs="?", choices=("start", "stop", "restart", "reload",
+                                                      "status"),
+                        help="control a background daemon instead of running in the foreground")
+    add_config_flags(daemon)
+    daemon.set_defaults(func=cmd_daemon)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Optional[Callable[[argparse.Namespace], Any]] = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(func(args) or 0)
+    except HimbeereError as exc:
+        if args.debug:
+            raise
+        print(f"himbeere: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,167 @@
+"""Reading code documents: which are programs, and what they need.
+
+A code document is HimbeereCouch's format::
+
+    {"type": 1234567, "name": "blink", "code": "def main(): ..."}
+    {"type": 1234567, "name": "multi", "modules": {"main": "...", "util": "..."}}
+    {"global_modules": {"shared": "..."}}      # exported to every program
+
+``type`` is the node's MAC id (an integer, or the same digits as a string).
+Optional fields: ``restart`` (on-failure, always, never) and ``enabled``
+(false stops the program without deleting it).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import json
+from typing import Any, Optional
+
+from . import defaults
+from .exceptions import ProgramError
+
+MAIN = "main"
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeDoc:
+    """What the daemon keeps of one code document."""
+
+    doc_id: str
+    rev: str
+    name: str
+    modules: dict[str, str]
+    global_modules: dict[str, str]
+    restart: str
+    enabled: bool
+    error: Optional[str] = None
+
+    @property
+    def is_program(self) -> bool:
+        """False for a document that only exports ``global_modules``."""
+        return bool(self.modules) or self.error is not None
+
+    def fingerprint(self, global_sources: dict[str, str]) -> str:
+        """Changes exactly when the program must restart."""
+        used = {name: global_sources[name] for name in self.uses(global_sources)}
+        blob = json.dumps([self.modules, used, self.restart, self.error], sort_keys=True)
+        return hashlib.sha1(blob.encode()).hexdigest()
+
+    def uses(self, global_sources: dict[str, str]) -> set[str]:
+        """Global modules this program imports, directly or through each other."""
+        seen: set[str] = set()
+        todo = [src for src in self.modules.values()]
+        while todo:
+            for name in imported_names(todo.pop()):
+                if name in global_sources and name not in self.modules and name not in seen:
+                    seen.add(name)
+                    todo.append(global_sources[name])
+        return seen
+
+
+def imported_names(source: str) -> set[str]:
+    """Top-level names of the modules ``source`` imports (best effort)."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return set()
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def matches_node(doc: dict[str, Any], node: int) -> bool:
+    """True when ``doc['type']`` names this node (int or digit string)."""
+    return str(doc.get("type")) == str(node)
+
+
+def parse(doc: dict[str, Any], default_restart: str = defaults.RESTART_POLICY) -> CodeDoc:
+    """Turn a code document into a :class:`CodeDoc`.
+
+    Never raises for bad content: a document that cannot run gets ``error``
+    set, so the node can show it in its status and keep going.
+    """
+    doc_id = str(doc.get("_id", "?"))
+    rev = str(doc.get("_rev", "?"))
+    name = doc.get("name")
+    name = name if isinstance(name, str) and name.strip() else doc_id
+    enabled = doc.get("enabled", True) is not False
+    restart = doc.get("restart", default_restart)
+    base = dict(doc_id=doc_id, rev=rev, name=name, enabled=enabled,
+                restart=restart if isinstance(restart, str) else default_restart)
+    try:
+        global_modules = _modules_field(doc, "global_modules")
+        modules = _program_modules(doc)
+        if restart not in defaults.RESTART_POLICIES:
+            raise ProgramError(
+                f"restart: {restart!r} is not allowed; allowed: "
+                + ", ".join(defaults.RESTART_POLICIES)
+            )
+        _check_size(modules, global_modules)
+        _check_syntax(modules)
+    except ProgramError as exc:
+        return CodeDoc(modules={}, global_modules={}, error=str(exc), **base)
+    if not modules and not global_modules:
+        error = "nothing to run: the document has no code, modules or global_modules"
+        return CodeDoc(modules={}, global_modules={}, error=error, **base)
+    return CodeDoc(modules=modules, global_modules=global_modules, **base)
+
+
+def _modules_field(doc: dict[str, Any], key: str) -> dict[str, str]:
+    value = doc.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProgramError(
+            f"{key}: is a {type(value).__name__}; allowed: an object of module name -> source"
+        )
+    for module, source in value.items():
+        if not isinstance(source, str):
+            raise ProgramError(
+                f"{key}.{module}: is a {type(source).__name__}; allowed: Python source as a string"
+            )
+        if not all(part.isidentifier() for part in module.split(".")) or not module:
+            raise ProgramError(f"{key}: {module!r} is not a module name")
+    return dict(value)
+
+
+def _program_modules(doc: dict[str, Any]) -> dict[str, str]:
+    modules = _modules_field(doc, "modules")
+    code = doc.get("code")
+    if code is not None:
+        if not isinstance(code, str):
+            raise ProgramError(
+                f"code: is a {type(code).__name__}; allowed: Python source as a string"
+            )
+        modules[MAIN] = code
+    if modules and MAIN not in modules:
+        raise ProgramError(
+            "modules: no 'main' module and no 'code'; one of them must hold def main()"
+        )
+    return modules
+
+
+def _check_size(*groups: dict[str, str]) -> None:
+    size = sum(len(source.encode("utf-8", "replace")) for g in groups for source in g.values())
+    if size > defaults.MAX_CODE_BYTES:
+        raise ProgramError(
+            f"code is {size} bytes; allowed: at most {defaults.MAX_CODE_BYTES} bytes"
+        )
+
+
+def _check_syntax(modules: dict[str, str]) -> None:
+    for module, source in modules.items():
+        try:
+            compile(source, f"<{module}>", "exec", dont_inherit=True)
+        except SyntaxError as exc:
+            raise ProgramError(
+                f"syntax error in module {module!r}, line {exc.lineno}: {exc.msg}"
+            ) from None
+        except ValueError as exc:
+            raise ProgramError(f"module {module!r} cannot be compiled: {exc}") from None

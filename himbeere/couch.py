@@ -1,0 +1,369 @@
+"""All CouchDB access: the only module that builds a URL.
+
+Everything else talks to :class:`Couch` (a server) and :class:`Database`.
+Requests go through ``requests``; programs get a CouchDB-Python
+``couchdb.Database`` handle from :meth:`Database.client_handle`, because that
+is the API HimbeereCouch programs were written against.
+
+Two server quirks shape this module:
+
+* pouchdb-server gzips a response when the client accepts gzip, and its
+  compressor buffers a continuous ``_changes`` feed until the buffer fills;
+  so feeds ask for ``Accept-Encoding: identity``.
+* pouchdb-server crashes on ``filter=_selector`` and on a filter whose design
+  document is missing, so :meth:`Couch.supports_selector` decides from the
+  server's root document, never by trying.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from typing import Any, Callable, Optional, Union
+
+import requests
+
+from .exceptions import Conflict, CouchError, NotFound, Unauthorized, Unreachable
+
+log = logging.getLogger(__name__)
+
+Doc = dict[str, Any]
+Seq = Union[int, str]
+
+#: Seconds to wait for a connection and for an ordinary answer.
+CONNECT_TIMEOUT = 5.0
+REQUEST_TIMEOUT = 30.0
+
+
+def quote(name: str) -> str:
+    """One URL path segment: ``nedm/raspberries`` becomes ``nedm%2Fraspberries``."""
+    return urllib.parse.quote(name, safe="")
+
+
+def doc_path(doc_id: str) -> str:
+    """The path of a document: design documents keep their slash."""
+    for prefix in ("_design/", "_local/"):
+        if doc_id.startswith(prefix):
+            return prefix + quote(doc_id[len(prefix):])
+    return quote(doc_id)
+
+
+class Couch:
+    """A CouchDB-compatible server at ``url`` (credentials in the URL)."""
+
+    def __init__(self, url: str, timeout: float = REQUEST_TIMEOUT) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.auth: Optional[tuple[str, str]] = None
+        if parts.username is not None:
+            self.auth = (
+                urllib.parse.unquote(parts.username),
+                urllib.parse.unquote(parts.password or ""),
+            )
+        netloc = parts.hostname or ""
+        if parts.port:
+            netloc += f":{parts.port}"
+        path = parts.path.rstrip("/")
+        self.base = urllib.parse.urlunsplit((parts.scheme, netloc, path, "", ""))
+        self.url = url
+        self.timeout = timeout
+        self._local = threading.local()
+        self._info: Optional[Doc] = None
+
+    def __repr__(self) -> str:
+        user = f"{self.auth[0]}@" if self.auth else ""
+        return f"<Couch {user}{self.base}>"
+
+    # -- plumbing ---------------------------------------------------------
+    @property
+    def session(self) -> requests.Session:
+        """One ``requests.Session`` per thread: sessions are not thread-safe."""
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            session.auth = self.auth
+            session.headers["Accept"] = "application/json"
+            self._local.session = session
+        return session
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Optional[Mapping[str, Any]] = None,
+        body: Any = None,
+        timeout: Optional[float] = None,
+        ok404: bool = False,
+    ) -> Any:
+        """Send one request and return the decoded JSON answer.
+
+        Raises :class:`Unreachable`, :class:`Unauthorized`, :class:`NotFound`
+        (or returns ``None`` with ``ok404``), :class:`Conflict` or
+        :class:`CouchError`.
+        """
+        url = f"{self.base}/{path}"
+        data = None if body is None else json.dumps(body)
+        headers = {"Content-Type": "application/json"} if data is not None else None
+        try:
+            response = self.session.request(
+                method, url, params=_encode_params(params), data=data,
+                headers=headers, timeout=(CONNECT_TIMEOUT, timeout or self.timeout),
+            )
+        except requests.RequestException as exc:
+            raise Unreachable(f"cannot reach {self.base}: {_short(exc)}") from exc
+        if response.status_code == 404 and ok404:
+            return None
+        if response.status_code >= 400:
+            raise _error(method, path, response)
+        if not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise CouchError(f"{method} /{path}: answer is not JSON") from None
+
+    # -- server -----------------------------------------------------------
+    def info(self, refresh: bool = False) -> Doc:
+        """The server's root document (vendor and version), cached."""
+        if self._info is None or refresh:
+            self._info = self.request("GET", "")
+        assert self._info is not None
+        return self._info
+
+    def supports_selector(self) -> bool:
+        """True on Apache CouchDB >= 2, whose ``_changes`` takes ``_selector``.
+
+        Decided from the root document: pouchdb-server crashes when asked.
+        """
+        info = self.info()
+        if info.get("couchdb") != "Welcome" or "express-pouchdb" in info:
+            return False
+        try:
+            major = int(str(info.get("version", "0")).split(".")[0])
+        except ValueError:
+            return False
+        return major >= 2
+
+    def session_info(self) -> Doc:
+        """``GET /_session``: who the server thinks we are."""
+        return self.request("GET", "_session")
+
+    def all_dbs(self) -> list[str]:
+        return self.request("GET", "_all_dbs")
+
+    def database(self, name: str) -> Database:
+        return Database(self, name)
+
+    def create_database(self, name: str) -> bool:
+        """Create ``name``; False if it already existed."""
+        try:
+            self.request("PUT", quote(name))
+        except CouchError as exc:
+            if "file_exists" in str(exc) or "412" in str(exc):
+                return False
+            raise
+        return True
+
+    def delete_database(self, name: str) -> None:
+        self.request("DELETE", quote(name), ok404=True)
+
+
+class Database:
+    """One database on a :class:`Couch` server."""
+
+    def __init__(self, couch: Couch, name: str) -> None:
+        self.couch = couch
+        self.name = name
+        self.path = quote(name)
+
+    def __repr__(self) -> str:
+        return f"<Database {self.name!r} on {self.couch!r}>"
+
+    def _request(self, method: str, path: str = "", **kwargs: Any) -> Any:
+        full = f"{self.path}/{path}" if path else self.path
+        return self.couch.request(method, full, **kwargs)
+
+    def info(self) -> Doc:
+        return self._request("GET")
+
+    def exists(self) -> bool:
+        return self.couch.request("GET", self.path, ok404=True) is not None
+
+    def get(self, doc_id: str, **params: Any) -> Optional[Doc]:
+        """The document, or None if it does not exist (or was deleted)."""
+        return self._request("GET", doc_path(doc_id), params=params, ok404=True)
+
+    def save(self, doc: Doc) -> Doc:
+        """Create or update ``doc`` (by ``_id``/``_rev``); sets its new ``_rev``.
+
+        Raises :class:`Conflict` when ``_rev`` is stale.
+        """
+        if "_id" in doc:
+            answer = self._request("PUT", doc_path(doc["_id"]), body=doc)
+        else:
+            answer = self._request("POST", body=doc)
+        doc["_id"], doc["_rev"] = answer["id"], answer["rev"]
+        return doc
+
+    def delete(self, doc: Doc) -> None:
+        self._request("DELETE", doc_path(doc["_id"]), params={"rev": doc["_rev"]})
+
+    def update(self, doc_id: str, change: Any, retries: int = 20) -> Optional[Doc]:
+        """Read-modify-write ``doc_id`` until it sticks; never drops a write.
+
+        ``change(doc)`` edits the document in place (``doc`` is ``{}`` for a
+        new one) and returns False to leave it as it is.  A 409 re-reads and
+        applies ``change`` again.  Returns the saved document, or None.
+        """
+        for _ in range(retries):
+            doc = self.get(doc_id) or {"_id": doc_id}
+            if change(doc) is False:
+                return None
+            try:
+                return self.save(doc)
+            except Conflict:
+                continue
+        raise Conflict(f"{doc_id}: still conflicting after {retries} tries")
+
+    def all_docs(self, **params: Any) -> list[Doc]:
+        answer = self._request("GET", "_all_docs", params=params)
+        return answer["rows"]
+
+    def security(self) -> Doc:
+        return self._request("GET", "_security") or {}
+
+    def set_security(self, security: Doc) -> None:
+        self._request("PUT", "_security", body=security)
+
+    def view(self, design: str, name: str, **params: Any) -> list[Doc]:
+        answer = self._request("GET", f"_design/{quote(design)}/_view/{quote(name)}",
+                               params=params)
+        return answer["rows"]
+
+    def changes(self, since: Seq = 0, feed_filter: Optional[FeedFilter] = None,
+                **params: Any) -> Doc:
+        """One normal (non-continuous) ``_changes`` answer."""
+        query = dict(params, since=since)
+        body = None
+        method = "GET"
+        if feed_filter is not None:
+            query.update(feed_filter.params)
+            if feed_filter.selector is not None:
+                method, body = "POST", {"selector": feed_filter.selector}
+        return self._request(method, "_changes", params=query, body=body)
+
+    def follow(
+        self,
+        since: Seq,
+        feed_filter: Optional[FeedFilter] = None,
+        timeout: float = 30.0,
+        include_docs: bool = True,
+        stop: Optional[threading.Event] = None,
+        on_open: Optional[Callable[[], None]] = None,
+    ) -> Iterator[Doc]:
+        """Yield changes from a continuous ``_changes`` feed, forever.
+
+        The server sends a heartbeat (an empty line) every ``timeout / 3``
+        seconds; a connection silent for ``timeout`` seconds is dead and
+        raises :class:`Unreachable`, as does any break of the connection.
+        """
+        heartbeat_ms = max(100, int(timeout * 1000 / 3))
+        query: dict[str, Any] = {
+            "feed": "continuous", "since": since, "heartbeat": heartbeat_ms,
+            "include_docs": include_docs,
+        }
+        body = None
+        method = "GET"
+        if feed_filter is not None:
+            query.update(feed_filter.params)
+            if feed_filter.selector is not None:
+                method, body = "POST", json.dumps({"selector": feed_filter.selector})
+        headers = {"Accept-Encoding": "identity", "Content-Type": "application/json"}
+        url = f"{self.couch.base}/{self.path}/_changes"
+        try:
+            response = self.couch.session.request(
+                method, url, params=_encode_params(query), data=body, headers=headers,
+                stream=True, timeout=(CONNECT_TIMEOUT, timeout),
+            )
+        except requests.RequestException as exc:
+            raise Unreachable(f"cannot reach {self.couch.base}: {_short(exc)}") from exc
+        with response:
+            if response.status_code >= 400:
+                raise _error(method, f"{self.path}/_changes", response)
+            if on_open is not None:
+                on_open()
+            try:
+                for line in response.iter_lines(chunk_size=1 << 16):
+                    if stop is not None and stop.is_set():
+                        return
+                    if not line.strip():
+                        continue
+                    change = json.loads(line)
+                    if "last_seq" in change and "id" not in change:
+                        raise Unreachable("the server ended the feed")
+                    yield change
+            except (requests.RequestException, ValueError) as exc:
+                raise Unreachable(f"feed from {self.couch.base} broke: {_short(exc)}") from exc
+        raise Unreachable("the server closed the feed")
+
+    def client_handle(self) -> Any:
+        """A CouchDB-Python ``couchdb.Database`` for this database.
+
+        Programs get this as ``db``: HimbeereCouch programs used that API.
+        """
+        import couchdb  # imported here: only programs need it
+
+        server = couchdb.Server(self.couch.url)
+        return server[self.name]
+
+
+class FeedFilter:
+    """How a ``_changes`` request is filtered: a selector or a JS filter."""
+
+    def __init__(self, params: Optional[Mapping[str, Any]] = None,
+                 selector: Optional[Doc] = None) -> None:
+        self.params = dict(params or {})
+        self.selector = selector
+        if selector is not None:
+            self.params["filter"] = "_selector"
+
+    def __repr__(self) -> str:
+        return f"<FeedFilter {self.params} {self.selector}>"
+
+
+def _encode_params(params: Optional[Mapping[str, Any]]) -> Optional[dict[str, str]]:
+    """CouchDB wants JSON for keys and booleans in query strings."""
+    if params is None:
+        return None
+    encoded = {}
+    for key, value in params.items():
+        if isinstance(value, bool) or key in ("key", "startkey", "endkey", "keys"):
+            encoded[key] = json.dumps(value)
+        else:
+            encoded[key] = str(value)
+    return encoded
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]
+
+
+def _error(method: str, path: str, response: requests.Response) -> CouchError:
+    try:
+        body = response.json()
+        reason = f"{body.get('error')}: {body.get('reason')}"
+    except ValueError:
+        reason = response.text[:200]
+    text = f"{method} /{path}: {response.status_code} {reason}"
+    status = response.status_code
+    if status in (401, 403):
+        return Unauthorized(text)
+    if status == 404:
+        return NotFound(text)
+    if status == 409:
+        return Conflict(text)
+    return CouchError(text)

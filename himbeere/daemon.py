@@ -1,0 +1,237 @@
+"""The node daemon: feed, programs, commands and heartbeat in one process.
+
+How a change travels::
+
+    CouchDB _changes (filtered to this node)
+      -> Feed thread                      (feed.py, saves seq after each change)
+         -> code document  -> Supervisor  (programs.py, main thread)
+                              -> ForkServer forks a child (forkserver.py, child.py)
+         -> _cmd document  -> Commands    (commands.py, thread pool)
+      Supervisor state changes -> Status  (status.py, status database)
+
+Signals only set flags (logging in a handler is unsafe): TERM/INT stop
+gracefully, a second one forces; HUP reloads the configuration and restarts
+all programs; USR1 writes the stacks of the daemon and its programs to the log.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from . import identity
+from .commands import Commands
+from .config import Config, redact
+from .couch import Couch, Doc
+from .exceptions import ConfigError, CouchError, HimbeereError
+from .feed import Feed, SeqStore
+from .programs import Supervisor
+from .status import Status
+
+log = logging.getLogger(__name__)
+
+#: Settings whose change needs the whole daemon rebuilt, not just programs.
+CORE = ("server", "database", "status_database", "mac_id", "interface", "state_dir")
+
+
+class Daemon:
+    """One node.  ``run()`` blocks until a stop signal or :meth:`request_stop`."""
+
+    def __init__(self, config: Config,
+                 reload_config: Optional[Callable[[], Config]] = None) -> None:
+        if not config.server:
+            raise ConfigError(
+                "server: not set; set it in the config file, HIMBEERE_SERVER, --server, "
+                "or pair the node with `himbeere-upload discover`"
+            )
+        self.config = config
+        self.reload_config = reload_config
+        self.stop_requested = 0  # 1: graceful, 2: forced
+        self.reload_requested = False
+        self.dump_requested = False
+        self._stopped = threading.Event()
+        self._recovered = False
+        self._setup()
+
+    def _setup(self) -> None:
+        config = self.config
+        config.state_path.mkdir(parents=True, exist_ok=True)
+        self.node = identity.getmacid(config.interface, config.mac_id)
+        self.couch = Couch(config.server or "")
+        self.db = self.couch.database(config.database)
+        self.status_db = self.couch.database(config.status_db)
+        self.supervisor = Supervisor(
+            node=self.node, couch_url=config.server, database=config.database,
+            grace_period=config.grace_period, default_restart=config.restart_policy,
+            state_dir=config.state_path, on_change=self._program_changed,
+        )
+        self.commands = Commands(self.db, self.node, config.state_path,
+                                 default_timeout=config.command_timeout)
+        self.feed = Feed(
+            self.couch, self.db, self.node,
+            SeqStore(config.state_path / "seq.json", config.database, self.couch.base),
+            on_change=self.dispatch, timeout=config.feed_timeout,
+            on_connect=self._connected,
+        )
+        self.status = Status(self.status_db, self.node, config.heartbeat_interval,
+                             programs=self.supervisor.snapshot, interface=config.interface)
+
+    # -- wiring ------------------------------------------------------------------
+    def dispatch(self, doc: Doc) -> None:
+        """Route a document from the feed to the programs or the commands."""
+        kind = str(doc.get("type"))
+        if kind == f"{self.node}_cmd" and not doc.get("_deleted"):
+            self.commands.submit(doc)
+        else:
+            self.supervisor.submit(doc)
+
+    def _program_changed(self) -> None:
+        self.status.poke()
+
+    def _connected(self) -> None:
+        if self._recovered:
+            return
+        try:
+            if not self.status_db.exists():
+                try:
+                    self.couch.create_database(self.status_db.name)
+                    log.info("created status database %s", self.status_db.name)
+                except CouchError as exc:
+                    log.error("status database %s is missing and cannot be created (%s): "
+                              "run `himbeere-upload setup URL`", self.status_db.name, exc)
+            count = self.commands.recover()
+            if count:
+                log.warning("marked %d command(s) interrupted by the last crash", count)
+            self._recovered = True
+        except CouchError as exc:
+            log.warning("could not recover commands yet: %s", exc)
+
+    # -- running -----------------------------------------------------------------------
+    def run(self) -> int:
+        """Run until stopped; return the exit code."""
+        self._install_signals()
+        while True:
+            self._run_once()
+            if not self.reload_requested:
+                return 0
+            self.reload_requested = False
+            self.stop_requested = 0
+            self._setup()
+            log.info("restarted with the new configuration")
+
+    def _run_once(self) -> None:
+        log.info("himbeere node %s: server %s, database %s, state %s", self.node,
+                 redact(self.config.server), self.config.database, self.config.state_dir)
+        killed = self.supervisor.kill_orphans()
+        if killed:
+            log.warning("killed %d program(s) left running by a previous daemon", killed)
+        self.supervisor.fork_server.start()  # before any thread exists
+        self.feed.start()
+        self.status.start()
+        try:
+            while not self.stop_requested:
+                self.supervisor.loop(1.0)
+                self._handle_flags()
+        finally:
+            self.shutdown(force=self.stop_requested >= 2)
+
+    def _handle_flags(self) -> None:
+        if self.dump_requested:
+            self.dump_requested = False
+            self.dump_stacks()
+        if self.reload_requested:
+            self._reload()
+
+    def _reload(self) -> None:
+        if self.reload_config is None:
+            self.reload_requested = False
+            self.supervisor.request("restart_all")
+            return
+        try:
+            new = self.reload_config()
+        except (HimbeereError, OSError) as exc:
+            log.error("reload: %s; keeping the old configuration", exc)
+            self.reload_requested = False
+            return
+        core_changed = any(getattr(new, key) != getattr(self.config, key) for key in CORE)
+        self.config = new
+        if core_changed:
+            log.info("reload: server, database or identity changed; restarting the daemon")
+            self.stop_requested = 1  # run() sees reload_requested and starts again
+            return
+        self.reload_requested = False
+        log.info("reload: restarting all programs")
+        self.supervisor.grace_period = new.grace_period
+        self.supervisor.default_restart = new.restart_policy
+        self.status.interval = new.heartbeat_interval
+        self.commands.default_timeout = new.command_timeout
+        self.supervisor.request("restart_all")
+
+    def dump_stacks(self) -> None:
+        """Write every thread's stack, then ask every program for its own."""
+        sys.stderr.write(f"--- himbeere daemon {os.getpid()} stacks ---\n")
+        sys.stderr.flush()
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        for program in self.supervisor.programs.values():
+            if program.pid:
+                log.info("stack of %s (pid %s) follows", program.name, program.pid)
+                try:
+                    os.kill(program.pid, signal.SIGUSR1)
+                except ProcessLookupError:
+                    pass
+
+    def shutdown(self, force: bool = False) -> None:
+        log.info("stopping%s", " now" if force else "")
+        self.feed.stop.set()
+        self.supervisor.stop_all(force=force)
+        deadline = time.monotonic() + self.config.grace_period + 30
+        while self.supervisor.busy() and time.monotonic() < deadline:
+            if self.stop_requested >= 2 and not force:
+                force = True
+                self.supervisor.stop_all(force=True)
+            self.supervisor.loop(0.2)
+        self.commands.shutdown(wait=not force)
+        self.status.stop.set()
+        try:
+            self.status.write("stopped")
+        except CouchError as exc:
+            log.warning("could not write the final status: %s", exc)
+        self.supervisor.close()
+        self._stopped.set()
+
+    # -- signals -----------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGHUP, self._on_reload)
+        signal.signal(signal.SIGUSR1, self._on_dump)
+
+    def _on_stop(self, signum: int, frame: Any) -> None:
+        self.stop_requested += 1
+        self.supervisor.wake()
+
+    def _on_reload(self, signum: int, frame: Any) -> None:
+        self.reload_requested = True
+        self.supervisor.wake()
+
+    def _on_dump(self, signum: int, frame: Any) -> None:
+        self.dump_requested = True
+        self.supervisor.wake()
+
+    def request_stop(self, force: bool = False) -> None:
+        """Stop from another thread (tests, embedding)."""
+        self.stop_requested = 2 if force else max(1, self.stop_requested)
+        self.supervisor.wake()
+
+
+def run(config: Config, reload_config: Optional[Callable[[], Config]] = None) -> int:
+    """Run a daemon in the foreground until it is stopped."""
+    return Daemon(config, reload_config).run()

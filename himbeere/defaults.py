@@ -1,0 +1,50 @@
+"""Every default in one place, so the docs and the code cannot disagree."""
+
+from __future__ import annotations
+
+#: INI file read when no ``--config``/``HIMBEERE_CONFIG`` is given.
+CONFIG_FILE = "/etc/himbeere/himbeere.conf"
+#: The original HimbeereCouch server file: one line holding the server URL.
+LEGACY_SERVER_FILE = "/var/rspby/server"
+
+DATABASE = "raspberries"
+STATUS_SUFFIX = "_status"
+STATE_DIR = "/var/lib/himbeere"
+INTERFACE = "eth0"
+
+#: Seconds between two status documents written by a node.
+HEARTBEAT_INTERVAL = 10.0
+#: Seconds the server may stay silent on the feed before it counts as dead;
+#: the feed asks the server for a heartbeat every third of this.
+FEED_TIMEOUT = 30.0
+#: Reconnect backoff of the feed: first delay and cap, in seconds.
+RECONNECT_MIN = 0.5
+RECONNECT_MAX = 30.0
+
+#: Seconds a program has to quit after ``should_quit()`` turns true, before
+#: SIGTERM goes to its process group; SIGKILL follows ``KILL_GRACE`` later.
+GRACE_PERIOD = 10.0
+KILL_GRACE = 3.0
+#: Restart policy of a program whose document does not say: on-failure,
+#: always or never.  Backoff between restarts doubles from MIN up to MAX and
+#: starts again from MIN after a program ran for RESET seconds.
+RESTART_POLICY = "on-failure"
+RESTART_POLICIES = ("on-failure", "always", "never")
+BACKOFF_MIN = 1.0
+BACKOFF_MAX = 60.0
+BACKOFF_RESET = 60.0
+
+#: Largest code document (all its modules together) that becomes a program.
+MAX_CODE_BYTES = 4 * 1024 * 1024
+
+#: A command is killed after this many seconds unless its doc sets ``timeout``.
+COMMAND_TIMEOUT = 300.0
+#: Each of stdout and stderr of a command is cut after this many bytes.
+COMMAND_OUTPUT_LIMIT = 1024 * 1024
+#: A command still running after this long gets a ``running`` mark in its doc.
+COMMAND_RUNNING_MARK = 1.0
+#: At most this many commands run at once; more wait their turn.
+MAX_COMMANDS = 16
+
+#: Name of the design document the daemon and uploader install.
+DESIGN = "himbeere"

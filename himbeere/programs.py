@@ -1,0 +1,552 @@
+"""Supervising programs: one child process per code document.
+
+Children are forked by :class:`~himbeere.forkserver.ForkServer`, a
+single-threaded process with himbeere already imported, so a program starts
+in a few milliseconds and the threaded daemon never forks.  Each child
+becomes its own process group leader, so stopping a program reaches
+everything it started.
+
+The :class:`Supervisor` is driven by :meth:`Supervisor.loop`, one iteration
+at a time (huey's pattern); only the thread calling ``loop`` touches the
+programs.  Other threads hand it documents with :meth:`Supervisor.submit`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing.connection
+import os
+import queue
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from . import child, codedoc, defaults
+from .codedoc import CodeDoc
+from .forkserver import ForkServer
+
+log = logging.getLogger(__name__)
+
+#: Seconds to wait for a SIGKILLed child before giving up on it.
+ABANDON_AFTER = 5.0
+
+
+class Program:
+    """One code document and the child process running it."""
+
+    def __init__(self, doc: CodeDoc, fingerprint: str) -> None:
+        self.doc = doc
+        self.fingerprint = fingerprint
+        self.state = "starting"
+        self.conn: Any = None
+        self.eof = False
+        self.pid: Optional[int] = None
+        self.started: Optional[float] = None
+        self.restarts = 0
+        self.last_error: Optional[str] = doc.error
+        self.exit_code: Optional[int] = None
+        self.next_start: Optional[float] = None
+        self.backoff = 0.0
+        #: While stopping: when SIGTERM and SIGKILL go out, and what follows.
+        self.term_at: Optional[float] = None
+        self.kill_at: Optional[float] = None
+        self.abandon_at: Optional[float] = None
+        self.after_stop: Optional[str] = None  # "start", "remove" or "stay"
+        self.pending: Optional[tuple[CodeDoc, str]] = None
+        self.outcome: Optional[tuple[str, Optional[str]]] = None
+
+    @property
+    def name(self) -> str:
+        return self.doc.name
+
+    @property
+    def alive(self) -> bool:
+        return self.pid is not None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.doc.name,
+            "rev": self.doc.rev,
+            "state": self.state,
+            "pid": self.pid,
+            "started": _iso(self.started),
+            "restarts": self.restarts,
+            "last_error": self.last_error,
+            "exit_code": self.exit_code,
+            "restart": self.doc.restart,
+            "enabled": self.doc.enabled,
+            "next_start": _iso(time.time() + self.next_start - time.monotonic())
+            if self.state == "backing-off" and self.next_start is not None else None,
+        }
+
+
+def _iso(when: Optional[float]) -> Optional[str]:
+    if when is None:
+        return None
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+
+
+class Supervisor:
+    """Starts, restarts and stops the programs of one node."""
+
+    def __init__(
+        self,
+        node: int,
+        couch_url: Optional[str] = None,
+        database: Optional[str] = None,
+        grace_period: float = defaults.GRACE_PERIOD,
+        kill_grace: float = defaults.KILL_GRACE,
+        default_restart: str = defaults.RESTART_POLICY,
+        state_dir: Optional[Path] = None,
+        on_change: Optional[Callable[[], None]] = None,
+        fork_server: Optional[ForkServer] = None,
+    ) -> None:
+        self.fork_server = fork_server or ForkServer()
+        self.node = node
+        self.couch_url = couch_url
+        self.database = database
+        self.grace_period = grace_period
+        self.kill_grace = kill_grace
+        self.default_restart = default_restart
+        self.state_dir = state_dir
+        self.on_change = on_change or (lambda: None)
+        self.programs: dict[str, Program] = {}
+        #: doc id -> global modules it exports
+        self.providers: dict[str, dict[str, str]] = {}
+        self.global_sources: dict[str, str] = {}
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+        os.set_blocking(self._wake_r, False)
+
+    # -- talking to the supervisor thread --------------------------------
+    def submit(self, doc: Mapping[str, Any]) -> None:
+        """Hand over a code document (or a deletion) from any thread."""
+        self._inbox.put(("doc", dict(doc)))
+        self.wake()
+
+    def request(self, action: str, arg: Any = None) -> None:
+        """Queue ``restart_all`` or ``stop_all`` (with ``arg`` = force)."""
+        self._inbox.put((action, arg))
+        self.wake()
+
+    def wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    # -- one iteration -----------------------------------------------------
+    def loop(self, timeout: float = 1.0, now: Optional[float] = None) -> None:
+        """Handle what arrived, reap children, enforce deadlines, then wait."""
+        self._drain_inbox()
+        now = time.monotonic() if now is None else now
+        self._tick(now)
+        deadline = self._next_deadline()
+        wait = timeout if deadline is None else max(0.0, min(timeout, deadline - now))
+        waitables: list[Any] = [self._wake_r]
+        if self.fork_server.running:
+            waitables.append(self.fork_server.conn)
+        for program in self.programs.values():
+            if program.alive and program.conn is not None and not program.eof:
+                waitables.append(program.conn)
+        ready = multiprocessing.connection.wait(waitables, wait)
+        if self._wake_r in ready:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        self._reap()
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                action, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if action == "doc":
+                    self._apply(arg)
+                elif action == "restart_all":
+                    self._restart_all()
+                elif action == "stop_all":
+                    self.stop_all(force=bool(arg))
+            except Exception:
+                log.exception("could not handle %s", action)
+
+    def _next_deadline(self) -> Optional[float]:
+        times = []
+        for program in self.programs.values():
+            for when in (program.next_start, program.term_at, program.kill_at,
+                         program.abandon_at):
+                if when is not None:
+                    times.append(when)
+        return min(times) if times else None
+
+    # -- documents ---------------------------------------------------------
+    def _apply(self, doc: dict[str, Any]) -> None:
+        doc_id = str(doc.get("_id"))
+        if doc.get("_deleted"):
+            if self.providers.pop(doc_id, None) is not None:
+                self._globals_changed()
+            program = self.programs.get(doc_id)
+            if program is not None:
+                log.info("%s: document deleted, stopping", program.name)
+                self._stop(program, then="remove")
+            return
+        parsed = codedoc.parse(doc, self.default_restart)
+        if parsed.global_modules or doc_id in self.providers:
+            if parsed.global_modules != self.providers.get(doc_id, {}):
+                if parsed.global_modules:
+                    self.providers[doc_id] = parsed.global_modules
+                else:
+                    self.providers.pop(doc_id, None)
+                self._globals_changed()
+        mine = codedoc.matches_node(doc, self.node)
+        program = self.programs.get(doc_id)
+        if not mine or not parsed.is_program:
+            if program is not None:
+                log.info("%s: no longer a program of this node, stopping", program.name)
+                self._stop(program, then="remove")
+            elif not mine:
+                log.debug("ignoring %s: for node %r, not %s", doc_id, doc.get("type"), self.node)
+            return
+        self._deploy(parsed)
+
+    def _deploy(self, parsed: CodeDoc) -> None:
+        fingerprint = parsed.fingerprint(self.global_sources)
+        program = self.programs.get(parsed.doc_id)
+        if program is None:
+            program = Program(parsed, fingerprint)
+            self.programs[parsed.doc_id] = program
+            self._start_or_rest(program)
+            return
+        if program.state == "stopping":
+            program.pending = (parsed, fingerprint)
+            program.after_stop = "start"
+            return
+        changed = fingerprint != program.fingerprint or parsed.enabled != program.doc.enabled
+        if not changed:
+            program.doc = parsed  # same code under a new revision
+            self.on_change()
+            return
+        if program.alive:
+            log.info("%s: changed (rev %s), restarting", parsed.name, parsed.rev)
+            program.pending = (parsed, fingerprint)
+            self._stop(program, then="start")
+        else:
+            program.doc, program.fingerprint = parsed, fingerprint
+            program.restarts, program.backoff = 0, 0.0
+            self._start_or_rest(program)
+
+    def _globals_changed(self) -> None:
+        merged: dict[str, str] = {}
+        for doc_id in sorted(self.providers):
+            for name, source in self.providers[doc_id].items():
+                if name in merged and merged[name] != source:
+                    log.warning("global module %s is defined twice; %s wins", name, doc_id)
+                merged[name] = source
+        self.global_sources = merged
+        for program in list(self.programs.values()):
+            if program.state == "stopping":
+                continue
+            fingerprint = program.doc.fingerprint(merged)
+            if fingerprint != program.fingerprint:
+                log.info("%s: a global module it uses changed, restarting", program.name)
+                self._deploy_fingerprint(program, fingerprint)
+
+    def _deploy_fingerprint(self, program: Program, fingerprint: str) -> None:
+        if program.alive:
+            program.pending = (program.doc, fingerprint)
+            self._stop(program, then="start")
+        else:
+            program.fingerprint = fingerprint
+            self._start_or_rest(program)
+
+    def _restart_all(self) -> None:
+        for program in list(self.programs.values()):
+            if program.alive:
+                program.pending = (program.doc, program.fingerprint)
+                self._stop(program, then="start")
+            elif program.doc.enabled and not program.doc.error:
+                self._start(program)
+
+    # -- starting ------------------------------------------------------------
+    def _start_or_rest(self, program: Program) -> None:
+        if program.doc.error:
+            self._set(program, "invalid", error=program.doc.error)
+            log.error("%s: %s", program.name, program.doc.error)
+        elif not program.doc.enabled:
+            self._set(program, "stopped", error=None)
+        else:
+            self._start(program)
+
+    def _start(self, program: Program) -> None:
+        doc = program.doc
+        used = doc.uses(self.global_sources)
+        spec = child.ProgramSpec(
+            name=doc.name, doc_id=doc.doc_id, rev=doc.rev, modules=doc.modules,
+            main_module=codedoc.MAIN,
+            global_modules={k: v for k, v in self.global_sources.items() if k in used}
+            if used else dict(self.global_sources),
+            node=self.node, couch_url=self.couch_url, database=self.database,
+        )
+        try:
+            pid, conn = self.fork_server.spawn(spec)
+        except Exception as exc:
+            log.exception("%s: could not start", program.name)
+            self._crashed(program, f"could not start: {exc}", time.monotonic())
+            return
+        program.pid, program.conn, program.eof = pid, conn, False
+        program.started = time.time()
+        program.started_mono = time.monotonic()  # type: ignore[attr-defined]
+        program.next_start = None
+        program.outcome = None
+        program.exit_code = None
+        self._set(program, "running", error=program.last_error)
+        self._record_pids()
+        log.info("%s: started (pid %s, rev %s)", program.name, pid, doc.rev)
+
+    # -- stopping --------------------------------------------------------------
+    def _stop(self, program: Program, then: str) -> None:
+        """Ask ``program`` to quit; ``then`` is start, remove or stay."""
+        program.after_stop = then
+        program.next_start = None
+        if not program.alive:
+            self._after_stop(program)
+            return
+        if program.state != "stopping":
+            now = time.monotonic()
+            try:
+                program.conn.send("quit")
+            except (OSError, ValueError):
+                pass
+            program.term_at = now + self.grace_period
+            self._set(program, "stopping")
+
+    def stop_all(self, force: bool = False) -> None:
+        """Stop every program; ``force`` skips the grace period."""
+        for program in list(self.programs.values()):
+            self._stop(program, then="stay")
+            if force and program.alive:
+                program.term_at = time.monotonic()
+
+    def busy(self) -> bool:
+        """True while any program is still alive."""
+        return any(program.alive for program in self.programs.values())
+
+    def _tick(self, now: float) -> None:
+        for program in list(self.programs.values()):
+            if program.next_start is not None and now >= program.next_start:
+                program.next_start = None
+                self._start(program)
+            if program.term_at is not None and now >= program.term_at and program.alive:
+                log.warning("%s: did not quit within the grace period; SIGTERM", program.name)
+                _kill_group(program.pid, signal.SIGTERM)
+                program.term_at = None
+                program.kill_at = now + self.kill_grace
+            if program.kill_at is not None and now >= program.kill_at and program.alive:
+                log.warning("%s: still alive after SIGTERM; SIGKILL", program.name)
+                _kill_group(program.pid, signal.SIGKILL)
+                program.kill_at = None
+                program.abandon_at = now + ABANDON_AFTER
+            if program.abandon_at is not None and now >= program.abandon_at and program.alive:
+                log.error("%s: pid %s survives SIGKILL; giving up on it", program.name,
+                          program.pid)
+                program.last_error = f"pid {program.pid} did not die after SIGKILL"
+                self._forget(program)
+                self._after_stop(program)
+
+    def _after_stop(self, program: Program) -> None:
+        program.term_at = program.kill_at = program.abandon_at = None
+        then, program.after_stop = program.after_stop, None
+        if then == "remove":
+            self.programs.pop(program.doc.doc_id, None)
+            self.on_change()
+        elif then == "start" and program.pending is not None:
+            program.doc, program.fingerprint = program.pending
+            program.pending = None
+            program.restarts, program.backoff = 0, 0.0
+            program.last_error = program.doc.error
+            self._start_or_rest(program)
+        else:
+            self._set(program, "stopped")
+
+    # -- reaping -----------------------------------------------------------------
+    def _reap(self) -> None:
+        now = time.monotonic()
+        exits = dict(self.fork_server.collect())
+        server_gone = not self.fork_server.running
+        for program in list(self.programs.values()):
+            if not program.alive:
+                continue
+            eof = self._read_messages(program)
+            if program.pid in exits:
+                code: Optional[int] = exits[program.pid]
+            elif server_gone and eof:
+                code = None  # the fork server died; the closed socket says enough
+            else:
+                continue
+            program.exit_code = code
+            stopping = program.state == "stopping"
+            if stopping:
+                # Reach anything the program left behind in its group.
+                _kill_group(program.pid, signal.SIGKILL, fallback=False)
+            self._forget(program)
+            if stopping:
+                log.info("%s: stopped", program.name)
+                self._after_stop(program)
+                continue
+            self._exited(program, code, now)
+
+    def _read_messages(self, program: Program) -> bool:
+        """Take the child's reports; True once its connection is closed."""
+        conn = program.conn
+        try:
+            while conn is not None and conn.poll():
+                message = conn.recv()
+                if isinstance(message, tuple) and message and message[0] != "running":
+                    program.outcome = message
+        except (EOFError, OSError):
+            program.eof = True
+        return program.eof
+
+    def _forget(self, program: Program) -> None:
+        if program.conn is not None:
+            program.conn.close()
+        program.conn = None
+        program.pid = None
+        self._record_pids()
+
+    def _exited(self, program: Program, code: Optional[int], now: float) -> None:
+        status, detail = program.outcome or (None, None)
+        if status == "invalid":
+            self._set(program, "invalid", error=detail)
+            log.error("%s: %s", program.name, detail)
+            return
+        if status == "finished" or (status is None and code == 0):
+            log.info("%s: main() returned", program.name)
+            if program.doc.restart == "always":
+                self._back_off(program, now, "finished")
+            else:
+                self._set(program, "finished", error=None)
+            return
+        if detail is None:
+            detail = _describe_exit(code)
+        self._crashed(program, detail, now)
+
+    def _crashed(self, program: Program, error: str, now: float) -> None:
+        log.error("%s: crashed: %s", program.name, error.rstrip())
+        program.last_error = error
+        if program.doc.restart == "never":
+            self._set(program, "crashed", error=error)
+        else:
+            self._back_off(program, now, "crashed", error)
+
+    def _back_off(self, program: Program, now: float, why: str,
+                  error: Optional[str] = None) -> None:
+        ran = now - getattr(program, "started_mono", now)
+        if ran >= defaults.BACKOFF_RESET:
+            program.backoff = 0.0
+        program.backoff = min(defaults.BACKOFF_MAX,
+                              max(defaults.BACKOFF_MIN, program.backoff * 2))
+        program.restarts += 1
+        program.next_start = now + program.backoff
+        log.info("%s: %s; restart %d in %.1f s", program.name, why, program.restarts,
+                 program.backoff)
+        self._set(program, "backing-off", error=error if error is not None else program.last_error)
+
+    def _set(self, program: Program, state: str, error: Any = ...) -> None:
+        program.state = state
+        if error is not ...:
+            program.last_error = error
+        self.on_change()
+
+    # -- orphan control ----------------------------------------------------------
+    def _record_pids(self) -> None:
+        """Remember live pids, so a daemon killed with -9 can clean up next time."""
+        if self.state_dir is None:
+            return
+        live = {p.doc.doc_id: [p.pid, _start_time(p.pid)]
+                for p in self.programs.values() if p.alive and p.pid}
+        path = self.state_dir / "programs.json"
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(live))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot record program pids in %s: %s", path, exc)
+
+    def kill_orphans(self) -> int:
+        """Kill program process groups a previous daemon left behind."""
+        if self.state_dir is None:
+            return 0
+        path = self.state_dir / "programs.json"
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return 0
+        killed = 0
+        for doc_id, (pid, started) in recorded.items():
+            if pid and started is not None and _start_time(pid) == started:
+                log.warning("killing program %s (pid %s) left by a previous daemon",
+                            doc_id, pid)
+                _kill_group(pid, signal.SIGKILL)
+                killed += 1
+        path.unlink(missing_ok=True)
+        return killed
+
+    def snapshot(self) -> dict[str, Any]:
+        return {doc_id: program.describe() for doc_id, program in self.programs.items()}
+
+    def close(self) -> None:
+        self.fork_server.close()
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _kill_group(pid: Optional[int], sig: int, fallback: bool = True) -> None:
+    """Signal the process group ``pid`` leads; ``fallback`` to the pid alone.
+
+    The fallback covers a child that has not reached ``setsid()`` yet; it is
+    off once the child was reaped, because then the pid may be reused.
+    """
+    if not pid:
+        return
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        if fallback:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+    except PermissionError:
+        log.warning("not allowed to signal process group %s", pid)
+
+
+def _start_time(pid: Optional[int]) -> Optional[str]:
+    """The kernel's start time of ``pid``: tells a pid from its reuse."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _describe_exit(code: Optional[int]) -> str:
+    if code is None:
+        return "exited, status unknown"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"

@@ -1,0 +1,57 @@
+"""Packaging of himbeere; ``pip install -e '.[test,dev]'`` for development."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+from setuptools import find_packages, setup
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def read_version() -> str:
+    """``__version__`` of himbeere/__init__.py, read without importing it.
+
+    Importing would need the dependencies installed before they are.
+    """
+    init = HERE / "himbeere" / "__init__.py"
+    match = re.search(
+        r"""^__version__\s*=\s*["']([^"']+)["']""", init.read_text(encoding="utf-8"), re.M
+    )
+    if match is None:
+        raise RuntimeError(f"no __version__ = '...' line in {init}")
+    return match.group(1)
+
+
+def read_readme() -> str:
+    readme = HERE / "README.md"
+    return readme.read_text(encoding="utf-8") if readme.exists() else ""
+
+
+setup(
+    name="himbeerecouch",
+    version=read_version(),
+    description="Run Python code stored in CouchDB on Raspberry Pis",
+    long_description=read_readme(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["himbeere", "himbeere.*", "himbeerecouch", "uploader"]),
+    install_requires=["couchdb", "requests", "netifaces", "python-daemon"],
+    extras_require={
+        "gpio": ["RPi.GPIO"],
+        "test": ["pytest", "pytest-timeout"],
+        # mypy 2 can no longer check code against python_version 3.9.
+        "dev": ["ruff", "mypy<2", "types-requests"],
+    },
+    entry_points={
+        "console_scripts": [
+            "himbeere=himbeere.cli:main",
+            "himbeere-upload=uploader.cli:main",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Operating System :: POSIX :: Linux",
+    ],
+)

@@ -1,0 +1,110 @@
+"""Fixtures for tests against a real CouchDB-compatible server.
+
+By default each test session starts its own in-memory pouchdb-server on a free
+loopback port (see tests/servers.py).  Set ``HIMBEERE_TEST_COUCH_URL`` to the
+admin URL of a CouchDB (``http://admin:secret@127.0.0.1:5984``) to test
+against that instead; tests that restart the server are skipped then.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Callable, Optional
+
+import pytest
+import requests
+
+from himbeere import defaults
+from himbeere.couch import Couch
+from tests.servers import PouchServer, create_database, delete_database
+
+COUCH_URL_ENV = "HIMBEERE_TEST_COUCH_URL"
+
+
+@pytest.fixture(scope="session")
+def pouch_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Optional[PouchServer]]:
+    """The session's in-memory pouchdb-server, or None with an external CouchDB."""
+    if os.environ.get(COUCH_URL_ENV):
+        yield None
+        return
+    server = PouchServer(tmp_path_factory.mktemp("pouchdb"), in_memory=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def couch_url(pouch_server: Optional[PouchServer]) -> str:
+    """Admin URL of the session's server (credentials included, no slash at the end)."""
+    if pouch_server is None:
+        return os.environ[COUCH_URL_ENV].rstrip("/")
+    return pouch_server.url
+
+
+@pytest.fixture
+def couch(couch_url: str) -> Couch:
+    return Couch(couch_url)
+
+
+DbnameFactory = Callable[..., str]
+
+
+@pytest.fixture
+def dbname_factory(
+    request: pytest.FixtureRequest, couch_url: str, pouch_server: Optional[PouchServer]
+) -> Iterator[DbnameFactory]:
+    """Make fresh databases: ``dbname_factory(suffix="")`` returns a new name.
+
+    Each name is ``t_<test name>_<random hex><suffix>``, created at once and
+    deleted after the test together with its ``_status`` companion.  A suffix
+    like ``"/raspberries"`` gives the slash names of real deployments.
+    """
+    test = re.sub(r"[^a-z0-9_]+", "_", request.node.name.lower()).strip("_")[:40]
+    made: list[str] = []
+
+    def make(suffix: str = "") -> str:
+        name = f"t_{test}_{secrets.token_hex(4)}{suffix}"
+        create_database(couch_url, name)
+        made.append(name)
+        return name
+
+    yield make
+
+    for name in made:
+        try:
+            for doomed in (name, name + defaults.STATUS_SUFFIX):
+                delete_database(couch_url, doomed)
+        except requests.ConnectionError:
+            if pouch_server is not None and not pouch_server.running:
+                pytest.fail(f"pouchdb-server died during this test; its output:\n"
+                            f"{pouch_server.log()}")
+            raise
+
+
+@pytest.fixture
+def dbname(dbname_factory: DbnameFactory) -> str:
+    """A fresh, empty database for this test (deleted afterwards)."""
+    return dbname_factory()
+
+
+@pytest.fixture
+def restartable_server(tmp_path: Path) -> Iterator[PouchServer]:
+    """A pouchdb-server of this test's own, on disk, that the test may restart.
+
+    ``.url`` (admin), ``.stop()``, ``.start()`` (same port and data),
+    ``.pause()``/``.resume()`` (SIGSTOP/SIGCONT), ``.log()``.
+    """
+    if os.environ.get(COUCH_URL_ENV):
+        pytest.skip(f"needs a pouchdb-server of its own to restart; {COUCH_URL_ENV} is set")
+    server = PouchServer(tmp_path / "pouchdb", in_memory=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,0 +1,34 @@
+"""Small helpers shared by the tests.
+
+Tests never assert on how long something took: they wait for a condition up
+to a generous deadline with :func:`wait_for` and fail only when it never holds.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, TypeVar, Union
+
+T = TypeVar("T")
+
+
+def wait_for(
+    predicate: Callable[[], T],
+    timeout: float = 20.0,
+    interval: float = 0.05,
+    message: Union[str, Callable[[], str]] = "condition never became true",
+) -> T:
+    """Call ``predicate`` until it returns something truthy, and return that.
+
+    Raises AssertionError with ``message`` (a string, or a callable for a
+    message that shows the state at the deadline) after ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            text = message() if callable(message) else message
+            raise AssertionError(f"{text} (waited {timeout:g} s)")
+        time.sleep(interval)
