@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
@@ -42,19 +43,26 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                        help="seconds a program has to quit before SIGTERM")
     group.add_argument("--restart-policy", metavar="POLICY",
                        help="on-failure (default), always or never")
+    group.add_argument("--feed-timeout", metavar="S",
+                       help="seconds of silence after which the feed counts as dead")
     group.add_argument("--log-file", metavar="FILE", help="log file when in the background")
 
 
 FLAG_KEYS = ("server", "database", "status_database", "state_dir", "interface", "mac_id",
-             "heartbeat_interval", "grace_period", "restart_policy", "log_file")
+             "heartbeat_interval", "grace_period", "restart_policy", "feed_timeout", "log_file")
 
 
 def load_config(args: argparse.Namespace) -> Callable[[], configuration.Config]:
     """A function that (re)reads the configuration the way ``args`` asks."""
     flags = {key: getattr(args, key, None) for key in FLAG_KEYS}
+    # A background daemon runs in /, and reload re-reads these: keep them absolute.
+    for key in ("state_dir", "log_file"):
+        if flags[key]:
+            flags[key] = os.path.abspath(flags[key])
+    config_file = os.path.abspath(args.config) if args.config else None
 
     def load() -> configuration.Config:
-        return configuration.load(flags, config_file=args.config)
+        return configuration.load(flags, config_file=config_file)
 
     return load
 

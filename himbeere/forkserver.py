@@ -150,9 +150,12 @@ def serve(fd: int) -> None:
     os.set_blocking(wake_r, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
-    # The daemon decides when programs end; a Ctrl-C on its terminal
-    # reaches this process group too, and must not kill us first.
+    # The daemon decides when programs end.  A Ctrl-C on its terminal, or a
+    # service manager signalling the whole group, must not kill us first:
+    # we leave when the daemon closes our socket.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     selector = selectors.DefaultSelector()
     selector.register(fd, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)

@@ -19,7 +19,8 @@ import pytest
 import requests
 
 from himbeere import defaults
-from himbeere.couch import Couch
+from himbeere.couch import Couch, Database
+from tests.nodes import Node
 from tests.servers import PouchServer, create_database, delete_database
 
 COUCH_URL_ENV = "HIMBEERE_TEST_COUCH_URL"
@@ -108,3 +109,37 @@ def restartable_server(tmp_path: Path) -> Iterator[PouchServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def node_factory(couch_url: str, dbname: str, tmp_path: Path) -> Iterator[Callable[..., Node]]:
+    """Start node daemons: ``node_factory(mac_id=1000, database=None, flags=[])``.
+
+    Nodes use the test's database unless told otherwise; all are stopped at
+    the end, and programs of daemons killed with -9 are killed too.
+    """
+    nodes: list[Node] = []
+
+    def make(mac_id: int = 1000, database: Optional[str] = None,
+             flags: Optional[list[str]] = None, url: Optional[str] = None,
+             start: bool = True, state_dir: Optional[Path] = None,
+             env: Optional[dict[str, str]] = None) -> Node:
+        node = Node(url or couch_url, database or dbname,
+                    state_dir or tmp_path / f"state-{mac_id}-{len(nodes)}", mac_id, flags, env)
+        nodes.append(node)
+        return node.start() if start else node
+
+    yield make
+
+    for node in nodes:
+        try:
+            if node.alive():
+                node.stop()
+        finally:
+            node.kill_programs()
+
+
+@pytest.fixture
+def code_db(couch: Couch, dbname: str) -> Database:
+    """The test's code database (created by ``dbname``)."""
+    return couch.database(dbname)

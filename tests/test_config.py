@@ -1,0 +1,148 @@
+"""Settings: INI file, then HIMBEERE_* variables, then flags; clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from himbeere import config, defaults
+from himbeere.exceptions import ConfigError
+
+
+def write_ini(path: Path, **values: str) -> Path:
+    lines = ["[himbeere]"] + [f"{key} = {value}" for key, value in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_defaults_when_nothing_is_set(tmp_path: Path) -> None:
+    cfg = config.load({}, environ={}, config_file=str(write_ini(tmp_path / "c.ini")))
+    assert cfg.database == defaults.DATABASE == "raspberries"
+    assert cfg.status_db == "raspberries_status"
+    assert cfg.heartbeat_interval == 10.0
+    assert cfg.interface == "eth0"
+    assert cfg.mac_id is None
+
+
+def test_flag_beats_environment_beats_file(tmp_path: Path) -> None:
+    ini = write_ini(tmp_path / "c.ini", server="http://file:5984", database="fromfile",
+                    mac_id="1", heartbeat_interval="7", state_dir="/tmp/file")
+    environ = {"HIMBEERE_DATABASE": "fromenv", "HIMBEERE_MAC_ID": "2",
+               "HIMBEERE_CONFIG": str(ini)}
+    cfg = config.load({"mac_id": "3"}, environ=environ)
+    assert cfg.server == "http://file:5984"  # only in the file
+    assert cfg.heartbeat_interval == 7.0
+    assert cfg.database == "fromenv"  # env beats file
+    assert cfg.mac_id == 3  # flag beats env
+    assert cfg.state_dir == "/tmp/file"
+
+
+def test_every_documented_name_is_read(tmp_path: Path) -> None:
+    ini = write_ini(tmp_path / "c.ini", server="http://h:1", database="a",
+                    status_database="b", state_dir="/s", interface="wlan0", mac_id="0x10",
+                    heartbeat_interval="2.5")
+    cfg = config.load({}, environ={}, config_file=str(ini))
+    assert (cfg.server, cfg.database, cfg.status_db, cfg.state_dir, cfg.interface,
+            cfg.mac_id, cfg.heartbeat_interval) == (
+        "http://h:1", "a", "b", "/s", "wlan0", 16, 2.5)
+    environ = {"HIMBEERE_SERVER": "http://e:2", "HIMBEERE_DATABASE": "e",
+               "HIMBEERE_STATE_DIR": "/e", "HIMBEERE_INTERFACE": "e0",
+               "HIMBEERE_MAC_ID": "5"}
+    cfg = config.load({}, environ=environ, config_file=str(ini))
+    assert (cfg.server, cfg.database, cfg.state_dir, cfg.interface, cfg.mac_id) == (
+        "http://e:2", "e", "/e", "e0", 5)
+
+
+def test_database_name_with_a_slash_is_allowed(tmp_path: Path) -> None:
+    cfg = config.load({"database": "nedm/raspberries"}, environ={},
+                      config_file=str(write_ini(tmp_path / "c.ini")))
+    assert cfg.database == "nedm/raspberries"
+    assert cfg.status_db == "nedm/raspberries_status"
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("mac_id", "abc", ["mac_id", "'abc'", "whole number"]),
+    ("heartbeat_interval", "-1", ["heartbeat_interval", "> 0"]),
+    ("heartbeat_interval", "often", ["heartbeat_interval", "'often'", "number"]),
+    ("restart_policy", "sometimes", ["restart_policy", "'sometimes'", "on-failure"]),
+    ("server", "couch.local:5984", ["server", "not a URL", "http"]),
+    ("database", "Raspberries", ["database", "'Raspberries'", "lower-case"]),
+    ("legacy_password", "maybe", ["legacy_password", "'maybe'", "yes"]),
+])
+def test_bad_values_name_the_key_and_what_is_allowed(
+        tmp_path: Path, key: str, value: str, words: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load({key: value}, environ={}, config_file=str(write_ini(tmp_path / "c.ini")))
+    message = str(info.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_unknown_ini_key_is_an_error(tmp_path: Path) -> None:
+    ini = write_ini(tmp_path / "c.ini", hearbeat_interval="3")
+    with pytest.raises(ConfigError, match="hearbeat_interval: unknown key"):
+        config.load({}, environ={}, config_file=str(ini))
+
+
+def test_missing_explicit_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load({}, environ={"HIMBEERE_CONFIG": str(tmp_path / "nope.conf")})
+
+
+def test_password_is_redacted_in_errors_and_logs() -> None:
+    assert config.redact("http://pi:secret@host:5984/x") == "http://pi:***@host:5984/x"
+    with pytest.raises(ConfigError) as info:
+        config.Config(server="ftp://pi:secret@host").validate()
+    assert "secret" not in str(info.value)
+
+
+def test_original_server_file_is_honoured(tmp_path: Path) -> None:
+    server_file = tmp_path / "server"
+    server_file.write_text("http://legacy.example:5984\n")
+    cfg = config.load({"server_file": str(server_file)}, environ={},
+                      config_file=str(write_ini(tmp_path / "c.ini")))
+    assert cfg.server == "http://legacy.example:5984"
+    # An explicit server wins over the file.
+    cfg = config.load({"server_file": str(server_file), "server": "http://new:1"},
+                      environ={}, config_file=str(write_ini(tmp_path / "c.ini")))
+    assert cfg.server == "http://new:1"
+
+
+def test_server_saved_by_pairing_is_used(tmp_path: Path) -> None:
+    cfg = config.load({"state_dir": str(tmp_path), "server_file": str(tmp_path / "none")},
+                      environ={}, config_file=str(write_ini(tmp_path / "c.ini")))
+    assert cfg.server is None
+    config.save_server(cfg, "http://paired:5984")
+    assert (tmp_path / "server").stat().st_mode & 0o777 == 0o600
+    cfg = config.load({"state_dir": str(tmp_path), "server_file": str(tmp_path / "none")},
+                      environ={}, config_file=str(write_ini(tmp_path / "c.ini")))
+    assert cfg.server == "http://paired:5984"
+
+
+def test_cli_prints_one_clear_error_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "himbeere", "daemon", "--server", "nonsense",
+         "--state-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+        env={"HIMBEERE_CONFIG": str(write_ini(tmp_path / "c.ini")), "PATH": "/usr/bin:/bin"},
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "himbeere: error: server: 'nonsense' is not a URL; "
+        "allowed: http(s)://[user:password@]host[:port]"]
+
+
+def test_daemon_without_server_says_how_to_set_it(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "himbeere", "daemon", "--state-dir", str(tmp_path),
+         "--mac-id", "1"],
+        capture_output=True, text=True, timeout=60,
+        env={"HIMBEERE_CONFIG": str(write_ini(tmp_path / "c.ini")), "PATH": "/usr/bin:/bin",
+             "HIMBEERE_SERVER_FILE": str(tmp_path / "none")},
+    )
+    assert result.returncode == 1
+    assert "server: not set" in result.stderr
