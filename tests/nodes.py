@@ -89,7 +89,8 @@ class Node:
             return self.process.wait(timeout)  # type: ignore[union-attr]
         except subprocess.TimeoutExpired:
             self.kill()
-            raise AssertionError(f"daemon did not stop in {timeout} s:\n{self.log()[-3000:]}")
+            raise AssertionError(
+                f"daemon did not stop in {timeout} s:\n{self.log()[-3000:]}") from None
 
     def kill(self) -> None:
         """``kill -9`` the daemon alone (its programs live on, as on a Pi)."""
