@@ -54,7 +54,7 @@ FLAG_KEYS = ("server", "database", "status_database", "state_dir", "interface", 
 
 def load_config(args: argparse.Namespace) -> Callable[[], configuration.Config]:
     """A function that (re)reads the configuration the way ``args`` asks."""
-    flags = {key: getattr(args, key, None) for key in FLAG_KEYS}
+    flags: dict[str, Any] = {key: getattr(args, key, None) for key in FLAG_KEYS}
     # A background daemon runs in /, and reload re-reads these: keep them absolute.
     for key in ("state_dir", "log_file"):
         if flags[key]:

@@ -93,7 +93,7 @@ def parse(doc: dict[str, Any], default_restart: str = defaults.RESTART_POLICY) -
     name = name if isinstance(name, str) and name.strip() else doc_id
     enabled = doc.get("enabled", True) is not False
     restart = doc.get("restart", default_restart)
-    base = dict(doc_id=doc_id, rev=rev, name=name, enabled=enabled,
+    base: dict[str, Any] = dict(doc_id=doc_id, rev=rev, name=name, enabled=enabled,
                 restart=restart if isinstance(restart, str) else default_restart)
     try:
         global_modules = _modules_field(doc, "global_modules")
