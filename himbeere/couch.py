@@ -17,9 +17,12 @@ Two server quirks shape this module:
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
+import statistics
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional, Union
@@ -71,6 +74,7 @@ class Couch:
         self.timeout = timeout
         self._local = threading.local()
         self._info: Optional[Doc] = None
+        self._offsets: list[float] = []
 
     def __repr__(self) -> str:
         user = f"{self.auth[0]}@" if self.auth else ""
@@ -107,6 +111,7 @@ class Couch:
         url = f"{self.base}/{path}"
         data = None if body is None else json.dumps(body)
         headers = {"Content-Type": "application/json"} if data is not None else None
+        sent = time.time()
         try:
             response = self.session.request(
                 method, url, params=_encode_params(params), data=data,
@@ -114,6 +119,7 @@ class Couch:
             )
         except requests.RequestException as exc:
             raise Unreachable(f"cannot reach {self.base}: {_short(exc)}") from exc
+        self._note_clock(response.headers.get("Date"), sent, time.time())
         if response.status_code == 404 and ok404:
             return None
         if response.status_code >= 400:
@@ -124,6 +130,29 @@ class Couch:
             return response.json()
         except ValueError:
             raise CouchError(f"{method} /{path}: answer is not JSON") from None
+
+    def _note_clock(self, date: Optional[str], sent: float, received: float) -> None:
+        """Estimate the server's clock offset from an HTTP ``Date`` header.
+
+        ``Date`` has whole seconds, so one reading is good to about half a
+        second; the median of the last readings smooths that out.
+        """
+        if not date:
+            return
+        try:
+            server = email.utils.parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError):
+            return
+        # The header is truncated to the second: its true value is ~0.5 s later.
+        self._offsets.append(server + 0.5 - (sent + received) / 2)
+        del self._offsets[:-9]
+
+    @property
+    def clock_offset(self) -> Optional[float]:
+        """Seconds the server's clock is ahead of ours (None before any answer)."""
+        if not self._offsets:
+            return None
+        return round(statistics.median(self._offsets), 3)
 
     # -- server -----------------------------------------------------------
     def info(self, refresh: bool = False) -> Doc:

@@ -31,6 +31,7 @@ from .config import Config, redact
 from .couch import Couch, Doc
 from .exceptions import ConfigError, CouchError, HimbeereError
 from .feed import Feed, SeqStore
+from .health import Health
 from .programs import Supervisor
 from .status import Status
 
@@ -79,8 +80,11 @@ class Daemon:
             on_change=self.dispatch, timeout=config.feed_timeout,
             on_connect=self._connected,
         )
+        self.health = Health(config.state_dir)
         self.status = Status(self.status_db, self.node, config.heartbeat_interval,
-                             programs=self.supervisor.snapshot, interface=config.interface)
+                             programs=self.supervisor.snapshot, interface=config.interface,
+                             extra=self.health.collect,
+                             clock_offset=lambda: self.couch.clock_offset)
 
     # -- wiring ------------------------------------------------------------------
     def dispatch(self, doc: Doc) -> None:

@@ -43,7 +43,9 @@ class Status:
         programs: Callable[[], dict[str, Any]],
         interface: Optional[str] = None,
         extra: Optional[Callable[[], dict[str, Any]]] = None,
+        clock_offset: Optional[Callable[[], Optional[float]]] = None,
     ) -> None:
+        self.clock_offset = clock_offset or (lambda: None)
         self.db = db
         self.node = node
         self.interval = interval
@@ -84,6 +86,7 @@ class Status:
 
     def document(self) -> Doc:
         now = time.time()
+        offset = self.clock_offset()
         doc: Doc = {
             "_id": status_id(self.node),
             "type": "himbeere-status",
@@ -97,6 +100,8 @@ class Status:
             "uptime": round(now - self.started, 3),
             "heartbeat": _iso(now),
             "heartbeat_time": now,
+            "heartbeat_server_time": now + (offset or 0.0),
+            "clock_offset": offset,
             "heartbeat_interval": self.interval,
             "programs": self.programs(),
         }
