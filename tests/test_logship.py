@@ -1,0 +1,42 @@
+"""Log shipping: a bounded ring per program, batched, surviving an outage."""
+
+from __future__ import annotations
+
+from himbeere.couch import Couch
+from himbeere.logship import LogShipper, log_id
+
+
+def test_lines_land_in_a_bounded_ring(couch, dbname) -> None:
+    db = couch.database(dbname)
+    shipper = LogShipper(db, node=7, ring=5)
+    shipper.add("7:blink", "blink", [(1.0, "one"), (2.0, "two")])
+    assert shipper.flush() == 2
+    doc = db.get(log_id(7, "7:blink"))
+    assert doc["lines"] == [[1.0, "one"], [2.0, "two"]]
+    assert doc["dropped"] == 0
+    assert (doc["node"], doc["program"], doc["name"]) == (7, "7:blink", "blink")
+    shipper.add("7:blink", "blink", [(float(i), f"line {i}") for i in range(3, 10)])
+    shipper.flush()
+    doc = db.get(log_id(7, "7:blink"))
+    assert [text for _, text in doc["lines"]] == [f"line {i}" for i in range(5, 10)]
+    # 7 lines arrived for a ring of 5: the buffer itself had to drop 2.
+    assert doc["dropped"] == 2
+
+
+def test_outage_buffers_then_drops_oldest_and_counts(restartable_server) -> None:
+    couch = Couch(restartable_server.url)
+    couch.create_database("logs")
+    db = couch.database("logs")
+    # pouchdb-server forgets a database that is still empty when it stops.
+    db.save({"_id": "keep"})
+    shipper = LogShipper(db, node=8, ring=4)
+    restartable_server.stop()
+    shipper.add("8:p", "p", [(1.0, "a"), (2.0, "b"), (3.0, "c")])
+    assert shipper.flush() == 0  # server down: kept in memory
+    shipper.add("8:p", "p", [(4.0, "d"), (5.0, "e"), (6.0, "f")])
+    assert shipper.flush() == 0
+    restartable_server.start()
+    assert shipper.flush() == 4
+    doc = db.get(log_id(8, "8:p"))
+    assert [text for _, text in doc["lines"]] == ["c", "d", "e", "f"]
+    assert doc["dropped"] == 2
