@@ -41,8 +41,7 @@ setup(
     extras_require={
         "gpio": ["RPi.GPIO"],
         "test": ["pytest", "pytest-timeout"],
-        # mypy 2 can no longer check code against python_version 3.9.
-        "dev": ["ruff", "mypy<2", "types-requests"],
+        "dev": ["ruff", "mypy", "types-requests"],
     },
     entry_points={
         "console_scripts": [

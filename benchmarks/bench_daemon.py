@@ -360,6 +360,9 @@ class Bench:
         self.udp = UdpListener()
         self.daemon: Optional[Daemon] = None
         self.created: list[str] = []
+        #: (phase, kind, doc id, start, arrival): perf_counter is CLOCK_MONOTONIC,
+        #: so these line up with timestamps taken in the daemon (--raw-out).
+        self.samples: list[tuple[str, str, str, float, float]] = []
 
     # -- plumbing ----------------------------------------------------------------
     def put(self, doc_id: str, doc: dict[str, Any]) -> str:
@@ -439,6 +442,7 @@ class Bench:
                     kind = "new"  # the first one starts the document
                 same_rev, same_token = rev, token
             times[kind].append(arrived - start)
+            self.samples.append(("push", kind, doc_id, start, arrived))
             if doc_id != "bench-same":
                 self.delete(doc_id, rev)  # unmeasured: keep one program running
                 self.wait_udp(f"down {token}")
@@ -465,6 +469,7 @@ class Bench:
                 except BenchError as exc:
                     raise BenchError(f"command {exc}; daemon log:\n{self.daemon_log()}") from None
                 times.append(arrived - start)
+                self.samples.append(("command", "true", doc_id, start, arrived))
         finally:
             watcher.close()
         return summary(times)
@@ -577,6 +582,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured pushes first (3)")
     parser.add_argument("--idle-settle", type=float, default=3.0,
                         help="seconds of quiet before the idle window (3)")
+    parser.add_argument("--raw-out", metavar="FILE",
+                        help="write every sample (phase, kind, doc id, start, arrival as "
+                        "CLOCK_MONOTONIC seconds) as JSON lines, to line up with daemon logs")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory (daemon log, state) and say where")
     args = parser.parse_args(argv)
@@ -607,6 +615,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             idle["daemon_rss_mb_after_first_program"] = startup["daemon_rss_mb"]
         finally:
             exit_code = bench.cleanup()
+            if args.raw_out:
+                with open(args.raw_out, "w") as handle:
+                    for sample in bench.samples:
+                        handle.write(json.dumps(sample) + "\n")
         result: dict[str, Any] = {
             "server": info,
             "python": f"{platform.python_implementation()} {platform.python_version()}",

@@ -33,6 +33,9 @@ from typing import Any, Callable, Optional
 
 #: Exit codes the daemon reads when a child could not report.
 EXIT_FINISHED, EXIT_CRASHED, EXIT_INVALID = 0, 1, 3
+#: Seconds a returning main() waits for the quit notifications to finish
+#: (the daemon's grace period, then SIGTERM, usually ends it sooner).
+NOTIFICATIONS_WAIT = 600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,9 @@ class Helpers:
         self.spec = spec
         self._send = send
         self._quit = threading.Event()
+        self._notified = threading.Event()
+        #: True when the daemon went away instead of asking us to quit.
+        self.orphaned = False
         self._notifications: list[Callable[[], Any]] = []
         self._lock = threading.Lock()
         self._db: Any = None
@@ -89,8 +95,21 @@ class Helpers:
                 return
             self._quit.set()
             pending = list(self._notifications)
-        for func in pending:
-            self._call(func)
+        try:
+            for func in pending:
+                self._call(func)
+        finally:
+            self._notified.set()
+
+    def wait_for_notifications(self, timeout: float = NOTIFICATIONS_WAIT) -> None:
+        """Once quit was requested: wait until the notifications have run.
+
+        main() usually returns as soon as ``should_quit()`` turns true, which
+        is before the notifications (run by another thread) are done; exiting
+        then would cut them short.
+        """
+        if self._quit.is_set():
+            self._notified.wait(timeout)
 
     def _call(self, func: Callable[[], Any]) -> None:
         try:
@@ -192,13 +211,19 @@ class PrefixedStream:
         self._partial = ""
         self._lock = threading.Lock()
 
+    encoding = "utf-8"
+    errors = "backslashreplace"
+
     def write(self, text: str) -> int:
         with self._lock:
-            text = self._partial + text
-            complete, _, self._partial = text.rpartition("\n")
-        if complete or text.endswith("\n"):
+            joined = self._partial + text
+            complete, newline, self._partial = joined.rpartition("\n")
+        if newline:
             _write_lines(self.name, complete + "\n")
         return len(text)
+
+    def writable(self) -> bool:
+        return True
 
     def flush(self) -> None:
         with self._lock:
@@ -237,10 +262,19 @@ def main(spec: ProgramSpec, conn: Any) -> None:
     sys.meta_path.insert(0, ProgramImporter([spec.modules, spec.global_modules], helpers))
     send(("running", os.getpid()))
     status, detail = run_main(spec)
+    helpers.wait_for_notifications()
     send((status, detail))
     sys.stdout.flush()
     sys.stderr.flush()
     code = {"finished": EXIT_FINISHED, "invalid": EXIT_INVALID}.get(status, EXIT_CRASHED)
+    if helpers.orphaned:
+        # The daemon is gone (kill -9), so nobody will sweep our process
+        # group after we exit: take what the program started along (and
+        # ourselves; nobody reads our exit code now).
+        try:
+            os.killpg(0, signal.SIGKILL)
+        except OSError:
+            pass
     # os._exit: skip atexit handlers inherited from the fork server.
     os._exit(code)
 
@@ -251,22 +285,52 @@ def run_main(spec: ProgramSpec) -> tuple[str, Optional[str]]:
         module = importlib.import_module(spec.main_module)
     except SyntaxError:
         return "invalid", traceback.format_exc(limit=0)
-    except BaseException:
-        return "crashed", traceback.format_exc()
+    except BaseException as exc:
+        return "crashed", program_traceback(exc)
     entry = getattr(module, "main", None)
     if entry is None:
         return "invalid", "the main module defines no main(); define def main(): ..."
     if not callable(entry):
-        return "invalid", f"main is a {type(entry).__name__}, not a function; define def main(): ..."
+        return "invalid", (f"main is a {type(entry).__name__}, not a function; "
+                           "define def main(): ...")
     try:
         entry()
     except SystemExit as exc:
         if exc.code in (None, 0):
             return "finished", None
         return "crashed", f"SystemExit({exc.code!r})"
-    except BaseException:
-        return "crashed", traceback.format_exc()
+    except BaseException as exc:
+        return "crashed", program_traceback(exc)
     return "finished", None
+
+
+def _hidden(filename: str) -> bool:
+    if filename.startswith("<frozen importlib"):
+        return True
+    if filename.startswith("<"):
+        return False  # a program's module: <name:module>
+    return os.path.abspath(filename) in _HIDDEN_FILES
+
+
+_HIDDEN_FILES = {os.path.abspath(__file__), os.path.abspath(importlib.__file__ or "")}
+
+
+def program_traceback(exc: BaseException) -> str:
+    """The traceback of ``exc`` with only the program's frames.
+
+    Frames of this module and of importlib tell the user nothing about
+    their program; chained exceptions keep their own traceback.
+    """
+    formatted = traceback.TracebackException(type(exc), exc, exc.__traceback__)
+    todo, seen = [formatted], set()
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.stack[:] = [frame for frame in current.stack if not _hidden(frame.filename)]
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return "".join(formatted.format())
 
 
 def _watch_quit(conn: Any, helpers: Helpers) -> None:
@@ -274,6 +338,7 @@ def _watch_quit(conn: Any, helpers: Helpers) -> None:
         try:
             message = conn.recv()
         except (EOFError, OSError):
+            helpers.orphaned = True
             break
         if message == "quit":
             break

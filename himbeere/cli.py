@@ -84,6 +84,24 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     return service.control(args.action, config, run)
 
 
+def cmd_pair(args: argparse.Namespace) -> int:
+    """Open pairing on this node: for pairing_window seconds (10 minutes) the running
+    daemon answers `himbeere-upload discover` with the node's credentials."""
+    import time
+
+    from . import discovery
+
+    config = load_config(args)()
+    if args.close:
+        closed = discovery.close_pairing(config)
+        print("pairing closed" if closed else "pairing was not open")
+        return 0
+    until = discovery.open_pairing(config)
+    print(f"pairing open until {time.strftime('%H:%M:%S', time.localtime(until))} "
+          f"({config.pairing_window / 60:g} minutes): run `himbeere-upload discover` now")
+    return 0
+
+
 def setup_logging(debug: bool = False) -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -105,10 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
                         help="control a background daemon instead of running in the foreground")
     add_config_flags(daemon)
     daemon.set_defaults(func=cmd_daemon)
+    pair = sub.add_parser("pair", help="open pairing for 10 minutes", description=cmd_pair.__doc__)
+    pair.add_argument("--close", action="store_true", help="close pairing now")
+    add_config_flags(pair)
+    pair.set_defaults(func=cmd_pair)
+    upload = sub.add_parser("upload", add_help=False, help="the uploader (himbeere-upload)",
+                            description="Same as himbeere-upload; see himbeere upload --help.")
+    upload.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    upload.set_defaults(func=cmd_upload)
     return parser
 
 
+def cmd_upload(args: argparse.Namespace) -> int:
+    """``himbeere upload ...`` is ``himbeere-upload ...``."""
+    from uploader.cli import main as upload_main
+
+    return upload_main(args.rest)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["upload"]:
+        return cmd_upload(argparse.Namespace(rest=argv[1:]))  # its own --help and flags
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Optional[Callable[[argparse.Namespace], Any]] = getattr(args, "func", None)

@@ -77,8 +77,18 @@ def imported_names(source: str) -> set[str]:
 
 
 def matches_node(doc: dict[str, Any], node: int) -> bool:
-    """True when ``doc['type']`` names this node (int or digit string)."""
-    return str(doc.get("type")) == str(node)
+    """True when ``doc['type']`` names this node (int or digit string).
+
+    A whole float counts too: CouchDB keeps ``1000.0`` as written, and the
+    feed filter (JavaScript ``String(1000.0)`` is ``"1000"``, a ``_selector``
+    compares numbers by value) lets it through.
+    """
+    kind = doc.get("type")
+    if isinstance(kind, bool):
+        return False
+    if isinstance(kind, float) and kind.is_integer():
+        kind = int(kind)
+    return str(kind) == str(node)
 
 
 def parse(doc: dict[str, Any], default_restart: str = defaults.RESTART_POLICY) -> CodeDoc:
@@ -91,13 +101,19 @@ def parse(doc: dict[str, Any], default_restart: str = defaults.RESTART_POLICY) -
     rev = str(doc.get("_rev", "?"))
     name = doc.get("name")
     name = name if isinstance(name, str) and name.strip() else doc_id
-    enabled = doc.get("enabled", True) is not False
+    enabled = doc.get("enabled", True)
     restart = doc.get("restart", default_restart)
-    base: dict[str, Any] = dict(doc_id=doc_id, rev=rev, name=name, enabled=enabled,
-                restart=restart if isinstance(restart, str) else default_restart)
+    base: dict[str, Any] = dict(
+        doc_id=doc_id, rev=rev, name=name, enabled=enabled is not False,
+        restart=restart if isinstance(restart, str) else default_restart)
     try:
         global_modules = _modules_field(doc, "global_modules")
         modules = _program_modules(doc)
+        if not isinstance(enabled, bool):
+            # The string "false" would otherwise run what the user meant to stop.
+            raise ProgramError(
+                f"enabled: is a {type(enabled).__name__} ({enabled!r}); allowed: true or false"
+            )
         if restart not in defaults.RESTART_POLICIES:
             raise ProgramError(
                 f"restart: {restart!r} is not allowed; allowed: "

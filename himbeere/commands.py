@@ -4,21 +4,28 @@ A command document, as in HimbeereCouch::
 
     {"type": "1234567_cmd", "cmd": ["uname", "-a"], "timeout": 30}
 
-runs without a shell.  The node writes back into the same document::
+runs without a shell, in a process group of its own.  The node writes back
+into the same document::
 
     "ret": [stdout, stderr], "returncode": 0, "state": "done",
     "started": "...", "finished": "...", "duration": 0.004, "node": 1234567
 
-``state`` is ``done``, ``timeout``, ``error`` (it could not run: a missing
-binary, a ``cmd`` that is not a list of strings) or ``interrupted`` (the
-daemon died while it ran; it is not run again).  A command still running
-after a second is marked ``"state": "running"``.
+``state`` is ``done``, ``timeout`` (killed, with everything it started),
+``error`` (it could not run: a missing binary, a ``cmd`` that is not a list
+of strings) or ``interrupted`` (the daemon stopped or died while it ran; it
+is not run again).  A command still running after a second is marked
+``"state": "running"``.  Each of stdout and stderr keeps its first
+``output_limit`` bytes; ``truncated`` says how many bytes were cut, and
+``not_utf8`` names a stream that was not UTF-8 (its bytes >= 0x80 that do
+not decode appear as ``\\xNN``).
 
-Exactly once: a document that has a result is never run again, and before a
-command starts its id goes into a journal in the state directory.  After a
-crash, :meth:`Commands.recover` marks every command still in the journal
-``interrupted``.  Write-back conflicts (409) are resolved by re-reading the
-document, never by dropping the result.
+Exactly once: a document that has a result is never run again, and every
+command the daemon takes on is kept in a journal in the state directory
+(``commands.json``) until its result is written: ``queued``, then
+``started`` just before the process starts.  The next daemon marks a
+``started`` one ``interrupted`` and runs a ``queued`` one (it never started).
+Write-back conflicts (409) are resolved by re-reading the document, never by
+dropping the result.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import math
 import os
 import selectors
 import signal
@@ -43,6 +51,17 @@ from .exceptions import CommandError, CouchError, Unreachable
 log = logging.getLogger(__name__)
 
 FINAL_STATES = ("done", "timeout", "error", "interrupted")
+STREAMS = ("stdout", "stderr")
+
+#: Journal phases of a command.
+QUEUED, STARTED = "queued", "started"
+
+#: Longest wait between two looks at a command's deadline and the stop flag.
+SLICE = 0.2
+#: Seconds to wait for a SIGKILLed command to be reaped.
+KILL_WAIT = 5.0
+
+INTERRUPTED = "the daemon stopped while this command ran; it is not run again"
 
 
 def now_iso() -> str:
@@ -63,7 +82,8 @@ def parse_command(doc: Doc, default_timeout: float) -> tuple[list[str], float]:
             'for example ["uname", "-a"]'
         )
     timeout = doc.get("timeout", default_timeout)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+    if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+            or not math.isfinite(timeout) or timeout <= 0):
         raise CommandError(f"timeout: {_preview(timeout)} is not allowed; allowed: seconds > 0")
     return cmd, float(timeout)
 
@@ -73,8 +93,55 @@ def _preview(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def render(data: bytes, budget: int) -> tuple[str, bool, int]:
+    """The text of one output stream for the document.
+
+    Returns the text, whether ``data`` was not UTF-8, and how many bytes at
+    the end were left out so that the text takes at most ``budget`` bytes
+    as JSON: escapes (``\\xNN``, ``\\u0000``) make binary output up to six
+    times larger, and Apache CouchDB 3 refuses documents over 8 MB.
+    """
+    try:
+        data.decode("utf-8")
+        not_utf8 = False
+    except UnicodeDecodeError:
+        not_utf8 = True
+
+    def text_of(size: int) -> str:
+        return data[:size].decode("utf-8", "backslashreplace")
+
+    size = len(data)
+    if _json_size(text_of(size)) > budget:
+        low, high = 0, size  # text_of(low) fits, text_of(high + 1) does not
+        while low < high:
+            middle = (low + high + 1) // 2
+            if _json_size(text_of(middle)) <= budget:
+                low = middle
+            else:
+                high = middle - 1
+        size = low
+        if not not_utf8:
+            while 0 < size < len(data) and data[size] & 0xC0 == 0x80:
+                size -= 1  # do not cut a character in two
+    return text_of(size), not_utf8, len(data) - size
+
+
+def _json_size(text: str) -> int:
+    return len(json.dumps(text, ensure_ascii=False).encode("utf-8")) - 2
+
+
+def _cut_partial_character(data: bytes) -> bytes:
+    """``data`` without a UTF-8 character the output cap cut in two at its end."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        if exc.reason == "unexpected end of data" and exc.end == len(data):
+            return data[:exc.start]
+    return data
+
+
 class Journal:
-    """Ids of commands that started and have no result written yet."""
+    """Commands taken on whose result is not written yet: id -> phase."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -85,7 +152,9 @@ class Journal:
             data = json.loads(self.path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return {}
-        return data if isinstance(data, dict) else {}
+        if not isinstance(data, dict):
+            return {}
+        return {str(k): v if v in (QUEUED, STARTED) else STARTED for k, v in data.items()}
 
     def _write(self, data: dict[str, str]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -93,14 +162,15 @@ class Journal:
         with open(tmp, "w", encoding="utf-8") as handle:
             json.dump(data, handle)
             handle.flush()
-            os.fsync(handle.fileno())
+            os.fsync(handle.fileno())  # "started" must be on disk before the process is
         os.replace(tmp, self.path)
 
-    def add(self, doc_id: str, rev: str) -> None:
+    def set(self, doc_id: str, phase: str) -> None:
         with self._lock:
             data = self.read()
-            data[doc_id] = rev
-            self._write(data)
+            if data.get(doc_id) != phase:
+                data[doc_id] = phase
+                self._write(data)
 
     def remove(self, doc_id: str) -> None:
         with self._lock:
@@ -122,45 +192,72 @@ class Commands:
         running_mark: float = defaults.COMMAND_RUNNING_MARK,
         max_workers: int = defaults.MAX_COMMANDS,
         on_result: Optional[Callable[[str, Doc], None]] = None,
+        grace_period: float = defaults.GRACE_PERIOD,
     ) -> None:
         self.db = db
         self.node = node
         self.default_timeout = default_timeout
         self.output_limit = output_limit
         self.running_mark = running_mark
+        self.grace_period = grace_period
         self.journal = Journal(state_dir / "commands.json")
+        #: What an earlier daemon left in the journal; this one only adds to it.
+        self.leftover = self.journal.read()
         self.on_result = on_result or (lambda doc_id, result: None)
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="command")
         self.inflight: set[str] = set()
+        self.running: set[str] = set()
+        self.closed = False
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self.stop = threading.Event()
 
     # -- entry points ----------------------------------------------------------
     def recover(self) -> int:
-        """Mark commands a crashed daemon left half-done ``interrupted``."""
-        journal = self.journal.read()
-        for doc_id in journal:
-            self._settle(doc_id, {
-                "state": "interrupted",
-                "error": "the daemon stopped while this command ran; it is not run again",
-            })
-            self.journal.remove(doc_id)
-        return len(journal)
+        """Settle what an earlier daemon left in the journal.
+
+        A command it had started is marked ``interrupted``; one it had only
+        queued runs now.  Returns the number marked interrupted.  Raises
+        :class:`CouchError` when the server cannot be asked; call it again.
+        """
+        with self._lock:
+            leftover = dict(self.leftover)
+        interrupted = 0
+        for doc_id, phase in leftover.items():
+            doc = self.db.get(doc_id)
+            if doc is None:
+                with self._lock:
+                    self.leftover.pop(doc_id, None)
+                self.journal.remove(doc_id)
+                continue
+            if phase == STARTED and not has_result(doc):
+                interrupted += 1
+            self.submit(doc)
+        return interrupted
 
     def submit(self, doc: Doc) -> None:
         """Handle a command document from the feed; never blocks on the command."""
         doc_id = doc["_id"]
         with self._lock:
-            if doc_id in self.inflight or has_result(doc):
+            if doc_id in self.inflight:
+                return
+            earlier = self.leftover.pop(doc_id, None)
+            if has_result(doc):
+                if earlier is not None:
+                    self.journal.remove(doc_id)
+                return
+            if self.closed:
+                # Stopping: the next start runs it (a feed may deliver late).
+                self.journal.set(doc_id, earlier or QUEUED)
                 return
             self.inflight.add(doc_id)
-        if "started" in doc:
-            # Claimed by an earlier run of this daemon that did not finish it.
-            self.pool.submit(self._finish_without_running, doc_id, {
-                "state": "interrupted",
-                "error": "the daemon stopped while this command ran; it is not run again",
-            })
+        if earlier == STARTED or "started" in doc:
+            # Started by an earlier daemon that did not finish it.
+            self.journal.set(doc_id, STARTED)
+            self.pool.submit(self._finish_without_running, doc_id,
+                             {"state": "interrupted", "error": INTERRUPTED})
             return
+        self.journal.set(doc_id, QUEUED)
         try:
             cmd, timeout = parse_command(doc, self.default_timeout)
         except CommandError as exc:
@@ -170,37 +267,69 @@ class Commands:
                 "returncode": None,
             })
             return
-        self.journal.add(doc_id, doc.get("_rev", ""))
         self.pool.submit(self._run, doc_id, cmd, timeout)
 
     def shutdown(self, wait: bool = True) -> None:
-        if not wait:
-            self.stop.set()
-        self.pool.shutdown(wait=wait, cancel_futures=not wait)
+        """Stop taking commands.
+
+        With ``wait``, running commands get ``grace_period`` seconds to end;
+        then (or at once without ``wait``) they are killed and marked
+        ``interrupted``.  Commands not started yet stay in the journal and
+        run after the next start.
+        """
+        with self._lock:
+            self.closed = True
+            if wait:
+                deadline = time.monotonic() + self.grace_period
+                while self.running and time.monotonic() < deadline:
+                    self._idle.wait(min(SLICE, max(0.0, deadline - time.monotonic())))
+            if self.running:
+                log.warning("killing %d command(s) still running: %s", len(self.running),
+                            ", ".join(sorted(self.running)))
+        self.stop.set()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
     # -- running ----------------------------------------------------------------
     def _finish_without_running(self, doc_id: str, fields: Doc) -> None:
         try:
             self._settle(doc_id, fields)
+            self.journal.remove(doc_id)
+        except Exception:
+            log.exception("command %s: cannot write the result", doc_id)
         finally:
-            with self._lock:
-                self.inflight.discard(doc_id)
+            self._done(doc_id)
 
     def _run(self, doc_id: str, cmd: list[str], timeout: float) -> None:
         try:
-            result = self.execute(cmd, timeout, on_slow=lambda: self._mark_running(doc_id))
-            log.info("command %s: %s -> %s", doc_id, cmd[0], result.get("returncode"))
+            with self._lock:
+                if self.closed:
+                    return  # not started: the journal keeps it queued
+                self.running.add(doc_id)
+            self.journal.set(doc_id, STARTED)
+            result = self.execute(cmd, timeout,
+                                  on_slow=lambda started: self._mark_running(doc_id, started))
+            log.info("command %s: %s -> %s (%s)", doc_id, cmd[0], result.get("returncode"),
+                     result["state"])
             self._settle(doc_id, result)
             self.journal.remove(doc_id)
         except Exception:
             log.exception("command %s failed", doc_id)
         finally:
-            with self._lock:
-                self.inflight.discard(doc_id)
+            self._done(doc_id)
+
+    def _done(self, doc_id: str) -> None:
+        with self._lock:
+            self.inflight.discard(doc_id)
+            self.running.discard(doc_id)
+            self._idle.notify_all()
 
     def execute(self, cmd: list[str], timeout: float,
-                on_slow: Optional[Callable[[], None]] = None) -> Doc:
-        """Run ``cmd`` and return the result fields (no database involved)."""
+                on_slow: Optional[Callable[[str], None]] = None) -> Doc:
+        """Run ``cmd`` and return the result fields (no database involved).
+
+        ``on_slow(started)`` is called from another thread if the command
+        still runs after ``running_mark`` seconds.
+        """
         started_at, started = time.monotonic(), now_iso()
         base = {"started": started, "node": self.node}
         try:
@@ -208,80 +337,102 @@ class Commands:
                 cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE, start_new_session=True,
             )
-        except FileNotFoundError:
-            error = f"cmd: no such program: {cmd[0]!r}"
-            return dict(base, state="error", error=error, ret=["", error], returncode=None,
-                        finished=now_iso(), duration=round(time.monotonic() - started_at, 6))
         except OSError as exc:
-            error = f"cmd: cannot run {cmd[0]!r}: {exc.strerror or exc}"
+            if isinstance(exc, FileNotFoundError):
+                error = f"cmd: no such program: {cmd[0]!r}"
+            else:
+                error = f"cmd: cannot run {cmd[0]!r}: {exc.strerror or exc}"
             return dict(base, state="error", error=error, ret=["", error], returncode=None,
                         finished=now_iso(), duration=round(time.monotonic() - started_at, 6))
-        outputs, dropped, timed_out = self._collect(process, started_at + timeout,
-                                                    started_at + self.running_mark, on_slow)
-        returncode = process.wait()
-        result: Doc = dict(base, state="timeout" if timed_out else "done",
-                           returncode=returncode)
+        timer = None
+        if on_slow is not None:
+            # A timer, not a step of the read loop: writing the mark can take
+            # a while, and the command's output and deadline must not wait.
+            timer = threading.Timer(self.running_mark, _quietly, (on_slow, started))
+            timer.daemon = True
+            timer.start()
+        try:
+            outputs, dropped, ending = self._collect(process, started_at + timeout)
+        finally:
+            if timer is not None:
+                timer.cancel()
+        result: Doc = dict(base, state=ending or "done", returncode=process.returncode)
         texts = []
-        for name, data in zip(("stdout", "stderr"), outputs):
-            text = data.decode("utf-8", "replace")
-            if "\ufffd" in text and text.encode("utf-8") != data:
+        for name, data, cut in zip(STREAMS, outputs, dropped):
+            if cut:
+                whole = _cut_partial_character(data)
+                cut, data = cut + len(data) - len(whole), whole
+            text, not_utf8, more = render(data, 2 * self.output_limit)
+            if not_utf8:
                 result.setdefault("not_utf8", []).append(name)
-                text = data.decode("utf-8", "backslashreplace")
+            if cut + more:
+                result.setdefault("truncated", {})[name] = cut + more
             texts.append(text)
         result["ret"] = texts
-        if any(dropped):
-            result["truncated"] = {name: count for name, count
-                                   in zip(("stdout", "stderr"), dropped) if count}
-        if timed_out:
+        if ending == "timeout":
             result["error"] = f"timed out after {timeout:g} s and was killed"
+        elif ending == "interrupted":
+            result["error"] = "the daemon stopped while this command ran; it was killed"
         result["finished"] = now_iso()
         result["duration"] = round(time.monotonic() - started_at, 6)
         return result
 
-    def _collect(self, process: subprocess.Popen[bytes], deadline: float, slow_at: float,
-                 on_slow: Optional[Callable[[], None]]) -> tuple[list[bytes], list[int], bool]:
-        """Read stdout and stderr up to the cap until both close or time runs out."""
+    def _collect(self, process: subprocess.Popen[bytes], deadline: float,
+                 ) -> tuple[list[bytes], list[int], Optional[str]]:
+        """Read stdout and stderr up to the cap until the command ends.
+
+        Returns both outputs, the bytes cut from each, and ``None``,
+        ``"timeout"`` or ``"interrupted"`` (the daemon is stopping); in the
+        last two cases the command's process group was killed.
+        """
         assert process.stdout is not None and process.stderr is not None
         buffers = {process.stdout.fileno(): bytearray(), process.stderr.fileno(): bytearray()}
         dropped = {fd: 0 for fd in buffers}
         order = list(buffers)
-        timed_out = False
+        ending = None
         with selectors.DefaultSelector() as selector:
             for stream in (process.stdout, process.stderr):
                 selector.register(stream, selectors.EVENT_READ)
             while selector.get_map():
-                now = time.monotonic()
-                if on_slow is not None and now >= slow_at:
-                    on_slow()
-                    on_slow = None
-                if now >= deadline:
-                    timed_out = True
-                    _kill_group(process.pid)
+                ending = self._ending(deadline)
+                if ending:
                     break
-                wait = deadline - now
-                if on_slow is not None:
-                    wait = min(wait, slow_at - now)
-                for key, _ in selector.select(max(0.0, wait)):
+                for key, _ in selector.select(_slice(deadline)):
                     chunk = os.read(key.fd, 65536)
                     if not chunk:
                         selector.unregister(key.fileobj)
                         continue
                     buffer = buffers[key.fd]
-                    room = self.output_limit - len(buffer)
-                    buffer += chunk[:max(0, room)]
-                    dropped[key.fd] += max(0, len(chunk) - max(0, room))
-        if timed_out:
+                    room = max(0, self.output_limit - len(buffer))
+                    buffer += chunk[:room]
+                    dropped[key.fd] += len(chunk) - min(room, len(chunk))
+        # Both pipes are closed, but the command may live on without them.
+        while ending is None:
             try:
-                process.wait(timeout=5)
+                process.wait(_slice(deadline))
+                break
             except subprocess.TimeoutExpired:
-                pass
+                ending = self._ending(deadline)
+        if ending is not None:
+            _kill_group(process.pid)
+            try:
+                process.wait(KILL_WAIT)
+            except subprocess.TimeoutExpired:
+                log.warning("command pid %s did not die after SIGKILL", process.pid)
         process.stdout.close()
         process.stderr.close()
-        return [bytes(buffers[fd]) for fd in order], [dropped[fd] for fd in order], timed_out
+        return [bytes(buffers[fd]) for fd in order], [dropped[fd] for fd in order], ending
+
+    def _ending(self, deadline: float) -> Optional[str]:
+        if time.monotonic() >= deadline:
+            return "timeout"
+        if self.stop.is_set():
+            return "interrupted"
+        return None
 
     # -- writing back -----------------------------------------------------------
-    def _mark_running(self, doc_id: str) -> None:
-        self._settle(doc_id, {"state": "running", "started": now_iso(), "node": self.node},
+    def _mark_running(self, doc_id: str, started: str) -> None:
+        self._settle(doc_id, {"state": "running", "started": started, "node": self.node},
                      final=False)
 
     def _settle(self, doc_id: str, fields: Doc, final: bool = True) -> None:
@@ -294,10 +445,8 @@ class Commands:
             if "_rev" not in doc:
                 log.warning("command %s was deleted; result not written", doc_id)
                 return False
-            if final and has_result(doc):
+            if has_result(doc):
                 return False  # settled already (an earlier attempt got through)
-            if not final and has_result(doc):
-                return False
             doc.update(fields)
             return True
 
@@ -319,6 +468,18 @@ class Commands:
                 raise
         if saved is not None and final:
             self.on_result(doc_id, fields)
+
+
+def _slice(deadline: float) -> float:
+    return max(0.0, min(SLICE, deadline - time.monotonic()))
+
+
+def _quietly(on_slow: Callable[[str], None], started: str) -> None:
+    """The ``running`` mark is a courtesy: failing to write it changes nothing."""
+    try:
+        on_slow(started)
+    except Exception as exc:
+        log.warning("could not mark a command running: %s", exc)
 
 
 def _kill_group(pid: int) -> None:

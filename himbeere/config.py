@@ -42,6 +42,11 @@ class Config:
     log_file: Optional[str] = None
     pid_file: Optional[str] = None
     server_file: str = defaults.LEGACY_SERVER_FILE
+    discovery_port: int = defaults.DISCOVERY_PORT
+    discovery_address: str = ""
+    fleet_key_file: Optional[str] = None
+    led_pin: Optional[int] = defaults.LED_PIN
+    pairing_window: float = defaults.PAIRING_WINDOW
 
     @property
     def status_db(self) -> str:
@@ -69,7 +74,7 @@ class Config:
                     "lower-case letter first, then a-z 0-9 _ $ ( ) + - /"
                 )
         for key in ("heartbeat_interval", "feed_timeout", "grace_period",
-                    "command_timeout"):
+                    "command_timeout", "pairing_window"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} must be a number > 0")
         if self.restart_policy not in defaults.RESTART_POLICIES:
@@ -79,6 +84,11 @@ class Config:
             )
         if self.mac_id is not None and self.mac_id < 0:
             raise ConfigError(f"mac_id: {self.mac_id!r} must be a whole number >= 0")
+        if not 0 < self.discovery_port < 65536:
+            raise ConfigError(f"discovery_port: {self.discovery_port!r} must be 1 to 65535")
+        if self.led_pin is not None and self.led_pin < 0:
+            raise ConfigError(f"led_pin: {self.led_pin!r} must be a BCM pin number >= 0, "
+                              "or empty for no LED")
         return self
 
     def replace(self, **changes: Any) -> Config:

@@ -66,6 +66,8 @@ class Couch:
                 urllib.parse.unquote(parts.password or ""),
             )
         netloc = parts.hostname or ""
+        if ":" in netloc:
+            netloc = f"[{netloc}]"  # IPv6 literal
         if parts.port:
             netloc += f":{parts.port}"
         path = parts.path.rstrip("/")
@@ -176,6 +178,12 @@ class Couch:
             return False
         return major >= 2
 
+    def as_user(self, name: str, password: str) -> Couch:
+        """The same server, with other credentials (a node's, to check them)."""
+        parts = urllib.parse.urlsplit(self.base)
+        netloc = f"{quote(name)}:{quote(password)}@{parts.netloc}"
+        return Couch(urllib.parse.urlunsplit(parts._replace(netloc=netloc)), self.timeout)
+
     def session_info(self) -> Doc:
         """``GET /_session``: who the server thinks we are."""
         return self.request("GET", "_session")
@@ -191,7 +199,7 @@ class Couch:
         try:
             self.request("PUT", quote(name))
         except CouchError as exc:
-            if "file_exists" in str(exc) or "412" in str(exc):
+            if exc.status == 412:  # file_exists
                 return False
             raise
         return True
@@ -243,9 +251,9 @@ class Database:
     def update(self, doc_id: str, change: Any, retries: int = 20) -> Optional[Doc]:
         """Read-modify-write ``doc_id`` until it sticks; never drops a write.
 
-        ``change(doc)`` edits the document in place (``doc`` is ``{}`` for a
-        new one) and returns False to leave it as it is.  A 409 re-reads and
-        applies ``change`` again.  Returns the saved document, or None.
+        ``change(doc)`` edits the document in place (``doc`` is just
+        ``{"_id": doc_id}`` for a new one) and returns False to leave it as
+        it is.  A 409 re-reads and applies ``change`` again.  Returns the saved document, or None.
         """
         for _ in range(retries):
             doc = self.get(doc_id) or {"_id": doc_id}
@@ -389,10 +397,8 @@ def _error(method: str, path: str, response: requests.Response) -> CouchError:
         reason = response.text[:200]
     text = f"{method} /{path}: {response.status_code} {reason}"
     status = response.status_code
-    if status in (401, 403):
-        return Unauthorized(text)
-    if status == 404:
-        return NotFound(text)
-    if status == 409:
-        return Conflict(text)
-    return CouchError(text)
+    kind = {401: Unauthorized, 403: Unauthorized, 404: NotFound, 409: Conflict}.get(
+        status, CouchError)
+    error = kind(text)
+    error.status = status
+    return error

@@ -48,3 +48,14 @@ MAX_COMMANDS = 16
 
 #: Name of the design document the daemon and uploader install.
 DESIGN = "himbeere"
+
+#: UDP port on which nodes listen for pairing broadcasts (the original's).
+DISCOVERY_PORT = 53000
+#: Seconds the pairing window stays open after ``himbeere pair``.
+PAIRING_WINDOW = 600.0
+#: With a fleet key, a pairing request whose timestamp is further than this
+#: many seconds from the node's clock is refused (a Pi has no battery clock:
+#: it needs NTP, or fake-hwclock, to be this close).
+PAIRING_MAX_SKEW = 300.0
+#: BCM number of the GPIO pin whose LED blinks while a node waits to be paired.
+LED_PIN = 16

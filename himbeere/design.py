@@ -11,6 +11,13 @@ Apache CouchDB >= 2 gets the same rule as a ``_selector``, which it runs
 ``_selector``, so it gets the JavaScript filter.  Query parameters reach a
 pouchdb-server filter parsed as JSON (``mac=1000`` arrives as a number),
 hence ``String(req.query.mac)``.
+
+The same document holds the ``programs`` view (what ``himbeere-upload ls``
+lists) and the ``validate_doc_update`` rules of :mod:`himbeere.security`.
+The status database gets a design document of its own
+(:func:`status_design_doc`): its rules and the ``names`` view of friendly
+node names.  Both are installed by ``himbeere-upload setup``; a daemon only
+installs the code database's when it is missing and it may (an admin).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from . import defaults
+from . import defaults, security
 from .couch import Couch, Database, Doc, FeedFilter
 from .exceptions import CouchError, NotFound, Unauthorized
 
@@ -27,7 +34,10 @@ log = logging.getLogger(__name__)
 DESIGN_ID = f"_design/{defaults.DESIGN}"
 #: Bumped whenever the design document changes, so daemons and the
 #: uploader know an installed copy is outdated.
-VERSION = 1
+VERSION = 2
+#: The oldest version whose ``node`` filter this daemon can follow (the
+#: filter did not change in version 2, which added views and rules).
+FILTER_SINCE = 1
 
 NODE_FILTER = """function (doc, req) {
   if (doc._deleted) { return true; }
@@ -39,6 +49,28 @@ NODE_FILTER = """function (doc, req) {
 }"""
 
 
+#: Programs by ``[node, name]``; ``node`` is null for a document that only
+#: exports ``global_modules``.  Commands are left out.
+PROGRAMS_MAP = """function (doc) {
+  if (doc.type !== undefined && doc.type !== null && /_cmd$/.test(String(doc.type))) { return; }
+  var hasModules = doc.modules !== null && typeof doc.modules === 'object';
+  var hasGlobals = doc.global_modules !== null && typeof doc.global_modules === 'object';
+  if (typeof doc.code !== 'string' && !hasModules && !hasGlobals) { return; }
+  var node = (doc.type === undefined || doc.type === null) ? null : String(doc.type);
+  var modules = [], globals = [], key;
+  if (typeof doc.code === 'string') { modules.push('main'); }
+  if (hasModules) { for (key in doc.modules) { modules.push(key); } }
+  if (hasGlobals) { for (key in doc.global_modules) { globals.push(key); } }
+  emit([node, doc.name || doc._id], {modules: modules, global_modules: globals,
+                                     enabled: doc.enabled !== false});
+}"""
+
+#: Friendly node names: ``node:<macid>`` documents of the status database.
+NAMES_MAP = """function (doc) {
+  if (doc.type === 'himbeere-node' && typeof doc.name === 'string') { emit(doc.name, doc.node); }
+}"""
+
+
 def design_doc() -> Doc:
     """The design document himbeere needs in the code database."""
     return {
@@ -46,6 +78,19 @@ def design_doc() -> Doc:
         "language": "javascript",
         "himbeere_version": VERSION,
         "filters": {"node": NODE_FILTER},
+        "views": {"programs": {"map": PROGRAMS_MAP}},
+        "validate_doc_update": security.code_validate(),
+    }
+
+
+def status_design_doc() -> Doc:
+    """The design document of the status database: rules and node names."""
+    return {
+        "_id": DESIGN_ID,
+        "language": "javascript",
+        "himbeere_version": VERSION,
+        "views": {"names": {"map": NAMES_MAP}},
+        "validate_doc_update": security.status_validate(),
     }
 
 
@@ -53,17 +98,24 @@ class DesignMissing(CouchError):
     """The filter's design document is missing or outdated, and we may not fix it."""
 
 
-def ensure_design(db: Database, extra: Optional[Doc] = None) -> bool:
+def ensure_design(db: Database, extra: Optional[Doc] = None,
+                  wanted: Optional[Doc] = None) -> bool:
     """Install or upgrade the design document; True if it was written.
 
-    ``extra`` adds fields (views, ``validate_doc_update``) for the uploader.
+    ``wanted`` replaces :func:`design_doc` (the status database's), ``extra``
+    adds fields.  A newer version (from a newer uploader) is never
+    downgraded: that would drop rules an older daemon does not know.
     Raises :class:`DesignMissing` when it is needed but we lack the rights.
     """
-    wanted = design_doc()
+    wanted = dict(wanted) if wanted is not None else design_doc()
     if extra:
         wanted.update(extra)
     current = db.get(DESIGN_ID)
     if current is not None and _same(current, wanted):
+        return False
+    if current is not None and _version(current) > VERSION:
+        log.warning("%s in %s has version %s, newer than this himbeere's %s; left as it is",
+                    DESIGN_ID, db.name, current.get("himbeere_version"), VERSION)
         return False
     if current is not None:
         wanted["_rev"] = current["_rev"]
@@ -85,10 +137,15 @@ def _same(current: Doc, wanted: Doc) -> bool:
     return all(current.get(k) == v for k, v in wanted.items() if k != "_rev")
 
 
+def _version(doc: Doc) -> int:
+    version = doc.get("himbeere_version", 0)
+    return version if isinstance(version, int) else 0
+
+
 def design_usable(db: Database) -> bool:
-    """True if the installed design document has this version's filter."""
+    """True if the installed design document has a filter this daemon can use."""
     current = db.get(DESIGN_ID)
-    return current is not None and current.get("himbeere_version", 0) >= VERSION and (
+    return current is not None and _version(current) >= FILTER_SINCE and (
         current.get("filters", {}).get("node") is not None)
 
 

@@ -14,6 +14,9 @@ class ConfigError(HimbeereError, ValueError):
 class CouchError(HimbeereError, RuntimeError):
     """The CouchDB server answered with an error, or could not be reached."""
 
+    #: The HTTP status of the answer; None when there was no answer.
+    status: "int | None" = None
+
 
 class Unreachable(CouchError, ConnectionError):
     """The CouchDB server could not be reached."""

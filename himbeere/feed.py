@@ -54,7 +54,11 @@ class SeqStore:
 
 
 class Backoff:
-    """Capped, jittered exponential delays: 0.5 s, 1 s, 2 s ... up to the cap."""
+    """Capped, jittered exponential delays: 0.5 s, 1 s, 2 s ... up to the cap.
+
+    Each delay is drawn from the upper half of its step, so a fleet of nodes
+    that lost the server together does not come back in one wave.
+    """
 
     def __init__(self, first: float = defaults.RECONNECT_MIN,
                  cap: float = defaults.RECONNECT_MAX) -> None:
@@ -63,7 +67,10 @@ class Backoff:
 
     def next(self) -> float:
         delay = min(self.cap, self.first * (2 ** self.attempt))
-        self.attempt += 1
+        if delay < self.cap:
+            # Stop counting at the cap: 2 ** 1024 does not fit a float, and
+            # a server gone for a night used to end the feed for good.
+            self.attempt += 1
         return delay * random.uniform(0.5, 1.0)
 
     def reset(self) -> None:
@@ -116,7 +123,7 @@ class Feed:
         if self.stop.is_set():
             return
         delay = self.backoff.next()
-        message = str(exc)
+        message = str(exc) or type(exc).__name__
         if message != self.last_error:
             log.warning("feed: %s; reconnecting in %.1f s", message, delay)
         else:
@@ -127,7 +134,7 @@ class Feed:
     def follow_once(self) -> None:
         """Connect, catch up on code documents, then follow until it breaks."""
         design.prepare(self.db, self.couch)
-        self._connected()
+        self.on_connect()
         saved = self.seq_store.load()
         if saved is None:
             since: Seq = 0  # first start: everything for this node, commands too
@@ -135,18 +142,20 @@ class Feed:
             since = saved
             self.catch_up()
         feed_filter = design.node_filter(self.couch, self.node)
-        changes = self.db.follow(since, feed_filter, timeout=self.timeout, stop=self.stop)
+        changes = self.db.follow(since, feed_filter, timeout=self.timeout, stop=self.stop,
+                                 on_open=self._opened)
         for change in changes:
             self.handle(change)
         # follow() returns only when asked to stop
 
-    def _connected(self) -> None:
+    def _opened(self) -> None:
+        # Only an open feed resets the backoff: a server that answers the
+        # first requests but fails the feed itself must not be hammered.
         if self.last_error is not None:
             log.info("feed: connected again")
         self.last_error = None
         self.backoff.reset()
         self.connected.set()
-        self.on_connect()
 
     def catch_up(self) -> None:
         """Hand over the current code documents (a restart missed nothing)."""

@@ -86,21 +86,23 @@ class ForkServer:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 self.conn.send(("start", token, spec))
-                socket.send_fds(_as_socket(self.conn), [b"F"], [theirs.fileno()])
+                with _as_socket(self.conn) as sock:
+                    socket.send_fds(sock, [b"F"], [theirs.fileno()])
+                while True:
+                    if not self.conn.poll(timeout):
+                        raise RuntimeError(f"fork server did not answer within {timeout} s")
+                    message = self.conn.recv()
+                    if message[0] == "exited":
+                        self.exits.append((message[1], message[2]))
+                    elif message[1] == token:
+                        break
+                if message[0] == "failed":
+                    raise RuntimeError(message[2])
+            except BaseException:
+                ours.close()
+                raise
             finally:
                 theirs.close()
-            while True:
-                if not self.conn.poll(timeout):
-                    ours.close()
-                    raise RuntimeError(f"fork server did not answer within {timeout} s")
-                message = self.conn.recv()
-                if message[0] == "exited":
-                    self.exits.append((message[1], message[2]))
-                elif message[1] == token:
-                    break
-        if message[0] == "failed":
-            ours.close()
-            raise RuntimeError(message[2])
         return message[2], Connection(ours.detach())
 
     def collect(self) -> list[tuple[int, int]]:
@@ -184,8 +186,13 @@ def serve(fd: int) -> None:
                 for extra in (fd, sock.fileno(), wake_r, wake_w):
                     os.close(extra)
                 signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                child.main(spec, Connection(fds[0]))
-                os._exit(1)  # child.main never returns
+                try:
+                    child.main(spec, Connection(fds[0]))
+                finally:
+                    # child.main never returns; should it raise, the child
+                    # must not unwind into this loop and serve as a second
+                    # fork server.
+                    os._exit(1)
             for extra in fds:
                 os.close(extra)
             conn.send(("started", token, pid))

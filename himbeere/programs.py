@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 #: Seconds to wait for a SIGKILLed child before giving up on it.
 ABANDON_AFTER = 5.0
+#: Seconds to wait at startup for the SIGKILLed programs of a previous daemon.
+ORPHAN_WAIT = 5.0
 
 
 class Program:
@@ -45,6 +47,7 @@ class Program:
         self.eof = False
         self.pid: Optional[int] = None
         self.started: Optional[float] = None
+        self.started_mono: Optional[float] = None
         self.restarts = 0
         self.last_error: Optional[str] = doc.error
         self.exit_code: Optional[int] = None
@@ -55,7 +58,8 @@ class Program:
         self.kill_at: Optional[float] = None
         self.abandon_at: Optional[float] = None
         self.after_stop: Optional[str] = None  # "start", "remove" or "stay"
-        self.pending: Optional[tuple[CodeDoc, str]] = None
+        #: The document to run once the old child is gone.
+        self.pending: Optional[CodeDoc] = None
         self.outcome: Optional[tuple[str, Optional[str]]] = None
 
     @property
@@ -114,6 +118,8 @@ class Supervisor:
         self.state_dir = state_dir
         self.on_change = on_change or (lambda: None)
         self.programs: dict[str, Program] = {}
+        #: Set by stop_all(): the node is going down, nothing starts any more.
+        self.closing = False
         #: doc id -> global modules it exports
         self.providers: dict[str, dict[str, str]] = {}
         self.global_sources: dict[str, str] = {}
@@ -207,6 +213,10 @@ class Supervisor:
                     self.providers.pop(doc_id, None)
                 self._globals_changed()
         mine = codedoc.matches_node(doc, self.node)
+        if not mine and parsed.error and "global_modules" in doc:
+            # No status entry shows it (it is not this node's program), yet
+            # this node's programs may need the modules: say so in the log.
+            log.error("%s: its global_modules are not used: %s", doc_id, parsed.error)
         program = self.programs.get(doc_id)
         if not mine or not parsed.is_program:
             if program is not None:
@@ -226,7 +236,7 @@ class Supervisor:
             self._start_or_rest(program)
             return
         if program.state == "stopping":
-            program.pending = (parsed, fingerprint)
+            program.pending = parsed
             program.after_stop = "start"
             return
         changed = fingerprint != program.fingerprint or parsed.enabled != program.doc.enabled
@@ -236,11 +246,12 @@ class Supervisor:
             return
         if program.alive:
             log.info("%s: changed (rev %s), restarting", parsed.name, parsed.rev)
-            program.pending = (parsed, fingerprint)
+            program.pending = parsed
             self._stop(program, then="start")
         else:
             program.doc, program.fingerprint = parsed, fingerprint
             program.restarts, program.backoff = 0, 0.0
+            program.last_error = parsed.error  # the old error was about the old code
             self._start_or_rest(program)
 
     def _globals_changed(self) -> None:
@@ -261,7 +272,7 @@ class Supervisor:
 
     def _deploy_fingerprint(self, program: Program, fingerprint: str) -> None:
         if program.alive:
-            program.pending = (program.doc, fingerprint)
+            program.pending = program.doc
             self._stop(program, then="start")
         else:
             program.fingerprint = fingerprint
@@ -269,14 +280,17 @@ class Supervisor:
 
     def _restart_all(self) -> None:
         for program in list(self.programs.values()):
+            if program.state == "stopping":
+                continue  # it starts again, or goes away, as already decided
             if program.alive:
-                program.pending = (program.doc, program.fingerprint)
+                program.pending = program.doc
                 self._stop(program, then="start")
             elif program.doc.enabled and not program.doc.error:
                 self._start(program)
 
     # -- starting ------------------------------------------------------------
     def _start_or_rest(self, program: Program) -> None:
+        program.next_start = None  # a backoff restart of older code is void
         if program.doc.error:
             self._set(program, "invalid", error=program.doc.error)
             log.error("%s: %s", program.name, program.doc.error)
@@ -286,15 +300,21 @@ class Supervisor:
             self._start(program)
 
     def _start(self, program: Program) -> None:
+        program.next_start = None
+        if self.closing:
+            self._set(program, "stopped")
+            return
         doc = program.doc
-        used = doc.uses(self.global_sources)
+        # Every global module goes along: the fingerprint follows only the
+        # ones found in import statements, but importlib.import_module()
+        # and __import__() must find the others too.
         spec = child.ProgramSpec(
             name=doc.name, doc_id=doc.doc_id, rev=doc.rev, modules=doc.modules,
-            main_module=codedoc.MAIN,
-            global_modules={k: v for k, v in self.global_sources.items() if k in used}
-            if used else dict(self.global_sources),
+            main_module=codedoc.MAIN, global_modules=dict(self.global_sources),
             node=self.node, couch_url=self.couch_url, database=self.database,
         )
+        # What runs now decides the next restart, whatever changed meanwhile.
+        program.fingerprint = doc.fingerprint(self.global_sources)
         try:
             pid, conn = self.fork_server.spawn(spec)
         except Exception as exc:
@@ -303,8 +323,7 @@ class Supervisor:
             return
         program.pid, program.conn, program.eof = pid, conn, False
         program.started = time.time()
-        program.started_mono = time.monotonic()  # type: ignore[attr-defined]
-        program.next_start = None
+        program.started_mono = time.monotonic()
         program.outcome = None
         program.exit_code = None
         self._set(program, "running", error=program.last_error)
@@ -329,10 +348,13 @@ class Supervisor:
             self._set(program, "stopping")
 
     def stop_all(self, force: bool = False) -> None:
-        """Stop every program; ``force`` skips the grace period."""
+        """Stop every program for good; ``force`` skips the grace period."""
+        self.closing = True
         for program in list(self.programs.values()):
             self._stop(program, then="stay")
-            if force and program.alive:
+            # A SIGTERM already sent: leave the SIGKILL that follows it alone.
+            if force and program.alive and program.kill_at is None \
+                    and program.abandon_at is None:
                 program.term_at = time.monotonic()
 
     def busy(self) -> bool:
@@ -368,8 +390,7 @@ class Supervisor:
             self.programs.pop(program.doc.doc_id, None)
             self.on_change()
         elif then == "start" and program.pending is not None:
-            program.doc, program.fingerprint = program.pending
-            program.pending = None
+            program.doc, program.pending = program.pending, None
             program.restarts, program.backoff = 0, 0.0
             program.last_error = program.doc.error
             self._start_or_rest(program)
@@ -392,12 +413,11 @@ class Supervisor:
             else:
                 continue
             program.exit_code = code
-            stopping = program.state == "stopping"
-            if stopping:
-                # Reach anything the program left behind in its group.
-                _kill_group(program.pid, signal.SIGKILL, fallback=False)
+            # Whether it was stopped, crashed or returned: what it started
+            # in its group goes too, or each restart would add another.
+            _kill_group(program.pid, signal.SIGKILL, fallback=False)
             self._forget(program)
-            if stopping:
+            if program.state == "stopping":
                 log.info("%s: stopped", program.name)
                 self._after_stop(program)
                 continue
@@ -449,7 +469,7 @@ class Supervisor:
 
     def _back_off(self, program: Program, now: float, why: str,
                   error: Optional[str] = None) -> None:
-        ran = now - getattr(program, "started_mono", now)
+        ran = now - (program.started_mono if program.started_mono is not None else now)
         if ran >= defaults.BACKOFF_RESET:
             program.backoff = 0.0
         program.backoff = min(defaults.BACKOFF_MAX,
@@ -482,26 +502,47 @@ class Supervisor:
             log.warning("cannot record program pids in %s: %s", path, exc)
 
     def kill_orphans(self) -> int:
-        """Kill program process groups a previous daemon left behind."""
+        """Kill program process groups a previous daemon left behind.
+
+        Returns once they are gone (or after ``ORPHAN_WAIT`` seconds), so
+        that a program never runs twice when this daemon starts it again.
+        """
         if self.state_dir is None:
             return 0
         path = self.state_dir / "programs.json"
         try:
             recorded = json.loads(path.read_text())
-        except (OSError, ValueError):
+            entries = [(str(doc_id), int(pid), started)
+                       for doc_id, (pid, started) in recorded.items()]
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            if path.exists():
+                log.warning("cannot read the program pids %s left: %s", path, exc)
+            path.unlink(missing_ok=True)
             return 0
-        killed = 0
-        for doc_id, (pid, started) in recorded.items():
-            if pid and started is not None and _start_time(pid) == started:
+        killed = []
+        for doc_id, pid, started in entries:
+            if pid > 0 and started is not None and _start_time(pid) == started:
                 log.warning("killing program %s (pid %s) left by a previous daemon",
                             doc_id, pid)
                 _kill_group(pid, signal.SIGKILL)
-                killed += 1
+                killed.append((pid, started))
+        deadline = time.monotonic() + ORPHAN_WAIT
+        while any(_running(pid, started) for pid, started in killed):
+            if time.monotonic() >= deadline:
+                log.error("programs left by a previous daemon survive SIGKILL: %s",
+                          [pid for pid, started in killed if _running(pid, started)])
+                break
+            time.sleep(0.01)  # at startup: no signal can be waiting for us yet
         path.unlink(missing_ok=True)
-        return killed
+        return len(killed)
 
     def snapshot(self) -> dict[str, Any]:
-        return {doc_id: program.describe() for doc_id, program in self.programs.items()}
+        """Every program's state for the status document.
+
+        Called from the status thread: copy the dict first, as this thread
+        adds and removes programs meanwhile.
+        """
+        return {doc_id: program.describe() for doc_id, program in list(self.programs.items())}
 
     def close(self) -> None:
         self.fork_server.close()
@@ -539,6 +580,16 @@ def _start_time(pid: Optional[int]) -> Optional[str]:
             return handle.read().rsplit(")", 1)[1].split()[19]
     except (OSError, IndexError):
         return None
+
+
+def _running(pid: int, started: str) -> bool:
+    """True while ``pid`` is the process started at ``started`` and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return False
+    return len(fields) > 19 and fields[19] == started and fields[0] != "Z"
 
 
 def _describe_exit(code: Optional[int]) -> str:

@@ -11,9 +11,15 @@ fixtures rely on, all seen with version 4.2.0:
   directory.
 * A body without ``Content-Type: application/json`` is silently taken as an
   empty document.
-* It crashes (the whole process) on ``_changes?filter=_selector``, on a
-  ``_changes`` filter whose design document is missing, and on an anonymous
-  document write once admin party is over.
+* The whole process crashes on ``_changes?filter=_selector``, on a
+  ``_changes`` filter whose design document is missing or that throws, and,
+  once admin party is over, on an anonymous ``PUT /newdb`` ("db.info is not
+  a function") and on any request to a database after an anonymous ``DELETE``
+  of it was refused with 401 (an unhandled rejection from pouchdb-security).
+* Query parameters reach filter functions JSON-parsed: ``?mac=1000`` is the
+  number 1000.
+* A ``/`` in a database name (sent as %2F) is dropped from the stored name
+  (express-pouchdb's clean-filename.js): ``a/b`` is listed as ``ab``.
 """
 
 from __future__ import annotations
@@ -106,7 +112,8 @@ class PouchServer:
     @property
     def url(self) -> str:
         """The server's URL with the admin's credentials."""
-        return f"http://{self.user}:{self.password}@127.0.0.1:{self.port}"
+        user, password = (urllib.parse.quote(part, safe="") for part in (self.user, self.password))
+        return f"http://{user}:{password}@127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> Optional[int]:

@@ -11,7 +11,7 @@ import requests
 
 from himbeere.couch import Couch, Database, FeedFilter, doc_path, quote
 from himbeere.exceptions import Conflict, NotFound, Unauthorized, Unreachable
-from tests.servers import PouchServer
+from tests.servers import PouchServer, free_port
 
 # A filter as the daemon installs it.  String() on both sides because
 # pouchdb-server JSON-parses query parameters: ?mac=1000 reaches the filter as
@@ -33,7 +33,6 @@ def test_url_path_prefix_is_kept() -> None:
     assert Couch("https://example.org/couchdb/").base == "https://example.org/couchdb"
 
 
-@pytest.mark.xfail(strict=True, reason="couch.py drops the brackets of an IPv6 host")
 def test_ipv6_host_keeps_its_brackets() -> None:
     assert Couch("http://admin:pw@[::1]:5984").base == "http://[::1]:5984"
 
@@ -88,8 +87,6 @@ def test_wrong_password_is_unauthorized(couch: Couch, dbname: str) -> None:
 
 
 def test_nothing_listening_is_unreachable() -> None:
-    from tests.servers import free_port
-
     with pytest.raises(Unreachable):
         Couch(f"http://127.0.0.1:{free_port()}").info()
 

@@ -1,0 +1,462 @@
+"""Programs end to end: real daemons, a real pouchdb-server, real signals.
+
+Every test looks where a user would: at files the programs write, at
+their pids, at the node's status document (``programs.<doc_id>``) and at
+the daemon's log.  Nodes run with ``--grace-period 2``.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from himbeere import defaults
+from himbeere.couch import Database
+from tests.helpers import wait_for
+from tests.nodes import Node, pid_alive, wait_file
+
+NodeFactory = Callable[..., Node]
+
+
+# -- writing programs ---------------------------------------------------------------------
+
+def put(path: Path, expr: str, indent: str = "    ") -> str:
+    """Program lines that write ``str(expr)`` to ``path`` atomically (needs ``os``)."""
+    tmp = str(path) + ".tmp"
+    return (f"{indent}with open({tmp!r}, 'w') as _out:\n"
+            f"{indent}    _out.write(str({expr}))\n"
+            f"{indent}os.replace({tmp!r}, {str(path)!r})\n")
+
+
+def looping(pidfile: Path, before: str = "", top: str = "") -> str:
+    """A program that writes its pid to ``pidfile`` and runs until asked to quit."""
+    return ("import os, time\n" + top +
+            "def main():\n" + before + put(pidfile, "os.getpid()") +
+            "    while not should_quit():\n"
+            "        time.sleep(0.05)\n")
+
+
+def read_pid(path: Path) -> Optional[int]:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def wait_pid(path: Path, other_than: Optional[int] = None, timeout: float = 20.0) -> int:
+    """Wait until ``path`` holds a live pid (other than ``other_than``)."""
+    def check() -> Optional[int]:
+        pid = read_pid(path)
+        return pid if pid and pid != other_than and pid_alive(pid) else None
+
+    return wait_for(check, timeout, message=lambda: f"{path} holds {read_pid(path)}")
+
+
+def wait_dead(pid: int, timeout: float = 20.0) -> None:
+    wait_for(lambda: not pid_alive(pid), timeout, message=f"pid {pid} is still alive")
+
+
+def save(db: Database, doc: dict[str, Any]) -> dict[str, Any]:
+    """Create or update ``doc`` by ``_id`` (whatever its current revision)."""
+    current = db.get(doc["_id"])
+    if current is not None:
+        doc = dict(doc, _rev=current["_rev"])
+    return db.save(dict(doc))
+
+
+# -- running, updating, deleting ------------------------------------------------------------
+
+def test_code_doc_runs_and_its_output_reaches_the_log(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    pidfile = tmp_path / "greeter.pid"
+    code_db.save({"_id": "greeter", "type": 1000, "name": "greeter", "code": looping(
+        pidfile, before=("    print('printed hello')\n"
+                         "    log('logged hello', 42, 'on node', node)\n"))})
+    node = node_factory(mac_id=1000)
+    pid = wait_pid(pidfile)
+    program = node.wait_program("greeter", state="running", pid=pid)
+    assert program["name"] == "greeter"
+    assert program["rev"] == code_db.get("greeter")["_rev"]
+    node.wait_log("[greeter] printed hello\n")
+    node.wait_log("[greeter] logged hello 42 on node 1000\n")
+
+
+def test_updating_a_program_restarts_it_alone(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    a_pid, b_pid = tmp_path / "a.pid", tmp_path / "b.pid"
+    version = tmp_path / "a.version"
+    code_db.save({"_id": "a", "type": 1000, "code": looping(a_pid, before=put(version, "1"))})
+    code_db.save({"_id": "b", "type": 1000, "code": looping(b_pid)})
+    node = node_factory(mac_id=1000)
+    old_a, b = wait_pid(a_pid), wait_pid(b_pid)
+    node.wait_program("b", state="running", pid=b)
+    node.wait_program("a", state="running", pid=old_a)
+
+    saved = save(code_db, {"_id": "a", "type": 1000,
+                           "code": looping(a_pid, before=put(version, "2"))})
+    new_a = wait_pid(a_pid, other_than=old_a)
+    assert version.read_text() == "2"
+    node.wait_program("a", state="running", pid=new_a, rev=saved["_rev"])
+    wait_dead(old_a)
+    assert node.program("b")["pid"] == b == read_pid(b_pid)
+    assert pid_alive(b)
+
+
+def test_change_outside_the_code_does_not_restart(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    pidfile = tmp_path / "steady.pid"
+    doc = {"_id": "steady", "type": 1000, "name": "steady", "code": looping(pidfile)}
+    code_db.save(dict(doc))
+    node = node_factory(mac_id=1000)
+    pid = wait_pid(pidfile)
+    node.wait_program("steady", state="running", pid=pid)
+
+    saved = save(code_db, dict(doc, note="only a note changed"))
+    node.wait_program("steady", rev=saved["_rev"])  # the daemon has seen it
+    assert node.program("steady")["pid"] == pid == read_pid(pidfile)
+    assert pid_alive(pid)
+    assert node.log().count("steady: started") == 1
+
+
+def test_deleting_a_doc_stops_its_program(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    pidfile = tmp_path / "doomed.pid"
+    saved = code_db.save({"_id": "doomed", "type": 1000, "code": looping(pidfile)})
+    node = node_factory(mac_id=1000)
+    pid = wait_pid(pidfile)
+    node.wait_program("doomed", state="running", pid=pid)
+    code_db.delete(saved)
+    wait_dead(pid)
+    wait_for(lambda: "doomed" not in (node.status() or {}).get("programs", {}),
+             message=lambda: f"status still lists it: {node.program('doomed')}")
+    node.wait_log("doomed: document deleted, stopping")
+
+
+# -- modules --------------------------------------------------------------------------------
+
+def test_global_modules_reach_programs_and_restart_only_their_users(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    # Global modules come from a document of another node and from one without type.
+    code_db.save({"_id": "lib", "type": 999, "global_modules": {"shared": "VALUE = 'one'\n"}})
+    code_db.save({"_id": "lib2", "global_modules": {"extra": "from shared import VALUE\n"
+                                                             "EXTRA = VALUE + '+extra'\n"}})
+    user_pid, other_pid, seen = tmp_path / "user.pid", tmp_path / "other.pid", tmp_path / "seen"
+    code_db.save({"_id": "user", "type": 1000, "code": looping(
+        user_pid, top="import shared, extra\n", before=put(seen, "(shared.VALUE, extra.EXTRA)"))})
+    code_db.save({"_id": "other", "type": 1000, "code": looping(other_pid)})
+    node = node_factory(mac_id=1000)
+    old_user, other = wait_pid(user_pid), wait_pid(other_pid)
+    assert wait_file(seen) == "('one', 'one+extra')"
+
+    save(code_db, {"_id": "lib", "type": 999, "global_modules": {"shared": "VALUE = 'two'\n"}})
+    new_user = wait_pid(user_pid, other_than=old_user)
+    assert wait_file(seen, contains="two") == "('two', 'two+extra')"
+    node.wait_program("user", state="running", pid=new_user)
+    assert node.program("other")["pid"] == other == read_pid(other_pid)
+    assert pid_alive(other)
+    assert node.program("user")["restarts"] == 0  # an update, not a crash
+    assert "lib" not in node.status()["programs"]  # exporting is not running
+
+
+def test_multi_module_program_and_its_own_module_shadowing_a_global(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    code_db.save({"_id": "lib", "global_modules": {"util": "WHO = 'global util'\n"}})
+    own_pid, own_seen = tmp_path / "own.pid", tmp_path / "own.seen"
+    code_db.save({"_id": "own", "type": 1000, "name": "own", "modules": {
+        "main": looping(own_pid, top="import helper, util\n",
+                        before=put(own_seen, "helper.greet() + ' / ' + util.WHO")),
+        "helper": "import util\ndef greet():\n    log('helper has log too')\n"
+                  "    return 'helper sees ' + util.WHO\n",
+        "util": "WHO = 'own util'\n",
+    }})
+    global_pid, global_seen = tmp_path / "glob.pid", tmp_path / "glob.seen"
+    code_db.save({"_id": "glob", "type": 1000, "code": looping(
+        global_pid, top="import util\n", before=put(global_seen, "util.WHO"))})
+    node = node_factory(mac_id=1000)
+    own, old_global = wait_pid(own_pid), wait_pid(global_pid)
+    assert wait_file(own_seen) == "helper sees own util / own util"
+    assert wait_file(global_seen) == "global util"
+    node.wait_log("[own] helper has log too\n")
+
+    save(code_db, {"_id": "lib", "global_modules": {"util": "WHO = 'new global util'\n"}})
+    wait_pid(global_pid, other_than=old_global)
+    assert wait_file(global_seen, contains="new") == "new global util"
+    assert node.program("own")["pid"] == own == read_pid(own_pid)
+    assert pid_alive(own)
+
+
+# -- helpers ------------------------------------------------------------------------------
+
+def test_helpers_log_should_quit_notifications_and_db(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    code_db.save({"_id": "settings", "value": "read through db"})
+    pidfile, seen = tmp_path / "helpers.pid", tmp_path / "seen"
+    kept, removed = tmp_path / "kept", tmp_path / "removed"
+    top = ("def keep():\n" + put(kept, "'notified'") +
+           "def drop():\n" + put(removed, "'should not run'"))
+    doc = {"_id": "helpers", "type": 1000, "name": "helpers", "code": looping(
+        pidfile, top=top, before=(
+            "    register_quit_notification(keep)\n"
+            "    register_quit_notification(drop)\n"
+            "    remove_quit_notification(drop)\n"
+            "    log('should_quit is', should_quit())\n" + put(seen, "db['settings']['value']")))}
+    code_db.save(dict(doc))
+    node = node_factory(mac_id=1000)
+    pid = wait_pid(pidfile)
+    assert wait_file(seen) == "read through db"
+    node.wait_log("[helpers] should_quit is False\n")
+
+    save(code_db, dict(doc, enabled=False))
+    wait_dead(pid)
+    node.wait_program("helpers", state="stopped", pid=None)
+    assert kept.read_text() == "notified"
+    assert not removed.exists()
+    assert "SIGTERM" not in node.log()  # it quit on its own, in time
+
+
+def test_stubborn_program_and_its_subprocess_are_killed(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    code_db.save({"_id": "stubborn", "type": 1000, "code": (
+        "import os, signal, subprocess, time\n"
+        "def main():\n"
+        "    signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        "    sleeper = subprocess.Popen(['sleep', '1000'])\n" +
+        put(pids, "f'{os.getpid()} {sleeper.pid}'") +
+        "    while True:  # ignores should_quit() and SIGTERM\n"
+        "        time.sleep(0.05)\n")})
+    node = node_factory(mac_id=1000)
+    program, sleeper = (int(p) for p in wait_file(pids).split())
+    assert pid_alive(sleeper)
+    code_db.delete(code_db.get("stubborn"))
+    node.wait_log("stubborn: did not quit within the grace period; SIGTERM")
+    node.wait_log("stubborn: still alive after SIGTERM; SIGKILL")
+    wait_dead(program)
+    wait_dead(sleeper)
+    assert node.alive()
+
+
+# -- failures and restart policies -----------------------------------------------------------
+
+def test_crash_loop_backs_off_and_shows_the_traceback(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    code_db.save({"_id": "crasher", "type": 1000, "code": (
+        "def main():\n"
+        f"    open({str(runs)!r}, 'a').write('run\\n')\n"
+        "    1 / 0\n")})
+    node = node_factory(mac_id=1000)
+    first = node.wait_program("crasher", state="backing-off", restarts=1)
+    assert "ZeroDivisionError: division by zero" in first["last_error"]
+    assert 'File "<crasher:main>", line 3, in main' in first["last_error"]
+    assert first["next_start"] is not None
+    later = wait_for(lambda: node.program("crasher").get("restarts", 0) >= 3
+                     and node.program("crasher"), timeout=30)
+    assert later["state"] in ("backing-off", "running")
+    assert "ZeroDivisionError" in later["last_error"]
+    assert runs.read_text().count("run") >= 3
+    node.wait_log("crasher: crashed: Traceback")
+
+
+def test_restart_policies_and_enabled(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    runs, again_runs = tmp_path / "never.runs", tmp_path / "always.runs"
+    code_db.save({"_id": "never", "type": 1000, "restart": "never", "code": (
+        "def main():\n"
+        f"    open({str(runs)!r}, 'a').write('run\\n')\n"
+        "    raise RuntimeError('gave up')\n")})
+    code_db.save({"_id": "always", "type": 1000, "restart": "always", "code": (
+        "def main():\n"
+        f"    open({str(again_runs)!r}, 'a').write('run\\n')\n")})
+    pidfile = tmp_path / "switch.pid"
+    switch = {"_id": "switch", "type": 1000, "code": looping(pidfile)}
+    code_db.save(dict(switch))
+    node = node_factory(mac_id=1000)
+
+    crashed = node.wait_program("never", state="crashed")
+    assert "RuntimeError: gave up" in crashed["last_error"]
+    assert crashed["restarts"] == 0 and crashed["pid"] is None
+
+    wait_for(lambda: node.program("always").get("restarts", 0) >= 1)
+    wait_file(again_runs, contains="run\nrun\n")
+    assert node.program("always")["last_error"] is None
+
+    pid = wait_pid(pidfile)
+    save(code_db, dict(switch, enabled=False))
+    wait_dead(pid)
+    node.wait_program("switch", state="stopped", pid=None, enabled=False)
+    save(code_db, dict(switch, enabled=True))
+    node.wait_program("switch", state="running", enabled=True)
+    assert wait_pid(pidfile, other_than=pid) == node.program("switch")["pid"]
+    assert runs.read_text() == "run\n"  # never means never
+
+
+BAD_DOCS = [
+    # (doc id, fields, what last_error must say)
+    ("syntax", {"code": "def main():\n    return (\n"}, "syntax error in module 'main', line"),
+    ("no-main", {"code": "def start():\n    pass\n"}, "defines no main()"),
+    ("main-not-callable", {"code": "main = 42\n"}, "main is a int, not a function"),
+    ("code-number", {"code": 42}, "code: is a int"),
+    ("modules-list", {"modules": ["main"]}, "modules: is a list"),
+    ("global-not-str", {"code": "def main():\n    pass\n", "global_modules": {"g": 1}},
+     "global_modules.g: is a int"),
+    ("empty", {}, "nothing to run: the document has no code, modules or global_modules"),
+    ("restart-bad", {"code": "def main():\n    pass\n", "restart": "sometimes"},
+     "restart: 'sometimes' is not allowed"),
+    ("enabled-bad", {"code": "def main():\n    pass\n", "enabled": "false"},
+     "enabled: is a str"),
+    ("huge", {"code": "def main():\n    pass\n" + "#" * defaults.MAX_CODE_BYTES + "\n"},
+     f"allowed: at most {defaults.MAX_CODE_BYTES} bytes"),
+]
+
+
+def test_bad_documents_are_reported_and_the_node_keeps_going(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    pidfile = tmp_path / "good.pid"
+    code_db.save({"_id": "good", "type": 1000, "code": looping(pidfile)})
+    node = node_factory(mac_id=1000)
+    good = wait_pid(pidfile)
+    for doc_id, fields, _ in BAD_DOCS:
+        code_db.save(dict(fields, _id=doc_id, type=1000))
+    for doc_id, _, expected in BAD_DOCS:
+        program = node.wait_program(doc_id, state="invalid")
+        assert expected in program["last_error"], doc_id
+        assert program["pid"] is None
+        node.wait_log(f"{doc_id}: ")
+        assert expected in node.log()
+    assert node.alive()
+    assert node.program("good")["pid"] == good == read_pid(pidfile)
+    assert pid_alive(good)
+
+    # Fixing a document makes it run, with the error gone.
+    fixed = tmp_path / "fixed.pid"
+    save(code_db, {"_id": "syntax", "type": 1000, "code": looping(fixed)})
+    node.wait_program("syntax", state="running", pid=wait_pid(fixed), last_error=None)
+
+
+def test_document_for_another_node_is_not_run(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    theirs, mine = tmp_path / "theirs.pid", tmp_path / "mine.pid"
+    code_db.save({"_id": "theirs", "type": 1001, "code": looping(theirs)})
+    code_db.save({"_id": "mine", "type": "1000", "code": looping(mine)})  # a string works too
+    node = node_factory(mac_id=1000)
+    wait_pid(mine)  # the feed delivers in order: "theirs" was seen before
+    node.wait_program("mine", state="running")
+    assert not theirs.exists()
+    assert "theirs" not in node.status()["programs"]
+
+    other = node_factory(mac_id=1001)
+    wait_pid(theirs)
+    other.wait_program("theirs", state="running")
+    assert "mine" not in other.status()["programs"]
+
+
+# -- signals to the daemon ------------------------------------------------------------------
+
+def test_sighup_restarts_every_program(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    a_pid, b_pid = tmp_path / "a.pid", tmp_path / "b.pid"
+    code_db.save({"_id": "a", "type": 1000, "code": looping(a_pid)})
+    code_db.save({"_id": "b", "type": 1000, "code": looping(b_pid)})
+    node = node_factory(mac_id=1000)
+    old_a, old_b = wait_pid(a_pid), wait_pid(b_pid)
+    node.wait_program("b", state="running", pid=old_b)
+    node.signal(signal.SIGHUP)
+    new_a, new_b = wait_pid(a_pid, other_than=old_a), wait_pid(b_pid, other_than=old_b)
+    node.wait_program("a", state="running", pid=new_a)
+    node.wait_program("b", state="running", pid=new_b)
+    wait_dead(old_a)
+    wait_dead(old_b)
+    assert node.alive()
+
+
+def test_sigusr1_writes_the_stacks_of_daemon_and_programs(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    pidfile = tmp_path / "stacky.pid"
+    code_db.save({"_id": "stacky", "type": 1000, "name": "stacky", "code": (
+        "import os, time\n"
+        "def waiting_for_quit():\n"
+        "    while not should_quit():\n"
+        "        time.sleep(0.05)\n"
+        "def main():\n" + put(pidfile, "os.getpid()") +
+        "    waiting_for_quit()\n")})
+    node = node_factory(mac_id=1000)
+    pid = wait_pid(pidfile)
+    node.wait_program("stacky", state="running", pid=pid)
+    node.signal(signal.SIGUSR1)
+    node.wait_log(f"--- himbeere daemon {node.pid} stacks ---")
+    node.wait_log(f"stack of stacky (pid {pid}) follows")
+    node.wait_log('File "<stacky:main>", line 4 in waiting_for_quit')
+    log = node.log()
+    assert "Current thread" in log or "Thread 0x" in log
+    assert "in run" in log  # the daemon's own threads
+    assert node.alive() and pid_alive(pid)
+    assert node.program("stacky")["pid"] == pid
+
+
+def test_sigterm_stops_gracefully(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    pidfile, bye = tmp_path / "polite.pid", tmp_path / "bye"
+    code_db.save({"_id": "polite", "type": 1000, "code": looping(
+        pidfile, top="def farewell():\n" + put(bye, "'goodbye'"),
+        before="    register_quit_notification(farewell)\n")})
+    node = node_factory(mac_id=1000)
+    pid = wait_pid(pidfile)
+    node.wait_program("polite", state="running", pid=pid)
+    assert node.stop() == 0
+    assert bye.read_text() == "goodbye"
+    assert not pid_alive(pid)
+    status = node.status()
+    assert status["state"] == "stopped"
+    assert status["programs"]["polite"]["state"] == "stopped"
+    assert status["programs"]["polite"]["pid"] is None
+    assert "SIGKILL" not in node.log()
+
+
+# -- a daemon killed with -9 -----------------------------------------------------------------
+
+def test_restarted_daemon_kills_the_program_a_killed_one_left(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    beats = tmp_path / "beats"
+    beats.mkdir()
+    code_db.save({"_id": "deaf", "type": 1000, "code": (
+        "import os, time\n"
+        "def main():\n"
+        f"    beat = os.path.join({str(beats)!r}, str(os.getpid()))\n"
+        "    while True:  # deaf to should_quit()\n"
+        "        open(beat, 'a').write('.')\n"
+        "        time.sleep(0.05)\n")})
+    state_dir = tmp_path / "state"
+    first = node_factory(mac_id=1000, state_dir=state_dir)
+    old = wait_for(lambda: [int(p.name) for p in beats.iterdir()])[0]
+    first.wait_program("deaf", state="running", pid=old)
+    first.kill()
+    size = (beats / str(old)).stat().st_size
+    wait_for(lambda: (beats / str(old)).stat().st_size > size,
+             message="the orphan stopped beating before the new daemon came")
+
+    second = node_factory(mac_id=1000, state_dir=state_dir)
+    second.wait_log(f"killing program deaf (pid {old}) left by a previous daemon")
+    new = second.wait_program("deaf", state="running")["pid"]
+    assert new != old
+    assert not pid_alive(old)
+    live = [int(p.name) for p in beats.iterdir() if pid_alive(int(p.name))]
+    assert live == [new]
+
+
+def test_program_of_a_killed_daemon_quits_with_its_subprocesses(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    pids = tmp_path / "pids"
+    code_db.save({"_id": "polite", "type": 1000, "code": (
+        "import os, subprocess, time\n"
+        "def main():\n"
+        "    sleeper = subprocess.Popen(['sleep', '1000'])\n" +
+        put(pids, "f'{os.getpid()} {sleeper.pid}'") +
+        "    while not should_quit():\n"
+        "        time.sleep(0.05)\n")})
+    node = node_factory(mac_id=1000)
+    program, sleeper = (int(p) for p in wait_file(pids).split())
+    node.kill()
+    wait_dead(program)  # the daemon's end of its connection closed: should_quit()
+    wait_dead(sleeper)

@@ -1,0 +1,14 @@
+"""himbeere-upload: the laptop side that takes a fleet from nothing to running code.
+
+============= ==============================================================
+``cli``       the ``himbeere-upload`` command (also ``himbeere upload``)
+``fleet``     the server and its two databases; node MAC ids and names
+``install``   ``setup``: databases, design documents, ``_security``
+``users``     ``provision``: a node's CouchDB user and friendly name
+``push``      ``push``, ``pull``, ``ls``, ``rm``: code documents from files
+``discover``  ``discover``: broadcast, then provision every Pi that answers
+============= ==============================================================
+
+Who may do what is in :mod:`himbeere.security`; every CouchDB request goes
+through :mod:`himbeere.couch`.
+"""

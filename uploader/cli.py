@@ -1,0 +1,317 @@
+"""The ``himbeere-upload`` command (also ``himbeere upload``).
+
+Where the server comes from: ``setup URL`` takes it as an argument; every
+subcommand also takes ``--server URL`` or the ``HIMBEERE_SERVER`` variable,
+``--database`` (``HIMBEERE_DATABASE``, default ``raspberries``) and
+``--status-database`` (``HIMBEERE_STATUS_DATABASE``, default
+``<database>_status``): the daemon's setting names.  Credentials go in the
+URL, ``http://USER:PASSWORD@host:5984``; they are never printed.
+
+Every subcommand prints one clear line for an error and exits 1 (``--debug``
+shows the traceback); ``--json`` prints one JSON object instead, errors
+included (``{"ok": false, "error": "..."}``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from himbeere import config as configuration
+from himbeere import defaults, security
+from himbeere.couch import Doc
+from himbeere.exceptions import ConfigError, HimbeereError
+
+from . import discover as discovery
+from . import install, push, users
+from .fleet import Fleet, parse_mac
+
+PROG = "himbeere-upload"
+
+Output = tuple[Any, list[str]]
+
+
+def settings(args: argparse.Namespace, environ: Mapping[str, str]) -> configuration.Config:
+    """Server and database names from flags, then ``HIMBEERE_*`` variables."""
+    server = getattr(args, "url", None) or args.server or environ.get("HIMBEERE_SERVER")
+    if not server:
+        raise ConfigError("server: not set; give --server URL or set HIMBEERE_SERVER, "
+                          "http://USER:PASSWORD@host:5984")
+    database = args.database or environ.get("HIMBEERE_DATABASE") or defaults.DATABASE
+    status = args.status_database or environ.get("HIMBEERE_STATUS_DATABASE") or None
+    return configuration.Config(server=server, database=database,
+                                status_database=status).validate()
+
+
+def open_fleet(args: argparse.Namespace) -> Fleet:
+    config = settings(args, args.environ)
+    return Fleet(config.server or "", config.database, config.status_db)
+
+
+# -- subcommands -----------------------------------------------------------------------
+def cmd_setup(args: argparse.Namespace) -> Output:
+    """Create both databases, install the design documents and set _security.
+
+    Safe to run again: a second run changes nothing and says so.
+    """
+    report = install.setup(open_fleet(args))
+    where = f"{report['server']} ({', '.join(report['databases'])})"
+    if report["changed"]:
+        lines = [f"set up {where}:"] + [f"  {change}" for change in report["changes"]]
+    else:
+        lines = [f"already set up: nothing changed on {where}"]
+    return report, lines + [f"note: {note}" for note in report["notes"]]
+
+
+def cmd_push(args: argparse.Namespace) -> Output:
+    """Push a .py file (its code) or a folder (main.py and modules) to a node."""
+    if args.is_global and args.node:
+        raise ConfigError("--global modules are shared by every node; drop --node")
+    if not args.is_global and not args.node:
+        raise ConfigError("--node NODE is missing (a MAC id or a name), or use --global")
+    fleet = open_fleet(args)
+    node = None if args.is_global else fleet.resolve_node(args.node)
+    result = push.push(fleet, Path(args.path), node, args.name)
+    if result["action"] == "unchanged":
+        lines = [f"unchanged: {result['id']} (rev {result['rev']})"]
+    else:
+        lines = [f"{result['action']} {result['id']} (rev {result['rev']})"]
+        lines += [f"  {change}" for change in result["changes"]]
+    if result["ignored"]:
+        lines.append(f"ignored: {', '.join(result['ignored'])}")
+    return result, lines
+
+
+def cmd_pull(args: argparse.Namespace) -> Output:
+    """Write a program's code document out as files in DIR."""
+    fleet = open_fleet(args)
+    node = fleet.resolve_node(args.node) if args.node else None
+    result = push.pull(fleet, args.name, Path(args.dir), node, args.is_global, args.force)
+    files = ", ".join(f"{file} {state}" for file, state in sorted(result["files"].items()))
+    return result, [f"pulled {result['id']} into {result['dir']}: {files}"]
+
+
+def cmd_ls(args: argparse.Namespace) -> Output:
+    """List the programs of every node (or of one)."""
+    fleet = open_fleet(args)
+    node = fleet.resolve_node(args.node) if args.node else None
+    listing = push.ls(fleet, node)
+    rows = [[_node_label(p["node"], p["node_name"]), p["name"], p["id"],
+             ", ".join(p["modules"] + [f"{m} (global)" for m in p["global_modules"]]),
+             ("" if p["enabled"] else "disabled ") + (p["state"] or "-")]
+            for p in listing]
+    if not rows:
+        return {"programs": []}, ["no programs" + (f" on node {node}" if node else "")]
+    return {"programs": listing}, table(["NODE", "PROGRAM", "ID", "MODULES", "STATE"], rows)
+
+
+def cmd_rm(args: argparse.Namespace) -> Output:
+    """Remove a program from a node (its daemon stops it)."""
+    if args.is_global == bool(args.node):
+        raise ConfigError("say where the program is: --node NODE or --global")
+    fleet = open_fleet(args)
+    node = None if args.is_global else fleet.resolve_node(args.node)
+    result = push.rm(fleet, args.name, node)
+    return result, [f"removed {result['id']}"]
+
+
+def cmd_provision(args: argparse.Namespace) -> Output:
+    """Create or update a node's CouchDB user (role himbeere-node) and name."""
+    node = parse_mac(args.macid)
+    if node is None:
+        raise ConfigError(f"MAC id {args.macid!r} is not allowed; allowed: digits, or a MAC "
+                          "address like b8:27:eb:12:34:56")
+    result = users.provision(open_fleet(args), node, args.name, args.password)
+    lines = [_provision_line(result)]
+    if "password" in result:
+        lines.append(f"  generated password: {result['password']} (the Pi needs it in its "
+                     "state directory's password file)")
+    return result, lines
+
+
+def _provision_line(result: Doc) -> str:
+    node = result["node"]
+    if result["action"] == "created":
+        source = result["password_source"]
+        line = f"created user {node} (role {security.NODE_ROLE}, password {source})"
+    elif result["action"] == "updated":
+        line = f"updated user {node}: {', '.join(result['changed'])}"
+    else:
+        line = f"user {node} unchanged"
+    if result.get("name_action") in ("named", "renamed"):
+        line += f"; {result['name_action']} {result['name']}"
+    elif result.get("name"):
+        line += f"; name {result['name']}"
+    return line
+
+
+def cmd_discover(args: argparse.Namespace) -> Output:
+    """Broadcast the server on the network and provision every Pi that answers."""
+    fleet = open_fleet(args)
+    stderr = sys.stderr
+
+    def progress(waited: float, timeout: float) -> None:
+        stderr.write(f"\rwaiting for Pis to answer: {min(waited, timeout):.0f}/{timeout:g} s")
+        stderr.flush()
+
+    def answered(address: tuple[str, int], reply: dict[str, Any]) -> None:
+        stderr.write(f"\ranswer from {address[0]}: MAC id {reply.get('MacID')}\n")
+        stderr.flush()
+
+    fleet_key_file = args.fleet_key_file or args.environ.get("HIMBEERE_FLEET_KEY_FILE")
+    port = args.port or args.environ.get("HIMBEERE_DISCOVERY_PORT")
+    stderr.write(f"broadcasting {args.node_server or fleet.server} for {args.timeout:g} s\n")
+    rows = discovery.discover(
+        fleet, args.timeout, args.node_server, args.broadcast, progress, answered,
+        port=int(port) if port else None, broadcast_address=args.broadcast_address,
+        fleet_key=_fleet_key(fleet_key_file) if fleet_key_file else None)
+    stderr.write("\n")
+    if not rows:
+        return {"nodes": []}, [f"no Pi answered within {args.timeout:g} s"]
+    return {"nodes": rows}, table(
+        ["MAC ID", "NAME", "IP", "STATE"],
+        [[str(r["node"] or "?"), r["name"] or "-", str(r["ip"]), r["state"]] for r in rows])
+
+
+def _fleet_key(path: str) -> bytes:
+    from himbeere.fleetkey import read_fleet_key  # needs the cryptography package
+
+    return read_fleet_key(path)
+
+
+def _node_label(node: Any, name: Optional[str]) -> str:
+    if node is None:
+        return "global"
+    return f"{node} ({name})" if name else str(node)
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+    return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
+            for row in [header] + rows]
+
+
+# -- parser -----------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("server (flags win over HIMBEERE_* variables)")
+    group.add_argument("--server", metavar="URL",
+                       help="http://USER:PASSWORD@host:5984 (or HIMBEERE_SERVER)")
+    group.add_argument("--database", metavar="NAME",
+                       help=f"code database (HIMBEERE_DATABASE, default {defaults.DATABASE})")
+    group.add_argument("--status-database", metavar="NAME",
+                       help="status database (HIMBEERE_STATUS_DATABASE, default "
+                            "<database>_status)")
+    common.add_argument("--json", action="store_true", help="print one JSON object")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Set up a CouchDB server for himbeere, provision Pis and "
+                               "push code to them.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], Output]) -> argparse.ArgumentParser:
+        doc = (func.__doc__ or "").strip()
+        command = sub.add_parser(name, parents=[common], help=doc.splitlines()[0],
+                                 description=doc)
+        command.set_defaults(func=func)
+        return command
+
+    setup = add("setup", cmd_setup)
+    setup.add_argument("url", nargs="?", metavar="URL",
+                       help="the server, with an admin's credentials (or --server)")
+
+    push_cmd = add("push", cmd_push)
+    push_cmd.add_argument("path", metavar="PATH", help="a .py file or a folder with main.py")
+    push_cmd.add_argument("--node", metavar="NODE", help="MAC id or friendly name")
+    push_cmd.add_argument("--name", metavar="NAME",
+                          help="program name (default: the file's or folder's name)")
+    push_cmd.add_argument("--global", dest="is_global", action="store_true",
+                          help="push as global_modules, exported to every program")
+
+    pull = add("pull", cmd_pull)
+    pull.add_argument("name", metavar="NAME", help="program name")
+    pull.add_argument("dir", metavar="DIR", help="folder to write the files into")
+    pull.add_argument("--node", metavar="NODE", help="when the name is on several nodes")
+    pull.add_argument("--global", dest="is_global", action="store_true",
+                      help="a global modules document")
+    pull.add_argument("--force", action="store_true", help="overwrite files that differ")
+
+    ls = add("ls", cmd_ls)
+    ls.add_argument("--node", metavar="NODE", help="only this node (MAC id or name)")
+
+    rm = add("rm", cmd_rm)
+    rm.add_argument("name", metavar="NAME", help="program name")
+    rm.add_argument("--node", metavar="NODE", help="MAC id or friendly name")
+    rm.add_argument("--global", dest="is_global", action="store_true",
+                    help="a global modules document")
+
+    provision = add("provision", cmd_provision)
+    provision.add_argument("macid", metavar="MACID", help="decimal MAC id or MAC address")
+    provision.add_argument("--name", metavar="NAME", help="friendly name, e.g. kitchen")
+    provision.add_argument("--password", metavar="PW",
+                           help="the Pi's password (default: keep it, or generate one)")
+
+    disc = add("discover", cmd_discover)
+    disc.add_argument("--timeout", metavar="S", type=float, default=10.0,
+                      help="seconds to wait for answers (default 10)")
+    disc.add_argument("--port", metavar="PORT", type=int,
+                      help="UDP port of the nodes (HIMBEERE_DISCOVERY_PORT, default "
+                           f"{defaults.DISCOVERY_PORT})")
+    disc.add_argument("--broadcast-address", metavar="ADDR",
+                      help="where to send it (default 255.255.255.255; a subnet's broadcast "
+                           "or one Pi's address)")
+    disc.add_argument("--fleet-key-file", metavar="FILE",
+                      help="the fleet key the nodes have (HIMBEERE_FLEET_KEY_FILE)")
+    disc.add_argument("--node-server", metavar="URL",
+                      help="URL the Pis should use, without credentials (default: the "
+                           "server's)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None, *,
+         broadcast: Optional[discovery.Broadcast] = None,
+         environ: Optional[Mapping[str, str]] = None) -> int:
+    """Run ``himbeere-upload``; returns the exit code.
+
+    ``broadcast`` replaces :func:`himbeere.discovery.broadcast_message` and
+    ``environ`` the environment (tests).
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    args.broadcast = broadcast
+    args.environ = os.environ if environ is None else environ
+    try:
+        result, lines = args.func(args)
+    except (HimbeereError, OSError) as exc:
+        if args.debug:
+            raise
+        message = str(exc)
+        if isinstance(exc, OSError) and exc.strerror and exc.filename:
+            message = f"{exc.filename}: {exc.strerror}"
+        if args.json:
+            print(json.dumps({"ok": False, "error": message}))
+        else:
+            print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    if args.json:
+        payload = dict(result) if isinstance(result, dict) else {"result": result}
+        payload.setdefault("ok", True)
+        print(json.dumps(payload, sort_keys=True))
+    else:
+        print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

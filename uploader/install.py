@@ -1,0 +1,62 @@
+"""``himbeere-upload setup``: everything a fleet needs on the server, idempotently.
+
+Creates the code database, the status database (and ``_users`` where a
+fresh CouchDB lacks it), installs or upgrades the design documents (feed
+filter, views, ``validate_doc_update``) and adds himbeere's roles to
+``_security`` of both databases.  Names and roles already in ``_security``
+are kept.  Every step looks before it writes, so a second run changes
+nothing and says so.
+"""
+
+from __future__ import annotations
+
+from himbeere import design, security
+from himbeere.couch import Database, Doc
+
+from .fleet import Fleet
+
+USERS_DB = "_users"
+
+
+def setup(fleet: Fleet) -> Doc:
+    """Set up ``fleet``'s server; returns ``{"changes": [...], ...}`` for the report."""
+    fleet.require_admin("setup")
+    couch = fleet.couch
+    changes: list[str] = []
+    notes: list[str] = []
+    for name in (fleet.code.name, fleet.status.name):
+        if couch.create_database(name):
+            changes.append(f"created database {name}")
+    if not couch.database(USERS_DB).exists():
+        couch.create_database(USERS_DB)
+        changes.append(f"created database {USERS_DB} (node users live there)")
+    for db, wanted in ((fleet.code, design.design_doc()),
+                       (fleet.status, design.status_design_doc())):
+        _install_design(db, wanted, changes, notes)
+    for db in (fleet.code, fleet.status):
+        current = db.security()
+        wanted = security.merge_security(current, security.security_object())
+        if not security.same_security(current, wanted):
+            db.set_security(wanted)
+            changes.append(f"set _security of {db.name}: members {security.DEPLOYER_ROLE}, "
+                           f"{security.NODE_ROLE}")
+    return {
+        "server": fleet.server,
+        "databases": [fleet.code.name, fleet.status.name],
+        "design_version": design.VERSION,
+        "changes": changes,
+        "notes": notes,
+        "changed": bool(changes),
+    }
+
+
+def _install_design(db: Database, wanted: Doc, changes: list[str], notes: list[str]) -> None:
+    current = db.get(design.DESIGN_ID)
+    if design.ensure_design(db, wanted=wanted):
+        verb = "installed" if current is None else (
+            f"upgraded (version {current.get('himbeere_version')} to {design.VERSION})")
+        changes.append(f"{verb} {design.DESIGN_ID} in {db.name}")
+    elif current is not None and current.get("himbeere_version", 0) != design.VERSION:
+        notes.append(f"{design.DESIGN_ID} in {db.name} has version "
+                     f"{current.get('himbeere_version')}, newer than this uploader's "
+                     f"{design.VERSION}: left as it is")

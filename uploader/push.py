@@ -1,0 +1,309 @@
+"""Code documents from files and back: ``push``, ``pull``, ``ls`` and ``rm``.
+
+``push PATH --node NODE`` turns a ``.py`` file into ``code``; a folder's
+``main.py`` into ``code`` and its other top-level ``.py`` files into
+``modules``.  ``--global`` turns the file or every ``.py`` file of the
+folder into ``global_modules``, exported to every program.
+
+A program's document id is ``<macid>:<name>``; a global one's is
+``global:<name>``.  Push first looks the program up by node and name (the
+``programs`` view), so a document written by HimbeereCouch or by hand, with
+another id, is updated rather than doubled.  A push that changes nothing
+writes nothing, so the program does not restart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from himbeere import defaults
+from himbeere.codedoc import MAIN
+from himbeere.couch import Doc
+from himbeere.exceptions import ConfigError, NotFound, ProgramError
+from himbeere.status import status_id
+
+from .fleet import Fleet
+
+SUFFIX = ".py"
+PROGRAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+#: Fields a program push owns; a global push owns ``global_modules``.
+PROGRAM_FIELDS = ("code", "modules")
+
+
+@dataclasses.dataclass
+class Source:
+    """Modules read from a file or folder, ready to become a document."""
+
+    name: str
+    modules: dict[str, str]
+    is_global: bool
+    ignored: list[str] = dataclasses.field(default_factory=list)
+
+    def fields(self) -> Doc:
+        if self.is_global:
+            return {"global_modules": dict(self.modules)}
+        fields: Doc = {"code": self.modules[MAIN]}
+        others = {k: v for k, v in self.modules.items() if k != MAIN}
+        if others:
+            fields["modules"] = others
+        return fields
+
+
+def doc_id(node: Optional[int], name: str) -> str:
+    return f"global:{name}" if node is None else f"{node}:{name}"
+
+
+def check_program_name(name: str) -> str:
+    if not PROGRAM_NAME.match(name):
+        raise ConfigError(
+            f"program name {name!r} is not allowed; allowed: a letter or digit, then letters, "
+            "digits, '.', '_' or '-', at most 100 characters (use --name)"
+        )
+    return name
+
+
+# -- reading files -------------------------------------------------------------------
+def read_source(path: Path, is_global: bool = False) -> Source:
+    """Read ``path`` (a ``.py`` file or a folder); raises for anything that is not Python."""
+    if not path.exists():
+        raise NotFound(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _read_folder(path, is_global)
+    module = _module_name(path)
+    source = _read_python(path)
+    return Source(name=module, modules={module if is_global else MAIN: source},
+                  is_global=is_global)
+
+
+def _read_folder(folder: Path, is_global: bool) -> Source:
+    modules: dict[str, str] = {}
+    ignored: list[str] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith(".") or entry.name == "__pycache__":
+            continue
+        if entry.is_file() and entry.suffix == SUFFIX:
+            modules[_module_name(entry)] = _read_python(entry)
+        else:
+            ignored.append(entry.name)
+    name = folder.resolve().name
+    if is_global:
+        if not modules:
+            raise ProgramError(f"{folder}: no .py files to push as global modules")
+    elif MAIN not in modules:
+        raise ProgramError(
+            f"{folder}: no main.py; a program folder needs main.py with def main() "
+            f"(found: {', '.join(sorted(modules)) or 'no .py files'})"
+        )
+    return Source(name=name, modules=modules, is_global=is_global, ignored=ignored)
+
+
+def _module_name(path: Path) -> str:
+    if path.suffix != SUFFIX:
+        raise ProgramError(
+            f"{path} is not a Python file; allowed: a .py file or a folder with main.py"
+        )
+    stem = path.name[: -len(SUFFIX)]
+    if not stem or not all(part.isidentifier() for part in stem.split(".")):
+        raise ProgramError(f"{path}: {stem!r} is not a Python module name; rename the file")
+    return stem
+
+
+def _read_python(path: Path) -> str:
+    try:
+        source = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProgramError(f"{path} is not Python: not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise ProgramError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        compile(source, str(path), "exec", dont_inherit=True)
+    except SyntaxError as exc:
+        raise ProgramError(f"{path} is not Python: line {exc.lineno}: {exc.msg}") from None
+    except ValueError as exc:  # null bytes
+        raise ProgramError(f"{path} is not Python: {exc}") from None
+    return source
+
+
+# -- finding documents -----------------------------------------------------------------
+def _programs(fleet: Fleet, **params: Any) -> list[Doc]:
+    try:
+        return fleet.code.view(defaults.DESIGN, "programs", **params)
+    except NotFound:
+        raise NotFound(
+            f"database {fleet.code.name!r} has no programs view: run "
+            f"`himbeere-upload setup {fleet.server}`"
+        ) from None
+
+
+def find(fleet: Fleet, node: Optional[int], name: str) -> Optional[Doc]:
+    """The document of program ``name`` on ``node`` (None: global), or None."""
+    key = [None if node is None else str(node), name]
+    rows = _programs(fleet, key=key, include_docs=True)
+    for row in rows:
+        if row["id"] == doc_id(node, name):
+            return row["doc"]
+    return rows[0]["doc"] if rows else None
+
+
+def _missing(fleet: Fleet, node: Optional[int], name: str) -> NotFound:
+    if node is None:
+        rows = _programs(fleet, startkey=[None], endkey=[None, {}])
+        where = "among the global modules documents"
+    else:
+        rows = _programs(fleet, startkey=[str(node)], endkey=[str(node), {}])
+        label = fleet.name_of(node)
+        where = f"on node {node}" + (f" ({label})" if label else "")
+    there = ", ".join(str(row["key"][1]) for row in rows) or "none"
+    return NotFound(f"no program {name!r} {where}; there are: {there}")
+
+
+def _modules_of(doc: Doc, is_global: bool) -> dict[str, str]:
+    if is_global:
+        return dict(doc.get("global_modules") or {})
+    modules = dict(doc.get("modules") or {})
+    if isinstance(doc.get("code"), str):
+        modules[MAIN] = doc["code"]
+    return modules
+
+
+# -- the commands ------------------------------------------------------------------------
+def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = None) -> Doc:
+    """Push ``path`` to ``node`` (None: as global modules); returns what happened."""
+    source = read_source(path, is_global=node is None)
+    name = check_program_name(name or source.name)
+    fleet.require_database(fleet.code)
+    existing = find(fleet, node, name)
+    doc: Doc = dict(existing) if existing else {"_id": doc_id(node, name)}
+    old = _modules_of(doc, source.is_global)
+    new_fields = source.fields()
+    owned = ("global_modules",) if source.is_global else PROGRAM_FIELDS
+    result: Doc = {"node": node, "name": name, "id": doc["_id"], "ignored": source.ignored}
+    wanted = dict(doc)
+    for key in owned:
+        wanted.pop(key, None)
+    wanted.update(new_fields, name=name)
+    if node is not None and str(doc.get("type")) != str(node):
+        wanted["type"] = node
+    if existing is not None and wanted == doc:
+        result.update(action="unchanged", rev=doc["_rev"], changes=[])
+        return result
+    saved = fleet.code.save(wanted)
+    result.update(action="updated" if existing else "created", rev=saved["_rev"],
+                  changes=describe_changes(old, source.modules))
+    return result
+
+
+def describe_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
+    """One line per module that was added, removed or changed."""
+    lines = []
+    for module in sorted(set(old) | set(new)):
+        file = f"{module}{SUFFIX}"
+        if module not in old:
+            lines.append(f"added {file} ({_count(new[module])} lines)")
+        elif module not in new:
+            lines.append(f"removed {file}")
+        elif old[module] != new[module]:
+            plus = minus = 0
+            for line in difflib.unified_diff(old[module].splitlines(),
+                                             new[module].splitlines(), lineterm="", n=0):
+                if line.startswith("+") and not line.startswith("+++"):
+                    plus += 1
+                elif line.startswith("-") and not line.startswith("---"):
+                    minus += 1
+            lines.append(f"changed {file} (+{plus} -{minus} lines)")
+    return lines
+
+
+def _count(text: str) -> int:
+    return len(text.splitlines())
+
+
+def pull(fleet: Fleet, name: str, directory: Path, node: Optional[int] = None,
+         is_global: bool = False, force: bool = False) -> Doc:
+    """Write program ``name`` out as files in ``directory``."""
+    fleet.require_database(fleet.code)
+    if node is not None or is_global:
+        doc = find(fleet, node, name)
+        if doc is None:
+            raise _missing(fleet, node, name)
+    else:
+        rows = [row for row in _programs(fleet) if row["key"][1] == name]
+        if not rows:
+            every = sorted({str(row["key"][1]) for row in _programs(fleet)})
+            raise NotFound(f"no program named {name!r}; there are: {', '.join(every) or 'none'}")
+        if len({row["id"] for row in rows}) > 1:
+            where = ", ".join(str(row["key"][0] or "global") for row in rows)
+            raise ConfigError(f"program {name!r} is on several nodes ({where}); "
+                              "say which with --node (or --global)")
+        doc = fleet.code.get(rows[0]["id"])
+        if doc is None:
+            raise NotFound(f"program {name!r} was removed just now")
+    files: dict[str, str] = {}
+    for module, source in (doc.get("global_modules") or {}).items():
+        files[f"{module}{SUFFIX}"] = source
+    for module, source in _modules_of(doc, is_global=False).items():
+        files[f"{module}{SUFFIX}"] = source
+    if not files:
+        raise ProgramError(f"document {doc['_id']} holds no code to pull")
+    outcome: dict[str, str] = {}
+    for file, source in files.items():
+        target = directory / file
+        if target.exists():
+            if target.read_text(encoding="utf-8", errors="replace") == source:
+                outcome[file] = "unchanged"
+                continue
+            if not force:
+                raise ConfigError(f"{target} exists and differs; use --force to overwrite it")
+            outcome[file] = "overwritten"
+        else:
+            outcome[file] = "written"
+    directory.mkdir(parents=True, exist_ok=True)
+    for file, state in outcome.items():
+        if state != "unchanged":
+            (directory / file).write_text(files[file], encoding="utf-8")
+    return {"id": doc["_id"], "name": name, "dir": str(directory), "files": outcome}
+
+
+def ls(fleet: Fleet, node: Optional[int] = None) -> list[Doc]:
+    """Programs per node, with the state each node reports."""
+    fleet.require_databases()
+    if node is None:
+        rows = _programs(fleet)
+    else:
+        rows = _programs(fleet, startkey=[str(node)], endkey=[str(node), {}])
+    names = fleet.names()
+    states: dict[Optional[int], dict[str, Any]] = {}
+    listing = []
+    for row in rows:
+        key_node = row["key"][0]
+        mac = int(key_node) if isinstance(key_node, str) and key_node.isdigit() else None
+        if mac is not None and mac not in states:
+            status = fleet.status.get(status_id(mac)) or {}
+            states[mac] = status.get("programs") or {}
+        program = states.get(mac, {}).get(row["id"]) or {}
+        value = row.get("value") or {}
+        listing.append({
+            "node": mac if mac is not None else key_node,
+            "node_name": names.get(mac) if mac is not None else None,
+            "name": row["key"][1],
+            "id": row["id"],
+            "modules": value.get("modules", []),
+            "global_modules": value.get("global_modules", []),
+            "enabled": value.get("enabled", True),
+            "state": program.get("state"),
+        })
+    return listing
+
+
+def rm(fleet: Fleet, name: str, node: Optional[int]) -> Doc:
+    """Delete program ``name`` of ``node`` (None: a global modules document)."""
+    fleet.require_database(fleet.code)
+    doc = find(fleet, node, name)
+    if doc is None:
+        raise _missing(fleet, node, name)
+    fleet.code.delete(doc)
+    return {"id": doc["_id"], "node": node, "name": name, "action": "removed"}
