@@ -12,7 +12,9 @@ modules, gives every module namespace the HimbeereCouch helpers and calls
 
 The daemon asks it to quit by sending ``"quit"`` (or by going away: the
 connection closing has the same effect), which turns ``should_quit()`` true
-and runs the quit notifications in a helper thread.
+and runs the quit notifications in a helper thread; the child exits only
+once they are done.  A child whose daemon went away kills its own process
+group as it exits, since no daemon is left to sweep it.
 """
 
 from __future__ import annotations

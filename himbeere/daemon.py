@@ -103,12 +103,15 @@ class Daemon:
             return
         try:
             if not self.status_db.exists():
-                try:
+                # Only an admin may create it; on pouchdb-server a non-admin
+                # PUT /db even crashes the whole server.
+                roles = self.couch.session_info().get("userCtx", {}).get("roles", [])
+                if "_admin" in roles:
                     self.couch.create_database(self.status_db.name)
                     log.info("created status database %s", self.status_db.name)
-                except CouchError as exc:
-                    log.error("status database %s is missing and cannot be created (%s): "
-                              "run `himbeere-upload setup URL`", self.status_db.name, exc)
+                else:
+                    log.error("status database %s does not exist, and only an admin may "
+                              "create it: run `himbeere-upload setup URL`", self.status_db.name)
             count = self.commands.recover()
             if count:
                 log.warning("marked %d command(s) interrupted by the last crash", count)

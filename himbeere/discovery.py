@@ -388,13 +388,15 @@ def serve_once(sock: socket.socket, pairing: Pairing, wait: float) -> Optional[s
     return pairing.paired
 
 
-def receive_broadcast_message(config: Config, timeout: Optional[float] = None,
+def receive_broadcast_message(config: Optional[Config] = None, timeout: Optional[float] = None,
                               stop: Optional[threading.Event] = None) -> Optional[str]:
     """Wait for one pairing request, answer it, and return the saved server URL.
 
     The window is open (a node without a server).  ``None`` after
-    ``timeout`` seconds, or once ``stop`` is set.
+    ``timeout`` seconds, or once ``stop`` is set.  ``config`` defaults to
+    the node's (:func:`himbeere.config.load`).
     """
+    config = configuration.load() if config is None else config
     stop = stop or threading.Event()
     pairing = Pairing(config, until_configured=True)
     deadline = None if timeout is None else time.monotonic() + timeout

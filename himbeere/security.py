@@ -19,6 +19,12 @@ Reading is decided by ``_security`` (members: the two roles; anyone else is
 refused, anonymous with 401); writing by the ``validate_doc_update``
 functions below.  Design documents need a server admin on both servers.
 
+A user whose name is all digits (a MAC id) is a node, whatever its roles:
+pouchdb-server 4.2.0 lets a user edit the roles of its own ``_users``
+document (CouchDB refuses), so there a node could give itself
+``himbeere-deployer``; it would still be held to the node's rules here.
+Deployers therefore need names that are not all digits.
+
 The functions are ES5 (``indexOf``, no ``startsWith``) because CouchDB 3 may
 run them in SpiderMonkey 1.8.5.
 """
@@ -52,9 +58,13 @@ _PREAMBLE = """
     return false;
   }
   function refuse(why) { throw({forbidden: why}); }
-  if (has('_admin') || has(DEPLOYER) || listed((secObj || {}).admins)) { return; }
+  // A name of digits is a MAC id: a node, whatever roles it claims (see below).
+  var isNode = has(NODE) || /^[0-9]+$/.test(String(userCtx.name || ''));
+  if (has('_admin') || (!isNode && (has(DEPLOYER) || listed((secObj || {}).admins)))) {
+    return;
+  }
   if (!userCtx.name) { throw({unauthorized: 'log in to write to this database'}); }
-  if (!has(NODE)) {
+  if (!isNode) {
     refuse('only admins, deployers (role ' + DEPLOYER + ') and nodes (role ' + NODE +
            ') may write here; ' + userCtx.name + ' has neither role');
   }

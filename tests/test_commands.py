@@ -135,13 +135,13 @@ def test_non_utf8_output_is_stored_and_marked(node_factory, code_db: Database) -
 def test_commands_run_concurrently_and_long_ones_are_marked_running(
         node_factory, code_db: Database) -> None:
     node_factory(mac_id=1000)
-    command(code_db, "sleeper", ["sleep", "5"])
+    command(code_db, "sleeper", ["sleep", "8"])
     running = wait_doc(code_db, "sleeper", lambda d: d.get("state") == "running")
     assert running["node"] == 1000 and "started" in running and "finished" not in running
     command(code_db, "echo", ["echo", "quick"])
     echo = wait_doc(code_db, "echo")
     assert echo["ret"] == ["quick\n", ""]
-    assert "finished" not in code_db.get("sleeper"), "echo waited for sleep 5"
+    assert "finished" not in code_db.get("sleeper"), "echo waited for sleep 8"
     sleeper = wait_doc(code_db, "sleeper")
     assert sleeper["state"] == "done" and sleeper["returncode"] == 0
     assert sleeper["started"] == running["started"]

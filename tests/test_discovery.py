@@ -423,6 +423,15 @@ def daemon_env(tmp_path: Path, port: int) -> dict[str, str]:
                 HIMBEERE_DISCOVERY_ADDRESS=LOOPBACK_BROADCAST, HIMBEERE_LED_PIN="")
 
 
+def wait_daemon_log(process: Any, log_path: Path, text: str) -> None:
+    """Wait for ``text`` in the daemon's log; fail at once if the daemon exited."""
+    def log() -> str:
+        return log_path.read_text(errors="replace")
+
+    wait_for(lambda: text in log() or process.poll() is not None, 30, message=log)
+    assert text in log(), f"the daemon exited ({process.returncode}):\n{log()}"
+
+
 @contextmanager
 def daemon_without_server(tmp_path: Path, port: int,
                           flags: tuple[str, ...] = ()) -> Iterator[tuple[Any, Path, Path]]:
@@ -451,7 +460,7 @@ def test_daemon_without_server_pairs_then_starts(tmp_path: Path) -> None:
         def log() -> str:
             return log_path.read_text(errors="replace")
 
-        wait_for(lambda: "waiting for a pairing broadcast" in log(), 30, message=log)
+        wait_daemon_log(process, log_path, "waiting for a pairing broadcast")
         assert not (state / "server").exists()
         replies = discovery.broadcast_message(server, timeout=2.0, port=port,
                                               broadcast_address=LOOPBACK_BROADCAST)
@@ -460,8 +469,8 @@ def test_daemon_without_server_pairs_then_starts(tmp_path: Path) -> None:
         assert read_server_file(str(state / "server")) == \
             f"http://{MACID}:{password}@127.0.0.1:{server.rsplit(':', 1)[1]}"
         # ...and then it runs as a daemon with that server.
-        wait_for(lambda: f"himbeere node {MACID}: server http://{MACID}:***@127.0.0.1"
-                 in log(), 30, message=log)
+        wait_daemon_log(process, log_path,
+                        f"himbeere node {MACID}: server http://{MACID}:***@127.0.0.1")
         assert password not in log()
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0, log()
@@ -470,8 +479,7 @@ def test_daemon_without_server_pairs_then_starts(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_daemon_waiting_for_server_stops_on_sigterm(tmp_path: Path) -> None:
     with daemon_without_server(tmp_path, free_udp_port()) as (process, state, log_path):
-        wait_for(lambda: "waiting for a pairing broadcast" in log_path.read_text(), 30,
-                 message=lambda: log_path.read_text())
+        wait_daemon_log(process, log_path, "waiting for a pairing broadcast")
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0, log_path.read_text()
     assert "stopped while waiting" in log_path.read_text()
@@ -491,7 +499,7 @@ def test_running_daemon_answers_only_after_himbeere_pair(tmp_path: Path) -> None
             return discovery.broadcast_message("http://new.lab:5984", timeout=0.5, port=port,
                                                broadcast_address=LOOPBACK_BROADCAST)
 
-        wait_for(lambda: f"himbeere node {MACID}" in log(), 30, message=log)
+        wait_daemon_log(process, log_path, f"himbeere node {MACID}")
         # The listener may still be starting: ask until the refusal shows in the log.
         wait_for(lambda: ask() == {} and "ignored: pairing is closed" in log(), 30,
                  message=log)

@@ -438,8 +438,8 @@ def test_restarted_daemon_kills_the_program_a_killed_one_left(
 
     second = node_factory(mac_id=1000, state_dir=state_dir)
     second.wait_log(f"killing program deaf (pid {old}) left by a previous daemon")
-    new = second.wait_program("deaf", state="running")["pid"]
-    assert new != old
+    new = wait_for(lambda: [int(p.name) for p in beats.iterdir() if int(p.name) != old])[0]
+    second.wait_program("deaf", state="running", pid=new)
     assert not pid_alive(old)
     live = [int(p.name) for p in beats.iterdir() if pid_alive(int(p.name))]
     assert live == [new]

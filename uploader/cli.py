@@ -6,6 +6,9 @@ subcommand also takes ``--server URL`` or the ``HIMBEERE_SERVER`` variable,
 ``--status-database`` (``HIMBEERE_STATUS_DATABASE``, default
 ``<database>_status``): the daemon's setting names.  Credentials go in the
 URL, ``http://USER:PASSWORD@host:5984``; they are never printed.
+``setup``, ``provision`` and ``discover`` need a server admin; ``push``,
+``pull``, ``ls`` and ``rm`` an admin or a user with role
+``himbeere-deployer`` (see :mod:`himbeere.security`).
 
 Every subcommand prints one clear line for an error and exits 1 (``--debug``
 shows the traceback); ``--json`` prints one JSON object instead, errors

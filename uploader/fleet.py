@@ -93,7 +93,12 @@ class Fleet:
                     f"cannot reach the CouchDB server at {self.server}: {short_reason(exc)}"
                 ) from None
             except Unauthorized as exc:
-                user = self.couch.auth[0] if self.couch.auth else "(anonymous)"
+                if self.couch.auth is None:
+                    raise Unauthorized(
+                        f"{self.server} refuses anonymous requests: put a name and password "
+                        "in the URL, http://USER:PASSWORD@host:5984"
+                    ) from None
+                user = self.couch.auth[0]
                 raise Unauthorized(
                     f"wrong credentials: {self.server} refused user {user!r} "
                     f"({str(exc).split(': ', 2)[-1]})"

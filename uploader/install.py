@@ -53,8 +53,10 @@ def setup(fleet: Fleet) -> Doc:
 def _install_design(db: Database, wanted: Doc, changes: list[str], notes: list[str]) -> None:
     current = db.get(design.DESIGN_ID)
     if design.ensure_design(db, wanted=wanted):
+        old = None if current is None else current.get("himbeere_version")
         verb = "installed" if current is None else (
-            f"upgraded (version {current.get('himbeere_version')} to {design.VERSION})")
+            f"upgraded (version {old} to {design.VERSION})" if old != design.VERSION
+            else "updated")
         changes.append(f"{verb} {design.DESIGN_ID} in {db.name}")
     elif current is not None and current.get("himbeere_version", 0) != design.VERSION:
         notes.append(f"{design.DESIGN_ID} in {db.name} has version "

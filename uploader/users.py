@@ -3,8 +3,11 @@
 The user is ``org.couchdb.user:<macid>`` in ``_users``, named by the MAC id
 in decimal, with role ``himbeere-node``.  Its password comes from the Pi's
 broadcast reply, or is given, or (for a new user only) is generated; an
-existing user keeps its password unless one is given.  A given password that
-already works (checked by logging in as the node) changes nothing.
+existing node user keeps its password unless one is given.  A given password
+that already works (checked by logging in as the node) changes nothing.  An
+existing user *without* the node role gets it only together with a given
+password: anyone may sign up in ``_users``, and a squatter's password must
+not become a node's.
 """
 
 from __future__ import annotations
@@ -50,6 +53,12 @@ def provision(fleet: Fleet, node: int, name: Optional[str] = None,
     else:
         changed = []
         roles = list(doc.get("roles") or [])
+        if security.NODE_ROLE not in roles and password is None:
+            # Anyone may sign up in _users: never bless a password we do not know.
+            raise ConfigError(
+                f"user {node} exists but is not a himbeere node (someone may have signed up "
+                "with that name); give --password to give it the node role with a new password"
+            )
         if security.NODE_ROLE not in roles:
             doc["roles"] = roles + [security.NODE_ROLE]
             changed.append("role")
