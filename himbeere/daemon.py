@@ -62,6 +62,7 @@ class Daemon:
 
     def _setup(self) -> None:
         config = self.config
+        self._recovered = False
         config.state_path.mkdir(parents=True, exist_ok=True)
         self.node = identity.getmacid(config.interface, config.mac_id)
         self.couch = Couch(config.server or "")
@@ -73,7 +74,8 @@ class Daemon:
             state_dir=config.state_path, on_change=self._program_changed,
         )
         self.commands = Commands(self.db, self.node, config.state_path,
-                                 default_timeout=config.command_timeout)
+                                 default_timeout=config.command_timeout,
+                                 grace_period=config.grace_period)
         self.feed = Feed(
             self.couch, self.db, self.node,
             SeqStore(config.state_path / "seq.json", config.database, self.couch.base),
@@ -178,6 +180,7 @@ class Daemon:
         self.supervisor.default_restart = new.restart_policy
         self.status.interval = new.heartbeat_interval
         self.commands.default_timeout = new.command_timeout
+        self.commands.grace_period = new.grace_period
         self.supervisor.request("restart_all")
 
     def dump_stacks(self) -> None:

@@ -467,6 +467,17 @@ def test_broken_global_module_document_is_logged(
     assert harness.sup.snapshot() == {}
 
 
+def test_broken_program_still_exports_its_global_modules(harness: Harness) -> None:
+    """Regression: a syntax error in a document's own code also withdrew the
+    global modules it exports, from every node."""
+    harness.sup.submit({"_id": "lib", "_rev": "1-x", "type": NODE + 1,
+                        "code": "def main(:\n", "global_modules": {"shared": "V = 1\n"}})
+    harness.doc("mine-too", code="def main(:\n", global_modules={"other": "W = 1\n"})
+    harness.doc("user", code="import shared, other\ndef main(): pass\n")
+    assert harness.last("user").spec.global_modules == {"shared": "V = 1\n", "other": "W = 1\n"}
+    assert harness.status("mine-too")["state"] == "invalid"
+
+
 # -- bad documents ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fields, expected", [
