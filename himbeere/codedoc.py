@@ -108,6 +108,10 @@ def parse(doc: dict[str, Any], default_restart: str = defaults.RESTART_POLICY) -
         restart=restart if isinstance(restart, str) else default_restart)
     try:
         global_modules = _modules_field(doc, "global_modules")
+        _check_size(global_modules)
+    except ProgramError as exc:
+        return CodeDoc(modules={}, global_modules={}, error=str(exc), **base)
+    try:
         modules = _program_modules(doc)
         if not isinstance(enabled, bool):
             # The string "false" would otherwise run what the user meant to stop.
@@ -122,7 +126,9 @@ def parse(doc: dict[str, Any], default_restart: str = defaults.RESTART_POLICY) -
         _check_size(modules, global_modules)
         _check_syntax(modules)
     except ProgramError as exc:
-        return CodeDoc(modules={}, global_modules={}, error=str(exc), **base)
+        # The program cannot run, but the modules it exports are fine: other
+        # programs, on every node, may import them.
+        return CodeDoc(modules={}, global_modules=global_modules, error=str(exc), **base)
     if not modules and not global_modules:
         error = "nothing to run: the document has no code, modules or global_modules"
         return CodeDoc(modules={}, global_modules={}, error=error, **base)

@@ -4,7 +4,7 @@ Children are forked by :class:`~himbeere.forkserver.ForkServer`, a
 single-threaded process with himbeere already imported, so a program starts
 in a few milliseconds and the threaded daemon never forks.  Each child
 becomes its own process group leader, so stopping a program reaches
-everything it started.
+everything it started, and whatever it started ends when it ends.
 
 The :class:`Supervisor` is driven by :meth:`Supervisor.loop`, one iteration
 at a time (huey's pattern); only the thread calling ``loop`` touches the
@@ -213,7 +213,8 @@ class Supervisor:
                     self.providers.pop(doc_id, None)
                 self._globals_changed()
         mine = codedoc.matches_node(doc, self.node)
-        if not mine and parsed.error and "global_modules" in doc:
+        if not mine and parsed.error and doc.get("global_modules") \
+                and not parsed.global_modules:
             # No status entry shows it (it is not this node's program), yet
             # this node's programs may need the modules: say so in the log.
             log.error("%s: its global_modules are not used: %s", doc_id, parsed.error)

@@ -38,8 +38,8 @@ def main() -> int:
         couch = Couch(server.url)
         mac = identity.getmacid()
         print(f"* server at {server.plain_url}; this machine's MAC id is {mac}")
-        push = [sys.executable, "-m", "uploader", "--server", server.url]
-        run([*push, "setup", server.url])
+        upload = [sys.executable, "-m", "uploader"]
+        run([*upload, "setup", server.url])
         log_path = work / "daemon.log"
         print(f"* starting the himbeere daemon for node {mac}")
         with open(log_path, "wb") as log:
@@ -50,7 +50,8 @@ def main() -> int:
                 stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                 env=dict(os.environ, HIMBEERE_CONFIG=str(empty_config(work)),
                          PYTHONUNBUFFERED="1"))
-        run([*push, "push", str(ROOT / "examples" / "hello.py"), "--node", str(mac)])
+        run([*upload, "push", str(ROOT / "examples" / "hello.py"), "--node", str(mac),
+             "--server", server.url])
         shown = follow(log_path, args.seconds, 0)
         print(f"* running a command on node {mac}: uname -a")
         legacy_command(couch, mac)
@@ -73,7 +74,7 @@ def empty_config(work: Path) -> Path:
 
 
 def run(argv: list[str]) -> None:
-    print("$ himbeere-upload", " ".join(a if "@" not in a else "<server>" for a in argv[3:]))
+    print("$ himbeere-upload", " ".join(a if "@" not in a else "URL" for a in argv[3:]))
     result = subprocess.run(argv, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"demo: {' '.join(argv[3:5])} failed")
