@@ -208,6 +208,12 @@ class Daemon:
             self.supervisor.loop(0.2)
         self.commands.shutdown(wait=not force)
         self.status.stop.set()
+        self.status.poke()
+        if self.status.thread is not None:
+            # A heartbeat still in flight would otherwise overwrite "stopped".
+            self.status.thread.join(10)
+        if self.feed.thread is not None:
+            self.feed.thread.join(1)
         try:
             self.status.write("stopped")
         except CouchError as exc:

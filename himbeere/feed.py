@@ -167,6 +167,8 @@ class Feed:
             self._deliver(change)
 
     def handle(self, change: Doc) -> None:
+        if self.stop.is_set():
+            return  # not delivered, so its seq must not be saved either
         self._deliver(change)
         if "seq" in change:
             self.seq_store.save(change["seq"])

@@ -1,0 +1,561 @@
+"""Fleet operations: what the ``himbeere`` CLI and the dashboard do to a fleet.
+
+Every function takes a :class:`~uploader.fleet.Fleet` (admin or deployer
+credentials) and returns plain JSON-able dicts and lists, so the CLI prints
+them and the dashboard serves them as they are.
+
+Documents involved (see :mod:`himbeere.commands` for the node side):
+
+* ``status:<mac>`` (status db): the heartbeat, read by :func:`list_nodes`.
+* ``node:<mac>`` (status db): ``name`` and ``labels`` (``{"room": "lab"}``).
+* ``log:<mac>:<program id>`` (status db): the ring of a program's last lines.
+* A fleet command is ONE document in the code database::
+
+    {"_id": "cmd-20240501-120000-123-ab12cd", "type": "himbeere-command",
+     "targets": "all" or [202481596941066, ...], "cmd": ["uname", "-a"],
+     "timeout": 30, "created": "2024-05-01T12:00:00.123Z",
+     "created_time": 1714564800.123, "created_by": "alice",
+     "expected": [202481596941066, ...]}
+
+  Ids sort by creation time, which is how :func:`list_commands` finds the
+  latest without a view.  ``created_time`` is on the server's clock (ours
+  corrected by the offset seen in HTTP ``Date`` headers), because nodes
+  compare it with their own first start on the server's clock.
+  ``expected`` is what the creator resolved ``targets`` to (for ``"all"``,
+  every node known then); nodes do not read it.
+* Each node writes its result into the status database as
+  ``result:<command id>:<mac>``, with the fields of a single-node command
+  result (``ret``, ``returncode``, ``state``, ``started``, ``finished``,
+  ``duration``, ``node``, ``error`` ...) plus ``type: "himbeere-result"``,
+  ``command`` and ``cmd``.
+
+Programs are stopped, started and restarted through fields of their code
+document: ``enabled`` (false stops it) and ``restart_count`` (an integer;
+each change restarts the program).
+"""
+
+from __future__ import annotations
+
+import datetime
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, Optional, Union
+
+from himbeere import health
+from himbeere.couch import Database, Doc
+from himbeere.exceptions import ConfigError, NotFound
+from himbeere.logship import log_id
+from himbeere.status import status_id
+
+from . import push
+from .fleet import NODE_DOC_TYPE, Fleet, check_name, node_doc_id
+
+COMMAND_TYPE = "himbeere-command"
+RESULT_TYPE = "himbeere-result"
+COMMAND_PREFIX = "cmd-"
+#: A command's result is final in one of these states (``running`` is not).
+FINAL_STATES = ("done", "timeout", "error", "interrupted")
+#: States of a program that count as crashed in the node summaries.
+CRASHED_STATES = ("crashed", "backing-off", "invalid")
+#: A label key: like a friendly name.
+LABEL_KEY = check_name
+
+Targets = Union[str, list[int]]
+NodeRef = Union[int, str]
+
+
+# -- small helpers -----------------------------------------------------------------------
+def server_now(fleet: Fleet) -> float:
+    """Now on the server's clock, as far as the HTTP ``Date`` headers tell."""
+    return time.time() + (fleet.couch.clock_offset or 0.0)
+
+
+def node_id(fleet: Fleet, node: NodeRef) -> int:
+    """The MAC id of ``node``: an int already, or a MAC id, address or name."""
+    if isinstance(node, int) and not isinstance(node, bool):
+        return node
+    return fleet.resolve_node(str(node))
+
+
+def _prefixed(db: Database, prefix: str, **params: Any) -> list[Doc]:
+    """Every document whose id starts with ``prefix`` (``include_docs``)."""
+    rows = db.all_docs(startkey=prefix, endkey=prefix + "\ufff0", include_docs=True, **params)
+    return [row["doc"] for row in rows if row.get("doc")]
+
+
+def _mac_of(doc_id: str, prefix: str) -> Optional[int]:
+    """``1234`` of ``status:1234`` (not of ``status:1234:extra``)."""
+    rest = doc_id[len(prefix):]
+    return int(rest) if rest.isdigit() else None
+
+
+# -- nodes -------------------------------------------------------------------------------
+def _node_docs(fleet: Fleet) -> dict[int, Doc]:
+    docs = {}
+    for doc in _prefixed(fleet.status, "node:"):
+        mac = _mac_of(doc["_id"], "node:")
+        if mac is not None:
+            docs[mac] = doc
+    return docs
+
+
+def _status_docs(fleet: Fleet) -> dict[int, Doc]:
+    docs = {}
+    for doc in _prefixed(fleet.status, "status:"):
+        mac = _mac_of(doc["_id"], "status:")
+        if mac is not None:
+            docs[mac] = doc
+    return docs
+
+
+def summarize(node: int, status: Optional[Doc], node_doc: Optional[Doc],
+              now: Optional[float] = None) -> Doc:
+    """One node as :func:`list_nodes` shows it, from its two documents."""
+    status = status or {}
+    node_doc = node_doc or {}
+    programs = status.get("programs") if isinstance(status.get("programs"), dict) else {}
+    assert isinstance(programs, dict)
+    states = [p.get("state") for p in programs.values() if isinstance(p, dict)]
+    age = health.heartbeat_age(status, now) if status else None
+    return {
+        "node": node,
+        "name": node_doc.get("name"),
+        "labels": dict(node_doc.get("labels") or {}),
+        "state": health.node_state(status, now),
+        "heartbeat": status.get("heartbeat"),
+        "heartbeat_age": None if age is None else round(age, 1),
+        "heartbeat_interval": status.get("heartbeat_interval"),
+        "ip": status.get("ip"),
+        "hostname": status.get("hostname"),
+        "daemon_version": status.get("daemon_version"),
+        "python": status.get("python"),
+        "uptime": status.get("uptime"),
+        "load": status.get("load"),
+        "temperature": status.get("temperature"),
+        "cpu_percent": status.get("cpu_percent"),
+        "memory": {"used_mb": status.get("memory_used_mb"),
+                   "total_mb": status.get("memory_total_mb")},
+        "disk": {"free_mb": status.get("disk_free_mb")},
+        "throttled": status.get("throttled"),
+        "clock_offset": status.get("clock_offset"),
+        "programs": programs,
+        "running": states.count("running"),
+        "crashed": sum(1 for s in states if s in CRASHED_STATES),
+    }
+
+
+def list_nodes(fleet: Fleet) -> list[Doc]:
+    """Every node that has a status document or a ``node:<mac>`` document.
+
+    Each is a dict: ``node`` (MAC id), ``name``, ``labels``, ``state``
+    (``alive``, ``suspect``, ``dead``, ``stopped``, or ``unknown`` for a
+    node that never sent a heartbeat, see :func:`himbeere.health.node_state`),
+    ``heartbeat_age`` (seconds, server clock), ``ip``, ``hostname``,
+    ``load``, ``temperature``, ``cpu_percent``, ``memory`` (``used_mb``,
+    ``total_mb``), ``disk`` (``free_mb``), ``daemon_version``, ``python``,
+    ``uptime``, ``programs`` (program id -> the fields of the status
+    document) and the counts ``running`` and ``crashed`` (crashed,
+    backing-off or invalid).  Sorted by name, then MAC id.
+    """
+    fleet.require_databases()
+    statuses = _status_docs(fleet)
+    node_docs = _node_docs(fleet)
+    now = server_now(fleet)
+    nodes = [summarize(mac, statuses.get(mac), node_docs.get(mac), now)
+             for mac in set(statuses) | set(node_docs)]
+    nodes.sort(key=lambda n: (n["name"] is None, n["name"] or "", n["node"]))
+    return nodes
+
+
+def node_detail(fleet: Fleet, node: NodeRef, commands: int = 20) -> Doc:
+    """One node: the :func:`list_nodes` fields, and more.
+
+    ``status`` is the whole status document (``None`` if the node never
+    sent one); ``programs`` gain the code document's ``enabled``,
+    ``restart_count`` and ``in_database`` (false once the document is
+    gone); their ``last_error`` holds the traceback.  ``commands`` lists the
+    results of the node's latest fleet commands (newest first), each
+    ``{"command": id, "cmd", "created", "result": result doc or None}``;
+    ``None`` means it has not answered.
+    """
+    fleet.require_databases()
+    mac = node_id(fleet, node)
+    status = fleet.status.get(status_id(mac))
+    node_doc = fleet.status.get(node_doc_id(mac))
+    if status is None and node_doc is None:
+        raise _unknown_node(fleet, mac)
+    detail = summarize(mac, status, node_doc, server_now(fleet))
+    detail["status"] = status
+    programs = {k: dict(v) for k, v in detail["programs"].items()}
+    for doc in _code_docs(fleet, mac):
+        entry = programs.setdefault(doc["_id"], {"name": doc.get("name"), "state": None})
+        entry["enabled"] = doc.get("enabled", True) is not False
+        entry["restart_count"] = doc.get("restart_count", 0)
+        entry["in_database"] = True
+    for entry in programs.values():
+        entry.setdefault("in_database", False)
+    detail["programs"] = programs
+    detail["commands"] = node_commands(fleet, mac, commands)
+    return detail
+
+
+def _code_docs(fleet: Fleet, mac: int) -> list[Doc]:
+    rows = push._programs(fleet, startkey=[str(mac)], endkey=[str(mac), {}], include_docs=True)
+    return [row["doc"] for row in rows if row.get("doc")]
+
+
+def _unknown_node(fleet: Fleet, mac: int) -> NotFound:
+    return NotFound(f"node {mac} is unknown: it never sent a heartbeat to {fleet.server} "
+                    f"and has no name; `himbeere nodes` lists the known ones")
+
+
+# -- labels ------------------------------------------------------------------------------
+def parse_labels(labels: Union[Mapping[str, str], Iterable[str]]) -> dict[str, str]:
+    """``["room=lab", "rack=2"]`` (or a mapping) as a dict; keys are checked."""
+    if isinstance(labels, Mapping):
+        pairs = [(str(k), "" if v is None else str(v)) for k, v in labels.items()]
+    else:
+        pairs = []
+        for text in labels:
+            key, sep, value = str(text).partition("=")
+            if not sep:
+                raise ConfigError(f"label {text!r} is not allowed; allowed: key=value "
+                                  "(key=, with nothing after =, removes a label)")
+            pairs.append((key.strip(), value.strip()))
+    result = {}
+    for key, value in pairs:
+        try:
+            LABEL_KEY(key)
+        except ConfigError:
+            raise ConfigError(f"label key {key!r} is not allowed; allowed: a letter, then "
+                              "letters, digits, '.', '_' or '-'") from None
+        result[key] = value
+    return result
+
+
+def set_labels(fleet: Fleet, node: NodeRef, **labels: str) -> dict[str, str]:
+    """Set labels of ``node`` (``room="lab"``); an empty value removes one.
+
+    Labels live in the ``node:<mac>`` document of the status database as
+    ``labels: {key: value}``.  Returns the node's labels afterwards.
+    """
+    mac = node_id(fleet, node)
+    wanted = parse_labels(labels)
+    after: dict[str, str] = {}
+
+    def change(doc: Doc) -> bool:
+        current = dict(doc.get("labels") or {})
+        for key, value in wanted.items():
+            if value:
+                current[key] = value
+            else:
+                current.pop(key, None)
+        after.clear()
+        after.update(current)
+        if current == (doc.get("labels") or {}) and doc.get("type") == NODE_DOC_TYPE:
+            return False
+        doc.update(type=NODE_DOC_TYPE, node=mac, labels=current)
+        return True
+
+    fleet.status.update(node_doc_id(mac), change)
+    return after
+
+
+def nodes_with_labels(fleet: Fleet, labels: Union[Mapping[str, str], Iterable[str]],
+                      ) -> list[int]:
+    """MAC ids of the nodes that have every one of ``labels``."""
+    wanted = parse_labels(labels)
+    docs = _node_docs(fleet)
+    found = sorted(mac for mac, doc in docs.items()
+                   if all((doc.get("labels") or {}).get(k) == v for k, v in wanted.items()))
+    if not found:
+        known = sorted({f"{k}={v}" for doc in docs.values()
+                        for k, v in (doc.get("labels") or {}).items()})
+        shown = ", ".join(f"{k}={v}" for k, v in wanted.items())
+        raise NotFound(f"no node has label {shown}; labels in use: "
+                       f"{', '.join(known) if known else 'none yet'} "
+                       "(`himbeere label NODE key=value` sets one)")
+    return found
+
+
+# -- commands ----------------------------------------------------------------------------
+def resolve_targets(fleet: Fleet, all: bool = False, nodes: Iterable[NodeRef] = (),
+                    labels: Union[Mapping[str, str], Iterable[str]] = ()) -> Targets:
+    """``"all"``, or the sorted MAC ids of ``nodes`` plus the nodes with all ``labels``.
+
+    Nodes are MAC ids, MAC addresses or names.  Exactly one of ``all`` and
+    (``nodes`` and/or ``labels``) must be given.
+    """
+    nodes = list(nodes)
+    labels = labels if isinstance(labels, Mapping) else list(labels)
+    if all and (nodes or labels):
+        raise ConfigError("--all runs everywhere: drop --node and --label")
+    if all:
+        return "all"
+    if not nodes and not labels:
+        raise ConfigError("say where to run it: --all, --node NODE or --label key=value")
+    macs = {node_id(fleet, node) for node in nodes}
+    if labels:
+        macs.update(nodes_with_labels(fleet, labels))
+    return sorted(macs)
+
+
+def new_command_id(now: Optional[float] = None) -> str:
+    """``cmd-YYYYMMDD-HHMMSS-mmm-<random>``: sorts by creation time."""
+    now = time.time() if now is None else now
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
+    return f"{COMMAND_PREFIX}{stamp}-{int(now * 1000) % 1000:03d}-{secrets.token_hex(3)}"
+
+
+def _iso(when: float) -> str:
+    moment = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def create_command(fleet: Fleet, argv: list[str], targets: Targets,
+                   timeout: Optional[float] = None) -> str:
+    """Save ONE command document for ``targets``; returns its id.
+
+    ``targets`` is ``"all"`` or a list of MAC ids (see
+    :func:`resolve_targets`); ``timeout`` is seconds on each node (default:
+    the node's ``command_timeout``).
+    """
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise ConfigError(f"command {argv!r} is not allowed; allowed: a non-empty list of "
+                          "strings, e.g. ['uname', '-a']")
+    if targets != "all" and (not isinstance(targets, list) or not targets):
+        raise ConfigError(f"targets {targets!r} is not allowed; allowed: 'all' or a "
+                          "non-empty list of MAC ids")
+    if timeout is not None and not (timeout > 0):
+        raise ConfigError(f"timeout {timeout!r} is not allowed; allowed: seconds > 0")
+    fleet.require_databases()
+    if targets == "all":
+        expected = sorted(set(_status_docs(fleet)) | set(_node_docs(fleet)))
+    else:
+        expected = sorted({int(t) for t in targets})
+    now = server_now(fleet)
+    doc: Doc = {
+        "_id": new_command_id(now),
+        "type": COMMAND_TYPE,
+        "targets": "all" if targets == "all" else expected,
+        "cmd": list(argv),
+        "created": _iso(now),
+        "created_time": round(now, 3),
+        "created_by": fleet.user,
+        "expected": expected,
+    }
+    if timeout is not None:
+        doc["timeout"] = timeout
+    fleet.code.save(doc)
+    return str(doc["_id"])
+
+
+def result_id(command_id: str, node: int) -> str:
+    return f"result:{command_id}:{node}"
+
+
+def command_results(fleet: Fleet, command_id: str) -> Doc:
+    """A command and its results so far.
+
+    ``{"command": doc, "results": {mac: result doc}, "pending": [macs],
+    "done": bool}``: ``pending`` are the expected nodes without a final
+    result (one still ``running`` is pending); ``results`` holds running
+    ones too, and answers from nodes that were not expected (an ``"all"``
+    command reaches nodes that joined later only if they are targeted
+    explicitly, see :mod:`himbeere.commands`).
+    """
+    command = fleet.code.get(command_id)
+    if command is None or command.get("type") != COMMAND_TYPE:
+        raise NotFound(f"no command {command_id!r} in database {fleet.code.name!r}; "
+                       "`himbeere cmd --list` shows the latest")
+    results: dict[int, Doc] = {}
+    prefix = f"result:{command_id}:"
+    for doc in _prefixed(fleet.status, prefix):
+        mac = _mac_of(doc["_id"], prefix)
+        if mac is not None:
+            results[mac] = doc
+    expected = _expected(fleet, command)
+    pending = [mac for mac in expected
+               if results.get(mac, {}).get("state") not in FINAL_STATES]
+    return {"command": command, "results": results, "pending": pending, "done": not pending}
+
+
+def _expected(fleet: Fleet, command: Doc) -> list[int]:
+    expected = command.get("expected")
+    if isinstance(expected, list):
+        return [int(m) for m in expected if str(m).isdigit()]
+    targets = command.get("targets")
+    if isinstance(targets, list):
+        return sorted({int(m) for m in targets if str(m).isdigit()})
+    return sorted(_status_docs(fleet))  # "all", made by hand: every node with a heartbeat
+
+
+def failed(result: Optional[Doc]) -> bool:
+    """True unless ``result`` is a command that ran and exited 0."""
+    return not result or result.get("state") != "done" or result.get("returncode") != 0
+
+
+def list_commands(fleet: Fleet, limit: int = 20) -> list[Doc]:
+    """The latest fleet commands, newest first, each with a summary.
+
+    Each: ``id``, ``cmd``, ``targets``, ``created``, ``created_by``,
+    ``timeout``, ``expected`` (count), ``answered`` (final results),
+    ``failed`` (final results that did not exit 0).  Only commands with a
+    ``cmd-...`` id (the ones :func:`create_command` makes) are listed.
+    """
+    fleet.require_databases()
+    rows = fleet.code.all_docs(startkey=COMMAND_PREFIX + "\ufff0", endkey=COMMAND_PREFIX,
+                               descending=True, include_docs=True, limit=limit)
+    listing = []
+    for row in rows:
+        doc = row.get("doc") or {}
+        if doc.get("type") != COMMAND_TYPE:
+            continue
+        results = [d for d in _prefixed(fleet.status, f"result:{doc['_id']}:")
+                   if d.get("state") in FINAL_STATES]
+        listing.append({
+            "id": doc["_id"], "cmd": doc.get("cmd"), "targets": doc.get("targets"),
+            "created": doc.get("created"), "created_by": doc.get("created_by"),
+            "timeout": doc.get("timeout"), "expected": len(_expected(fleet, doc)),
+            "answered": len(results), "failed": sum(1 for r in results if failed(r)),
+        })
+    return listing
+
+
+def node_commands(fleet: Fleet, node: int, limit: int = 20) -> list[Doc]:
+    """The node's part of the latest ``limit`` fleet commands that target it."""
+    rows = fleet.code.all_docs(startkey=COMMAND_PREFIX + "\ufff0", endkey=COMMAND_PREFIX,
+                               descending=True, include_docs=True, limit=limit)
+    commands = [row["doc"] for row in rows if (row.get("doc") or {}).get("type") == COMMAND_TYPE
+                and _targets_node(row["doc"], node)]
+    if not commands:
+        return []
+    keys = [result_id(doc["_id"], node) for doc in commands]
+    found = {row["key"]: row.get("doc") for row in fleet.status.all_docs(
+        keys=keys, include_docs=True)}
+    return [{"command": doc["_id"], "cmd": doc.get("cmd"), "created": doc.get("created"),
+             "result": found.get(result_id(doc["_id"], node))} for doc in commands]
+
+
+def _targets_node(command: Doc, node: int) -> bool:
+    targets = command.get("targets")
+    if targets == "all":
+        return True
+    return isinstance(targets, list) and str(node) in {str(t) for t in targets}
+
+
+def wait_for_results(fleet: Fleet, command_id: str, wait: float, interval: float = 0.25,
+                     ) -> Iterator[Doc]:
+    """Yield :func:`command_results` until it is done or ``wait`` seconds passed.
+
+    Yields at least once, and again whenever the number of answers changed;
+    the last one yielded is the final state.
+    """
+    deadline = time.monotonic() + wait
+    last: Optional[tuple[int, int]] = None
+    while True:
+        answer = command_results(fleet, command_id)
+        seen = (len(answer["results"]), len(answer["pending"]))
+        over = answer["done"] or time.monotonic() >= deadline
+        if seen != last or over:
+            last = seen
+            yield answer
+        if over:
+            return
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+
+# -- programs ----------------------------------------------------------------------------
+def program_doc(fleet: Fleet, node: NodeRef, program: str) -> Doc:
+    """The code document of ``program`` (name or document id) on ``node``."""
+    mac = node_id(fleet, node)
+    fleet.require_database(fleet.code)
+    doc = fleet.code.get(program) if not program.startswith("_") else None
+    if doc is not None and str(doc.get("type")) == str(mac):
+        return doc
+    doc = push.find(fleet, mac, program)
+    if doc is not None and str(doc.get("type")) == str(mac):
+        return doc
+    names = sorted(str(d.get("name") or d["_id"]) for d in _code_docs(fleet, mac))
+    raise NotFound(f"node {mac} has no program {program!r}; its programs: "
+                   f"{', '.join(names) if names else 'none'}")
+
+
+def set_enabled(fleet: Fleet, node: NodeRef, program: str, enabled: bool) -> Doc:
+    """Stop (``enabled=False``) or start a program through its ``enabled`` field.
+
+    Returns ``{"id", "node", "name", "enabled", "changed"}``.
+    """
+    doc = program_doc(fleet, node, program)
+    changed = {"value": False}
+
+    def change(current: Doc) -> bool:
+        if "_rev" not in current:
+            raise NotFound(f"program {doc['_id']} was deleted meanwhile")
+        if (current.get("enabled", True) is not False) == enabled:
+            return False
+        current["enabled"] = enabled
+        changed["value"] = True
+        return True
+
+    fleet.code.update(doc["_id"], change)
+    return {"id": doc["_id"], "node": node_id(fleet, node), "name": doc.get("name"),
+            "enabled": enabled, "changed": changed["value"]}
+
+
+def restart_program(fleet: Fleet, node: NodeRef, program: str) -> Doc:
+    """Restart a program: increment the integer ``restart_count`` of its code document.
+
+    The node restarts the program when the field changes.  Returns ``{"id",
+    "node", "name", "restart_count"}``.
+    """
+    doc = program_doc(fleet, node, program)
+    count = {"value": 0}
+
+    def change(current: Doc) -> None:
+        if "_rev" not in current:
+            raise NotFound(f"program {doc['_id']} was deleted meanwhile")
+        old = current.get("restart_count")
+        count["value"] = (old if isinstance(old, int) and not isinstance(old, bool) else 0) + 1
+        current["restart_count"] = count["value"]
+
+    fleet.code.update(doc["_id"], change)
+    return {"id": doc["_id"], "node": node_id(fleet, node), "name": doc.get("name"),
+            "restart_count": count["value"]}
+
+
+# -- logs --------------------------------------------------------------------------------
+def logs(fleet: Fleet, node: NodeRef, program: Optional[str] = None) -> list[Doc]:
+    """The log ring documents ``log:<mac>:<program id>`` of ``node``.
+
+    ``program`` (a name or a program id) keeps only that program's.  Each
+    document has ``program`` (id), ``name``, ``lines`` (``[[epoch, text],
+    ...]``, oldest first), ``dropped`` and ``updated``.
+    """
+    fleet.require_database(fleet.status)
+    mac = node_id(fleet, node)
+    docs = _prefixed(fleet.status, f"log:{mac}:")
+    if program is not None:
+        docs = [d for d in docs if program in (d.get("program"), d.get("name"))
+                or d["_id"] == log_id(mac, program)]
+    return docs
+
+
+def log_lines(docs: Iterable[Doc], after: Optional[float] = None) -> list[tuple[float, str, str]]:
+    """Lines of several log documents merged by time: ``(epoch, program name, text)``.
+
+    ``after`` keeps only lines stamped later than it (for following).
+    """
+    lines = []
+    for doc in docs:
+        name = str(doc.get("name") or doc.get("program") or doc["_id"])
+        for entry in doc.get("lines") or []:
+            try:
+                stamp, text = float(entry[0]), str(entry[1])
+            except (TypeError, ValueError, IndexError):
+                continue
+            if after is None or stamp > after:
+                lines.append((stamp, name, text))
+    lines.sort(key=lambda line: line[0])
+    return lines
