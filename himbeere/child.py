@@ -19,6 +19,7 @@ group as it exits, since no daemon is left to sweep it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import faulthandler
 import importlib.abc
@@ -28,6 +29,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 import types
 from collections.abc import Sequence
@@ -38,6 +40,8 @@ EXIT_FINISHED, EXIT_CRASHED, EXIT_INVALID = 0, 1, 3
 #: Seconds a returning main() waits for the quit notifications to finish
 #: (the daemon's grace period, then SIGTERM, usually ends it sooner).
 NOTIFICATIONS_WAIT = 600.0
+#: Lines a program may have queued for the daemon before the oldest are dropped.
+LOG_BOUND = 1000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,10 +199,64 @@ class ProgramImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         exec(code, module.__dict__)
 
 
+class LogQueue:
+    """Lines on their way to the daemon's log shipper; never blocks a writer.
+
+    A bounded deque: when the daemon does not keep up, the oldest lines are
+    dropped and counted.  A sender thread ships batches over the control
+    connection as ``("log", [(time, line), ...], dropped)``.
+    """
+
+    def __init__(self, send: Callable[[Any], None], bound: int = LOG_BOUND) -> None:
+        self._send = send
+        self._lines: collections.deque[tuple[float, str]] = collections.deque(maxlen=bound)
+        self._dropped = 0
+        self._ready = threading.Condition()
+        self._busy = False
+        threading.Thread(target=self._run, name="log-sender", daemon=True).start()
+
+    def add(self, lines: list[str]) -> None:
+        now = time.time()
+        with self._ready:
+            overflow = len(self._lines) + len(lines) - (self._lines.maxlen or 0)
+            if overflow > 0:
+                self._dropped += overflow
+            self._lines.extend((now, line) for line in lines)
+            self._ready.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._lines and not self._dropped:
+                    self._ready.wait()
+                batch, self._lines = list(self._lines), collections.deque(
+                    maxlen=self._lines.maxlen)
+                dropped, self._dropped = self._dropped, 0
+                self._busy = True
+            self._send(("log", batch, dropped))
+            with self._ready:
+                self._busy = False
+                self._ready.notify_all()
+
+    def drain(self, timeout: float = 2.0) -> None:
+        """Wait until every queued line went out (bounded: exit must not hang)."""
+        deadline = time.monotonic() + timeout
+        with self._ready:
+            while (self._lines or self._busy) and time.monotonic() < deadline:
+                self._ready.wait(max(0.0, deadline - time.monotonic()))
+
+
+#: Set in the child by :func:`main`; None in any other process.
+_log_queue: Optional[LogQueue] = None
+
+
 def _write_lines(name: str, text: str) -> None:
-    """Write ``text`` to fd 1, each line prefixed ``[name]``, in one write."""
-    lines = text.splitlines(keepends=True)
-    data = "".join(f"[{name}] {line}" for line in lines)
+    """Write ``text`` to fd 1, each line prefixed ``[name]``, in one write,
+    and queue the lines for the status database."""
+    lines = text.splitlines()
+    data = "".join(f"[{name}] {line}\n" for line in lines)
+    if _log_queue is not None:
+        _log_queue.add(lines)
     try:
         os.write(1, data.encode("utf-8", "backslashreplace"))
     except OSError:
@@ -258,6 +316,8 @@ def main(spec: ProgramSpec, conn: Any) -> None:
             except OSError:
                 pass
 
+    global _log_queue
+    _log_queue = LogQueue(send)
     helpers = Helpers(spec, send)
     threading.Thread(target=_watch_quit, args=(conn, helpers), daemon=True,
                      name="quit-watch").start()
@@ -265,9 +325,10 @@ def main(spec: ProgramSpec, conn: Any) -> None:
     send(("running", os.getpid()))
     status, detail = run_main(spec)
     helpers.wait_for_notifications()
-    send((status, detail))
     sys.stdout.flush()
     sys.stderr.flush()
+    _log_queue.drain()
+    send((status, detail))
     code = {"finished": EXIT_FINISHED, "invalid": EXIT_INVALID}.get(status, EXIT_CRASHED)
     if helpers.orphaned:
         # The daemon is gone (kill -9), so nobody will sweep our process

@@ -1,6 +1,6 @@
-"""Running ``<macid>_cmd`` documents, exactly once each.
+"""Running commands exactly once each: ``<macid>_cmd`` documents and fleet commands.
 
-A command document, as in HimbeereCouch::
+A single-node command document, as in HimbeereCouch::
 
     {"type": "1234567_cmd", "cmd": ["uname", "-a"], "timeout": 30}
 
@@ -26,6 +26,28 @@ command the daemon takes on is kept in a journal in the state directory
 ``started`` one ``interrupted`` and runs a ``queued`` one (it never started).
 Write-back conflicts (409) are resolved by re-reading the document, never by
 dropping the result.
+
+A **fleet command** is one document for many nodes (created by ``himbeere
+cmd``, see :mod:`uploader.ops`)::
+
+    {"type": "himbeere-command", "targets": "all" or [1234567, ...],
+     "cmd": ["uname", "-a"], "timeout": 30, "created_time": 1714564800.1}
+
+Each targeted node writes its result, the same fields as above plus
+``type: "himbeere-result"``, ``command`` (the command's id) and ``cmd``,
+into a document of its own in the status database,
+``result:<command id>:<macid>``; the command document is never changed by a
+node.  A result document with a final ``state`` means done; the journal
+(keyed by the result document's id) makes it exactly once across crashes as
+above.
+
+A node that joins later does not run old ``"all"`` commands: the node
+records its first start (on the server's clock) in ``first_start.json`` in
+its state directory, and skips an ``"all"`` command whose ``created_time``
+(also on the server's clock) is earlier.  A command that names the node's
+MAC id in ``targets`` always runs, however old, and so does an ``"all"``
+command without a numeric ``created_time`` (written by hand: its age is
+unknown).
 """
 
 from __future__ import annotations
@@ -62,6 +84,35 @@ SLICE = 0.2
 KILL_WAIT = 5.0
 
 INTERRUPTED = "the daemon stopped while this command ran; it is not run again"
+
+#: ``type`` of a fleet command (code database) and of a node's result (status database).
+COMMAND_TYPE = "himbeere-command"
+RESULT_TYPE = "himbeere-result"
+RESULT_PREFIX = "result:"
+
+
+def result_id(command_id: str, node: int) -> str:
+    """Id of a node's result document of fleet command ``command_id``."""
+    return f"{RESULT_PREFIX}{command_id}:{node}"
+
+
+def command_of(key: str) -> Optional[str]:
+    """The fleet command id in a journal key ``result:<id>:<mac>`` (None: single-node)."""
+    if not key.startswith(RESULT_PREFIX) or ":" not in key[len(RESULT_PREFIX):]:
+        return None
+    return key[len(RESULT_PREFIX):].rsplit(":", 1)[0]
+
+
+def is_fleet_command(doc: Doc) -> bool:
+    return doc.get("type") == COMMAND_TYPE
+
+
+def targets_node(doc: Doc, node: int) -> bool:
+    """True if the fleet command ``doc`` is for ``node`` (``"all"`` or listed, int or str)."""
+    targets = doc.get("targets")
+    if targets == "all":
+        return True
+    return isinstance(targets, list) and str(node) in {str(t) for t in targets}
 
 
 def now_iso() -> str:
@@ -179,8 +230,39 @@ class Journal:
                 self._write(data)
 
 
+class FirstStart:
+    """When this node first started, on the server's clock (``first_start.json``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.time = self._load()
+
+    def _load(self) -> Optional[float]:
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            value = data.get("time") if isinstance(data, dict) else None
+        except (OSError, ValueError):
+            return None
+        return float(value) if isinstance(value, (int, float)) else None
+
+    def record(self, now: float) -> float:
+        """Record ``now`` unless a first start is recorded already; return the record."""
+        if self.time is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text(json.dumps({"time": now}), encoding="utf-8")
+            os.replace(tmp, self.path)
+            self.time = now
+        return self.time
+
+
 class Commands:
-    """Runs a node's commands in a thread pool and writes the results back."""
+    """Runs a node's commands in a thread pool and writes the results back.
+
+    ``status_db`` receives fleet commands' result documents (without it,
+    fleet commands are ignored); ``server_time()`` is now on the server's
+    clock.
+    """
 
     def __init__(
         self,
@@ -193,8 +275,15 @@ class Commands:
         max_workers: int = defaults.MAX_COMMANDS,
         on_result: Optional[Callable[[str, Doc], None]] = None,
         grace_period: float = defaults.GRACE_PERIOD,
+        status_db: Optional[Database] = None,
+        server_time: Callable[[], float] = time.time,
     ) -> None:
         self.db = db
+        self.status_db = status_db
+        self.server_time = server_time
+        self.first_start = FirstStart(state_dir / "first_start.json")
+        #: Result document fields of the fleet commands in flight, by journal key.
+        self.fleet: dict[str, Doc] = {}
         self.node = node
         self.default_timeout = default_timeout
         self.output_limit = output_limit
@@ -220,23 +309,33 @@ class Commands:
         queued runs now.  Returns the number marked interrupted.  Raises
         :class:`CouchError` when the server cannot be asked; call it again.
         """
+        self.first_start.record(self.server_time())
         with self._lock:
             leftover = dict(self.leftover)
         interrupted = 0
-        for doc_id, phase in leftover.items():
-            doc = self.db.get(doc_id)
-            if doc is None:
+        for key, phase in leftover.items():
+            command_id = command_of(key)
+            doc = self.db.get(command_id if command_id is not None else key)
+            if doc is None or (command_id is not None and self.status_db is None):
                 with self._lock:
-                    self.leftover.pop(doc_id, None)
-                self.journal.remove(doc_id)
+                    self.leftover.pop(key, None)
+                self.journal.remove(key)
                 continue
-            if phase == STARTED and not has_result(doc):
+            result = doc if command_id is None else self._result_doc(key)
+            if phase == STARTED and not (result and has_result(result)):
                 interrupted += 1
             self.submit(doc)
         return interrupted
 
+    def _result_doc(self, key: str) -> Optional[Doc]:
+        assert self.status_db is not None
+        return self.status_db.get(key)
+
     def submit(self, doc: Doc) -> None:
         """Handle a command document from the feed; never blocks on the command."""
+        if is_fleet_command(doc):
+            self._submit_fleet(doc)
+            return
         doc_id = doc["_id"]
         with self._lock:
             if doc_id in self.inflight:
@@ -268,6 +367,82 @@ class Commands:
             })
             return
         self.pool.submit(self._run, doc_id, cmd, timeout)
+
+    def _submit_fleet(self, doc: Doc) -> None:
+        """A fleet command: run it here unless it is not for us, or too old, or done."""
+        command_id = str(doc["_id"])
+        if self.status_db is None:
+            log.warning("command %s: no status database to write the result to; ignored",
+                        command_id)
+            return
+        if not targets_node(doc, self.node):
+            return
+        key = result_id(command_id, self.node)
+        with self._lock:
+            if key in self.inflight:
+                return
+            earlier = self.leftover.pop(key, None)
+        if earlier is None and self._joined_later(doc):
+            log.info("command %s for all nodes was created before this node first started; "
+                     "not run here", command_id)
+            return
+        with self._lock:
+            if self.closed:
+                self.journal.set(key, earlier or QUEUED)
+                return
+            self.inflight.add(key)
+            self.fleet[key] = {"type": RESULT_TYPE, "command": command_id,
+                               "node": self.node, "cmd": doc.get("cmd")}
+        self.journal.set(key, earlier or QUEUED)
+        self.pool.submit(self._run_fleet, key, doc, earlier)
+
+    def _joined_later(self, doc: Doc) -> bool:
+        """True for an ``"all"`` command created before this node's first start."""
+        created = doc.get("created_time")
+        if doc.get("targets") != "all" or isinstance(created, bool) \
+                or not isinstance(created, (int, float)):
+            return False
+        return created < self.first_start.record(self.server_time())
+
+    def _run_fleet(self, key: str, doc: Doc, earlier: Optional[str]) -> None:
+        try:
+            result = self._read_result(key)
+            if result is None:
+                return  # stopping: the journal keeps it for the next start
+            if has_result(result):
+                self.journal.remove(key)
+                return
+            if earlier == STARTED or "started" in result:
+                self._settle(key, {"state": "interrupted", "error": INTERRUPTED})
+                self.journal.remove(key)
+                return
+            try:
+                cmd, timeout = parse_command(doc, self.default_timeout)
+            except CommandError as exc:
+                log.error("command %s: %s", doc["_id"], exc)
+                self._settle(key, {"state": "error", "error": str(exc),
+                                   "ret": ["", str(exc)], "returncode": None})
+                self.journal.remove(key)
+                return
+            self._run(key, cmd, timeout)
+        except Exception:
+            log.exception("command %s failed", key)
+        finally:
+            self._done(key)
+
+    def _read_result(self, key: str) -> Optional[Doc]:
+        """The result document so far (``{}`` if none), retried while unreachable."""
+        assert self.status_db is not None
+        delay = 0.5
+        while not self.stop.is_set():
+            try:
+                return self.status_db.get(key) or {}
+            except Unreachable as exc:
+                log.warning("command %s: server unreachable (%s); retrying in %.1f s",
+                            key, exc, delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+        return None
 
     def shutdown(self, wait: bool = True) -> None:
         """Stop taking commands.
@@ -321,6 +496,7 @@ class Commands:
         with self._lock:
             self.inflight.discard(doc_id)
             self.running.discard(doc_id)
+            self.fleet.pop(doc_id, None)
             self._idle.notify_all()
 
     def execute(self, cmd: list[str], timeout: float,
@@ -436,24 +612,31 @@ class Commands:
                      final=False)
 
     def _settle(self, doc_id: str, fields: Doc, final: bool = True) -> None:
-        """Merge ``fields`` into the command document, retrying on 409."""
+        """Merge ``fields`` into the command (or fleet result) document, retrying on 409."""
         if final:
             fields.setdefault("finished", now_iso())
             fields.setdefault("node", self.node)
+        with self._lock:
+            base = self.fleet.get(doc_id)
+        db = self.db
+        if base is not None:
+            assert self.status_db is not None
+            db = self.status_db
 
         def change(doc: Doc) -> bool:
-            if "_rev" not in doc:
+            if base is None and "_rev" not in doc:
                 log.warning("command %s was deleted; result not written", doc_id)
                 return False
             if has_result(doc):
                 return False  # settled already (an earlier attempt got through)
+            doc.update(base or {})
             doc.update(fields)
             return True
 
         delay = 0.5
         while True:
             try:
-                saved = self.db.update(doc_id, change)
+                saved = db.update(doc_id, change)
                 break
             except Unreachable as exc:
                 # Keep the result until the server is back: it must not be lost.

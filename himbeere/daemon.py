@@ -26,12 +26,13 @@ import time
 from typing import Any, Callable, Optional
 
 from . import identity
-from .commands import Commands
+from .commands import COMMAND_TYPE, Commands
 from .config import Config, redact
 from .couch import Couch, Doc
 from .exceptions import ConfigError, CouchError, HimbeereError
 from .feed import Feed, SeqStore
 from .health import Health
+from .logship import LogShipper
 from .programs import Supervisor
 from .status import Status
 
@@ -72,10 +73,14 @@ class Daemon:
             node=self.node, couch_url=config.server, database=config.database,
             grace_period=config.grace_period, default_restart=config.restart_policy,
             state_dir=config.state_path, on_change=self._program_changed,
+            on_log=self._program_output,
         )
+        self.logs = LogShipper(self.status_db, self.node)
         self.commands = Commands(self.db, self.node, config.state_path,
                                  default_timeout=config.command_timeout,
-                                 grace_period=config.grace_period)
+                                 grace_period=config.grace_period, status_db=self.status_db,
+                                 server_time=lambda: time.time() + (self.couch.clock_offset
+                                                                    or 0.0))
         self.feed = Feed(
             self.couch, self.db, self.node,
             SeqStore(config.state_path / "seq.json", config.database, self.couch.base),
@@ -92,10 +97,13 @@ class Daemon:
     def dispatch(self, doc: Doc) -> None:
         """Route a document from the feed to the programs or the commands."""
         kind = str(doc.get("type"))
-        if kind == f"{self.node}_cmd" and not doc.get("_deleted"):
+        if kind in (f"{self.node}_cmd", COMMAND_TYPE) and not doc.get("_deleted"):
             self.commands.submit(doc)
         else:
             self.supervisor.submit(doc)
+
+    def _program_output(self, doc_id: str, name: str, lines: list[Any], dropped: int) -> None:
+        self.logs.add(doc_id, name, [tuple(line) for line in lines], dropped)
 
     def _program_changed(self) -> None:
         self.status.poke()
@@ -143,6 +151,7 @@ class Daemon:
         self.supervisor.fork_server.start()  # before any thread exists
         self.feed.start()
         self.status.start()
+        self.logs.start()
         try:
             while not self.stop_requested:
                 self.supervisor.loop(1.0)
@@ -207,6 +216,8 @@ class Daemon:
                 self.supervisor.stop_all(force=True)
             self.supervisor.loop(0.2)
         self.commands.shutdown(wait=not force)
+        self.logs.stop.set()
+        self.logs.flush()
         self.status.stop.set()
         self.status.poke()
         if self.status.thread is not None:

@@ -2,9 +2,11 @@
 
 The filter lets through, for one node: its code documents (``type`` equal to
 its MAC id, as an integer or a string), its commands (``<macid>_cmd``),
-documents exporting ``global_modules`` and deletions (a deleted document has
-no ``type`` left to test, so every node sees every deletion and ignores the
-ones it does not know).
+fleet commands (``type: "himbeere-command"``) whose ``targets`` is ``"all"``
+or a list holding its MAC id (integer or string), documents exporting
+``global_modules`` and deletions (a deleted document has no ``type`` left to
+test, so every node sees every deletion and ignores the ones it does not
+know).
 
 Apache CouchDB >= 2 gets the same rule as a ``_selector``, which it runs
 2 to 10 times cheaper than JavaScript; pouchdb-server crashes on
@@ -34,10 +36,16 @@ log = logging.getLogger(__name__)
 DESIGN_ID = f"_design/{defaults.DESIGN}"
 #: Bumped whenever the design document changes, so daemons and the
 #: uploader know an installed copy is outdated.
-VERSION = 2
-#: The oldest version whose ``node`` filter this daemon can follow (the
-#: filter did not change in version 2, which added views and rules).
+VERSION = 3
+#: The oldest version whose ``node`` filter this daemon can follow: code and
+#: ``<macid>_cmd`` documents pass every version's filter (version 2 added
+#: views and rules).  An older filter is used with a warning rather than
+#: leaving the node idle: only fleet commands miss it.
 FILTER_SINCE = 1
+#: The first version whose filter lets fleet commands (``himbeere-command``) through.
+FLEET_COMMANDS_SINCE = 3
+
+COMMAND_TYPE = "himbeere-command"
 
 NODE_FILTER = """function (doc, req) {
   if (doc._deleted) { return true; }
@@ -45,8 +53,17 @@ NODE_FILTER = """function (doc, req) {
   var type = String(doc.type);
   if (type === mac || doc.global_modules) { return true; }
   if (String(req.query.kind) === 'code') { return false; }
+  if (type === '%(command)s') {
+    var targets = doc.targets;
+    if (targets === 'all') { return true; }
+    if (Object.prototype.toString.call(targets) !== '[object Array]') { return false; }
+    for (var i = 0; i < targets.length; i++) {
+      if (String(targets[i]) === mac) { return true; }
+    }
+    return false;
+  }
   return type === mac + '_cmd';
-}"""
+}""" % {"command": COMMAND_TYPE}
 
 
 #: Programs by ``[node, name]``; ``node`` is null for a document that only
@@ -155,12 +172,17 @@ def node_filter(couch: Couch, node: int, code_only: bool = False) -> FeedFilter:
         types: list[Any] = [node, str(node)]
         if not code_only:
             types.append(f"{node}_cmd")
-        selector = {"$or": [
+        either: list[Doc] = [
             {"_deleted": True},
             {"type": {"$in": types}},
             {"global_modules": {"$exists": True}},
-        ]}
-        return FeedFilter(selector=selector)
+        ]
+        if not code_only:
+            either += [
+                {"type": COMMAND_TYPE, "targets": "all"},
+                {"type": COMMAND_TYPE, "targets": {"$elemMatch": {"$in": [node, str(node)]}}},
+            ]
+        return FeedFilter(selector={"$or": either})
     params: dict[str, Any] = {"filter": f"{defaults.DESIGN}/node", "mac": str(node)}
     if code_only:
         params["kind"] = "code"
@@ -180,4 +202,11 @@ def prepare(db: Database, couch: Couch) -> None:
     except DesignMissing:
         if not design_usable(db):
             raise
-        log.warning("%s in %s is older than this daemon, but usable", DESIGN_ID, db.name)
+        current = db.get(DESIGN_ID) or {}
+        if _version(current) < FLEET_COMMANDS_SINCE:
+            log.warning("%s in %s is older than this daemon (version %s, need %s): programs "
+                        "and <macid>_cmd commands work, fleet commands (himbeere cmd) do not "
+                        "reach this node until `himbeere-upload setup URL` upgrades it",
+                        DESIGN_ID, db.name, current.get("himbeere_version"), VERSION)
+        else:
+            log.warning("%s in %s is older than this daemon, but usable", DESIGN_ID, db.name)

@@ -107,7 +107,10 @@ class Supervisor:
         state_dir: Optional[Path] = None,
         on_change: Optional[Callable[[], None]] = None,
         fork_server: Optional[ForkServer] = None,
+        on_log: Optional[Callable[[str, str, list[Any], int], None]] = None,
     ) -> None:
+        #: Called with (doc id, name, [(time, line)], dropped) for program output.
+        self.on_log = on_log or (lambda doc_id, name, lines, dropped: None)
         self.fork_server = fork_server or ForkServer()
         self.node = node
         self.couch_url = couch_url
@@ -430,11 +433,22 @@ class Supervisor:
         try:
             while conn is not None and conn.poll():
                 message = conn.recv()
-                if isinstance(message, tuple) and message and message[0] != "running":
+                if not isinstance(message, tuple) or not message:
+                    continue
+                if message[0] == "log":
+                    self._ship(program, message)
+                elif message[0] != "running":
                     program.outcome = message
         except (EOFError, OSError):
             program.eof = True
         return program.eof
+
+    def _ship(self, program: Program, message: tuple[Any, ...]) -> None:
+        try:
+            _, lines, dropped = message
+            self.on_log(program.doc.doc_id, program.name, lines, dropped)
+        except Exception:
+            log.exception("%s: cannot ship its output", program.name)
 
     def _forget(self, program: Program) -> None:
         if program.conn is not None:

@@ -8,12 +8,20 @@ who                  code database            status database
 ==================== ======================== ===================================
 server admin         everything               everything
 ``himbeere-deployer`` push and delete code,   read; write anything but design
-                     create commands          documents (node names)
+                     create commands (both    documents (node names, labels)
+                     kinds)
 ``himbeere-node``    read; add result fields  read; write its own
 (name = MAC id)      to its own ``<mac>_cmd`` ``status:<mac>``, ``status:<mac>:*``,
                      documents, nothing else  ``log:<mac>:*``, ``result:*:<mac>``
 anonymous            401                      401
 ==================== ======================== ===================================
+
+Fleet commands (``type: "himbeere-command"``, one document for many nodes)
+are documents of the code database like any other, so only admins and
+deployers create or change them; nodes never write them.  A node answers in
+the status database with ``result:<command id>:<mac>``, which only that
+node (and admins and deployers) may create or update: the id must end in
+``:<its MAC id>`` and ``node``, if present, must be its MAC id.
 
 Reading is decided by ``_security`` (members: the two roles; anyone else is
 refused, anonymous with 401); writing by the ``validate_doc_update``

@@ -40,3 +40,32 @@ def test_outage_buffers_then_drops_oldest_and_counts(restartable_server) -> None
     doc = db.get(log_id(8, "8:p"))
     assert [text for _, text in doc["lines"]] == ["c", "d", "e", "f"]
     assert doc["dropped"] == 2
+
+
+def test_program_output_reaches_its_log_document(node_factory, couch, dbname) -> None:
+    from tests.helpers import wait_for
+
+    code = couch.database(dbname)
+    code.save({"_id": "talker", "type": 1000, "name": "talker", "code": (
+        "def main():\n"
+        "    log('hello', 'log')\n"
+        "    print('hello print')\n"
+        "    for i in range(5000):\n"
+        "        print('line', i)\n"
+        "    print('last line')\n"
+    )})
+    node = node_factory(mac_id=1000)
+    status_db = couch.database(dbname + "_status")
+
+    def shipped() -> dict:
+        doc = status_db.get(log_id(1000, "talker")) or {}
+        texts = [text for _, text in doc.get("lines", [])]
+        return doc if texts and texts[-1] == "last line" else {}
+
+    doc = wait_for(shipped, message=lambda: node.log()[-2000:])
+    texts = [text for _, text in doc["lines"]]
+    assert len(texts) == 1000  # the ring keeps the last 1000 lines
+    assert texts[-2] == "line 4999"
+    assert doc["name"] == "talker" and doc["node"] == 1000
+    node.wait_program("talker", state="finished")
+    assert "[talker] hello log" in node.log()

@@ -26,6 +26,8 @@ from typing import Optional
 from himbeere.couch import Couch, Doc
 from himbeere.exceptions import Unauthorized
 
+from ..fleet import Fleet
+
 #: Seconds a session may sit unused before it is forgotten.
 IDLE_TIMEOUT = 12 * 3600.0
 #: Seconds a session lives at most, used or not.
@@ -34,10 +36,10 @@ MAX_AGE = 7 * 24 * 3600.0
 
 @dataclass
 class Login:
-    """One signed-in user: their name, their own server handle, their roles."""
+    """One signed-in user: their name and roles, and the fleet as they see it."""
 
     name: str
-    couch: Couch
+    fleet: Fleet
     roles: list[str]
     created: float = field(default_factory=time.monotonic)
     used: float = field(default_factory=time.monotonic)
@@ -45,8 +47,8 @@ class Login:
     @property
     def key(self) -> tuple[str, str]:
         """What identifies the credentials (for sharing one live feed)."""
-        assert self.couch.auth is not None
-        return self.couch.auth
+        assert self.fleet.couch.auth is not None
+        return self.fleet.couch.auth
 
 
 class SessionStore:
@@ -95,7 +97,8 @@ class SessionStore:
             del self._logins[sid]
 
 
-def sign_in(server: Couch, name: str, password: str) -> Login:
+def sign_in(server: Couch, database: str, status_database: str, name: str,
+            password: str) -> Login:
     """Check ``name``/``password`` with the server's ``_session``; a :class:`Login`.
 
     Raises :class:`Unauthorized` for wrong credentials (and for a server in
@@ -108,7 +111,8 @@ def sign_in(server: Couch, name: str, password: str) -> Login:
     context = answer.get("userCtx") or {}
     if context.get("name") != name:
         raise Unauthorized(f"the server did not accept user {name!r}")
-    return Login(name=name, couch=couch, roles=list(context.get("roles") or []))
+    fleet = Fleet(couch.url, database, status_database)
+    return Login(name=name, fleet=fleet, roles=list(context.get("roles") or []))
 
 
 def new_token() -> str:
