@@ -7,8 +7,9 @@ A code document is HimbeereCouch's format::
     {"global_modules": {"shared": "..."}}      # exported to every program
 
 ``type`` is the node's MAC id (an integer, or the same digits as a string).
-Optional fields: ``restart`` (on-failure, always, never) and ``enabled``
-(false stops the program without deleting it).
+Optional fields: ``restart`` (on-failure, always, never), ``enabled``
+(false stops the program without deleting it) and ``restart_count``
+(raising it restarts the program: that is what ``himbeere restart`` does).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ class CodeDoc:
     restart: str
     enabled: bool
     error: Optional[str] = None
+    restart_count: int = 0
 
     @property
     def is_program(self) -> bool:
@@ -46,7 +48,8 @@ class CodeDoc:
     def fingerprint(self, global_sources: dict[str, str]) -> str:
         """Changes exactly when the program must restart."""
         used = {name: global_sources[name] for name in self.uses(global_sources)}
-        blob = json.dumps([self.modules, used, self.restart, self.error], sort_keys=True)
+        blob = json.dumps([self.modules, used, self.restart, self.error, self.restart_count],
+                          sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()
 
     def uses(self, global_sources: dict[str, str]) -> set[str]:
@@ -103,9 +106,11 @@ def parse(doc: dict[str, Any], default_restart: str = defaults.RESTART_POLICY) -
     name = name if isinstance(name, str) and name.strip() else doc_id
     enabled = doc.get("enabled", True)
     restart = doc.get("restart", default_restart)
+    count = doc.get("restart_count", 0)
     base: dict[str, Any] = dict(
         doc_id=doc_id, rev=rev, name=name, enabled=enabled is not False,
-        restart=restart if isinstance(restart, str) else default_restart)
+        restart=restart if isinstance(restart, str) else default_restart,
+        restart_count=count if isinstance(count, int) and not isinstance(count, bool) else 0)
     try:
         global_modules = _modules_field(doc, "global_modules")
         _check_size(global_modules)

@@ -395,7 +395,7 @@ def test_wait_for_server_blinks_saves_answers(node_config: Config) -> None:
     thread.start()
     try:
         wait_for(lambda: fake.outputs(), 5)
-        replies = wait_for(lambda: broadcast(config, timeout=0.3), 10)
+        replies = wait_for(lambda: broadcast(config, timeout=1.0), 10)
         thread.join(10)
     finally:
         stop.set()

@@ -460,3 +460,23 @@ def test_program_of_a_killed_daemon_quits_with_its_subprocesses(
     node.kill()
     wait_dead(program)  # the daemon's end of its connection closed: should_quit()
     wait_dead(sleeper)
+
+
+def test_raising_restart_count_restarts_the_program(node_factory, code_db, tmp_path) -> None:
+    """``himbeere restart`` raises ``restart_count``; nothing else in the doc changes."""
+    pids = tmp_path / "pids"
+    code_db.save({"_id": "r", "type": 1000, "name": "r", "code": (
+        "import os, time\n"
+        "def main():\n"
+        f"    open({str(pids)!r}, 'a').write(str(os.getpid()) + '\\n')\n"
+        "    while not should_quit():\n"
+        "        time.sleep(0.05)\n")})
+    node = node_factory(mac_id=1000)
+    first = node.wait_program("r", state="running")["pid"]
+    doc = code_db.get("r")
+    doc["restart_count"] = 1
+    code_db.save(doc)
+    second = wait_for(lambda: (node.program("r").get("state") == "running"
+                               and node.program("r").get("pid") not in (None, first)
+                               and node.program("r")["pid"]))
+    assert pids.read_text().split() == [str(first), str(second)]

@@ -1,0 +1,92 @@
+"""The HTML pages: sign in and out, the fleet, one node, commands.
+
+A page is rendered with its data as of now, embedded as JSON; the page's
+script (``static/dashboard.js``) draws it and keeps it current from the
+live feed (``/api/events``) and the JSON API.  Rendering the data here
+also means a page asks CouchDB first, as its user: when that is refused,
+the user is sent to sign in before anything is shown.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, g, redirect, render_template, request, session, url_for
+
+from himbeere import health
+from himbeere.exceptions import Unauthorized, Unreachable
+
+from .. import ops
+from . import api, sessions
+from .app import csrf_token, dashboard, safe_next
+
+blueprint = Blueprint("pages", __name__)
+
+
+def render_page(template: str, page: str, data: Any, **context: Any) -> str:
+    config = {
+        "page": page,
+        "csrf": csrf_token(),
+        "thresholds": {"suspect_after": health.SUSPECT_AFTER, "dead_after": health.DEAD_AFTER},
+    }
+    return render_template(template, page=page, data=data, config=config, **context)
+
+
+@blueprint.route("/")
+def fleet() -> Any:
+    return render_page("fleet.html", "fleet", api.nodes_payload(g.fleet))
+
+
+@blueprint.route("/nodes/<node>")
+def node(node: str) -> Any:
+    detail = api.node_payload(g.fleet, node)
+    return render_page("node.html", "node", detail, node=detail["node"],
+                       title=detail.get("name") or str(detail["node"]))
+
+
+@blueprint.route("/commands")
+def commands() -> Any:
+    listing = {"commands": ops.list_commands(g.fleet, limit=50),
+               "nodes": api.nodes_payload(g.fleet)["nodes"]}
+    return render_page("commands.html", "commands", listing)
+
+
+@blueprint.route("/commands/<command_id>")
+def command(command_id: str) -> Any:
+    return render_page("command.html", "command", api.command_payload(g.fleet, command_id),
+                       command_id=command_id)
+
+
+# -- signing in and out -------------------------------------------------------------------
+@blueprint.route("/login", methods=["GET", "POST"])
+def login() -> Any:
+    board = dashboard()
+    target = safe_next(request.values.get("next"))
+    error = None
+    name = ""
+    if request.method == "POST":  # the CSRF token was checked before we got here
+        name = request.form.get("name", "").strip()
+        password = request.form.get("password", "")
+        try:
+            login = sessions.sign_in(board.server, board.database, board.status_database,
+                                     name, password)
+        except Unauthorized:
+            error = "Wrong name or password."
+        except Unreachable as exc:
+            error = f"The CouchDB server is unreachable: {exc}"
+        else:
+            board.sessions.remove(session.get("sid"))
+            session.clear()  # a fresh session id and CSRF token: no session fixation
+            session["sid"] = board.sessions.add(login)
+            csrf_token()
+            return redirect(target)
+    status = 401 if error and "Wrong" in error else 503 if error else 200
+    return render_template("login.html", page="login", error=error, name=name,
+                           next=target), status
+
+
+@blueprint.route("/logout", methods=["POST"])
+def logout() -> Any:
+    dashboard().sessions.remove(session.get("sid"))
+    session.clear()
+    return redirect(url_for("pages.login"))
