@@ -15,7 +15,7 @@ class CouchError(HimbeereError, RuntimeError):
     """The CouchDB server answered with an error, or could not be reached."""
 
     #: The HTTP status of the answer; None when there was no answer.
-    status: "int | None" = None
+    status: int | None = None
 
 
 class Unreachable(CouchError, ConnectionError):
