@@ -37,7 +37,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=find_packages(include=["himbeere", "himbeere.*", "himbeerecouch", "uploader"]),
-    install_requires=["couchdb", "requests", "netifaces", "python-daemon"],
+    install_requires=["couchdb", "requests", "netifaces", "python-daemon", "cryptography"],
     extras_require={
         "gpio": ["RPi.GPIO"],
         "test": ["pytest", "pytest-timeout"],

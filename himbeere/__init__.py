@@ -16,6 +16,12 @@ The map (one module per noun):
 ``child``      what runs inside a program's process: helpers, importer
 ``commands``   running ``<macid>_cmd`` documents exactly once
 ``status``     the node's status document and heartbeat
+``health``     health figures; alive, suspect, dead
+``logship``    program output into the status database
+``security``   roles, ``_security`` and ``validate_doc_update`` rules
+``discovery``  pairing by UDP broadcast, laptop and node sides
+``fleetkey``   the shared pairing secret (HMAC, AES-GCM)
+``gpio``       the node's LED
 ``daemon``     wiring it all together; signals
 ``service``    running the daemon in the background (pidfile)
 ``cli``        the ``himbeere`` command

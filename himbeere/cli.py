@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Same as himbeere-upload; see himbeere upload --help.")
     upload.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     upload.set_defaults(func=cmd_upload)
+    from uploader.opscli import register as add_fleet_commands  # nodes, status, logs, cmd...
+    add_fleet_commands(sub)
+    __import__("uploader.dashboard").dashboard.register(sub)  # imports Flask only when run
     return parser
 
 

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from . import identity
+from . import discovery, identity
 from .commands import COMMAND_TYPE, Commands
 from .config import Config, redact
 from .couch import Couch, Doc
@@ -87,6 +87,7 @@ class Daemon:
             on_change=self.dispatch, timeout=config.feed_timeout,
             on_connect=self._connected,
         )
+        self.pairing = discovery.Listener(config)
         self.health = Health(config.state_dir)
         self.status = Status(self.status_db, self.node, config.heartbeat_interval,
                              programs=self.supervisor.snapshot, interface=config.interface,
@@ -152,6 +153,7 @@ class Daemon:
         self.feed.start()
         self.status.start()
         self.logs.start()
+        self.pairing.start()
         try:
             while not self.stop_requested:
                 self.supervisor.loop(1.0)
@@ -207,6 +209,7 @@ class Daemon:
 
     def shutdown(self, force: bool = False) -> None:
         log.info("stopping%s", " now" if force else "")
+        self.pairing.stop()
         self.feed.stop.set()
         self.supervisor.stop_all(force=force)
         deadline = time.monotonic() + self.config.grace_period + 30
@@ -261,4 +264,8 @@ class Daemon:
 
 def run(config: Config, reload_config: Optional[Callable[[], Config]] = None) -> int:
     """Run a daemon in the foreground until it is stopped."""
+    if not config.server:
+        config = discovery.wait_for_server(config, reload_config)
+        if not config.server:
+            return 0  # stopped while waiting to be paired
     return Daemon(config, reload_config).run()

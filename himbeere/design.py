@@ -45,6 +45,7 @@ FILTER_SINCE = 1
 #: The first version whose filter lets fleet commands (``himbeere-command``) through.
 FLEET_COMMANDS_SINCE = 3
 
+#: ``type`` of a fleet command (also spelled out in :data:`NODE_FILTER`).
 COMMAND_TYPE = "himbeere-command"
 
 NODE_FILTER = """function (doc, req) {
@@ -53,7 +54,7 @@ NODE_FILTER = """function (doc, req) {
   var type = String(doc.type);
   if (type === mac || doc.global_modules) { return true; }
   if (String(req.query.kind) === 'code') { return false; }
-  if (type === '%(command)s') {
+  if (type === 'himbeere-command') {
     var targets = doc.targets;
     if (targets === 'all') { return true; }
     if (Object.prototype.toString.call(targets) !== '[object Array]') { return false; }
@@ -63,7 +64,7 @@ NODE_FILTER = """function (doc, req) {
     return false;
   }
   return type === mac + '_cmd';
-}""" % {"command": COMMAND_TYPE}
+}"""
 
 
 #: Programs by ``[node, name]``; ``node`` is null for a document that only

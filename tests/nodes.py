@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -50,7 +51,10 @@ class Node:
         empty_ini = self.state_dir.parent / "empty.conf"
         empty_ini.touch()
         env = dict(os.environ, HIMBEERE_CONFIG=str(empty_ini), PYTHONPATH=str(ROOT),
-                   PYTHONUNBUFFERED="1")
+                   PYTHONUNBUFFERED="1",
+                   # Pairing listens on loopback, on a port of this node's own.
+                   HIMBEERE_DISCOVERY_ADDRESS="127.255.255.255",
+                   HIMBEERE_DISCOVERY_PORT=str(free_udp_port()))
         env.update(self.env)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
@@ -133,6 +137,12 @@ class Node:
         return wait_for(check, timeout, message=lambda: (
             f"program {doc_id} never had {expected}; status: "
             f"{json.dumps(self.program(doc_id))}\nlog:\n{self.log()[-3000:]}"))
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def wait_file(path: Path, timeout: float = 20.0, contains: str = "") -> str:

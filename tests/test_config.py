@@ -134,15 +134,3 @@ def test_cli_prints_one_clear_error_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         "himbeere: error: server: 'nonsense' is not a URL; "
         "allowed: http(s)://[user:password@]host[:port]"]
-
-
-def test_daemon_without_server_says_how_to_set_it(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "himbeere", "daemon", "--state-dir", str(tmp_path),
-         "--mac-id", "1"],
-        capture_output=True, text=True, timeout=60,
-        env={"HIMBEERE_CONFIG": str(write_ini(tmp_path / "c.ini")), "PATH": "/usr/bin:/bin",
-             "HIMBEERE_SERVER_FILE": str(tmp_path / "none")},
-    )
-    assert result.returncode == 1
-    assert "server: not set" in result.stderr

@@ -29,7 +29,7 @@ def render_page(template: str, page: str, data: Any, **context: Any) -> str:
         "csrf": csrf_token(),
         "thresholds": {"suspect_after": health.SUSPECT_AFTER, "dead_after": health.DEAD_AFTER},
     }
-    return render_template(template, page=page, data=data, config=config, **context)
+    return render_template(template, page=page, data=data, page_config=config, **context)
 
 
 @blueprint.route("/")

@@ -1,0 +1,519 @@
+// The dashboard's pages, drawn from the JSON the server embedded and kept
+// current from /api/events (CouchDB _changes of the status database) and
+// the JSON API.  Plain JavaScript, no build step, nothing from elsewhere.
+// Text from CouchDB only ever goes into the page as text (textContent),
+// never as HTML.
+"use strict";
+
+(function () {
+  const config = JSON.parse(document.getElementById("config").textContent);
+  const CRASHED = ["crashed", "backing-off", "invalid"];
+
+  // -- small helpers ---------------------------------------------------------------
+  function h(tag, attrs, ...children) {
+    const el = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) {
+      if (value === null || value === undefined || value === false) continue;
+      if (key === "text") el.textContent = value;
+      else if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
+      else if (key === "className") el.className = value;
+      else el.setAttribute(key, value === true ? "" : value);
+    }
+    for (const child of children.flat()) {
+      if (child === null || child === undefined || child === false) continue;
+      el.append(child instanceof Node ? child : String(child));
+    }
+    return el;
+  }
+
+  function $(id) { return document.getElementById(id); }
+
+  function replaceRows(tbody, rows) {
+    tbody.replaceChildren(...rows);
+  }
+
+  function seconds(value) {
+    if (value === null || value === undefined) return "–";
+    if (value < 60) return value.toFixed(value < 10 ? 1 : 0) + " s";
+    if (value < 3600) return Math.floor(value / 60) + " min";
+    if (value < 86400) return (value / 3600).toFixed(1) + " h";
+    return (value / 86400).toFixed(1) + " d";
+  }
+
+  function megabytes(value) {
+    if (value === null || value === undefined) return "–";
+    return value >= 1024 ? (value / 1024).toFixed(1) + " GB" : Math.round(value) + " MB";
+  }
+
+  function figure(value, unit, digits) {
+    if (value === null || value === undefined) return "–";
+    return Number(value).toFixed(digits === undefined ? 1 : digits) + (unit || "");
+  }
+
+  function when(iso) {
+    if (!iso) return "–";
+    const date = new Date(iso);
+    return isNaN(date) ? String(iso) : date.toLocaleString();
+  }
+
+  function firstLine(text) {
+    return String(text || "").split("\n").find((line) => line.trim()) || "";
+  }
+
+  function argv(cmd) {
+    if (!Array.isArray(cmd)) return String(cmd || "");
+    return cmd.map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : "'" + a.replace(/'/g, "'\\''") + "'"))
+      .join(" ");
+  }
+
+  function nodeLabel(node, name) {
+    return name ? name + " (" + node + ")" : String(node);
+  }
+
+  function badge(state, text) {
+    return h("span", { className: "badge state-" + (state || "unknown"), text: text || state || "unknown" });
+  }
+
+  // Calls fn at most once per `delay` ms, and once more after the last request.
+  function throttled(fn, delay) {
+    let timer = null;
+    let again = false;
+    return function () {
+      if (timer) { again = true; return; }
+      fn();
+      timer = setTimeout(function tick() {
+        if (again) { again = false; fn(); timer = setTimeout(tick, delay); } else { timer = null; }
+      }, delay);
+    };
+  }
+
+  async function api(path, options) {
+    const response = await fetch(path, Object.assign({ credentials: "same-origin",
+      headers: { Accept: "application/json" } }, options || {}));
+    if (response.status === 401) {
+      location.href = "/login?next=" + encodeURIComponent(location.pathname);
+      throw new Error("sign in first");
+    }
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) throw new Error(body.error || response.status + " " + response.statusText);
+    return body;
+  }
+
+  function post(path, body) {
+    return api(path, {
+      method: "POST",
+      headers: { "Content-Type": "application/json", Accept: "application/json",
+                 "X-CSRF-Token": config.csrf },
+      body: JSON.stringify(body),
+    });
+  }
+
+  function showError(message) {
+    const el = $("run-error");
+    if (!el) return;
+    el.textContent = message || "";
+    el.hidden = !message;
+  }
+
+  // The state of a node now: the age the server saw, plus the time since.
+  function nodeState(node, fetchedAt) {
+    if (node.state === "stopped" || node.state === "unknown" || node.heartbeat_age === null) {
+      return { state: node.state, age: node.heartbeat_age };
+    }
+    const age = node.heartbeat_age + (Date.now() - fetchedAt) / 1000;
+    const interval = node.heartbeat_interval || 10;
+    const t = config.thresholds;
+    const state = age <= t.suspect_after * interval ? "alive"
+      : age <= t.dead_after * interval ? "suspect" : "dead";
+    return { state: state, age: age };
+  }
+
+  // -- live feed -------------------------------------------------------------------
+  function connect(handlers) {
+    const indicator = $("live");
+    const source = new EventSource("/api/events");
+    function show(text, cls) {
+      if (!indicator) return;
+      indicator.textContent = text;
+      indicator.className = "live " + cls;
+    }
+    source.onopen = () => show("live", "on");
+    source.onerror = () => show("reconnecting…", "off");
+    source.onmessage = (message) => {
+      let event;
+      try { event = JSON.parse(message.data); } catch (e) { return; }
+      if (event.type === "changes") {
+        show("live", "on");
+        handlers.changes(event.ids);
+      } else if (event.type === "resync") {
+        show("live", "on");
+        handlers.resync();
+      } else if (event.type === "offline") {
+        show("CouchDB unreachable", "off");
+      } else if (event.type === "unauthorized") {
+        source.close();
+        location.href = "/login?next=" + encodeURIComponent(location.pathname);
+      }
+    };
+    window.addEventListener("beforeunload", () => source.close());
+    return source;
+  }
+
+  function runForm(targetsOf) {
+    const form = $("run");
+    if (!form) return;
+    form.addEventListener("submit", async (e) => {
+      e.preventDefault();
+      showError("");
+      const button = $("run-button");
+      button.disabled = true;
+      try {
+        const body = Object.assign({ cmd: $("cmd").value }, targetsOf());
+        const timeout = $("timeout").value;
+        if (timeout) body.timeout = Number(timeout);
+        const answer = await post("/api/commands", body);
+        location.href = answer.url;
+      } catch (err) {
+        showError(err.message);
+        button.disabled = false;
+      }
+    });
+  }
+
+  // -- the fleet -------------------------------------------------------------------
+  function fleetPage(data) {
+    const selected = new Set();
+    let nodes = data.nodes;
+    let fetchedAt = Date.now();
+    const rows = new Map();
+
+    function programBadges(node) {
+      const programs = Object.entries(node.programs || {});
+      if (!programs.length) return [h("span", { className: "hint", text: "none" })];
+      return programs.map(([id, p]) => h("span", { className: "program", title: id },
+        badge(CRASHED.includes(p.state) ? "crashed" : p.state, (p.name || id) + " " + (p.state || "?"))));
+    }
+
+    function render() {
+      rows.clear();
+      const body = $("nodes").tBodies[0];
+      replaceRows(body, nodes.map((node) => {
+        const box = h("input", { type: "checkbox", className: "select", value: String(node.node),
+          "aria-label": "select " + nodeLabel(node.node, node.name),
+          checked: selected.has(node.node),
+          onchange: (e) => { if (e.target.checked) selected.add(node.node); else selected.delete(node.node); counts(); } });
+        const stateCell = h("td", { className: "state-cell" });
+        const ageCell = h("td", { className: "age" });
+        const memory = node.memory || {};
+        const row = h("tr", { "data-node": String(node.node) },
+          h("td", {}, box),
+          h("td", {}, h("a", { href: "/nodes/" + node.node, className: "node-link" },
+            nodeLabel(node.node, node.name)),
+            Object.entries(node.labels || {}).map(([k, v]) => h("span", { className: "label", text: k + "=" + v }))),
+          stateCell,
+          h("td", { text: node.ip || "–" }),
+          ageCell,
+          h("td", { text: node.load ? node.load.map((x) => x.toFixed(2)).join(" ") : "–" }),
+          h("td", { text: figure(node.cpu_percent, " %", 0) }),
+          h("td", { text: figure(node.temperature, " °C") }),
+          h("td", { text: memory.used_mb === null || memory.used_mb === undefined ? "–"
+            : megabytes(memory.used_mb) + " / " + megabytes(memory.total_mb) }),
+          h("td", { text: megabytes((node.disk || {}).free_mb) }),
+          h("td", { className: "programs-cell" }, programBadges(node)));
+        rows.set(node.node, { node: node, row: row, stateCell: stateCell, ageCell: ageCell });
+        return row;
+      }));
+      $("no-nodes").hidden = nodes.length > 0;
+      for (const mac of Array.from(selected)) if (!rows.has(mac)) selected.delete(mac);
+      tick();
+      counts();
+    }
+
+    function tick() {
+      const tally = {};
+      for (const entry of rows.values()) {
+        const now = nodeState(entry.node, fetchedAt);
+        tally[now.state] = (tally[now.state] || 0) + 1;
+        if (entry.stateCell.dataset.state !== now.state) {
+          entry.stateCell.replaceChildren(badge(now.state));
+          entry.stateCell.dataset.state = now.state;
+          entry.row.className = "node state-row-" + now.state;
+        }
+        entry.ageCell.textContent = now.age === null || now.age === undefined ? "never" : seconds(now.age) + " ago";
+      }
+      const parts = Object.entries(tally).map(([state, n]) => n + " " + state);
+      $("summary").textContent = nodes.length + (nodes.length === 1 ? " node" : " nodes") +
+        (parts.length ? ": " + parts.join(", ") : "");
+    }
+
+    function counts() {
+      $("selected-count").textContent = String(selected.size);
+      const all = $("select-all");
+      all.checked = nodes.length > 0 && selected.size === nodes.length;
+    }
+
+    $("select-all").addEventListener("change", (e) => {
+      selected.clear();
+      if (e.target.checked) nodes.forEach((n) => selected.add(n.node));
+      render();
+    });
+
+    const refresh = throttled(async () => {
+      try {
+        const answer = await api("/api/nodes");
+        nodes = answer.nodes;
+        fetchedAt = Date.now();
+        render();
+      } catch (err) { console.warn(err); }
+    }, 1000);
+
+    runForm(() => {
+      const where = document.querySelector("input[name=where]:checked").value;
+      if (where === "all") return { targets: "all" };
+      if (!selected.size) throw new Error("select at least one node, or choose all nodes");
+      return { targets: Array.from(selected) };
+    });
+    render();
+    setInterval(tick, 1000);
+    connect({
+      resync: refresh,
+      changes: (ids) => {
+        if (ids.some((id) => id.startsWith("status:") || id.startsWith("node:"))) refresh();
+      },
+    });
+  }
+
+  // -- one node --------------------------------------------------------------------
+  function nodePage(data) {
+    const mac = data.node;
+    let detail = data;
+    let fetchedAt = Date.now();
+    let lastLine = null;
+    const logEl = $("log");
+    const MAX_LINES = 2000;
+
+    function dl(pairs) {
+      return pairs.flatMap(([k, v]) => [h("dt", { text: k }), h("dd", { text: v })]);
+    }
+
+    function renderHealth() {
+      const now = nodeState(detail, fetchedAt);
+      $("node-state").replaceChildren(badge(now.state));
+      const memory = detail.memory || {};
+      const throttled = detail.throttled;
+      $("health").replaceChildren(...dl([
+        ["MAC id", String(detail.node)],
+        ["IP", detail.ip || "–"],
+        ["Host", detail.hostname || "–"],
+        ["Heartbeat", now.age === null || now.age === undefined ? "never" : seconds(now.age) + " ago"],
+        ["Uptime", seconds(detail.uptime)],
+        ["Load", detail.load ? detail.load.map((x) => x.toFixed(2)).join(" ") : "–"],
+        ["CPU", figure(detail.cpu_percent, " %", 0)],
+        ["Temperature", figure(detail.temperature, " °C")],
+        ["Memory", megabytes(memory.used_mb) + " / " + megabytes(memory.total_mb)],
+        ["Disk free", megabytes((detail.disk || {}).free_mb)],
+        ["Throttling", throttled ? (throttled.flags.length ? throttled.flags.join(", ") : "none") : "–"],
+        ["Clock offset", detail.clock_offset === null || detail.clock_offset === undefined ? "–" : detail.clock_offset + " s"],
+        ["Versions", "himbeere " + (detail.daemon_version || "?") + ", Python " + (detail.python || "?")],
+        ["Labels", Object.entries(detail.labels || {}).map(([k, v]) => k + "=" + v).join(", ") || "–"],
+      ]));
+    }
+
+    function control(id, action) {
+      return h("button", { type: "button", className: "small", text: action,
+        onclick: async (e) => {
+          e.target.disabled = true;
+          try { await post("/api/nodes/" + mac + "/programs", { program: id, action: action }); }
+          catch (err) { alert(err.message); }
+          e.target.disabled = false;
+        } });
+    }
+
+    function renderPrograms() {
+      const programs = Object.entries(detail.programs || {});
+      replaceRows($("programs").tBodies[0], programs.map(([id, p]) => {
+        const crashed = CRASHED.includes(p.state);
+        const error = p.last_error
+          ? h("details", { className: "error-details", open: crashed },
+            h("summary", { text: firstLine(p.last_error.split("\n").filter((l) => l.trim()).pop()) }),
+            h("pre", { className: "traceback", text: p.last_error }))
+          : h("span", { className: "hint", text: "–" });
+        const enabled = p.enabled !== false;
+        return h("tr", { "data-program": id },
+          h("td", { title: id, text: p.name || id }),
+          h("td", {}, badge(crashed ? "crashed" : p.state, p.state || (enabled ? "not started" : "disabled")),
+            enabled ? null : h("span", { className: "hint", text: " disabled" })),
+          h("td", { text: p.restarts === undefined ? "–" : String(p.restarts) }),
+          h("td", { className: "rev", title: p.rev || "", text: p.rev ? String(p.rev).split("-")[0] : "–" }),
+          h("td", { text: p.pid || "–" }),
+          h("td", { text: when(p.started) }),
+          h("td", { className: "error-cell" }, error),
+          h("td", { className: "controls" }, p.in_database
+            ? [control(id, "restart"), control(id, enabled ? "stop" : "start")] : null));
+      }));
+      $("no-programs").hidden = programs.length > 0;
+    }
+
+    function renderHistory() {
+      replaceRows($("history").tBodies[0], (detail.commands || []).map((c) => {
+        const r = c.result || {};
+        const ret = Array.isArray(r.ret) ? r.ret : ["", ""];
+        const output = firstLine(ret[0]) || firstLine(ret[1]) || r.error || "";
+        return h("tr", {},
+          h("td", {}, h("a", { href: "/commands/" + c.command }, h("code", { text: argv(c.cmd) }))),
+          h("td", { text: when(c.created) }),
+          h("td", {}, c.result ? badge(r.state === "done" && r.returncode === 0 ? "done" : r.state === "running" ? "running" : "failed", r.state) : badge("waiting", "waiting")),
+          h("td", { text: r.returncode === undefined || r.returncode === null ? "–" : String(r.returncode) }),
+          h("td", { text: r.duration === undefined ? "–" : seconds(r.duration) }),
+          h("td", {}, h("code", { className: "output", text: output })));
+      }));
+    }
+
+    function render() {
+      $("node-title").textContent = nodeLabel(detail.node, detail.name);
+      renderHealth();
+      renderPrograms();
+      renderHistory();
+    }
+
+    async function loadLog(reset) {
+      const program = $("log-program").value;
+      const params = new URLSearchParams();
+      if (program) params.set("program", program);
+      if (!reset && lastLine !== null) params.set("after", String(lastLine));
+      try {
+        const answer = await api("/api/nodes/" + mac + "/logs?" + params);
+        const select = $("log-program");
+        const known = new Set(Array.from(select.options).map((o) => o.value));
+        for (const p of answer.programs) {
+          if (p.program && !known.has(p.program)) {
+            select.append(h("option", { value: p.program, text: p.name || p.program }));
+          }
+        }
+        if (reset) { logEl.textContent = ""; lastLine = null; }
+        if (answer.lines.length) {
+          const text = answer.lines.map(([ts, name, line]) =>
+            new Date(ts * 1000).toLocaleTimeString() + " [" + name + "] " + line).join("\n") + "\n";
+          logEl.append(document.createTextNode(text));
+          lastLine = answer.lines[answer.lines.length - 1][0];
+          while (logEl.childNodes.length > 1 && logEl.textContent.split("\n").length > MAX_LINES) {
+            logEl.removeChild(logEl.firstChild);
+          }
+          if ($("log-follow").checked) logEl.scrollTop = logEl.scrollHeight;
+        }
+      } catch (err) { console.warn(err); }
+    }
+
+    const refresh = throttled(async () => {
+      try {
+        detail = await api("/api/nodes/" + mac);
+        fetchedAt = Date.now();
+        render();
+      } catch (err) { console.warn(err); }
+    }, 1000);
+    const moreLog = throttled(() => loadLog(false), 500);
+
+    $("log-program").addEventListener("change", () => loadLog(true));
+    runForm(() => ({ targets: [mac] }));
+    render();
+    loadLog(true);
+    setInterval(renderHealth, 1000);
+    connect({
+      resync: () => { refresh(); moreLog(); },
+      changes: (ids) => {
+        if (ids.some((id) => id === "status:" + mac || id === "node:" + mac ||
+          (id.startsWith("result:") && id.endsWith(":" + mac)))) refresh();
+        if (ids.some((id) => id.startsWith("log:" + mac + ":"))) moreLog();
+      },
+    });
+  }
+
+  // -- commands --------------------------------------------------------------------
+  function commandsPage(data) {
+    let commands = data.commands;
+
+    function render() {
+      replaceRows($("commands").tBodies[0], commands.map((c) => h("tr", { "data-command": c.id },
+        h("td", {}, h("a", { href: "/commands/" + c.id }, h("code", { text: argv(c.cmd) }))),
+        h("td", { text: Array.isArray(c.targets) ? c.targets.join(", ") : String(c.targets) }),
+        h("td", { text: when(c.created) }),
+        h("td", { text: c.created_by || "–" }),
+        h("td", { text: c.answered + "/" + c.expected }),
+        h("td", {}, c.failed ? badge("failed", String(c.failed)) : "0"))));
+      $("no-commands").hidden = commands.length > 0;
+    }
+
+    const refresh = throttled(async () => {
+      try { commands = (await api("/api/commands?limit=50")).commands; render(); }
+      catch (err) { console.warn(err); }
+    }, 1000);
+
+    runForm(() => {
+      const text = $("targets").value.trim();
+      const labels = $("labels").value.split(/[\s,]+/).filter(Boolean);
+      const body = {};
+      if (labels.length) body.labels = labels;
+      if (text === "all" && !labels.length) body.targets = "all";
+      else if (text && text !== "all") body.targets = text.split(/[\s,]+/).filter(Boolean);
+      return body;
+    });
+    render();
+    connect({
+      resync: refresh,
+      changes: (ids) => { if (ids.some((id) => id.startsWith("result:"))) refresh(); },
+    });
+  }
+
+  function commandPage(data) {
+    let answer = data;
+    const id = data.command._id;
+
+    function render() {
+      const c = answer.command;
+      $("argv").textContent = argv(c.cmd);
+      const total = answer.expected.length;
+      $("progress").replaceChildren(badge(answer.done ? "done" : "running",
+        answer.answered + "/" + total + " answered"));
+      $("meta").textContent = "created " + when(c.created) + (c.created_by ? " by " + c.created_by : "") +
+        (c.timeout ? ", timeout " + c.timeout + " s" : "") + ", targets " +
+        (Array.isArray(c.targets) ? c.targets.length + " nodes" : c.targets);
+      replaceRows($("results").tBodies[0], answer.nodes.map((n) => {
+        const r = answer.results[String(n.node)];
+        if (!r) {
+          return h("tr", { "data-node": String(n.node), className: "pending" },
+            h("td", {}, h("a", { href: "/nodes/" + n.node, text: nodeLabel(n.node, n.name) })),
+            h("td", {}, badge("waiting", "waiting")), h("td", { text: "–" }), h("td", { text: "–" }),
+            h("td", {}));
+        }
+        const ret = Array.isArray(r.ret) ? r.ret : ["", ""];
+        const ok = r.state === "done" && r.returncode === 0;
+        return h("tr", { "data-node": String(n.node), className: "answered" },
+          h("td", {}, h("a", { href: "/nodes/" + n.node, text: nodeLabel(n.node, n.name) })),
+          h("td", {}, badge(ok ? "done" : r.state === "running" ? "running" : "failed", r.state)),
+          h("td", { className: "returncode", text: r.returncode === null || r.returncode === undefined ? "–" : String(r.returncode) }),
+          h("td", { text: r.duration === undefined ? "–" : seconds(r.duration) }),
+          h("td", { className: "output-cell" },
+            ret[0] ? h("pre", { className: "stdout", text: ret[0] }) : null,
+            ret[1] ? h("pre", { className: "stderr", text: ret[1] }) : null,
+            r.error ? h("p", { className: "error", text: r.error }) : null,
+            r.truncated ? h("p", { className: "hint", text: "output cut: " + JSON.stringify(r.truncated) }) : null));
+      }));
+    }
+
+    const refresh = throttled(async () => {
+      try { answer = await api("/api/commands/" + encodeURIComponent(id)); render(); }
+      catch (err) { console.warn(err); }
+    }, 500);
+
+    render();
+    connect({
+      resync: refresh,
+      changes: (ids) => { if (ids.some((x) => x.startsWith("result:" + id + ":"))) refresh(); },
+    });
+  }
+
+  const pages = { fleet: fleetPage, node: nodePage, commands: commandsPage, command: commandPage };
+  const data = JSON.parse($("data").textContent);
+  const page = pages[config.page];
+  if (page) page(data);
+})();

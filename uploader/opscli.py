@@ -1,0 +1,441 @@
+"""Fleet operations on the ``himbeere`` command, for the laptop.
+
+``nodes``, ``status``, ``logs``, ``cmd``, ``stop``, ``start``, ``restart``
+and ``label``; :func:`register` adds them to ``himbeere``'s subcommands.
+The work is done by :mod:`uploader.ops`, which the dashboard uses too.
+
+The server comes from ``--server URL`` or ``HIMBEERE_SERVER``, the
+databases from ``--database`` (``HIMBEERE_DATABASE``, default
+``raspberries``) and ``--status-database`` (``HIMBEERE_STATUS_DATABASE``),
+as for ``himbeere-upload``; credentials (an admin or a user with role
+``himbeere-deployer``) go in the URL.  Errors print as one line;
+``--json`` prints one JSON object, errors included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import IO, Any, Callable, Optional
+
+from himbeere import defaults
+from himbeere.exceptions import HimbeereError
+
+from . import ops
+from .cli import settings, table
+from .fleet import Fleet
+
+#: Seconds ``himbeere cmd`` waits for answers beyond the command's timeout.
+WAIT_MARGIN = 10.0
+#: Seconds it waits without ``--timeout`` (the nodes' own default is 300 s).
+DEFAULT_WAIT = 30.0
+#: Seconds between two looks at new log lines with ``logs -f``.
+FOLLOW_INTERVAL = 1.0
+
+Handler = Callable[[argparse.Namespace, Fleet], int]
+
+
+def open_fleet(args: argparse.Namespace) -> Fleet:
+    config = settings(args, os.environ)
+    fleet = Fleet(config.server or "", config.database, config.status_db)
+    fleet.require_databases()  # one clear line for unreachable, credentials, no setup
+    return fleet
+
+
+def emit(args: argparse.Namespace, payload: Any) -> None:
+    """Print ``payload`` as one JSON object (``--json``)."""
+    if isinstance(payload, dict):
+        payload = dict(payload)
+        payload.setdefault("ok", True)
+    print(json.dumps(payload, sort_keys=True, default=str))
+
+
+# -- formatting --------------------------------------------------------------------------
+def node_label(node: int, name: Optional[str]) -> str:
+    return f"{name} ({node})" if name else str(node)
+
+
+def _num(value: Any, fmt: str = "{:g}", none: str = "-") -> str:
+    return none if value is None else fmt.format(value)
+
+
+def _age(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    if seconds < 172800:
+        return f"{seconds / 3600:.0f}h"
+    return f"{seconds / 86400:.0f}d"
+
+
+def _programs_summary(node: dict[str, Any]) -> str:
+    parts = [f"{node['running']} running"]
+    if node["crashed"]:
+        parts.append(f"{node['crashed']} crashed")
+    others = len(node["programs"]) - node["running"] - node["crashed"]
+    if others:
+        parts.append(f"{others} other")
+    return ", ".join(parts)
+
+
+def _first_line(result: Optional[dict[str, Any]]) -> str:
+    if not result:
+        return ""
+    ret = result.get("ret") or ["", ""]
+    for text in (ret[0] if ret else "", ret[1] if len(ret) > 1 else "", result.get("error")):
+        if text and str(text).strip():
+            line = str(text).strip().splitlines()[0]
+            return line if len(line) <= 60 else line[:57] + "..."
+    return ""
+
+
+# -- nodes and status --------------------------------------------------------------------
+def cmd_nodes(args: argparse.Namespace, fleet: Fleet) -> int:
+    """A table of every node: name, MAC id, IP, state, heartbeat age, load, temperature,
+    programs running or crashed."""
+    nodes = ops.list_nodes(fleet)
+    if args.json:
+        emit(args, {"nodes": nodes})
+        return 0
+    if not nodes:
+        print(f"no nodes yet: none has sent a heartbeat to {fleet.server}")
+        return 0
+    rows = [[n["name"] or "-", str(n["node"]), n["ip"] or "-", n["state"],
+             _age(n["heartbeat_age"]),
+             _num(n["load"][0] if n["load"] else None, "{:.2f}"),
+             _num(n["temperature"], "{:.1f}°C"), _programs_summary(n)] for n in nodes]
+    print("\n".join(table(["NAME", "MAC ID", "IP", "STATE", "AGE", "LOAD", "TEMP",
+                           "PROGRAMS"], rows)))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, fleet: Fleet) -> int:
+    """One node in detail: health, each program's state, restarts and last error
+    with its traceback, and its latest fleet commands."""
+    detail = ops.node_detail(fleet, args.node)
+    if args.json:
+        emit(args, detail)
+        return 0
+    print("\n".join(format_detail(detail)))
+    return 0
+
+
+def format_detail(d: dict[str, Any]) -> list[str]:
+    memory, disk = d["memory"], d["disk"]
+    lines = [
+        f"node {node_label(d['node'], d['name'])}: {d['state']}, last heartbeat "
+        f"{_age(d['heartbeat_age'])} ago" if d["heartbeat_age"] is not None
+        else f"node {node_label(d['node'], d['name'])}: {d['state']}, no heartbeat yet",
+        f"  ip {d['ip'] or '-'}  host {d['hostname'] or '-'}  daemon "
+        f"{d['daemon_version'] or '-'}  python {d['python'] or '-'}  uptime "
+        f"{_age(d['uptime'])}",
+        f"  load {' '.join(str(x) for x in d['load']) if d['load'] else '-'}  cpu "
+        f"{_num(d['cpu_percent'], '{:g}%')}  temperature {_num(d['temperature'], '{:g}°C')}  "
+        f"memory {_num(memory['used_mb'], '{:.0f}')}/{_num(memory['total_mb'], '{:.0f}')} MB  "
+        f"disk free {_num(disk['free_mb'], '{:.0f}')} MB",
+    ]
+    throttled = d.get("throttled") or {}
+    if throttled.get("flags"):
+        lines.append(f"  throttled: {', '.join(throttled['flags'])}")
+    if d["labels"]:
+        lines.append("  labels: " + ", ".join(f"{k}={v}" for k, v in sorted(d["labels"].items())))
+    programs = d["programs"]
+    if not programs:
+        lines.append("programs: none")
+    else:
+        lines.append("programs:")
+        rows = []
+        for doc_id, p in sorted(programs.items()):
+            enabled = p.get("enabled", True)
+            rows.append([str(p.get("name") or doc_id), doc_id,
+                         str(p.get("state") or ("not running" if enabled else "-")),
+                         str(p.get("restarts", 0) or 0), "yes" if enabled else "no",
+                         str(p.get("rev") or "-")[:12]])
+        lines += ["  " + line for line in table(
+            ["PROGRAM", "ID", "STATE", "RESTARTS", "ENABLED", "REV"], rows)]
+    for doc_id, p in sorted(programs.items()):
+        if p.get("last_error"):
+            lines.append(f"last error of {p.get('name') or doc_id} ({doc_id}):")
+            lines += ["  " + line for line in str(p["last_error"]).rstrip().splitlines()]
+    if d.get("commands"):
+        lines.append("latest commands:")
+        rows = []
+        for c in d["commands"]:
+            r = c["result"]
+            rows.append([c["command"], " ".join(c["cmd"] or [])[:40],
+                         r.get("state", "-") if r else "no answer",
+                         _num(r.get("returncode") if r else None), _first_line(r)])
+        lines += ["  " + line for line in table(["ID", "CMD", "STATE", "EXIT", "OUTPUT"], rows)]
+    return lines
+
+
+# -- logs --------------------------------------------------------------------------------
+def cmd_logs(args: argparse.Namespace, fleet: Fleet) -> int:
+    """What a node's programs printed (the last lines; -f follows live)."""
+    docs = ops.logs(fleet, args.node, args.program)
+    if args.program and not docs and not args.follow:
+        mac = ops.node_id(fleet, args.node)
+        ops.program_doc(fleet, mac, args.program)  # says so if there is no such program
+    lines = ops.log_lines(docs)
+    if args.json:
+        emit(args, {"logs": docs})
+        return 0
+    shown = lines[-args.lines:] if args.lines else lines
+    if not shown and not args.follow:
+        what = f"program {args.program}" if args.program else "its programs"
+        print(f"no log lines of {what} on node {args.node} yet", file=sys.stderr)
+    _print_lines(shown, sys.stdout)
+    if not args.follow:
+        return 0
+    last = lines[-1][0] if lines else None
+    try:
+        while True:
+            time.sleep(FOLLOW_INTERVAL)
+            fresh = ops.log_lines(ops.logs(fleet, args.node, args.program), after=last)
+            _print_lines(fresh, sys.stdout)
+            if fresh:
+                last = fresh[-1][0]
+    except KeyboardInterrupt:
+        return 0
+
+
+def _print_lines(lines: list[tuple[float, str, str]], out: IO[str]) -> None:
+    for stamp, name, text in lines:
+        clock = time.strftime("%H:%M:%S", time.localtime(stamp))
+        out.write(f"{clock} [{name}] {text}\n")
+    out.flush()
+
+
+# -- commands ----------------------------------------------------------------------------
+def cmd_cmd(args: argparse.Namespace, fleet: Fleet) -> int:
+    """Run a command on many nodes with ONE command document, wait for the answers
+    and print a table per node.  Exits 1 if any node failed or did not answer.
+
+    himbeere cmd --all -- uname -a
+    himbeere cmd --node kitchen --node 202481596941066 --timeout 10 -- df -h
+    himbeere cmd --label room=lab -- sh -c 'echo $HOSTNAME'
+    himbeere cmd --result ID      (the results of an earlier command)
+    himbeere cmd --list           (the latest commands)
+    """
+    if args.list:
+        listing = ops.list_commands(fleet, args.limit)
+        if args.json:
+            emit(args, {"commands": listing})
+        else:
+            rows = [[c["id"], " ".join(c["cmd"] or [])[:40],
+                     "all" if c["targets"] == "all" else str(len(c["targets"] or [])),
+                     f"{c['answered']}/{c['expected']}", str(c["failed"])] for c in listing]
+            print("\n".join(table(["ID", "CMD", "TARGETS", "ANSWERED", "FAILED"], rows))
+                  if rows else "no commands yet")
+        return 0
+    if args.result:
+        return report(args, fleet, ops.command_results(fleet, args.result))
+    if not args.argv:
+        raise HimbeereError("no command to run: put it after --, "
+                            "e.g. himbeere cmd --all -- uname -a")
+    targets = ops.resolve_targets(fleet, all=args.all, nodes=args.node or (),
+                                  labels=args.label or ())
+    command_id = ops.create_command(fleet, list(args.argv), targets, args.timeout)
+    wait = args.wait if args.wait is not None else (
+        args.timeout + WAIT_MARGIN if args.timeout else DEFAULT_WAIT)
+    err = sys.stderr
+    err.write(f"command {command_id}\n")
+    answer: dict[str, Any] = {}
+    try:
+        for answer in ops.wait_for_results(fleet, command_id, wait):
+            expected = len(answer["pending"]) + _final_count(answer)
+            err.write(f"\r{_final_count(answer)}/{expected} answered")
+            err.flush()
+    finally:
+        err.write("\n")
+        err.flush()
+    return report(args, fleet, answer)
+
+
+def _final_count(answer: dict[str, Any]) -> int:
+    pending = set(answer["pending"])
+    return sum(1 for mac, r in answer["results"].items()
+               if mac not in pending and r.get("state") in ops.FINAL_STATES)
+
+
+def report(args: argparse.Namespace, fleet: Fleet, answer: dict[str, Any]) -> int:
+    """Print a command's results; 1 if any node failed or has not answered."""
+    results, pending = answer["results"], answer["pending"]
+    bad = bool(pending) or any(ops.failed(r) for r in results.values())
+    if args.json:
+        emit(args, {"ok": not bad, "command": answer["command"],
+                    "results": {str(k): v for k, v in results.items()},
+                    "pending": pending})
+        return 1 if bad else 0
+    names = fleet.names()
+    states = {n["node"]: n["state"] for n in ops.list_nodes(fleet)} if pending else {}
+    rows = []
+    for mac in sorted(set(results) | set(pending)):
+        result = results.get(mac)
+        label = node_label(mac, names.get(mac))
+        if result is None or result.get("state") not in ops.FINAL_STATES:
+            what = "still running" if result else f"no answer (node {states.get(mac, 'unknown')})"
+            rows.append([label, "-", what, "-", ""])
+            continue
+        rows.append([label, _num(result.get("returncode")), str(result.get("state")),
+                     _num(result.get("duration"), "{:.2f}s"), _first_line(result)])
+    command = answer["command"]
+    print(f"command {command['_id']}: {' '.join(command.get('cmd') or [])}")
+    if rows:
+        print("\n".join(table(["NODE", "EXIT", "STATE", "DURATION", "OUTPUT"], rows)))
+    else:
+        print("no node was expected to answer, and none did")
+    failed = sum(1 for r in results.values() if r.get("state") in ops.FINAL_STATES
+                 and ops.failed(r))
+    if pending:
+        print(f"{len(pending)} node(s) did not answer in time; later: "
+              f"himbeere cmd --result {command['_id']}", file=sys.stderr)
+    if failed:
+        print(f"{failed} node(s) failed", file=sys.stderr)
+    return 1 if bad else 0
+
+
+# -- programs and labels -----------------------------------------------------------------
+def cmd_stop(args: argparse.Namespace, fleet: Fleet) -> int:
+    """Stop a program on a node (sets "enabled": false in its code document)."""
+    return _program_action(args, fleet, "stop")
+
+
+def cmd_start(args: argparse.Namespace, fleet: Fleet) -> int:
+    """Start a stopped program on a node (sets "enabled": true in its code document)."""
+    return _program_action(args, fleet, "start")
+
+
+def cmd_restart(args: argparse.Namespace, fleet: Fleet) -> int:
+    """Restart a program on a node (increments "restart_count" in its code document)."""
+    return _program_action(args, fleet, "restart")
+
+
+def _program_action(args: argparse.Namespace, fleet: Fleet, action: str) -> int:
+    if action == "restart":
+        result = ops.restart_program(fleet, args.node, args.program)
+        line = f"restart requested for {result['id']} (restart_count {result['restart_count']})"
+    else:
+        result = ops.set_enabled(fleet, args.node, args.program, action == "start")
+        verb = "started" if action == "start" else "stopped"
+        line = (f"{verb} {result['id']} (enabled: {str(result['enabled']).lower()})"
+                if result["changed"] else f"{result['id']} was {verb} already")
+    if args.json:
+        emit(args, result)
+    else:
+        print(line)
+    return 0
+
+
+def cmd_label(args: argparse.Namespace, fleet: Fleet) -> int:
+    """Set labels of a node (key=value; key= removes one); without any, show them.
+    Labels select nodes for `himbeere cmd --label key=value`."""
+    labels = ops.parse_labels(args.labels)
+    if labels:
+        after = ops.set_labels(fleet, args.node, **labels)
+    else:
+        mac = ops.node_id(fleet, args.node)
+        after = next((n["labels"] for n in ops.list_nodes(fleet) if n["node"] == mac), {})
+    if args.json:
+        emit(args, {"node": ops.node_id(fleet, args.node), "labels": after})
+    else:
+        text = ", ".join(f"{k}={v}" for k, v in sorted(after.items())) or "none"
+        print(f"labels of {args.node}: {text}")
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------
+def common_flags() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("server (flags win over HIMBEERE_* variables)")
+    group.add_argument("--server", metavar="URL",
+                       help="http://USER:PASSWORD@host:5984 (or HIMBEERE_SERVER)")
+    group.add_argument("--database", metavar="NAME",
+                       help=f"code database (HIMBEERE_DATABASE, default {defaults.DATABASE})")
+    group.add_argument("--status-database", metavar="NAME",
+                       help="status database (HIMBEERE_STATUS_DATABASE, default "
+                            "<database>_status)")
+    common.add_argument("--json", action="store_true", help="print one JSON object")
+    return common
+
+
+def register(sub: Any) -> None:
+    """Add the fleet subcommands to ``himbeere``'s ``add_subparsers()`` object."""
+    common = common_flags()
+
+    def add(name: str, handler: Handler, **kwargs: Any) -> argparse.ArgumentParser:
+        doc = inspect.cleandoc(handler.__doc__ or "")
+        parser: argparse.ArgumentParser = sub.add_parser(
+            name, parents=[common], help=" ".join(doc.split("\n\n")[0].split()),
+            description=doc, formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+        parser.set_defaults(func=lambda args: run(args, handler))
+        return parser
+
+    add("nodes", cmd_nodes)
+
+    status = add("status", cmd_status)
+    status.add_argument("node", metavar="NODE", help="MAC id, MAC address or name")
+
+    logs = add("logs", cmd_logs)
+    logs.add_argument("node", metavar="NODE", help="MAC id, MAC address or name")
+    logs.add_argument("program", metavar="PROGRAM", nargs="?",
+                      help="only this program (name or id)")
+    logs.add_argument("-f", "--follow", action="store_true", help="follow live (Ctrl-C ends)")
+    logs.add_argument("-n", "--lines", metavar="N", type=int, default=100,
+                      help="show the last N lines (default 100, 0: all)")
+
+    cmd = add("cmd", cmd_cmd)
+    where = cmd.add_argument_group("where (--node and --label add up)")
+    where.add_argument("--all", action="store_true", help="every node")
+    where.add_argument("--node", metavar="NODE", action="append",
+                       help="MAC id, MAC address or name; repeat for more")
+    where.add_argument("--label", metavar="KEY=VALUE", action="append",
+                       help="nodes with this label (repeated: with all of them)")
+    cmd.add_argument("--timeout", metavar="S", type=float,
+                     help="seconds the command may run on each node (default: the node's, "
+                          "300)")
+    cmd.add_argument("--wait", metavar="S", type=float,
+                     help=f"seconds to wait for answers (default: timeout + {WAIT_MARGIN:g}, "
+                          f"or {DEFAULT_WAIT:g} without --timeout)")
+    cmd.add_argument("--result", metavar="ID", help="show the results of command ID again")
+    cmd.add_argument("--list", action="store_true", help="list the latest commands")
+    cmd.add_argument("--limit", metavar="N", type=int, default=20,
+                     help="how many --list shows (default 20)")
+    cmd.add_argument("argv", metavar="ARGV", nargs="*", help="the command, after --")
+
+    for name, handler in (("stop", cmd_stop), ("start", cmd_start), ("restart", cmd_restart)):
+        program = add(name, handler)
+        program.add_argument("program", metavar="PROGRAM", help="program name or id")
+        program.add_argument("--node", metavar="NODE", required=True,
+                             help="MAC id, MAC address or name")
+
+    label = add("label", cmd_label)
+    label.add_argument("node", metavar="NODE", help="MAC id, MAC address or name")
+    label.add_argument("labels", metavar="KEY=VALUE", nargs="*",
+                       help="labels to set (key= removes one)")
+
+
+def run(args: argparse.Namespace, handler: Handler) -> int:
+    """Open the fleet and run ``handler``; with ``--json`` an error is JSON too."""
+    try:
+        return handler(args, open_fleet(args))
+    except HimbeereError as exc:
+        if args.json and not getattr(args, "debug", False):
+            emit(args, {"ok": False, "error": str(exc)})
+            return 1
+        raise  # himbeere's main prints it as one line
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the fleet subcommands alone (tests); ``himbeere`` is the real entry point."""
+    from himbeere.cli import main as himbeere_main
+
+    return himbeere_main(argv)
