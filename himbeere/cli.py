@@ -133,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     upload.set_defaults(func=cmd_upload)
     from uploader.opscli import register as add_fleet_commands  # nodes, status, logs, cmd...
     add_fleet_commands(sub)
-    __import__("uploader.dashboard").dashboard.register(sub)  # imports Flask only when run
+    from uploader.dashboard import register as add_dashboard  # Flask: only when it runs
+    add_dashboard(sub)
     return parser
 
 
