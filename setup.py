@@ -36,11 +36,16 @@ setup(
     long_description=read_readme(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["himbeere", "himbeere.*", "himbeerecouch", "uploader"]),
+    packages=find_packages(include=["himbeere", "himbeere.*", "himbeerecouch", "uploader",
+                                    "uploader.*"]),
+    package_data={"uploader.dashboard": ["templates/*.html", "static/*"]},
     install_requires=["couchdb", "requests", "netifaces", "python-daemon", "cryptography"],
     extras_require={
         "gpio": ["RPi.GPIO"],
-        "test": ["pytest", "pytest-timeout"],
+        # The web dashboard (`himbeere dashboard`); a laptop's, never a Pi's.
+        "dashboard": ["flask>=2.2"],
+        # selenium drives Debian's chromium/chromedriver in the dashboard's browser tests.
+        "test": ["pytest", "pytest-timeout", "flask>=2.2", "selenium>=4.11"],
         "dev": ["ruff", "mypy", "types-requests"],
     },
     entry_points={

@@ -50,7 +50,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from tests.servers import PouchServer, create_database, db_url, delete_database  # noqa: E402
+from tests.servers import (  # noqa: E402
+    PouchServer,
+    _die_with_parent,
+    create_database,
+    db_url,
+    delete_database,
+)
 
 TARGETS = {
     "push_to_running_median_ms": 25.0,
@@ -176,7 +182,8 @@ class ResultWatcher:
                 response.raise_for_status()
                 self.response = response
                 self.opened.set()
-                for line in response.iter_lines(chunk_size=1):
+                # A chunked answer yields each chunk as it comes, whatever the size.
+                for line in response.iter_lines(chunk_size=1 << 16):
                     when = time.perf_counter()
                     if self.stop.is_set():
                         return
@@ -290,8 +297,10 @@ class Daemon:
         env = dict(os.environ, HIMBEERE_CONFIG=str(self.empty_ini), PYTHONPATH=str(ROOT),
                    PYTHONUNBUFFERED="1")
         with open(self.log_path, "ab") as log:
+            # PR_SET_PDEATHSIG: a killed benchmark takes its daemon along (SIGTERM).
             self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=env, cwd=str(ROOT))
+                                            stdin=subprocess.DEVNULL, env=env, cwd=str(ROOT),
+                                            preexec_fn=_die_with_parent)
 
     @property
     def pid(self) -> int:
@@ -392,9 +401,10 @@ class Bench:
 
     # -- phases ------------------------------------------------------------------
     def setup(self) -> None:
-        create_database(self.server_url, self.database)
-        self.created.append(self.database)
-        self.created.append(self.database + "_status")  # the daemon makes it
+        # Both databases, as `himbeere-upload setup` would make them.
+        for name in (self.database, self.database + "_status"):
+            create_database(self.server_url, name)
+            self.created.append(name)
         self.daemon = Daemon(self.server_url, self.database, self.workdir, self.mac_id,
                              self.args.heartbeat_interval)
         self.daemon.start()
@@ -402,17 +412,17 @@ class Bench:
     def warm_up(self) -> dict[str, Any]:
         """Wait for the daemon to run a first program; warm the fork server."""
         started = time.perf_counter()
-        rev = None
+        rev = token = ""
         for i in range(max(1, self.args.warmup)):
             token = f"warm{i}"
             doc = {"type": self.mac_id, "name": "bench-warm", "code": self.program(token)}
-            if rev is not None:
+            if rev:
                 doc["_rev"] = rev
             rev = self.put("bench-warm", doc)
             self.wait_udp(f"up {token}")
         first = time.perf_counter() - started
         self.delete("bench-warm", rev)
-        self.wait_udp(f"down warm{max(1, self.args.warmup) - 1}")
+        self.wait_udp(f"down {token}")
         assert self.daemon is not None
         return {"seconds_to_first_program": round(first, 3),
                 "daemon_rss_mb": _round(proc_status(self.daemon.pid, "VmRSS"))}
@@ -555,12 +565,12 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
         "daemon_rss_mb": result["idle"].get("daemon_rss_mb"),
         "daemon_cpu_percent": result["idle"].get("daemon_cpu_percent"),
     }
-    checks = {
+    checks: dict[str, Any] = {
         name: {"limit": TARGETS[name], "value": value,
                "met": value is not None and value <= TARGETS[name]}
         for name, value in values.items()
     }
-    checks["all_met"] = all(check["met"] for check in checks.values())  # type: ignore[index]
+    checks["all_met"] = all(check["met"] for check in checks.values())
     return checks
 
 
@@ -601,6 +611,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         server = PouchServer(workdir / "pouchdb", in_memory=True)
         server.start()
         url = server.url
+    load_before = os.getloadavg()
     try:
         info = server_info(url)
         info["started_here"] = server is not None
@@ -623,7 +634,10 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "server": info,
             "python": f"{platform.python_implementation()} {platform.python_version()}",
             "machine": {"arch": platform.machine(), "cpus": os.cpu_count(),
-                        "kernel": platform.release()},
+                        "kernel": platform.release(),
+                        # Other work on the machine shows up in the p99s.
+                        "load_average_before": [round(x, 2) for x in load_before],
+                        "load_average_after": [round(x, 2) for x in os.getloadavg()]},
             "seconds_to_first_program": startup["seconds_to_first_program"],
             "push_to_running_ms": push,
             "command_round_trip_ms": command,

@@ -14,7 +14,7 @@ The map (one module per noun):
 ``programs``   supervising programs: start, restart, back off, stop
 ``forkserver`` the single-threaded process that forks programs warm
 ``child``      what runs inside a program's process: helpers, importer
-``commands``   running ``<macid>_cmd`` documents exactly once
+``commands``   running commands exactly once (``<macid>_cmd``, fleet commands)
 ``status``     the node's status document and heartbeat
 ``health``     health figures; alive, suspect, dead
 ``logship``    program output into the status database

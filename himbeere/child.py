@@ -57,6 +57,9 @@ class ProgramSpec:
     node: int
     couch_url: Optional[str] = None
     database: Optional[str] = None
+    #: A git checkout to put first on sys.path, and the function to call.
+    path: Optional[str] = None
+    entry: str = "main"
 
 
 class Helpers:
@@ -321,6 +324,9 @@ def main(spec: ProgramSpec, conn: Any) -> None:
     helpers = Helpers(spec, send)
     threading.Thread(target=_watch_quit, args=(conn, helpers), daemon=True,
                      name="quit-watch").start()
+    if spec.path:
+        sys.path.insert(0, spec.path)
+        os.chdir(spec.path)
     sys.meta_path.insert(0, ProgramImporter([spec.modules, spec.global_modules], helpers))
     send(("running", os.getpid()))
     status, detail = run_main(spec)
@@ -350,12 +356,13 @@ def run_main(spec: ProgramSpec) -> tuple[str, Optional[str]]:
         return "invalid", traceback.format_exc(limit=0)
     except BaseException as exc:
         return "crashed", program_traceback(exc)
-    entry = getattr(module, "main", None)
+    entry = getattr(module, spec.entry, None)
     if entry is None:
-        return "invalid", "the main module defines no main(); define def main(): ..."
+        return "invalid", (f"the main module defines no {spec.entry}(); "
+                           f"define def {spec.entry}(): ...")
     if not callable(entry):
-        return "invalid", (f"main is a {type(entry).__name__}, not a function; "
-                           "define def main(): ...")
+        return "invalid", (f"{spec.entry} is a {type(entry).__name__}, not a function; "
+                           f"define def {spec.entry}(): ...")
     try:
         entry()
     except SystemExit as exc:

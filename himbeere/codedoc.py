@@ -20,7 +20,7 @@ import hashlib
 import json
 from typing import Any, Optional
 
-from . import defaults
+from . import defaults, gitsource
 from .exceptions import ProgramError
 
 MAIN = "main"
@@ -39,16 +39,18 @@ class CodeDoc:
     enabled: bool
     error: Optional[str] = None
     restart_count: int = 0
+    git: Optional[gitsource.GitSource] = None
 
     @property
     def is_program(self) -> bool:
         """False for a document that only exports ``global_modules``."""
-        return bool(self.modules) or self.error is not None
+        return bool(self.modules) or self.error is not None or self.git is not None
 
     def fingerprint(self, global_sources: dict[str, str]) -> str:
         """Changes exactly when the program must restart."""
         used = {name: global_sources[name] for name in self.uses(global_sources)}
-        blob = json.dumps([self.modules, used, self.restart, self.error, self.restart_count],
+        git = dataclasses.astuple(self.git) if self.git else None
+        blob = json.dumps([self.modules, used, self.restart, self.error, self.restart_count, git],
                           sort_keys=True)
         return hashlib.sha1(blob.encode()).hexdigest()
 
@@ -116,7 +118,12 @@ def parse(doc: dict[str, Any], default_restart: str = defaults.RESTART_POLICY) -
         _check_size(global_modules)
     except ProgramError as exc:
         return CodeDoc(modules={}, global_modules={}, error=str(exc), **base)
+    git = None
     try:
+        if "git" in doc:
+            if "code" in doc or "modules" in doc:
+                raise ProgramError("git: a document holds either git or code/modules, not both")
+            git = gitsource.parse(doc["git"])
         modules = _program_modules(doc)
         if not isinstance(enabled, bool):
             # The string "false" would otherwise run what the user meant to stop.
@@ -134,6 +141,8 @@ def parse(doc: dict[str, Any], default_restart: str = defaults.RESTART_POLICY) -
         # The program cannot run, but the modules it exports are fine: other
         # programs, on every node, may import them.
         return CodeDoc(modules={}, global_modules=global_modules, error=str(exc), **base)
+    if git is not None:
+        return CodeDoc(modules={}, global_modules=global_modules, git=git, **base)
     if not modules and not global_modules:
         error = "nothing to run: the document has no code, modules or global_modules"
         return CodeDoc(modules={}, global_modules={}, error=error, **base)

@@ -44,7 +44,8 @@ above.
 A node that joins later does not run old ``"all"`` commands: the node
 records its first start (on the server's clock) in ``first_start.json`` in
 its state directory, and skips an ``"all"`` command whose ``created_time``
-(also on the server's clock) is earlier.  A command that names the node's
+(also on the server's clock) is earlier, by more than :data:`JOIN_GRACE`
+(10 s: the two clocks are estimates).  A command that names the node's
 MAC id in ``targets`` always runs, however old, and so does an ``"all"``
 command without a numeric ``created_time`` (written by hand: its age is
 unknown).
@@ -84,6 +85,12 @@ SLICE = 0.2
 KILL_WAIT = 5.0
 
 INTERRUPTED = "the daemon stopped while this command ran; it is not run again"
+
+#: Seconds an ``"all"`` command may predate a node's first start and still run
+#: there: both times are our estimates of the server's clock (from whole-second
+#: HTTP ``Date`` headers, good to about a second each), and a command sent
+#: while a node was starting up is meant for it.
+JOIN_GRACE = 10.0
 
 #: ``type`` of a fleet command (code database) and of a node's result (status database).
 COMMAND_TYPE = "himbeere-command"
@@ -402,7 +409,7 @@ class Commands:
         if doc.get("targets") != "all" or isinstance(created, bool) \
                 or not isinstance(created, (int, float)):
             return False
-        return created < self.first_start.record(self.server_time())
+        return created < self.first_start.record(self.server_time()) - JOIN_GRACE
 
     def _run_fleet(self, key: str, doc: Doc, earlier: Optional[str]) -> None:
         try:

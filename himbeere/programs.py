@@ -19,12 +19,13 @@ import multiprocessing.connection
 import os
 import queue
 import signal
+import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import child, codedoc, defaults
+from . import child, codedoc, defaults, gitsource
 from .codedoc import CodeDoc
 from .forkserver import ForkServer
 
@@ -45,6 +46,9 @@ class Program:
         self.state = "starting"
         self.conn: Any = None
         self.eof = False
+        #: For git programs: (fingerprint, (checkout path, commit)) once fetched.
+        self.fetched: Optional[tuple[str, tuple[str, str]]] = None
+        self.fetching: Optional[str] = None
         self.pid: Optional[int] = None
         self.started: Optional[float] = None
         self.started_mono: Optional[float] = None
@@ -67,6 +71,10 @@ class Program:
         return self.doc.name
 
     @property
+    def checkout(self) -> Optional[tuple[str, str]]:
+        return self.fetched[1] if self.fetched else None
+
+    @property
     def alive(self) -> bool:
         return self.pid is not None
 
@@ -82,6 +90,8 @@ class Program:
             "exit_code": self.exit_code,
             "restart": self.doc.restart,
             "enabled": self.doc.enabled,
+            "git": self.doc.git.describe() if self.doc.git else None,
+            "commit": self.checkout[1] if self.doc.git and self.checkout else None,
             "next_start": _iso(time.time() + self.next_start - time.monotonic())
             if self.state == "backing-off" and self.next_start is not None else None,
         }
@@ -180,6 +190,8 @@ class Supervisor:
             try:
                 if action == "doc":
                     self._apply(arg)
+                elif action == "fetched":
+                    self._fetched(*arg)
                 elif action == "restart_all":
                     self._restart_all()
                 elif action == "stop_all":
@@ -309,13 +321,22 @@ class Supervisor:
             self._set(program, "stopped")
             return
         doc = program.doc
+        path, entry, main_module = None, "main", codedoc.MAIN
+        if doc.git is not None:
+            fingerprint = doc.fingerprint(self.global_sources)
+            if program.fetched is None or program.fetched[0] != fingerprint:
+                self._fetch(program, fingerprint)
+                return
+            path = program.fetched[1][0]
+            entry, main_module = doc.git.function, doc.git.module
         # Every global module goes along: the fingerprint follows only the
         # ones found in import statements, but importlib.import_module()
         # and __import__() must find the others too.
         spec = child.ProgramSpec(
             name=doc.name, doc_id=doc.doc_id, rev=doc.rev, modules=doc.modules,
-            main_module=codedoc.MAIN, global_modules=dict(self.global_sources),
+            main_module=main_module, global_modules=dict(self.global_sources),
             node=self.node, couch_url=self.couch_url, database=self.database,
+            path=path, entry=entry,
         )
         # What runs now decides the next restart, whatever changed meanwhile.
         program.fingerprint = doc.fingerprint(self.global_sources)
@@ -333,6 +354,49 @@ class Supervisor:
         self._set(program, "running", error=program.last_error)
         self._record_pids()
         log.info("%s: started (pid %s, rev %s)", program.name, pid, doc.rev)
+
+    def _fetch(self, program: Program, fingerprint: str) -> None:
+        """Fetch a git program in a thread; :meth:`_fetched` starts it after."""
+        if program.fetching == fingerprint:
+            self._set(program, "fetching")  # the fetch under way will start it
+            return
+        program.fetching = fingerprint
+        doc = program.doc
+        assert doc.git is not None
+        root = gitsource.checkout_root(self.state_dir or Path("."), doc.doc_id)
+        self._set(program, "fetching")
+        log.info("%s: fetching %s", program.name, doc.git.describe())
+
+        def work() -> None:
+            try:
+                path, commit = gitsource.fetch(doc.git, root)  # type: ignore[arg-type]
+                result: Any = (str(path), commit)
+            except gitsource.GitError as exc:
+                result = exc
+            except Exception as exc:  # noqa: BLE001 - reported in the status
+                result = gitsource.GitError(f"git: {exc}")
+            self._inbox.put(("fetched", (doc.doc_id, fingerprint, result)))
+            self.wake()
+
+        threading.Thread(target=work, name=f"git-{doc.name}", daemon=True).start()
+
+    def _fetched(self, doc_id: str, fingerprint: str, result: Any) -> None:
+        program = self.programs.get(doc_id)
+        if program is None or program.fetching != fingerprint:
+            return  # deleted or changed again meanwhile
+        program.fetching = None
+        if program.state != "fetching":
+            return  # stopped or disabled while fetching
+        if isinstance(result, gitsource.GitError):
+            if result.transient:
+                self._crashed(program, str(result), time.monotonic())
+            else:
+                log.error("%s: %s", program.name, result)
+                self._set(program, "invalid", error=str(result))
+            return
+        program.fetched = (fingerprint, result)
+        log.info("%s: fetched commit %s", program.name, result[1][:12])
+        self._start(program)
 
     # -- stopping --------------------------------------------------------------
     def _stop(self, program: Program, then: str) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -16,14 +17,14 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from himbeere import design
+from himbeere import design, security
 from himbeere.commands import COMMAND_TYPE, Commands, Journal, result_id
 from himbeere.couch import Couch, Doc
-from himbeere.exceptions import ConfigError, NotFound
+from himbeere.exceptions import ConfigError, NotFound, Unauthorized
 from himbeere.status import status_id
 from tests.helpers import wait_for
 from tests.nodes import ROOT, Node
-from uploader import install, ops
+from uploader import install, ops, users
 from uploader.fleet import Fleet
 
 PY = sys.executable
@@ -106,6 +107,19 @@ def test_the_feed_filter_lets_targeted_commands_through(fleet: Fleet, couch: Cou
     assert passed(2000) == {"for-all", "int", "others"}
     assert passed(100) == {"for-all", "others"}
     assert passed(1000, code_only=True) == {"program"}
+
+
+def test_couchdb_gets_the_same_rule_as_a_selector(couch: Couch,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """pouchdb-server cannot run _selector; the shape is pinned here, the behaviour by the
+    test above when HIMBEERE_TEST_COUCH_URL names an Apache CouchDB."""
+    monkeypatch.setattr(couch, "supports_selector", lambda: True)
+    either = design.node_filter(couch, 1000).selector["$or"]  # type: ignore[index]
+    assert {"type": COMMAND_TYPE, "targets": "all"} in either
+    assert {"type": COMMAND_TYPE,
+            "targets": {"$elemMatch": {"$in": [1000, "1000"]}}} in either
+    code_only = design.node_filter(couch, 1000, code_only=True).selector
+    assert COMMAND_TYPE not in json.dumps(code_only)
 
 
 def test_an_old_design_document_is_upgraded_by_setup(fleet: Fleet) -> None:
@@ -208,6 +222,11 @@ def test_a_node_that_joins_later_skips_old_all_commands_but_runs_named_ones(
     start_nodes(node_factory, 1001)
     old_all = ops.create_command(fleet, append_line(tmp_path / "all.txt"), "all")
     old_named = ops.create_command(fleet, ["true"], [1001, 1002])
+    for doc_id in (old_all, old_named):  # as if they were made an hour ago
+        doc = fleet.code.get(doc_id)
+        assert doc is not None
+        doc["created_time"] -= 3600
+        fleet.code.save(doc)
     wait_result(fleet, old_all, 1001)
     late = start_nodes(node_factory, 1002)[0]
     wait_result(fleet, old_named, 1002, node=late)
@@ -245,6 +264,31 @@ def test_a_started_fleet_command_in_the_journal_is_marked_interrupted(fleet: Fle
         assert doc["state"] == "interrupted" and "ret" not in doc
     finally:
         runner.shutdown()
+
+
+@pytest.mark.slow
+def test_a_daemon_with_node_credentials_answers_in_the_status_database(
+        fleet: Fleet, node_factory: NodeFactory, couch: Couch) -> None:
+    mac = 10**14 + secrets.randbelow(10**14)
+    password = users.provision(fleet, mac)["password"]
+    try:
+        node_client = fleet.couch.as_user(str(mac), password)
+        node = node_factory(mac_id=mac, url=node_client.url)
+        wait_for(node.status, 30, message=lambda: node.log()[-3000:])
+        command_id = ops.create_command(fleet, ["echo", "as a node"], [mac])
+        doc = wait_result(fleet, command_id, mac, node=node)
+        assert doc["ret"] == ["as a node\n", ""]
+        # ...but a node may not make commands, nor answer for another node.
+        as_node = Fleet(node_client.url, fleet.code.name)
+        with pytest.raises(Unauthorized):
+            as_node.code.save({"type": COMMAND_TYPE, "targets": "all", "cmd": ["reboot"]})
+        with pytest.raises(Unauthorized):
+            as_node.status.save({"_id": result_id(command_id, 1001), "node": 1001})
+    finally:
+        users_db = couch.database("_users")
+        user = users_db.get(security.user_id(mac))
+        if user:
+            users_db.delete(user)
 
 
 # -- targets -----------------------------------------------------------------------------
@@ -296,7 +340,8 @@ def test_himbeere_cmd_prints_a_table_and_reports_a_node_that_is_down(
     wait_result(fleet, command_id, 1002, node=down)
     again = himbeere(fleet, "cmd", "--result", command_id)
     assert again.returncode == 0, again.stderr
-    assert sum("first line" in line for line in again.stdout.splitlines()) == 2
+    rows = again.stdout.splitlines()[2:]
+    assert len(rows) == 2 and all("first line" in row for row in rows), again.stdout
     as_json = json.loads(himbeere(fleet, "cmd", "--result", command_id, "--json").stdout)
     assert as_json["ok"] and set(as_json["results"]) == {"1001", "1002"}
     assert as_json["pending"] == []

@@ -7,6 +7,8 @@
 ``users``     ``provision``: a node's CouchDB user and friendly name
 ``push``      ``push``, ``pull``, ``ls``, ``rm``: code documents from files
 ``discover``  ``discover``: broadcast, then provision every Pi that answers
+``ops``       fleet operations: nodes, logs, fleet commands, stop/start, labels
+``opscli``    ``himbeere nodes|status|logs|cmd|stop|start|restart|label``
 ============= ==============================================================
 
 Who may do what is in :mod:`himbeere.security`; every CouchDB request goes

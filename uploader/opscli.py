@@ -248,15 +248,21 @@ def cmd_cmd(args: argparse.Namespace, fleet: Fleet) -> int:
         args.timeout + WAIT_MARGIN if args.timeout else DEFAULT_WAIT)
     err = sys.stderr
     err.write(f"command {command_id}\n")
+    # On a terminal the progress line is rewritten in place; in a log, one line each.
+    start, end = ("\r", "") if err.isatty() else ("", "\n")
     answer: dict[str, Any] = {}
     try:
         for answer in ops.wait_for_results(fleet, command_id, wait):
             expected = len(answer["pending"]) + _final_count(answer)
-            err.write(f"\r{_final_count(answer)}/{expected} answered")
+            err.write(f"{start}{_final_count(answer)}/{expected} answered{end}")
             err.flush()
-    finally:
+    except KeyboardInterrupt:
+        if start:
+            err.write("\n")
+        err.write(f"stopped waiting; the nodes go on: himbeere cmd --result {command_id}\n")
+        return 130
+    if start:
         err.write("\n")
-        err.flush()
     return report(args, fleet, answer)
 
 

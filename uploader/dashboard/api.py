@@ -150,6 +150,8 @@ def create_command() -> Any:
             raise ConfigError(f"command {body['cmd']!r} cannot be split: {exc}") from None
     targets = body.get("targets")
     labels = body.get("labels") or ()
+    if isinstance(labels, str):
+        labels = labels.replace(",", " ").split()
     everywhere = targets == "all"
     if targets is None or everywhere:
         nodes: list[Any] = []
@@ -160,6 +162,9 @@ def create_command() -> Any:
                           "MAC ids and node names")
     resolved = ops.resolve_targets(g.fleet, all=everywhere, nodes=nodes, labels=labels)
     timeout = _number("timeout", body.get("timeout"))
+    if not isinstance(argv, list):
+        raise ConfigError(f"command {argv!r} is not allowed; allowed: a list of strings, or "
+                          "one string split like a shell would (no shell runs it)")
     command_id = ops.create_command(g.fleet, argv, resolved, timeout)
     response = jsonify({"ok": True, "id": command_id, "targets": resolved,
                         "url": f"/commands/{command_id}"})
@@ -186,7 +191,8 @@ def events() -> Response:
     fleet: Fleet = g.fleet
     fleet.require_database(fleet.status)  # refused here with 401/403, not in the stream
     key = fleet.couch.auth or ("", "")
-    stream = live.stream(dashboard().hub, key, fleet.status)
+    board = dashboard()
+    stream = live.stream(board.hub, key, fleet.status, board.keepalive)
     response = Response(stream_with_context(stream), mimetype="text/event-stream")
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream

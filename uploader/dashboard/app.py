@@ -24,7 +24,18 @@ import secrets
 import urllib.parse
 from typing import Any, Optional, Union
 
-from flask import Flask, Response, g, jsonify, redirect, render_template, request, session, url_for
+from flask import (
+    Flask,
+    Response,
+    current_app,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
 from werkzeug.exceptions import HTTPException
 
 from himbeere import defaults
@@ -33,7 +44,7 @@ from himbeere.exceptions import ConfigError, CouchError, NotFound, Unauthorized,
 
 from ..fleet import Fleet
 from . import sessions
-from .live import LiveHub
+from .live import KEEPALIVE, LiveHub
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +72,8 @@ class Dashboard:
         self.status_database = status_database or database + defaults.STATUS_SUFFIX
         self.sessions = sessions.SessionStore()
         self.hub = LiveHub()
+        #: Seconds between keep-alive comments on an idle event stream.
+        self.keepalive = KEEPALIVE
 
     def fleet_as(self, name: Optional[str] = None, password: str = "") -> Fleet:
         """The fleet as user ``name`` (anonymous without one)."""
@@ -85,9 +98,8 @@ def create_app(server_url: str, database: str = defaults.DATABASE,
         SESSION_COOKIE_NAME="himbeere_dashboard",
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Lax",
-        JSON_SORT_KEYS=False,
     )
-    app.json.sort_keys = False  # type: ignore[attr-defined]
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep ops' field order
     app.extensions[EXTENSION] = Dashboard(server_url, database, status_database)
     app.before_request(identify)
     app.before_request(check_csrf)
@@ -102,9 +114,8 @@ def create_app(server_url: str, database: str = defaults.DATABASE,
 
 
 def dashboard() -> Dashboard:
-    from flask import current_app
-
-    return current_app.extensions[EXTENSION]  # type: ignore[no-any-return]
+    board: Dashboard = current_app.extensions[EXTENSION]
+    return board
 
 
 # -- who is asking ----------------------------------------------------------------------
@@ -208,8 +219,7 @@ def unauthorized(exc: Unauthorized) -> Any:
         board.sessions.remove(session.pop("sid", None))
         g.login = None
     if is_api():
-        response = error_response(401, "sign in first: " + str(exc))
-        return response
+        return error_response(401, "sign in first: POST /login, or send basic auth")
     target = request.full_path if request.method == "GET" else "/"
     return redirect(url_for("pages.login", next=target.rstrip("?")))
 

@@ -16,7 +16,8 @@ Events (each one ``data:`` line of JSON)::
     {"type": "offline", "error": "..."}     # the server is unreachable; retrying
     {"type": "unauthorized", "error": "..."}  # sign in again
 
-A feed stops a few seconds after its last subscriber leaves.
+A feed stops when its last subscriber leaves (its thread notices at the
+next heartbeat from CouchDB, within ``FEED_TIMEOUT / 3`` seconds).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import queue
 import random
 import threading
 from collections.abc import Iterator
-from typing import Any, Callable, Hashable, Optional
+from typing import Any, Callable, Hashable
 
 from himbeere import defaults
 from himbeere.couch import Database, Seq
@@ -96,11 +97,9 @@ def merge(events: list[Event]) -> list[Event]:
 class UserFeed:
     """Follows one database's ``_changes`` as one user, for that user's tabs."""
 
-    def __init__(self, db: Database, on_idle: Callable[[UserFeed], None],
-                 linger: float = FEED_TIMEOUT) -> None:
+    def __init__(self, db: Database, on_idle: Callable[[UserFeed], None]) -> None:
         self.db = db
         self.on_idle = on_idle
-        self.linger = linger
         self.subscribers: set[Subscriber] = set()
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -197,8 +196,11 @@ class LiveHub:
         return feed, subscriber
 
     def unsubscribe(self, feed: UserFeed, subscriber: Subscriber) -> None:
+        """Forget ``subscriber``; the last one out stops the feed (within a heartbeat)."""
         with feed.lock:
             feed.subscribers.discard(subscriber)
+            if not feed.subscribers:
+                feed.stop.set()
 
     def _forget(self, feed: UserFeed) -> None:
         with self.lock:

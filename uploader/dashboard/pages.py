@@ -46,8 +46,7 @@ def node(node: str) -> Any:
 
 @blueprint.route("/commands")
 def commands() -> Any:
-    listing = {"commands": ops.list_commands(g.fleet, limit=50),
-               "nodes": api.nodes_payload(g.fleet)["nodes"]}
+    listing = {"commands": ops.list_commands(g.fleet, limit=50)}
     return render_page("commands.html", "commands", listing)
 
 

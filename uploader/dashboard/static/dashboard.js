@@ -34,6 +34,7 @@
 
   function seconds(value) {
     if (value === null || value === undefined) return "–";
+    if (value < 1) return Math.round(value * 1000) + " ms";
     if (value < 60) return value.toFixed(value < 10 ? 1 : 0) + " s";
     if (value < 3600) return Math.floor(value / 60) + " min";
     if (value < 86400) return (value / 3600).toFixed(1) + " h";
@@ -117,10 +118,11 @@
 
   // The state of a node now: the age the server saw, plus the time since.
   function nodeState(node, fetchedAt) {
-    if (node.state === "stopped" || node.state === "unknown" || node.heartbeat_age === null) {
-      return { state: node.state, age: node.heartbeat_age };
+    if (node.heartbeat_age === null || node.heartbeat_age === undefined) {
+      return { state: node.state, age: null };
     }
     const age = node.heartbeat_age + (Date.now() - fetchedAt) / 1000;
+    if (node.state === "stopped" || node.state === "unknown") return { state: node.state, age: age };
     const interval = node.heartbeat_interval || 10;
     const t = config.thresholds;
     const state = age <= t.suspect_after * interval ? "alive"
@@ -194,37 +196,62 @@
         badge(CRASHED.includes(p.state) ? "crashed" : p.state, (p.name || id) + " " + (p.state || "?"))));
     }
 
+    // The data columns of a node's row, each a list of children.
+    function columns(node) {
+      const memory = node.memory || {};
+      return [
+        [h("a", { href: "/nodes/" + node.node, className: "node-link" }, nodeLabel(node.node, node.name)),
+          ...Object.entries(node.labels || {}).map(([k, v]) => h("span", { className: "label", text: k + "=" + v }))],
+        [node.ip || "–"],
+        [node.load ? node.load.map((x) => x.toFixed(2)).join(" ") : "–"],
+        [figure(node.cpu_percent, " %", 0)],
+        [figure(node.temperature, " °C")],
+        [memory.used_mb === null || memory.used_mb === undefined ? "–"
+          : megabytes(memory.used_mb) + " / " + megabytes(memory.total_mb)],
+        [megabytes((node.disk || {}).free_mb)],
+        programBadges(node),
+      ];
+    }
+    // Where each data column sits among the row's cells.
+    const SLOTS = [1, 3, 5, 6, 7, 8, 9, 10];
+
+    // Rows are made once per node and updated in place: a checkbox being
+    // clicked or a link being hovered is never swapped under the pointer.
     function render() {
-      rows.clear();
       const body = $("nodes").tBodies[0];
-      replaceRows(body, nodes.map((node) => {
-        const box = h("input", { type: "checkbox", className: "select", value: String(node.node),
-          "aria-label": "select " + nodeLabel(node.node, node.name),
-          checked: selected.has(node.node),
-          onchange: (e) => { if (e.target.checked) selected.add(node.node); else selected.delete(node.node); counts(); } });
-        const stateCell = h("td", { className: "state-cell" });
-        const ageCell = h("td", { className: "age" });
-        const memory = node.memory || {};
-        const row = h("tr", { "data-node": String(node.node) },
-          h("td", {}, box),
-          h("td", {}, h("a", { href: "/nodes/" + node.node, className: "node-link" },
-            nodeLabel(node.node, node.name)),
-            Object.entries(node.labels || {}).map(([k, v]) => h("span", { className: "label", text: k + "=" + v }))),
-          stateCell,
-          h("td", { text: node.ip || "–" }),
-          ageCell,
-          h("td", { text: node.load ? node.load.map((x) => x.toFixed(2)).join(" ") : "–" }),
-          h("td", { text: figure(node.cpu_percent, " %", 0) }),
-          h("td", { text: figure(node.temperature, " °C") }),
-          h("td", { text: memory.used_mb === null || memory.used_mb === undefined ? "–"
-            : megabytes(memory.used_mb) + " / " + megabytes(memory.total_mb) }),
-          h("td", { text: megabytes((node.disk || {}).free_mb) }),
-          h("td", { className: "programs-cell" }, programBadges(node)));
-        rows.set(node.node, { node: node, row: row, stateCell: stateCell, ageCell: ageCell });
-        return row;
-      }));
+      const seen = new Set();
+      nodes.forEach((node, index) => {
+        seen.add(node.node);
+        let entry = rows.get(node.node);
+        if (!entry) {
+          const box = h("input", { type: "checkbox", className: "select", value: String(node.node),
+            "aria-label": "select node " + node.node,
+            onchange: (e) => { if (e.target.checked) selected.add(node.node); else selected.delete(node.node); counts(); } });
+          const cells = Array.from({ length: 11 }, () => h("td"));
+          cells[0].append(box);
+          cells[2].className = "state-cell";
+          cells[4].className = "age";
+          cells[10].className = "programs-cell";
+          entry = { row: h("tr", { "data-node": String(node.node) }, cells), cells: cells, box: box, sigs: [] };
+          rows.set(node.node, entry);
+        }
+        entry.node = node;
+        entry.stateCell = entry.cells[2];
+        entry.ageCell = entry.cells[4];
+        entry.box.checked = selected.has(node.node);
+        columns(node).forEach((children, i) => {
+          const cell = entry.cells[SLOTS[i]];
+          const sig = children.map((c) => (c instanceof Node ? c.outerHTML : String(c))).join("");
+          if (entry.sigs[i] !== sig) { cell.replaceChildren(...children); entry.sigs[i] = sig; }
+        });
+        if (body.children[index] !== entry.row) {  // a new row, or the order changed
+          body.insertBefore(entry.row, body.children[index] || null);
+        }
+      });
+      for (const [mac, entry] of Array.from(rows)) {
+        if (!seen.has(mac)) { entry.row.remove(); rows.delete(mac); selected.delete(mac); }
+      }
       $("no-nodes").hidden = nodes.length > 0;
-      for (const mac of Array.from(selected)) if (!rows.has(mac)) selected.delete(mac);
       tick();
       counts();
     }
@@ -255,7 +282,8 @@
     $("select-all").addEventListener("change", (e) => {
       selected.clear();
       if (e.target.checked) nodes.forEach((n) => selected.add(n.node));
-      render();
+      for (const [mac, entry] of rows) entry.box.checked = selected.has(mac);
+      counts();
     });
 
     const refresh = throttled(async () => {

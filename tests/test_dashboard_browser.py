@@ -1,0 +1,233 @@
+"""The dashboard in a real headless Chromium, with real node daemons.
+
+Debian's ``chromium`` and ``chromium-driver`` packages, driven by Selenium
+(``/usr/bin/chromium``, ``/usr/bin/chromedriver``; no browser is
+downloaded).  The tests skip, saying why, when either is missing.  The
+dashboard runs in a thread on a free loopback port; screenshots go to
+``artifacts/`` (git-ignored) for a person to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+pytest.importorskip("flask", reason="the dashboard needs Flask (pip install '.[dashboard]')")
+webdriver = pytest.importorskip("selenium.webdriver",
+                                reason="browser tests need selenium (pip install '.[test]')")
+
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from werkzeug.serving import make_server  # noqa: E402
+
+from himbeere.couch import Couch  # noqa: E402
+from tests.nodes import ROOT, Node  # noqa: E402
+from tests.servers import free_port  # noqa: E402
+from tests.test_dashboard import PASSWORD, deployer, fleet, make_user  # noqa: E402,F401
+from uploader import ops  # noqa: E402
+from uploader.dashboard import create_app  # noqa: E402
+from uploader.fleet import Fleet  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = os.environ.get("HIMBEERE_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("HIMBEERE_CHROMEDRIVER", "/usr/bin/chromedriver")
+ARTIFACTS = ROOT / "artifacts"
+WAIT = 40.0
+
+NODE_A = 202481596941066
+NODE_B = 202481596941067
+
+CRASHING = '''\
+def main():
+    log("about to divide")
+    ratio = 1 / 0
+'''
+CHATTY = '''\
+import time
+
+def main():
+    n = 0
+    while not should_quit():
+        n += 1
+        log("tick", n)
+        time.sleep(0.5)
+'''
+
+
+def _find(path: str, *alternatives: str) -> str:
+    for candidate in (path, *alternatives):
+        if candidate and os.path.exists(candidate):
+            return candidate
+    return ""
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    """A headless Chromium with a fresh profile."""
+    chromium = _find(CHROMIUM, shutil.which("chromium") or "",
+                     shutil.which("chromium-browser") or "")
+    driver_path = _find(CHROMEDRIVER, shutil.which("chromedriver") or "")
+    if not chromium or not driver_path:
+        pytest.skip(f"Chromium not installed (looked for {CHROMIUM} and {CHROMEDRIVER}; "
+                    "apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--window-size=1400,1000",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(driver_path))
+    driver.set_page_load_timeout(60)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture
+def dashboard_url(couch: Couch, fleet: Fleet) -> Iterator[str]:  # noqa: F811
+    """The dashboard served by a real HTTP server in a thread, on a free loopback port."""
+    app = create_app(couch.base, fleet.code.name, secret_key="browser test")
+    server = make_server("127.0.0.1", free_port(), app, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="dashboard", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        app.extensions["himbeere"].hub.close()
+        server.shutdown()
+        server.server_close()
+        thread.join(10)
+
+
+def wait_until(browser: Any, condition: Callable[[], Any], what: str,
+               timeout: float = WAIT) -> Any:
+    """Wait for ``condition()`` (retried on stale elements); fail with a screenshot."""
+    def check(_: Any) -> Any:
+        try:
+            return condition()
+        except StaleElementReferenceException:
+            return None
+
+    try:
+        return WebDriverWait(browser, timeout, poll_frequency=0.2).until(check)
+    except Exception:
+        shot(browser, "failure")
+        raise AssertionError(f"{what} never happened on {browser.current_url}; page text:\n"
+                             f"{browser.find_element(By.TAG_NAME, 'body').text[:3000]}"
+                             ) from None
+
+
+def shot(browser: Any, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / f"dashboard-{name}.png"
+    browser.save_screenshot(str(path))
+    return path
+
+
+def node_state(browser: Any, mac: int) -> str:
+    cells = browser.find_elements(By.CSS_SELECTOR, f'tr[data-node="{mac}"] td.state-cell')
+    return str(cells[0].text) if cells else ""
+
+
+def sign_in(browser: Any, url: str, user: tuple[str, str]) -> None:
+    browser.get(url + "/")
+    wait_until(browser, lambda: "/login" in browser.current_url, "the redirect to sign in")
+    browser.find_element(By.ID, "name").send_keys(user[0])
+    browser.find_element(By.ID, "password").send_keys(user[1])
+    browser.find_element(By.ID, "signin").click()
+    wait_until(browser, lambda: browser.find_elements(By.ID, "nodes"), "the fleet page")
+
+
+def test_fleet_command_and_traceback_in_the_browser(
+        browser: Any, dashboard_url: str, fleet: Fleet, deployer: tuple[str, str],  # noqa: F811
+        node_factory: Callable[..., Node]) -> None:
+    fleet.code.save({"_id": f"{NODE_A}:crasher", "type": NODE_A, "name": "crasher",
+                     "code": CRASHING})
+    fleet.code.save({"_id": f"{NODE_B}:ticker", "type": NODE_B, "name": "ticker",
+                     "code": CHATTY})
+    nodes = [node_factory(mac_id=NODE_A), node_factory(mac_id=NODE_B)]
+    nodes[0].wait_program(f"{NODE_A}:crasher", 40, restarts=1)
+    nodes[1].wait_program(f"{NODE_B}:ticker", 40, state="running")
+    fleet.set_name(NODE_B, "garden")
+
+    # Sign in; both nodes are alive.
+    sign_in(browser, dashboard_url, deployer)
+    for mac in (NODE_A, NODE_B):
+        wait_until(browser, lambda m=mac: node_state(browser, m) == "alive", f"node {mac} alive")
+    assert "garden" in browser.find_element(By.ID, "nodes").text
+    wait_until(browser, lambda: "crasher" in browser.find_element(By.ID, "nodes").text,
+               "the crashing program in the fleet table")
+    shot(browser, "fleet")
+
+    # Run a command on both: one command document, both results arrive live.
+    for mac in (NODE_A, NODE_B):
+        browser.find_element(By.CSS_SELECTOR, f'tr[data-node="{mac}"] input.select').click()
+    assert browser.find_element(By.ID, "selected-count").text == "2"
+    browser.find_element(By.ID, "cmd").send_keys("echo 'hello from' a pi")
+    browser.find_element(By.ID, "run-button").click()
+    wait_until(browser, lambda: "/commands/cmd-" in browser.current_url, "the command page")
+    wait_until(browser, lambda: "2/2 answered" in browser.find_element(By.ID, "progress").text,
+               "both results")
+    outputs = browser.find_elements(By.CSS_SELECTOR, "#results pre.stdout")
+    assert [o.text for o in outputs] == ["hello from a pi", "hello from a pi"]
+    codes = browser.find_elements(By.CSS_SELECTOR, "#results td.returncode")
+    assert [c.text for c in codes] == ["0", "0"]
+    shot(browser, "command")
+    commands = ops.list_commands(fleet)
+    assert len(commands) == 1 and commands[0]["created_by"] == deployer[0]
+
+    # The crashed program's traceback, and the other node's live log.
+    browser.get(f"{dashboard_url}/nodes/{NODE_A}")
+    traceback = wait_until(
+        browser, lambda: [e for e in browser.find_elements(By.CSS_SELECTOR, "pre.traceback")
+                          if "ZeroDivisionError" in e.text],
+        "the traceback")[0]
+    assert "ratio = 1 / 0" in traceback.text or "line 3" in traceback.text
+    wait_until(browser, lambda: "about to divide" in browser.find_element(By.ID, "log").text,
+               "the crasher's log line")
+    assert "hello from a pi" in browser.find_element(By.ID, "history").text
+    shot(browser, "node")
+
+    browser.get(f"{dashboard_url}/nodes/garden")
+    wait_until(browser, lambda: "tick 2" in browser.find_element(By.ID, "log").text,
+               "the ticker's log")
+    seen = browser.find_element(By.ID, "log").text.count("tick")
+    wait_until(browser, lambda: browser.find_element(By.ID, "log").text.count("tick") > seen + 1,
+               "new log lines without a reload")
+
+    # A node that stops cleanly turns "stopped" on the fleet page, live.
+    browser.get(dashboard_url + "/")
+    wait_until(browser, lambda: node_state(browser, NODE_B) == "alive", "the fleet again")
+    page_id = browser.execute_script("return window.__pageId = Math.random();")
+    nodes[1].stop()
+    wait_until(browser, lambda: node_state(browser, NODE_B) == "stopped", "node B stopped")
+    assert browser.execute_script("return window.__pageId;") == page_id  # no reload
+    assert node_state(browser, NODE_A) == "alive"
+    shot(browser, "fleet-stopped")
+
+
+def test_signing_in_wrong_and_out(browser: Any, dashboard_url: str,
+                                  deployer: tuple[str, str]) -> None:  # noqa: F811
+    browser.get(dashboard_url + "/")
+    browser.find_element(By.ID, "name").send_keys(deployer[0])
+    browser.find_element(By.ID, "password").send_keys("not " + PASSWORD)
+    browser.find_element(By.ID, "signin").click()
+    wait_until(browser, lambda: "Wrong name or password" in browser.page_source, "the refusal")
+    sign_in(browser, dashboard_url, deployer)
+    wait_until(browser, lambda: browser.find_element(By.ID, "live").text == "live",
+               "the live indicator")
+    browser.find_element(By.CSS_SELECTOR, "form.logout button").click()
+    wait_until(browser, lambda: "/login" in browser.current_url, "the sign-in page")
+    browser.get(dashboard_url + "/api/nodes")
+    assert "sign in first" in browser.page_source

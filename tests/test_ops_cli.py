@@ -1,0 +1,285 @@
+"""The laptop's fleet commands: ``himbeere nodes|status|logs|stop|start|restart|label``.
+
+They run in-process through ``himbeere.cli.main`` (the real parser, the real
+server); nodes are real daemons where a test needs states a daemon reports.
+``himbeere cmd`` is tested in test_fleet_commands.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from himbeere.cli import main
+from himbeere.logship import LogShipper
+from himbeere.status import status_id
+from tests.helpers import wait_for
+from tests.nodes import ROOT, Node
+from uploader import install, ops
+from uploader.fleet import Fleet
+
+NodeFactory = Callable[..., Node]
+
+
+@pytest.fixture
+def fleet(couch_url: str, dbname: str, monkeypatch: pytest.MonkeyPatch) -> Fleet:
+    """The test's databases, set up; ``HIMBEERE_SERVER``/``_DATABASE`` point at them."""
+    fleet = Fleet(couch_url, dbname)
+    install.setup(fleet)
+    monkeypatch.setenv("HIMBEERE_SERVER", couch_url)
+    monkeypatch.setenv("HIMBEERE_DATABASE", dbname)
+    monkeypatch.delenv("HIMBEERE_STATUS_DATABASE", raising=False)
+    return fleet
+
+
+def himbeere(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run ``himbeere ARGV`` in-process: exit code, stdout, stderr."""
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def program(fleet: Fleet, mac: int, name: str, code: str, **fields: Any) -> str:
+    doc_id = f"{mac}:{name}"
+    fleet.code.save(dict({"_id": doc_id, "type": mac, "name": name, "code": code}, **fields))
+    return doc_id
+
+
+def heartbeat(fleet: Fleet, mac: int, **fields: Any) -> None:
+    """A status document as a daemon writes it (for tests that need no daemon)."""
+    now = time.time()
+    doc = dict({"_id": status_id(mac), "type": "himbeere-status", "node": mac,
+                "state": "running", "heartbeat_time": now, "heartbeat_server_time": now,
+                "heartbeat_interval": 10, "programs": {}}, **fields)
+    fleet.status.update(doc["_id"], lambda old: old.update(doc))
+
+
+# -- nodes and status --------------------------------------------------------------------
+@pytest.mark.slow
+def test_nodes_shows_alive_and_stopped_nodes(fleet: Fleet, node_factory: NodeFactory,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    first, second = node_factory(mac_id=1001), node_factory(mac_id=1002)
+    fleet.set_name(1001, "kitchen")
+    program(fleet, 1001, "sleeper", "def main():\n    while not should_quit(): pass\n")
+    first.wait_program("1001:sleeper", state="running")
+    wait_for(second.status, 30)
+    assert second.stop() == 0
+    code, out, _ = himbeere(capsys, "nodes")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].split()[:5] == ["NAME", "MAC", "ID", "IP", "STATE"]
+    kitchen = next(line for line in lines if line.startswith("kitchen"))
+    assert " 1001 " in kitchen and " alive " in kitchen and "1 running" in kitchen
+    other = next(line for line in lines if line.startswith("-"))
+    assert " 1002 " in other and " stopped " in other
+    code, out, _ = himbeere(capsys, "nodes", "--json")
+    nodes = {n["node"]: n for n in json.loads(out)["nodes"]}
+    assert nodes[1001]["state"] == "alive" and nodes[1002]["state"] == "stopped"
+    assert nodes[1001]["name"] == "kitchen" and nodes[1001]["running"] == 1
+    assert nodes[1001]["programs"]["1001:sleeper"]["state"] == "running"
+    assert nodes[1001]["daemon_version"] and nodes[1001]["heartbeat_age"] is not None
+
+
+def test_nodes_without_a_heartbeat_and_an_empty_fleet(fleet: Fleet,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = himbeere(capsys, "nodes")
+    assert code == 0 and out.startswith("no nodes yet")
+    fleet.set_name(1005, "shed")
+    heartbeat(fleet, 1006, heartbeat_server_time=time.time() - 3600)
+    listing = {n["node"]: n for n in ops.list_nodes(fleet)}
+    assert listing[1005]["state"] == "unknown" and listing[1005]["name"] == "shed"
+    assert listing[1006]["state"] == "dead"
+
+
+@pytest.mark.slow
+def test_status_shows_a_crashed_programs_traceback(fleet: Fleet, node_factory: NodeFactory,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    node = node_factory(mac_id=1001)
+    program(fleet, 1001, "crasher", "def main():\n    raise RuntimeError('the sensor is gone')\n",
+            restart="never")
+    node.wait_program("1001:crasher", state="crashed")
+    code, out, _ = himbeere(capsys, "status", "1001")
+    assert code == 0, out
+    assert out.startswith("node 1001: alive")
+    assert "last error of crasher (1001:crasher):" in out
+    assert "Traceback (most recent call last):" in out
+    assert "RuntimeError: the sensor is gone" in out
+    row = next(line for line in out.splitlines() if line.strip().startswith("crasher "))
+    assert " crashed " in row
+    code, out, _ = himbeere(capsys, "status", "1001", "--json")
+    detail = json.loads(out)
+    crashed = detail["programs"]["1001:crasher"]
+    assert crashed["state"] == "crashed" and "the sensor is gone" in crashed["last_error"]
+    assert crashed["enabled"] is True and crashed["in_database"] is True
+    assert detail["status"]["node"] == 1001 and detail["crashed"] == 1
+
+
+def test_status_of_an_unknown_node_is_one_line(fleet: Fleet,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = himbeere(capsys, "status", "1009")
+    assert code == 1
+    assert err.strip().splitlines() == [
+        "himbeere: error: node 1009 is unknown: it never sent a heartbeat to "
+        f"{fleet.server} and has no name; `himbeere nodes` lists the known ones"]
+    code, _, err = himbeere(capsys, "status", "nosuchname")
+    assert code == 1 and "no node is named 'nosuchname'" in err
+    code, out, _ = himbeere(capsys, "status", "nosuchname", "--json")
+    assert code == 1 and json.loads(out)["ok"] is False
+
+
+def test_status_lists_the_nodes_commands(fleet: Fleet,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    heartbeat(fleet, 1001)
+    mine = ops.create_command(fleet, ["echo", "hi"], [1001])
+    ops.create_command(fleet, ["echo", "not mine"], [1002])
+    fleet.status.save({"_id": f"result:{mine}:1001", "type": "himbeere-result", "node": 1001,
+                       "command": mine, "state": "done", "returncode": 0, "ret": ["hi\n", ""]})
+    detail = ops.node_detail(fleet, 1001)
+    assert [(c["command"], c["result"]["ret"][0]) for c in detail["commands"]] == [(mine, "hi\n")]
+    code, out, _ = himbeere(capsys, "status", "1001")
+    assert "latest commands:" in out and mine in out
+
+
+# -- errors ------------------------------------------------------------------------------
+def test_a_database_that_is_not_set_up_gets_a_hint(couch_url: str,
+                                                   capsys: pytest.CaptureFixture[str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIMBEERE_SERVER", couch_url)
+    code, _, err = himbeere(capsys, "nodes", "--database", "t_never_set_up")
+    assert code == 1 and "does not exist" in err and "himbeere-upload setup" in err
+    assert len(err.strip().splitlines()) == 1
+    host = couch_url.split("//", 1)[1].split("@")[-1]
+    code, _, err = himbeere(capsys, "nodes", "--server", f"http://nobody:wrong@{host}")
+    assert code == 1 and "wrong credentials" in err
+    monkeypatch.delenv("HIMBEERE_SERVER")
+    code, _, err = himbeere(capsys, "nodes")
+    assert code == 1 and "server: not set" in err
+
+
+# -- logs --------------------------------------------------------------------------------
+def ship(fleet: Fleet, mac: int, program_id: str, name: str, *lines: tuple[float, str]) -> None:
+    shipper = LogShipper(fleet.status, mac)
+    shipper.add(program_id, name, list(lines))
+    assert shipper.flush() == len(lines)
+
+
+def test_logs_shows_the_log_documents(fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    heartbeat(fleet, 1001)
+    now = time.time()
+    ship(fleet, 1001, "1001:blink", "blink", (now - 3, "on"), (now - 1, "off"))
+    ship(fleet, 1001, "1001:temp", "temp", (now - 2, "21.5 C"))
+    ship(fleet, 1002, "1002:blink", "blink", (now, "someone else's"))
+    code, out, _ = himbeere(capsys, "logs", "1001")
+    assert code == 0
+    assert [line.split(" ", 1)[1] for line in out.splitlines()] == [
+        "[blink] on", "[temp] 21.5 C", "[blink] off"]
+    code, out, _ = himbeere(capsys, "logs", "1001", "blink")
+    assert [line.split(" ", 1)[1] for line in out.splitlines()] == ["[blink] on", "[blink] off"]
+    code, out, _ = himbeere(capsys, "logs", "1001", "1001:temp", "--json")
+    docs = json.loads(out)["logs"]
+    assert [d["_id"] for d in docs] == ["log:1001:1001:temp"]
+    code, out, _ = himbeere(capsys, "logs", "1001", "-n", "1")
+    assert out.splitlines()[0].endswith("[blink] off")
+
+
+def test_logs_of_a_program_that_does_not_exist(fleet: Fleet,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    heartbeat(fleet, 1001)
+    program(fleet, 1001, "blink", "def main(): pass\n")
+    code, _, err = himbeere(capsys, "logs", "1001", "nosuch")
+    assert code == 1 and "node 1001 has no program 'nosuch'; its programs: blink" in err
+    code, out, err = himbeere(capsys, "logs", "1001", "blink")
+    assert code == 0 and out == "" and "no log lines of program blink" in err
+
+
+def test_logs_follow_prints_new_lines(fleet: Fleet, couch_url: str) -> None:
+    heartbeat(fleet, 1001)
+    ship(fleet, 1001, "1001:blink", "blink", (time.time() - 1, "before"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HIMBEERE_SERVER=couch_url,
+               HIMBEERE_DATABASE=fleet.code.name)
+    follower = subprocess.Popen([sys.executable, "-m", "himbeere", "logs", "1001", "-f"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env, cwd=str(ROOT))
+    try:
+        assert follower.stdout is not None
+        assert follower.stdout.readline().endswith("[blink] before\n")
+        ship(fleet, 1001, "1001:blink", "blink", (time.time(), "after"))
+        assert follower.stdout.readline().endswith("[blink] after\n")
+    finally:
+        follower.terminate()
+        follower.wait(10)
+
+
+# -- stop, start, restart, label ---------------------------------------------------------
+def test_stop_start_restart_change_the_code_document(fleet: Fleet,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    fleet.set_name(1001, "kitchen")
+    doc_id = program(fleet, 1001, "blink", "def main(): pass\n")
+
+    def doc() -> dict[str, Any]:
+        found = fleet.code.get(doc_id)
+        assert found is not None
+        return found
+
+    code, out, _ = himbeere(capsys, "stop", "blink", "--node", "kitchen")
+    assert code == 0 and out.strip() == "stopped 1001:blink (enabled: false)"
+    assert doc()["enabled"] is False
+    code, out, _ = himbeere(capsys, "stop", "1001:blink", "--node", "1001")
+    assert code == 0 and "was stopped already" in out
+    code, out, _ = himbeere(capsys, "start", "blink", "--node", "1001")
+    assert code == 0 and doc()["enabled"] is True
+    code, out, _ = himbeere(capsys, "restart", "blink", "--node", "1001")
+    assert code == 0 and "restart_count 1" in out
+    code, out, _ = himbeere(capsys, "restart", "blink", "--node", "1001", "--json")
+    assert json.loads(out)["restart_count"] == 2 and doc()["restart_count"] == 2
+    assert doc()["code"] == "def main(): pass\n"  # nothing else changed
+    code, _, err = himbeere(capsys, "restart", "blinky", "--node", "1001")
+    assert code == 1 and "node 1001 has no program 'blinky'; its programs: blink" in err
+    code, _, err = himbeere(capsys, "stop", "blink", "--node", "1002")
+    assert code == 1 and "node 1002 has no program 'blink'" in err
+
+
+@pytest.mark.slow
+def test_stop_and_start_reach_the_daemon(fleet: Fleet, node_factory: NodeFactory,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    node = node_factory(mac_id=1001)
+    program(fleet, 1001, "sleeper", "def main():\n    while not should_quit(): pass\n")
+    node.wait_program("1001:sleeper", state="running")
+    assert himbeere(capsys, "stop", "sleeper", "--node", "1001")[0] == 0
+    node.wait_program("1001:sleeper", state="stopped")
+    assert himbeere(capsys, "start", "sleeper", "--node", "1001")[0] == 0
+    node.wait_program("1001:sleeper", state="running")
+
+
+def test_label_sets_shows_and_removes_labels(fleet: Fleet,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    fleet.set_name(1001, "kitchen")
+    code, out, _ = himbeere(capsys, "label", "kitchen", "room=lab", "rack=2")
+    assert code == 0 and out.strip() == "labels of kitchen: rack=2, room=lab"
+    code, out, _ = himbeere(capsys, "label", "1001", "rack=")
+    assert out.strip() == "labels of 1001: room=lab"
+    code, out, _ = himbeere(capsys, "label", "1001", "--json")
+    assert json.loads(out)["labels"] == {"room": "lab"}
+    doc = fleet.status.get("node:1001")
+    assert doc is not None and doc["name"] == "kitchen" and doc["labels"] == {"room": "lab"}
+    assert ops.resolve_targets(fleet, labels=["room=lab"]) == [1001]
+    code, _, err = himbeere(capsys, "label", "1001", "no-equals")
+    assert code == 1 and "key=value" in err
+    code, _, err = himbeere(capsys, "label", "1001", "9bad=x")
+    assert code == 1 and "label key '9bad' is not allowed" in err
+
+
+def test_labels_show_in_nodes(fleet: Fleet, capsys: pytest.CaptureFixture[str],
+                              tmp_path: Path) -> None:
+    heartbeat(fleet, 1001)
+    ops.set_labels(fleet, 1001, room="lab")
+    node = ops.list_nodes(fleet)[0]
+    assert node["labels"] == {"room": "lab"} and node["state"] == "alive"
