@@ -186,6 +186,10 @@ def test_fleet_command_and_traceback_in_the_browser(
     shot(browser, "command")
     commands = ops.list_commands(fleet)
     assert len(commands) == 1 and commands[0]["created_by"] == deployer[0]
+    browser.get(f"{dashboard_url}/commands")
+    wait_until(browser, lambda: "2/2" in browser.find_element(By.ID, "commands").text,
+               "the command in the list")
+    shot(browser, "commands")
 
     # The crashed program's traceback, and the other node's live log.
     browser.get(f"{dashboard_url}/nodes/{NODE_A}")
@@ -224,6 +228,7 @@ def test_signing_in_wrong_and_out(browser: Any, dashboard_url: str,
     browser.find_element(By.ID, "password").send_keys("not " + PASSWORD)
     browser.find_element(By.ID, "signin").click()
     wait_until(browser, lambda: "Wrong name or password" in browser.page_source, "the refusal")
+    shot(browser, "login")
     sign_in(browser, dashboard_url, deployer)
     wait_until(browser, lambda: browser.find_element(By.ID, "live").text == "live",
                "the live indicator")

@@ -17,8 +17,8 @@ Documents involved (see :mod:`himbeere.commands` for the node side):
      "created_time": 1714564800.123, "created_by": "alice",
      "expected": [202481596941066, ...]}
 
-  Ids sort by creation time, which is how :func:`list_commands` finds the
-  latest without a view.  ``created_time`` is on the server's clock (ours
+  Ids sort by creation time (the creator's clock), which is how
+  :func:`list_commands` finds the latest without a view.  ``created_time`` is on the server's clock (ours
   corrected by the offset seen in HTTP ``Date`` headers), because nodes
   compare it with their own first start on the server's clock.
   ``expected`` is what the creator resolved ``targets`` to (for ``"all"``,
@@ -336,7 +336,8 @@ def create_command(fleet: Fleet, argv: list[str], targets: Targets,
         expected = sorted({int(t) for t in targets})
     now = server_now(fleet)
     doc: Doc = {
-        "_id": new_command_id(now),
+        # Our own clock for the id: the server-clock estimate moves as headers come in.
+        "_id": new_command_id(),
         "type": COMMAND_TYPE,
         "targets": "all" if targets == "all" else expected,
         "cmd": list(argv),
