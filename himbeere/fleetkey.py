@@ -19,11 +19,6 @@ import secrets
 from pathlib import Path
 from typing import Union
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-
 from .exceptions import ConfigError, HimbeereError
 
 log = logging.getLogger(__name__)
@@ -58,6 +53,11 @@ def as_key(key: Union[str, bytes], what: str = "fleet key") -> bytes:
 
 def _subkey(key: bytes, purpose: str) -> bytes:
     """An independent 256-bit key for ``purpose``, derived from the fleet key."""
+    # cryptography is imported here, not at the top: it costs a node's daemon
+    # ~6 MB of memory, and only fleets with a fleet key need it.
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
     hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=PROTOCOL.encode(),
                 info=purpose.encode())
     return hkdf.derive(key)
@@ -82,6 +82,8 @@ def _associated_data(nonce: str, macid: int) -> bytes:
 
 def encrypt_password(key: bytes, password: str, nonce: str, macid: int) -> str:
     """``password`` encrypted for the laptop that sent request ``nonce``."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     iv = secrets.token_bytes(12)
     sealed = AESGCM(_subkey(key, "password aes-gcm")).encrypt(
         iv, password.encode(), _associated_data(nonce, macid))
@@ -90,6 +92,9 @@ def encrypt_password(key: bytes, password: str, nonce: str, macid: int) -> str:
 
 def decrypt_password(key: bytes, token: str, nonce: str, macid: int) -> str:
     """The password in ``token``; :class:`HimbeereError` if the key or data is wrong."""
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
     try:
         raw = base64.b64decode(token, validate=True)
         plain = AESGCM(_subkey(key, "password aes-gcm")).decrypt(

@@ -36,7 +36,9 @@ log = logging.getLogger(__name__)
 
 #: Modules imported once in the server, so children start warm.
 PRELOAD = ("himbeere.child", "couchdb", "json", "traceback", "importlib.util",
-           "faulthandler", "threading")
+           "faulthandler", "threading",
+           # a program's first socket call with a host name needs this codec
+           "encodings.idna")
 
 
 class ForkServer:
