@@ -18,9 +18,10 @@ Documents involved (see :mod:`himbeere.commands` for the node side):
      "expected": [202481596941066, ...]}
 
   Ids sort by creation time (the creator's clock), which is how
-  :func:`list_commands` finds the latest without a view.  ``created_time`` is on the server's clock (ours
-  corrected by the offset seen in HTTP ``Date`` headers), because nodes
-  compare it with their own first start on the server's clock.
+  :func:`list_commands` finds the latest without a view.  ``created_time``
+  is on the server's clock (ours corrected by the offset seen in HTTP
+  ``Date`` headers), because nodes compare it with their own first start on
+  the server's clock.
   ``expected`` is what the creator resolved ``targets`` to (for ``"all"``,
   every node known then); nodes do not read it.
 * Each node writes its result into the status database as
