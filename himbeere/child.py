@@ -19,6 +19,7 @@ group as it exits, since no daemon is left to sweep it.
 
 from __future__ import annotations
 
+import builtins
 import collections
 import dataclasses
 import faulthandler
@@ -327,6 +328,9 @@ def main(spec: ProgramSpec, conn: Any) -> None:
     if spec.path:
         sys.path.insert(0, spec.path)
         os.chdir(spec.path)
+        # Modules of a git checkout are imported the usual way, not by our
+        # importer: they find the helpers among the builtins instead.
+        builtins.__dict__.update(helpers.namespace())
     sys.meta_path.insert(0, ProgramImporter([spec.modules, spec.global_modules], helpers))
     send(("running", os.getpid()))
     status, detail = run_main(spec)
