@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 DESIGN_ID = f"_design/{defaults.DESIGN}"
 #: Bumped whenever the design document changes, so daemons and the
 #: uploader know an installed copy is outdated.
-VERSION = 3
+VERSION = 4
 #: The oldest version whose ``node`` filter this daemon can follow: code and
 #: ``<macid>_cmd`` documents pass every version's filter (version 2 added
 #: views and rules).  An older filter is used with a warning rather than

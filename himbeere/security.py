@@ -12,7 +12,9 @@ server admin         everything               everything
                      kinds)
 ``himbeere-node``    read; add result fields  read; write its own
 (name = MAC id)      to its own ``<mac>_cmd`` ``status:<mac>``, ``status:<mac>:*``,
-                     documents, nothing else  ``log:<mac>:*``, ``result:*:<mac>``
+                     documents, nothing else  ``log:<mac>:*``, ``result:*:<mac>``;
+                                              shared ``state:*`` and ``lease:*``
+                                              (a lease only in its own name)
 anonymous            401                      401
 ==================== ======================== ===================================
 
@@ -126,9 +128,17 @@ STATUS_VALIDATE = """function (newDoc, oldDoc, userCtx, secObj) {%(preamble)s
   function ends(text, suffix) { return text.slice(text.length - suffix.length) === suffix; }
   var own = id === 'status:' + me || starts(id, 'status:' + me + ':') ||
     starts(id, 'log:' + me + ':') || (starts(id, 'result:') && ends(id, ':' + me));
-  if (!own) {
+  // Shared by design: every node contends for leases, and a program's state
+  // follows it from node to node.  A node takes a lease in its own name only.
+  var shared = starts(id, 'state:') || starts(id, 'lease:');
+  if (!own && !shared) {
     refuse('node ' + me + ' may only write status:' + me + ', log:' + me + ':..., result:...:' +
-           me + ' here, not ' + id);
+           me + ', state:..., lease:... here, not ' + id);
+  }
+  if (starts(id, 'lease:') && !newDoc._deleted && newDoc.holder !== null &&
+      newDoc.holder !== undefined && String(newDoc.holder) !== me &&
+      !starts(String(newDoc.holder), me + ':')) {
+    refuse('node ' + me + ' may take a lease only in its own name, not ' + newDoc.holder);
   }
   if (!newDoc._deleted && newDoc.node !== undefined && String(newDoc.node) !== me) {
     refuse('node ' + me + ' may not write node: ' + newDoc.node);

@@ -429,3 +429,24 @@ def test_daemon_runs_with_node_rights_only(fleet: Fleet, node_factory, tmp_path:
     log = node.log()
     for refusal in (" 401 ", " 403 ", "Traceback"):
         assert refusal not in log, f"{refusal!r} in the node log:\n{log[-3000:]}"
+
+
+def test_nodes_share_state_and_leases_but_take_leases_only_as_themselves(
+        couch, dbname_factory) -> None:
+    """Programs keep state and elect leaders across nodes (issue 5)."""
+    from himbeere.exceptions import Unauthorized
+    from uploader.cli import main as upload
+
+    name = dbname_factory()
+    assert upload(["setup", couch.url, "--database", name]) == 0
+    password = "pw-" + name[-8:]
+    assert upload(["provision", "5001", "--password", password, "--server", couch.url,
+                   "--database", name]) == 0
+    node = couch.as_user("5001", password).database(name + "_status")
+    node.save({"_id": "state:3:blink", "count": 1})
+    node.save({"_id": "lease:scheduler", "holder": "5001", "expires": 1.0})
+    node.save({"_id": "lease:group:jobs", "holder": "5001:3:blink", "expires": 1.0})
+    with pytest.raises(Unauthorized, match="only in its own name"):
+        node.save({"_id": "lease:other", "holder": "5002", "expires": 1.0})
+    with pytest.raises(Unauthorized):
+        node.save({"_id": "status:5002", "node": 5002})
