@@ -131,6 +131,15 @@ class Arrivals:
                 raise BenchError(f"{key!r} did not arrive within {timeout:g} s")
             return self.times[key]
 
+    def wait_all(self, keys: list[str], timeout: float = STEP_TIMEOUT) -> float:
+        """Wait for every one of ``keys``; returns the arrival of the last."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: all(k in self.times for k in keys), timeout):
+                missing = [k for k in keys if k not in self.times]
+                raise BenchError(f"{len(missing)} of {len(keys)} did not arrive within "
+                                 f"{timeout:g} s, e.g. {missing[:3]}")
+            return max(self.times[k] for k in keys)
+
 
 class UdpListener:
     """The loopback socket programs report to: ``up <token>`` / ``down <token>``."""
@@ -279,7 +288,8 @@ class Daemon:
     """One ``python -m himbeere daemon`` subprocess."""
 
     def __init__(self, server: str, database: str, workdir: Path, mac_id: int,
-                 heartbeat: float) -> None:
+                 heartbeat: float, env: Optional[dict[str, str]] = None) -> None:
+        self.env = dict(env or {})
         self.state_dir = workdir / "state"
         self.log_path = workdir / "daemon.log"
         self.mac_id = mac_id
@@ -295,7 +305,7 @@ class Daemon:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.empty_ini.touch()
         env = dict(os.environ, HIMBEERE_CONFIG=str(self.empty_ini), PYTHONPATH=str(ROOT),
-                   PYTHONUNBUFFERED="1")
+                   PYTHONUNBUFFERED="1", **self.env)
         with open(self.log_path, "ab") as log:
             # PR_SET_PDEATHSIG: a killed benchmark takes its daemon along (SIGTERM).
             self.process = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT,

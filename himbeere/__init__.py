@@ -14,9 +14,14 @@ The map (one module per noun):
 ``programs``   supervising programs: start, restart, back off, stop
 ``forkserver`` the single-threaded process that forks programs warm
 ``child``      what runs inside a program's process: helpers, importer
+``progstate``  a program's persistent ``state``, kept in the status database
+``leadership`` ``leader(group)``, ``on_leadership``: elections among programs
 ``commands``   running commands exactly once (``<macid>_cmd``, fleet commands)
 ``status``     the node's status document and heartbeat
 ``health``     health figures; alive, suspect, dead
+``lease``      leases in CouchDB, one holder at a time (CAS on ``_rev``)
+``placement``  placed programs: the scheduler (under ``lease:scheduler``),
+               assignments to the least busy nodes, failover, fencing
 ``logship``    program output into the status database
 ``security``   roles, ``_security`` and ``validate_doc_update`` rules
 ``discovery``  pairing by UDP broadcast, laptop and node sides

@@ -4,8 +4,10 @@ The daemon's fork server (see :mod:`himbeere.programs`) forks a child and
 calls :func:`main` with the program's :class:`ProgramSpec`.  The child makes
 itself a process group leader (so the daemon can signal everything it
 starts), installs an importer for the program's modules and the global
-modules, gives every module namespace the HimbeereCouch helpers and calls
-``main()``.  It reports back through its control connection:
+modules, gives every module namespace the HimbeereCouch helpers (and
+``state`` and ``leader()``, see :mod:`himbeere.progstate` and
+:mod:`himbeere.leadership`) and calls ``main()``.  It reports back through
+its control connection:
 
 ``("running", pid)``, ``("invalid", message)``, ``("crashed", traceback)``,
 ``("finished", None)``.
@@ -36,6 +38,11 @@ import types
 from collections.abc import Sequence
 from typing import Any, Callable, Optional
 
+from . import defaults
+from .exceptions import ConfigError
+from .leadership import Leadership
+from .progstate import ProgramState
+
 #: Exit codes the daemon reads when a child could not report.
 EXIT_FINISHED, EXIT_CRASHED, EXIT_INVALID = 0, 1, 3
 #: Seconds a returning main() waits for the quit notifications to finish
@@ -43,6 +50,9 @@ EXIT_FINISHED, EXIT_CRASHED, EXIT_INVALID = 0, 1, 3
 NOTIFICATIONS_WAIT = 600.0
 #: Lines a program may have queued for the daemon before the oldest are dropped.
 LOG_BOUND = 1000
+#: Seconds a request for ``state`` or a leadership may take: a save at quit
+#: must end within the daemon's grace period.
+STATUS_TIMEOUT = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +71,11 @@ class ProgramSpec:
     #: A git checkout to put first on sys.path, and the function to call.
     path: Optional[str] = None
     entry: str = "main"
+    #: The status database (program state, leases); None: ``<database>_status``.
+    status_database: Optional[str] = None
+    #: Placed programs: seconds without an "alive" from the daemon after which
+    #: the child is gone (see :func:`_watch_quit`); None: no such watch.
+    fence: Optional[float] = None
 
 
 class Helpers:
@@ -76,6 +91,15 @@ class Helpers:
         self._notifications: list[Callable[[], Any]] = []
         self._lock = threading.Lock()
         self._db: Any = None
+        self._couch: Any = None
+        self._status_db: Any = None
+        self._connect_lock = threading.Lock()
+        #: ``state``: the program's persistent dict, read on first use.
+        self.state = ProgramState(self.status_db, spec.doc_id, spec.name, spec.node,
+                                  clock=self.server_time)
+        #: ``leader(group)`` and friends; nothing happens before the first call.
+        self.leadership = Leadership(self.status_db, f"{spec.node}:{spec.doc_id}", spec.node,
+                                     spec.doc_id, clock=self.server_time, report=self.log)
 
     def log(self, *args: Any) -> None:
         """Print ``args`` as one line, prefixed with the program's name."""
@@ -105,9 +129,13 @@ class Helpers:
                 return
             self._quit.set()
             pending = list(self._notifications)
+        self.leadership.quitting = True  # keep what we lead, take nothing new
         try:
             for func in pending:
                 self._call(func)
+            # After the notifications, so what they change is saved too; and
+            # now, in case main() does not return before the grace period ends.
+            self.save_state("quit")
         finally:
             self._notified.set()
 
@@ -136,6 +164,45 @@ class Helpers:
             self._db = couchdb.Server(self.spec.couch_url)[self.spec.database]
         return self._db
 
+    def status_db(self) -> Any:
+        """The status database (a :class:`himbeere.couch.Database`), made on first use.
+
+        For ``state`` and ``leader()``: requests (and himbeere.couch) are
+        imported only by programs that use them.
+        """
+        with self._connect_lock:
+            if self._status_db is None:
+                spec = self.spec
+                if not spec.couch_url or not (spec.status_database or spec.database):
+                    raise ConfigError("state and leader() need the node's CouchDB server, "
+                                      "and this program runs without one")
+                from .couch import Couch
+
+                self._couch = Couch(spec.couch_url, timeout=STATUS_TIMEOUT)
+                name = spec.status_database or f"{spec.database}{defaults.STATUS_SUFFIX}"
+                self._status_db = self._couch.database(name)
+            return self._status_db
+
+    def server_time(self) -> float:
+        """Now on the server's clock, as far as the answers' ``Date`` headers tell."""
+        couch = self._couch
+        offset = couch.clock_offset if couch is not None else None
+        return time.time() + (offset or 0.0)
+
+    def save_state(self, when: str) -> None:
+        """Autosave ``state`` if the program touched it; a failure is logged."""
+        if not self.state.loaded:
+            return
+        try:
+            self.state.save()
+        except Exception as exc:
+            self.log(f"state not saved at {when}: {exc}")
+
+    def close(self) -> None:
+        """After main() returned or raised: save ``state``, release leaderships."""
+        self.save_state("exit")
+        self.leadership.close()
+
     def namespace(self) -> dict[str, Any]:
         return {
             "log": self.log,
@@ -144,6 +211,10 @@ class Helpers:
             "remove_quit_notification": self.remove_quit_notification,
             "db": _LazyDatabase(self),
             "node": self.spec.node,
+            "state": self.state,
+            "leader": self.leadership.leader,
+            "is_leader": self.leadership.is_leader,
+            "on_leadership": self.leadership.on_leadership,
         }
 
 
@@ -323,7 +394,7 @@ def main(spec: ProgramSpec, conn: Any) -> None:
     global _log_queue
     _log_queue = LogQueue(send)
     helpers = Helpers(spec, send)
-    threading.Thread(target=_watch_quit, args=(conn, helpers), daemon=True,
+    threading.Thread(target=_watch_quit, args=(conn, helpers, spec.fence), daemon=True,
                      name="quit-watch").start()
     if spec.path:
         sys.path.insert(0, spec.path)
@@ -335,9 +406,12 @@ def main(spec: ProgramSpec, conn: Any) -> None:
     send(("running", os.getpid()))
     status, detail = run_main(spec)
     helpers.wait_for_notifications()
+    helpers.close()  # saves state (after a crash too), releases leaderships
     sys.stdout.flush()
     sys.stderr.flush()
     _log_queue.drain()
+    if _fenced is not None:  # not "finished": the daemon restarts it if still ours
+        status, detail = "crashed", _fenced
     send((status, detail))
     code = {"finished": EXIT_FINISHED, "invalid": EXIT_INVALID}.get(status, EXIT_CRASHED)
     if helpers.orphaned:
@@ -407,13 +481,43 @@ def program_traceback(exc: BaseException) -> str:
     return "".join(formatted.format())
 
 
-def _watch_quit(conn: Any, helpers: Helpers) -> None:
+#: Why a placed program's child stopped on its own (see :func:`_watch_quit`).
+_fenced: Optional[str] = None
+
+
+def _watch_quit(conn: Any, helpers: Helpers, fence: Optional[float] = None) -> None:
+    """Request quit on ``"quit"`` from the daemon, or when the daemon is gone.
+
+    With ``fence`` (a placed program) the daemon also sends ``"alive"``
+    every ``fence / 6`` seconds.  Another node may start the program once
+    this node is declared dead, so it must not outlive its daemon's silence
+    (kill -9, SIGSTOP, a hung daemon): after ``fence / 2`` seconds without
+    word the program is asked to quit, and ``fence`` seconds after the last
+    word the child kills its own process group.
+    """
+    global _fenced
+    heard = time.monotonic()
     while True:
         try:
+            if fence is not None and not conn.poll(max(0.0, heard + fence / 2 - time.monotonic())):
+                helpers.orphaned = True  # nobody sweeps our group: take it along on exit
+                _fenced = f"no word from the daemon for {fence / 2:g} s: stopped (fence)"
+                break
             message = conn.recv()
         except (EOFError, OSError):
             helpers.orphaned = True
             break
         if message == "quit":
+            fence = None  # the daemon watches the rest: grace period, SIGTERM
             break
-    helpers.request_quit()
+        if message == "alive":
+            heard = time.monotonic()
+    if fence is None:
+        helpers.request_quit()
+        return
+    # Quit notifications may take long or hang: the deadline holds regardless.
+    threading.Thread(target=helpers.request_quit, name="quit-notify", daemon=True).start()
+    time.sleep(max(0.0, heard + fence - time.monotonic()))
+    _write_lines(helpers.spec.name, f"still running {fence:g} s after the daemon's last "
+                 "word: killed, so that it never runs on two nodes")
+    os.killpg(0, signal.SIGKILL)

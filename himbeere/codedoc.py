@@ -6,10 +6,12 @@ A code document is HimbeereCouch's format::
     {"type": 1234567, "name": "multi", "modules": {"main": "...", "util": "..."}}
     {"global_modules": {"shared": "..."}}      # exported to every program
 
-``type`` is the node's MAC id (an integer, or the same digits as a string).
-Optional fields: ``restart`` (on-failure, always, never), ``enabled``
-(false stops the program without deleting it) and ``restart_count``
-(raising it restarts the program: that is what ``himbeere restart`` does).
+``type`` is the node's MAC id (an integer, or the same digits as a string),
+or ``"himbeere-placed"`` for a program the fleet places on nodes of its
+choosing (see :mod:`himbeere.placement`).  Optional fields: ``restart``
+(on-failure, always, never), ``enabled`` (false stops the program without
+deleting it) and ``restart_count`` (raising it restarts the program: that is
+what ``himbeere restart`` does).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from . import defaults, gitsource
 from .exceptions import ProgramError
 
 MAIN = "main"
+#: ``type`` of a placed program: the scheduler picks its nodes.
+PLACED_TYPE = "himbeere-placed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +44,8 @@ class CodeDoc:
     error: Optional[str] = None
     restart_count: int = 0
     git: Optional[gitsource.GitSource] = None
+    #: A placed program (``type: "himbeere-placed"``): runs where it is assigned.
+    placed: bool = False
 
     @property
     def is_program(self) -> bool:
@@ -96,6 +102,11 @@ def matches_node(doc: dict[str, Any], node: int) -> bool:
     return str(kind) == str(node)
 
 
+def is_placed(doc: dict[str, Any]) -> bool:
+    """True for a placed program's document (``type: "himbeere-placed"``)."""
+    return doc.get("type") == PLACED_TYPE and not doc.get("_deleted")
+
+
 def parse(doc: dict[str, Any], default_restart: str = defaults.RESTART_POLICY) -> CodeDoc:
     """Turn a code document into a :class:`CodeDoc`.
 
@@ -110,7 +121,7 @@ def parse(doc: dict[str, Any], default_restart: str = defaults.RESTART_POLICY) -
     restart = doc.get("restart", default_restart)
     count = doc.get("restart_count", 0)
     base: dict[str, Any] = dict(
-        doc_id=doc_id, rev=rev, name=name, enabled=enabled is not False,
+        doc_id=doc_id, rev=rev, name=name, enabled=enabled is not False, placed=is_placed(doc),
         restart=restart if isinstance(restart, str) else default_restart,
         restart_count=count if isinstance(count, int) and not isinstance(count, bool) else 0)
     try:

@@ -24,8 +24,9 @@ command the daemon takes on is kept in a journal in the state directory
 (``commands.json``) until its result is written: ``queued``, then
 ``started`` just before the process starts.  The next daemon marks a
 ``started`` one ``interrupted`` and runs a ``queued`` one (it never started).
-Write-back conflicts (409) are resolved by re-reading the document, never by
-dropping the result.
+The result is written with the revision the feed delivered, without reading
+the document again; a write-back conflict (409) is resolved by re-reading
+it, never by dropping the result.
 
 A **fleet command** is one document for many nodes (created by ``himbeere
 cmd``, see :mod:`uploader.ops`)::
@@ -83,6 +84,9 @@ QUEUED, STARTED = "queued", "started"
 SLICE = 0.2
 #: Seconds to wait for a SIGKILLed command to be reaped.
 KILL_WAIT = 5.0
+
+#: ``fdatasync`` where there is one (Linux); macOS has only ``fsync``.
+_fdatasync = getattr(os, "fdatasync", os.fsync)
 
 INTERRUPTED = "the daemon stopped while this command ran; it is not run again"
 
@@ -199,42 +203,93 @@ def _cut_partial_character(data: bytes) -> bytes:
 
 
 class Journal:
-    """Commands taken on whose result is not written yet: id -> phase."""
+    """Commands taken on whose result is not written yet: id -> phase.
+
+    The file holds JSON lines, each ``{id: phase}`` or ``{id: null}`` (the
+    result is written); read in order they give the commands open now.
+    A change is one appended line made durable with ``fdatasync``, about a
+    third of the cost of writing a new file, ``fsync`` and rename (measured
+    0.25 against 0.7 ms, 0.6 against 1.4 ms after a pause), and the
+    ``queued`` and ``started`` lines are on the way of every command.
+    The file is rewritten that way when it has grown to
+    :attr:`COMPACT_AFTER` lines (on a removal, which comes after the result
+    is written), when it is missing, and when its last line is incomplete
+    (a power cut mid-append) or it is in the format of earlier versions
+    (one JSON object, no newline), which reads as one line.
+    """
+
+    #: Lines from which a removal rewrites the file (any change at four times as many).
+    COMPACT_AFTER = 64
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lock = threading.Lock()
 
     def read(self) -> dict[str, str]:
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        if not isinstance(data, dict):
-            return {}
-        return {str(k): v if v in (QUEUED, STARTED) else STARTED for k, v in data.items()}
+        return self._load()[0]
 
-    def _write(self, data: dict[str, str]) -> None:
+    def _load(self) -> tuple[dict[str, str], int, bool]:
+        """The open commands, the number of lines, and whether appending is safe."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, ValueError):
+            return {}, 0, False
+        data: dict[str, str] = {}
+        lines = text.split("\n")
+        for line in lines:
+            try:
+                entry = json.loads(line) if line.strip() else {}
+            except ValueError:
+                continue  # torn by a power cut: that change never completed
+            if not isinstance(entry, dict):
+                continue
+            for key, phase in entry.items():
+                if phase is None:
+                    data.pop(str(key), None)
+                else:
+                    data[str(key)] = phase if phase in (QUEUED, STARTED) else STARTED
+        return data, len(lines) - 1, text == "" or text.endswith("\n")
+
+    def set(self, doc_id: str, phase: str) -> None:
+        self._change(doc_id, phase)
+
+    def remove(self, doc_id: str) -> None:
+        self._change(doc_id, None)
+
+    def _change(self, doc_id: str, phase: Optional[str]) -> None:
+        with self._lock:
+            data, lines, appendable = self._load()
+            if data.get(doc_id) == phase:
+                return
+            if phase is None:
+                data.pop(doc_id)
+            else:
+                data[doc_id] = phase
+            limit = self.COMPACT_AFTER if phase is None else 4 * self.COMPACT_AFTER
+            if appendable and lines < limit:
+                # "started" must be on disk before the process is.
+                with open(self.path, "ab") as handle:
+                    handle.write(json.dumps({doc_id: phase}).encode() + b"\n")
+                    handle.flush()
+                    _fdatasync(handle.fileno())
+            else:
+                self._rewrite(data)
+
+    def _rewrite(self, data: dict[str, str]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "w", encoding="utf-8") as handle:
-            json.dump(data, handle)
+            handle.write(json.dumps(data) + "\n" if data else "")
             handle.flush()
-            os.fsync(handle.fileno())  # "started" must be on disk before the process is
+            os.fsync(handle.fileno())
         os.replace(tmp, self.path)
-
-    def set(self, doc_id: str, phase: str) -> None:
-        with self._lock:
-            data = self.read()
-            if data.get(doc_id) != phase:
-                data[doc_id] = phase
-                self._write(data)
-
-    def remove(self, doc_id: str) -> None:
-        with self._lock:
-            data = self.read()
-            if data.pop(doc_id, None) is not None:
-                self._write(data)
+        # Lines appended from now on go to the new file: its name must be on
+        # disk before them, or a power cut could bring back the old one alone.
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
 
 
 class FirstStart:
@@ -361,7 +416,7 @@ class Commands:
             # Started by an earlier daemon that did not finish it.
             self.journal.set(doc_id, STARTED)
             self.pool.submit(self._finish_without_running, doc_id,
-                             {"state": "interrupted", "error": INTERRUPTED})
+                             {"state": "interrupted", "error": INTERRUPTED}, doc)
             return
         self.journal.set(doc_id, QUEUED)
         try:
@@ -371,9 +426,9 @@ class Commands:
             self.pool.submit(self._finish_without_running, doc_id, {
                 "state": "error", "error": str(exc), "ret": ["", str(exc)],
                 "returncode": None,
-            })
+            }, doc)
             return
-        self.pool.submit(self._run, doc_id, cmd, timeout)
+        self.pool.submit(self._run, doc_id, cmd, timeout, doc)
 
     def _submit_fleet(self, doc: Doc) -> None:
         """A fleet command: run it here unless it is not for us, or too old, or done."""
@@ -420,7 +475,7 @@ class Commands:
                 self.journal.remove(key)
                 return
             if earlier == STARTED or "started" in result:
-                self._settle(key, {"state": "interrupted", "error": INTERRUPTED})
+                self._settle(key, {"state": "interrupted", "error": INTERRUPTED}, known=result)
                 self.journal.remove(key)
                 return
             try:
@@ -428,10 +483,10 @@ class Commands:
             except CommandError as exc:
                 log.error("command %s: %s", doc["_id"], exc)
                 self._settle(key, {"state": "error", "error": str(exc),
-                                   "ret": ["", str(exc)], "returncode": None})
+                                   "ret": ["", str(exc)], "returncode": None}, known=result)
                 self.journal.remove(key)
                 return
-            self._run(key, cmd, timeout)
+            self._run(key, cmd, timeout, result)
         except Exception:
             log.exception("command %s failed", key)
         finally:
@@ -472,16 +527,17 @@ class Commands:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     # -- running ----------------------------------------------------------------
-    def _finish_without_running(self, doc_id: str, fields: Doc) -> None:
+    def _finish_without_running(self, doc_id: str, fields: Doc, known: Doc) -> None:
         try:
-            self._settle(doc_id, fields)
+            self._settle(doc_id, fields, known=known)
             self.journal.remove(doc_id)
         except Exception:
             log.exception("command %s: cannot write the result", doc_id)
         finally:
             self._done(doc_id)
 
-    def _run(self, doc_id: str, cmd: list[str], timeout: float) -> None:
+    def _run(self, doc_id: str, cmd: list[str], timeout: float, known: Doc) -> None:
+        """Run a command; ``known`` is its document (or result document) as last seen."""
         try:
             with self._lock:
                 if self.closed:
@@ -492,7 +548,7 @@ class Commands:
                                   on_slow=lambda started: self._mark_running(doc_id, started))
             log.info("command %s: %s -> %s (%s)", doc_id, cmd[0], result.get("returncode"),
                      result["state"])
-            self._settle(doc_id, result)
+            self._settle(doc_id, result, known=known)
             self.journal.remove(doc_id)
         except Exception:
             log.exception("command %s failed", doc_id)
@@ -573,23 +629,35 @@ class Commands:
         dropped = {fd: 0 for fd in buffers}
         order = list(buffers)
         ending = None
-        with selectors.DefaultSelector() as selector:
-            for stream in (process.stdout, process.stderr):
-                selector.register(stream, selectors.EVENT_READ)
-            while selector.get_map():
-                ending = self._ending(deadline)
-                if ending:
-                    break
-                for key, _ in selector.select(_slice(deadline)):
-                    chunk = os.read(key.fd, 65536)
-                    if not chunk:
-                        selector.unregister(key.fileobj)
-                        continue
-                    buffer = buffers[key.fd]
-                    room = max(0, self.output_limit - len(buffer))
-                    buffer += chunk[:room]
-                    dropped[key.fd] += len(chunk) - min(room, len(chunk))
-        # Both pipes are closed, but the command may live on without them.
+        # Readable when the process has ended.  Popen.wait(timeout) polls
+        # instead, and its first sleep (1 ms) is a third of running `true`.
+        exited = _pidfd(process.pid)
+        try:
+            with selectors.DefaultSelector() as selector:
+                for stream in (process.stdout, process.stderr):
+                    selector.register(stream, selectors.EVENT_READ)
+                if exited is not None:
+                    selector.register(exited, selectors.EVENT_READ)
+                while selector.get_map():
+                    ending = self._ending(deadline)
+                    if ending:
+                        break
+                    for key, _ in selector.select(_slice(deadline)):
+                        if key.fd == exited:
+                            selector.unregister(exited)
+                            continue
+                        chunk = os.read(key.fd, 65536)
+                        if not chunk:
+                            selector.unregister(key.fileobj)
+                            continue
+                        buffer = buffers[key.fd]
+                        room = max(0, self.output_limit - len(buffer))
+                        buffer += chunk[:room]
+                        dropped[key.fd] += len(chunk) - min(room, len(chunk))
+        finally:
+            if exited is not None:
+                os.close(exited)
+        # Both pipes are closed, but (without a pidfd) the command may live on.
         while ending is None:
             try:
                 process.wait(_slice(deadline))
@@ -618,8 +686,16 @@ class Commands:
         self._settle(doc_id, {"state": "running", "started": started, "node": self.node},
                      final=False)
 
-    def _settle(self, doc_id: str, fields: Doc, final: bool = True) -> None:
-        """Merge ``fields`` into the command (or fleet result) document, retrying on 409."""
+    def _settle(self, doc_id: str, fields: Doc, final: bool = True,
+                known: Optional[Doc] = None) -> None:
+        """Merge ``fields`` into the command (or fleet result) document, retrying on 409.
+
+        ``known`` is the document as the feed delivered it (a fleet result
+        document as read before the run, ``{}`` if there was none): writing
+        on top of it saves a GET before the PUT (on pouchdb-server 6 ms,
+        a fifth of a command's round trip).  A ``running`` mark or an edit
+        since makes it stale; the server answers 409 and the document is read.
+        """
         if final:
             fields.setdefault("finished", now_iso())
             fields.setdefault("node", self.node)
@@ -643,9 +719,10 @@ class Commands:
         delay = 0.5
         while True:
             try:
-                saved = db.update(doc_id, change)
+                saved = db.update(doc_id, change, known=known)
                 break
             except Unreachable as exc:
+                known = None  # the write may have gone through: read what is there
                 # Keep the result until the server is back: it must not be lost.
                 if not final or self.stop.is_set():
                     raise
@@ -662,6 +739,14 @@ class Commands:
 
 def _slice(deadline: float) -> float:
     return max(0.0, min(SLICE, deadline - time.monotonic()))
+
+
+def _pidfd(pid: int) -> Optional[int]:
+    """A pidfd of our child ``pid`` (Linux >= 5.3), or None."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 def _quietly(on_slow: Callable[[str], None], started: str) -> None:

@@ -17,6 +17,7 @@ Two server quirks shape this module:
 
 from __future__ import annotations
 
+import copy
 import email.utils
 import json
 import logging
@@ -248,15 +249,25 @@ class Database:
     def delete(self, doc: Doc) -> None:
         self._request("DELETE", doc_path(doc["_id"]), params={"rev": doc["_rev"]})
 
-    def update(self, doc_id: str, change: Any, retries: int = 20) -> Optional[Doc]:
+    def update(self, doc_id: str, change: Any, retries: int = 20,
+               known: Optional[Doc] = None) -> Optional[Doc]:
         """Read-modify-write ``doc_id`` until it sticks; never drops a write.
 
         ``change(doc)`` edits the document in place (``doc`` is just
         ``{"_id": doc_id}`` for a new one) and returns False to leave it as
         it is.  A 409 re-reads and applies ``change`` again.  Returns the saved document, or None.
+
+        ``known`` is the document as the caller last saw it (from a feed,
+        say; ``{}`` for one it saw missing): the first try starts from a copy
+        of it instead of a GET, which saves a round trip.  Should it be out
+        of date, the write gets a 409 and the next try reads the document.
         """
-        for _ in range(retries):
-            doc = self.get(doc_id) or {"_id": doc_id}
+        for attempt in range(retries):
+            if attempt == 0 and known is not None:
+                doc = copy.deepcopy(known)  # change() must not edit the caller's copy
+                doc["_id"] = doc_id
+            else:
+                doc = self.get(doc_id) or {"_id": doc_id}
             if change(doc) is False:
                 return None
             try:

@@ -8,6 +8,8 @@ How a change travels::
                               -> ForkServer forks a child (forkserver.py, child.py)
          -> _cmd document  -> Commands    (commands.py, thread pool)
       Supervisor state changes -> Status  (status.py, status database)
+      lease:scheduler (status database) -> Placement: which placed programs
+                                 run here; the leader assigns them (placement.py)
 
 Signals only set flags (logging in a handler is unsafe): TERM/INT stop
 gracefully, a second one forces; HUP reloads the configuration and restarts
@@ -33,6 +35,7 @@ from .exceptions import ConfigError, CouchError, HimbeereError
 from .feed import Feed, SeqStore
 from .health import Health
 from .logship import LogShipper
+from .placement import CHILD_FENCE, LEASE_TTL, Placement
 from .programs import Supervisor
 from .status import Status
 
@@ -73,7 +76,8 @@ class Daemon:
             node=self.node, couch_url=config.server, database=config.database,
             grace_period=config.grace_period, default_restart=config.restart_policy,
             state_dir=config.state_path, on_change=self._program_changed,
-            on_log=self._program_output,
+            on_log=self._program_output, status_database=config.status_db,
+            fence=CHILD_FENCE * config.heartbeat_interval,
         )
         self.logs = LogShipper(self.status_db, self.node)
         self.commands = Commands(self.db, self.node, config.state_path,
@@ -89,9 +93,15 @@ class Daemon:
         )
         self.pairing = discovery.Listener(config)
         self.health = Health(config.state_dir)
+        self.placement = Placement(
+            self.status_db, self.db, self.node, config.heartbeat_interval,
+            on_assigned=lambda mine, hurry: self.supervisor.request("assigned", (mine, hurry)),
+            clock=lambda: time.time() + (self.couch.clock_offset or 0.0),
+            last_heartbeat=lambda: self.status.last_write)
         self.status = Status(self.status_db, self.node, config.heartbeat_interval,
                              programs=self.supervisor.snapshot, interface=config.interface,
-                             extra=self.health.collect,
+                             extra=lambda: dict(self.health.collect(),
+                                                **self.placement.describe()),
                              clock_offset=lambda: self.couch.clock_offset)
 
     # -- wiring ------------------------------------------------------------------
@@ -101,6 +111,7 @@ class Daemon:
         if kind in (f"{self.node}_cmd", COMMAND_TYPE) and not doc.get("_deleted"):
             self.commands.submit(doc)
         else:
+            self.placement.note(doc)
             self.supervisor.submit(doc)
 
     def _program_output(self, doc_id: str, name: str, lines: list[Any], dropped: int) -> None:
@@ -152,10 +163,12 @@ class Daemon:
         self.supervisor.fork_server.start()  # before any thread exists
         self.feed.start()
         self.status.start()
+        self.placement.start()
         self.logs.start()
         self.pairing.start()
         try:
             while not self.stop_requested:
+                self.placement.check_fence()
                 self.supervisor.loop(1.0)
                 self._handle_flags()
         finally:
@@ -190,6 +203,9 @@ class Daemon:
         self.supervisor.grace_period = new.grace_period
         self.supervisor.default_restart = new.restart_policy
         self.status.interval = new.heartbeat_interval
+        self.placement.interval = new.heartbeat_interval
+        self.placement.lease.ttl = LEASE_TTL * new.heartbeat_interval
+        self.supervisor.fence = CHILD_FENCE * new.heartbeat_interval
         self.commands.default_timeout = new.command_timeout
         self.commands.grace_period = new.grace_period
         self.supervisor.request("restart_all")
@@ -211,6 +227,8 @@ class Daemon:
         log.info("stopping%s", " now" if force else "")
         self.pairing.stop()
         self.feed.stop.set()
+        # Another node schedules from now on; ours move once "stopped" is written.
+        self.placement.shutdown()
         self.supervisor.stop_all(force=force)
         deadline = time.monotonic() + self.config.grace_period + 30
         while self.supervisor.busy() and time.monotonic() < deadline:

@@ -34,6 +34,13 @@ BACKOFF_MIN = 1.0
 BACKOFF_MAX = 60.0
 BACKOFF_RESET = 60.0
 
+#: Seconds a program's leadership (``leader(group)``) outlives its last
+#: renewal: how long the other contenders wait for a leader that died.  The
+#: leader renews every third of it; the others try every LEADER_RETRY
+#: seconds (or a third of the ttl, if shorter).
+LEADER_TTL = 15.0
+LEADER_RETRY = 5.0
+
 #: Largest code document (all its modules together) that becomes a program.
 MAX_CODE_BYTES = 4 * 1024 * 1024
 

@@ -3,8 +3,10 @@
 The filter lets through, for one node: its code documents (``type`` equal to
 its MAC id, as an integer or a string), its commands (``<macid>_cmd``),
 fleet commands (``type: "himbeere-command"``) whose ``targets`` is ``"all"``
-or a list holding its MAC id (integer or string), documents exporting
-``global_modules`` and deletions (a deleted document has no ``type`` left to
+or a list holding its MAC id (integer or string), placed programs
+(``type: "himbeere-placed"``: every node must know them, the scheduler
+decides where they run), documents exporting ``global_modules`` and
+deletions (a deleted document has no ``type`` left to
 test, so every node sees every deletion and ignores the ones it does not
 know).
 
@@ -15,7 +17,8 @@ pouchdb-server filter parsed as JSON (``mac=1000`` arrives as a number),
 hence ``String(req.query.mac)``.
 
 The same document holds the ``programs`` view (what ``himbeere-upload ls``
-lists) and the ``validate_doc_update`` rules of :mod:`himbeere.security`.
+lists), the ``placed`` view (what ``himbeere placements`` lists) and the
+``validate_doc_update`` rules of :mod:`himbeere.security`.
 The status database gets a design document of its own
 (:func:`status_design_doc`): its rules and the ``names`` view of friendly
 node names.  Both are installed by ``himbeere-upload setup``; a daemon only
@@ -27,7 +30,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from . import defaults, security
+from . import codedoc, defaults, security
 from .couch import Couch, Database, Doc, FeedFilter
 from .exceptions import CouchError, NotFound, Unauthorized
 
@@ -36,7 +39,7 @@ log = logging.getLogger(__name__)
 DESIGN_ID = f"_design/{defaults.DESIGN}"
 #: Bumped whenever the design document changes, so daemons and the
 #: uploader know an installed copy is outdated.
-VERSION = 4
+VERSION = 5
 #: The oldest version whose ``node`` filter this daemon can follow: code and
 #: ``<macid>_cmd`` documents pass every version's filter (version 2 added
 #: views and rules).  An older filter is used with a warning rather than
@@ -44,15 +47,19 @@ VERSION = 4
 FILTER_SINCE = 1
 #: The first version whose filter lets fleet commands (``himbeere-command``) through.
 FLEET_COMMANDS_SINCE = 3
+#: The first version whose filter lets placed programs (``himbeere-placed``) through.
+PLACED_SINCE = 5
 
 #: ``type`` of a fleet command (also spelled out in :data:`NODE_FILTER`).
 COMMAND_TYPE = "himbeere-command"
+#: ``type`` of a placed program (also spelled out in :data:`NODE_FILTER`).
+PLACED_TYPE = codedoc.PLACED_TYPE
 
 NODE_FILTER = """function (doc, req) {
   if (doc._deleted) { return true; }
   var mac = String(req.query.mac);
   var type = String(doc.type);
-  if (type === mac || doc.global_modules) { return true; }
+  if (type === mac || type === 'himbeere-placed' || doc.global_modules) { return true; }
   if (String(req.query.kind) === 'code') { return false; }
   if (type === 'himbeere-command') {
     var targets = doc.targets;
@@ -83,6 +90,15 @@ PROGRAMS_MAP = """function (doc) {
                                      enabled: doc.enabled !== false});
 }"""
 
+#: Placed programs by name, with where they may run (see placement.py).
+PLACED_MAP = """function (doc) {
+  if (doc.type !== 'himbeere-placed') { return; }
+  emit(doc.name || doc._id, {replicas: doc.replicas === undefined ? 1 : doc.replicas,
+                             labels: doc.labels || {}, requires: doc.requires || {},
+                             enabled: doc.enabled !== false,
+                             git: doc.git ? true : false});
+}"""
+
 #: Friendly node names: ``node:<macid>`` documents of the status database.
 NAMES_MAP = """function (doc) {
   if (doc.type === 'himbeere-node' && typeof doc.name === 'string') { emit(doc.name, doc.node); }
@@ -96,7 +112,7 @@ def design_doc() -> Doc:
         "language": "javascript",
         "himbeere_version": VERSION,
         "filters": {"node": NODE_FILTER},
-        "views": {"programs": {"map": PROGRAMS_MAP}},
+        "views": {"programs": {"map": PROGRAMS_MAP}, "placed": {"map": PLACED_MAP}},
         "validate_doc_update": security.code_validate(),
     }
 
@@ -176,6 +192,7 @@ def node_filter(couch: Couch, node: int, code_only: bool = False) -> FeedFilter:
         either: list[Doc] = [
             {"_deleted": True},
             {"type": {"$in": types}},
+            {"type": PLACED_TYPE},
             {"global_modules": {"$exists": True}},
         ]
         if not code_only:
@@ -204,10 +221,12 @@ def prepare(db: Database, couch: Couch) -> None:
         if not design_usable(db):
             raise
         current = db.get(DESIGN_ID) or {}
-        if _version(current) < FLEET_COMMANDS_SINCE:
+        if _version(current) < PLACED_SINCE:
+            missing = "placed programs" if _version(current) >= FLEET_COMMANDS_SINCE else (
+                "fleet commands (himbeere cmd) and placed programs")
             log.warning("%s in %s is older than this daemon (version %s, need %s): programs "
-                        "and <macid>_cmd commands work, fleet commands (himbeere cmd) do not "
-                        "reach this node until `himbeere-upload setup URL` upgrades it",
-                        DESIGN_ID, db.name, current.get("himbeere_version"), VERSION)
+                        "and <macid>_cmd commands work, %s do not reach this node until "
+                        "`himbeere-upload setup URL` upgrades it",
+                        DESIGN_ID, db.name, current.get("himbeere_version"), VERSION, missing)
         else:
             log.warning("%s in %s is older than this daemon, but usable", DESIGN_ID, db.name)

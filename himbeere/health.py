@@ -86,6 +86,7 @@ class Health:
         return {
             "system_uptime": self.uptime(),
             "load": self.load(),
+            "cpus": os.cpu_count(),
             "cpu_percent": self.cpu_percent(),
             "memory_used_mb": memory[0],
             "memory_total_mb": memory[1],

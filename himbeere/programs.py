@@ -18,6 +18,7 @@ import logging
 import multiprocessing.connection
 import os
 import queue
+import select
 import signal
 import threading
 import time
@@ -62,6 +63,8 @@ class Program:
         self.kill_at: Optional[float] = None
         self.abandon_at: Optional[float] = None
         self.after_stop: Optional[str] = None  # "start", "remove" or "stay"
+        #: Seconds for each of grace and SIGTERM when it must stop fast (fencing).
+        self.hurry: Optional[float] = None
         #: The document to run once the old child is gone.
         self.pending: Optional[CodeDoc] = None
         self.outcome: Optional[tuple[str, Optional[str]]] = None
@@ -90,6 +93,7 @@ class Program:
             "exit_code": self.exit_code,
             "restart": self.doc.restart,
             "enabled": self.doc.enabled,
+            "placed": self.doc.placed,
             "git": self.doc.git.describe() if self.doc.git else None,
             "commit": self.checkout[1] if self.doc.git and self.checkout else None,
             "next_start": _iso(time.time() + self.next_start - time.monotonic())
@@ -118,6 +122,8 @@ class Supervisor:
         on_change: Optional[Callable[[], None]] = None,
         fork_server: Optional[ForkServer] = None,
         on_log: Optional[Callable[[str, str, list[Any], int], None]] = None,
+        status_database: Optional[str] = None,
+        fence: Optional[float] = None,
     ) -> None:
         #: Called with (doc id, name, [(time, line)], dropped) for program output.
         self.on_log = on_log or (lambda doc_id, name, lines, dropped: None)
@@ -125,12 +131,21 @@ class Supervisor:
         self.node = node
         self.couch_url = couch_url
         self.database = database
+        #: Where programs keep ``state`` and leases (None: ``<database>_status``).
+        self.status_database = status_database
         self.grace_period = grace_period
         self.kill_grace = kill_grace
         self.default_restart = default_restart
         self.state_dir = state_dir
         self.on_change = on_change or (lambda: None)
         self.programs: dict[str, Program] = {}
+        #: Placed programs (see placement.py): every placed document from the
+        #: feed, the ones assigned to this node, and the children's fence:
+        #: seconds a placed child lives on without an "alive" from us.
+        self.placed_docs: dict[str, dict[str, Any]] = {}
+        self.assigned: set[str] = set()
+        self.fence = fence
+        self._next_ping: Optional[float] = None
         #: Set by stop_all(): the node is going down, nothing starts any more.
         self.closing = False
         #: doc id -> global modules it exports
@@ -164,6 +179,7 @@ class Supervisor:
         self._drain_inbox()
         now = time.monotonic() if now is None else now
         self._tick(now)
+        self._ping(now)
         deadline = self._next_deadline()
         wait = timeout if deadline is None else max(0.0, min(timeout, deadline - now))
         waitables: list[Any] = [self._wake_r]
@@ -192,6 +208,8 @@ class Supervisor:
                     self._apply(arg)
                 elif action == "fetched":
                     self._fetched(*arg)
+                elif action == "assigned":
+                    self._assign(*arg)
                 elif action == "restart_all":
                     self._restart_all()
                 elif action == "stop_all":
@@ -206,11 +224,17 @@ class Supervisor:
                          program.abandon_at):
                 if when is not None:
                     times.append(when)
+        if self._next_ping is not None:
+            times.append(self._next_ping)
         return min(times) if times else None
 
     # -- documents ---------------------------------------------------------
     def _apply(self, doc: dict[str, Any]) -> None:
         doc_id = str(doc.get("_id"))
+        if codedoc.is_placed(doc):
+            self.placed_docs[doc_id] = doc
+        else:
+            self.placed_docs.pop(doc_id, None)
         if doc.get("_deleted"):
             if self.providers.pop(doc_id, None) is not None:
                 self._globals_changed()
@@ -227,7 +251,8 @@ class Supervisor:
                 else:
                     self.providers.pop(doc_id, None)
                 self._globals_changed()
-        mine = codedoc.matches_node(doc, self.node)
+        mine = codedoc.matches_node(doc, self.node) or (
+            parsed.placed and doc_id in self.assigned)
         if not mine and parsed.error and doc.get("global_modules") \
                 and not parsed.global_modules:
             # No status entry shows it (it is not this node's program), yet
@@ -304,6 +329,20 @@ class Supervisor:
             elif program.doc.enabled and not program.doc.error:
                 self._start(program)
 
+    def _assign(self, assigned: frozenset[str], hurry: Optional[float]) -> None:
+        """Run the placed programs in ``assigned``, and only those (placement.py)."""
+        before, self.assigned = self.assigned, set(assigned)
+        for doc_id in sorted(before - self.assigned):
+            program = self.programs.get(doc_id)
+            if program is not None and program.doc.placed:
+                log.info("%s: no longer placed on this node, stopping", program.name)
+                self._stop(program, then="remove", hurry=hurry)
+        for doc_id in sorted(self.assigned - before):
+            doc = self.placed_docs.get(doc_id)
+            if doc is not None:  # else the feed brings it later
+                log.info("%s: placed on this node", doc.get("name") or doc_id)
+                self._apply(doc)
+
     # -- starting ------------------------------------------------------------
     def _start_or_rest(self, program: Program) -> None:
         program.next_start = None  # a backoff restart of older code is void
@@ -336,7 +375,8 @@ class Supervisor:
             name=doc.name, doc_id=doc.doc_id, rev=doc.rev, modules=doc.modules,
             main_module=main_module, global_modules=dict(self.global_sources),
             node=self.node, couch_url=self.couch_url, database=self.database,
-            path=path, entry=entry,
+            path=path, entry=entry, status_database=self.status_database,
+            fence=self.fence if doc.placed else None,
         )
         # What runs now decides the next restart, whatever changed meanwhile.
         program.fingerprint = doc.fingerprint(self.global_sources)
@@ -399,20 +439,29 @@ class Supervisor:
         self._start(program)
 
     # -- stopping --------------------------------------------------------------
-    def _stop(self, program: Program, then: str) -> None:
-        """Ask ``program`` to quit; ``then`` is start, remove or stay."""
+    def _stop(self, program: Program, then: str, hurry: Optional[float] = None) -> None:
+        """Ask ``program`` to quit; ``then`` is start, remove or stay.
+
+        ``hurry`` shortens the grace period and the wait after SIGTERM to at
+        most that many seconds each (a fenced placed program).
+        """
         program.after_stop = then
         program.next_start = None
         if not program.alive:
             self._after_stop(program)
             return
+        now = time.monotonic()
+        if hurry is not None:
+            program.hurry = hurry
+            if program.term_at is not None:
+                program.term_at = min(program.term_at, now + hurry)
         if program.state != "stopping":
-            now = time.monotonic()
             try:
                 program.conn.send("quit")
             except (OSError, ValueError):
                 pass
-            program.term_at = now + self.grace_period
+            grace = self.grace_period if hurry is None else min(self.grace_period, hurry)
+            program.term_at = now + grace
             self._set(program, "stopping")
 
     def stop_all(self, force: bool = False) -> None:
@@ -438,7 +487,8 @@ class Supervisor:
                 log.warning("%s: did not quit within the grace period; SIGTERM", program.name)
                 _kill_group(program.pid, signal.SIGTERM)
                 program.term_at = None
-                program.kill_at = now + self.kill_grace
+                program.kill_at = now + (self.kill_grace if program.hurry is None
+                                         else min(self.kill_grace, program.hurry / 2))
             if program.kill_at is not None and now >= program.kill_at and program.alive:
                 log.warning("%s: still alive after SIGTERM; SIGKILL", program.name)
                 _kill_group(program.pid, signal.SIGKILL)
@@ -451,8 +501,27 @@ class Supervisor:
                 self._forget(program)
                 self._after_stop(program)
 
+    def _ping(self, now: float) -> None:
+        """Tell placed children we are alive: a frozen daemon's children stop.
+
+        Only when the socket has room: a child that stopped reading (SIGSTOP)
+        must not block this loop.
+        """
+        if self.fence is None or (self._next_ping is not None and now < self._next_ping):
+            return
+        placed = [p for p in self.programs.values() if p.doc.placed and p.alive
+                  and p.conn is not None and not p.eof and p.state != "stopping"]
+        self._next_ping = now + self.fence / 6 if placed else None
+        for program in placed:
+            try:
+                if select.select([], [program.conn.fileno()], [], 0)[1]:
+                    program.conn.send("alive")
+            except (OSError, ValueError):
+                pass
+
     def _after_stop(self, program: Program) -> None:
         program.term_at = program.kill_at = program.abandon_at = None
+        program.hurry = None
         then, program.after_stop = program.after_stop, None
         if then == "remove":
             self.programs.pop(program.doc.doc_id, None)

@@ -59,6 +59,8 @@ class Status:
         self.stop = threading.Event()
         self.thread: Optional[threading.Thread] = None
         self.writes = 0
+        #: time.monotonic() of the last successful write (placement fencing).
+        self.last_write: Optional[float] = None
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self.run, name="status", daemon=True)
@@ -125,6 +127,7 @@ class Status:
             saved = self.db.save(doc)
         self._rev = saved["_rev"]
         self.writes += 1
+        self.last_write = time.monotonic()
         return saved
 
 

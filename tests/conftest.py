@@ -18,10 +18,12 @@ from typing import Callable, Optional
 import pytest
 import requests
 
-from himbeere import defaults
+from himbeere import defaults, security
 from himbeere.couch import Couch, Database
 from tests.nodes import Node
 from tests.servers import PouchServer, create_database, delete_database
+from uploader import install, users
+from uploader.fleet import Fleet
 
 COUCH_URL_ENV = "HIMBEERE_TEST_COUCH_URL"
 
@@ -143,3 +145,34 @@ def node_factory(couch_url: str, dbname: str, tmp_path: Path) -> Iterator[Callab
 def code_db(couch: Couch, dbname: str) -> Database:
     """The test's code database (created by ``dbname``)."""
     return couch.database(dbname)
+
+
+NodeUserFactory = Callable[[], tuple[int, str]]
+
+
+@pytest.fixture
+def node_user(couch: Couch, couch_url: str, dbname: str) -> Iterator[NodeUserFactory]:
+    """``node_user()``: a new node user on the test's databases: (MAC id, its URL).
+
+    The databases are set up as ``himbeere-upload setup`` does (design
+    documents, write rules, ``_security``), so a daemon started with the URL
+    runs with a real node's rights.  Users are server-wide: each gets a
+    random MAC id, and all are deleted after the test.
+    """
+    fleet = Fleet(couch_url, dbname)
+    install.setup(fleet)
+    made: list[int] = []
+
+    def make() -> tuple[int, str]:
+        mac = 10**14 + secrets.randbelow(10**14)
+        password = secrets.token_hex(8)
+        made.append(mac)
+        users.provision(fleet, mac, password=password)
+        return mac, couch.as_user(str(mac), password).url
+
+    yield make
+    users_db = couch.database("_users")
+    for mac in made:
+        doc = users_db.get(security.user_id(mac))
+        if doc:
+            users_db.delete(doc)

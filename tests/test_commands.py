@@ -290,18 +290,17 @@ def test_binary_output_is_stored_escaped_within_budget(commands_factory,
 
 def test_a_409_on_write_back_is_resolved_by_rereading(commands_factory, code_db: Database,
                                                       couch_url: str) -> None:
-    """Someone writes the document between our read and our write: a real 409."""
+    """Someone writes the document between its delivery and our write: a real 409."""
     other = Couch(couch_url).database(code_db.name)
     interfered: list[str] = []
 
     class Racing(Database):
-        def get(self, doc_id: str, **params: Any) -> Optional[Doc]:
-            doc = super().get(doc_id, **params)
-            if doc_id == "raced" and doc is not None and not interfered and "state" not in doc:
-                theirs = dict(doc, note="theirs")
+        def save(self, doc: Doc) -> Doc:
+            if doc.get("_id") == "raced" and "ret" in doc and not interfered:
+                theirs = dict(other.get("raced") or {}, note="theirs")
                 other.save(theirs)
                 interfered.append(theirs["_rev"])
-            return doc
+            return super().save(doc)
 
     commands = commands_factory(db=Racing(code_db.couch, code_db.name), running_mark=60)
     doc = run_in_process(commands, code_db, "raced", ["echo", "hello"])
@@ -309,6 +308,78 @@ def test_a_409_on_write_back_is_resolved_by_rereading(commands_factory, code_db:
     assert doc["note"] == "theirs"
     assert doc["ret"] == ["hello\n", ""]
     assert doc["state"] == "done"
+
+
+def test_the_result_is_written_on_the_delivered_revision_without_a_get(
+        commands_factory, code_db: Database) -> None:
+    """Regression: a GET before each write-back cost 6 of a command's 33 ms."""
+    reads: list[str] = []
+
+    class Counting(Database):
+        def get(self, doc_id: str, **params: Any) -> Optional[Doc]:
+            reads.append(doc_id)
+            return super().get(doc_id, **params)
+
+    commands = commands_factory(db=Counting(code_db.couch, code_db.name), running_mark=60)
+    delivered = command(code_db, "direct", ["echo", "hi"])
+    commands.submit(delivered)
+    doc = wait_doc(code_db, "direct")
+    assert doc["ret"] == ["hi\n", ""]
+    assert doc["_rev"].startswith("2-")
+    assert reads == []
+    assert "ret" not in delivered  # the caller's copy is left alone
+
+
+def test_a_stale_delivered_revision_is_read_again(commands_factory, code_db: Database) -> None:
+    """The feed's copy is out of date (a ``running`` mark, an edit): 409, read, write."""
+    commands = commands_factory(running_mark=60)
+    delivered = command(code_db, "stale", ["echo", "hi"])
+    code_db.save(dict(delivered, note="edited since"))
+    commands.submit(delivered)
+    doc = wait_doc(code_db, "stale")
+    assert doc["note"] == "edited since" and doc["ret"] == ["hi\n", ""]
+    assert doc["_rev"].startswith("3-")
+
+
+def test_journal_appends_and_replays_lines(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "commands.json"
+    journal = Journal(path)
+    journal.set("a", "queued")
+    journal.set("b", "queued")
+    journal.set("a", "started")
+    journal.set("a", "started")  # no change, no line
+    journal.remove("b")
+    journal.remove("nothing")
+    assert Journal(path).read() == {"a": "started"}
+    assert path.read_text().count("\n") == 4  # the first wrote the file, the rest appended
+    journal.remove("a")
+    assert Journal(path).read() == {}
+
+
+def test_journal_reads_the_old_format_and_a_torn_last_line(tmp_path: Path) -> None:
+    """Earlier versions wrote one JSON object; a power cut can tear the last append."""
+    path = tmp_path / "commands.json"
+    path.write_text(json.dumps({"old": "started", "odd": "weird"}))
+    assert Journal(path).read() == {"old": "started", "odd": "started"}
+    Journal(path).set("new", "queued")
+    assert path.read_text().endswith("\n")
+    with open(path, "a") as handle:
+        handle.write('{"new": "sta')
+    assert Journal(path).read() == {"old": "started", "odd": "started", "new": "queued"}
+    Journal(path).set("next", "queued")  # rewritten, not glued to the torn line
+    assert Journal(path).read() == {"old": "started", "odd": "started", "new": "queued",
+                                    "next": "queued"}
+
+
+def test_journal_is_compacted_once_it_grows(tmp_path: Path) -> None:
+    path = tmp_path / "commands.json"
+    journal = Journal(path)
+    journal.set("kept", "queued")
+    for i in range(Journal.COMPACT_AFTER):
+        journal.set(f"c{i}", "started")
+        journal.remove(f"c{i}")
+    assert path.read_text().count("\n") < Journal.COMPACT_AFTER
+    assert journal.read() == {"kept": "queued"}
 
 
 def test_recover_marks_started_and_runs_queued_commands(commands_factory, code_db: Database,

@@ -9,6 +9,8 @@ Documents involved (see :mod:`himbeere.commands` for the node side):
 * ``status:<mac>`` (status db): the heartbeat, read by :func:`list_nodes`.
 * ``node:<mac>`` (status db): ``name`` and ``labels`` (``{"room": "lab"}``).
 * ``log:<mac>:<program id>`` (status db): the ring of a program's last lines.
+* ``lease:scheduler`` (status db): the scheduler's lease, holding the
+  assignments of placed programs to nodes (:mod:`himbeere.placement`).
 * A fleet command is ONE document in the code database::
 
     {"_id": "cmd-20240501-120000-123-ab12cd", "type": "himbeere-command",
@@ -33,6 +35,10 @@ Documents involved (see :mod:`himbeere.commands` for the node side):
 Programs are stopped, started and restarted through fields of their code
 document: ``enabled`` (false stops it) and ``restart_count`` (an integer;
 each change restarts the program).
+
+A program's persistent ``state`` is the ``state:<program id>`` document of
+the status database (see :mod:`himbeere.progstate`); :func:`program_state`
+shows it and :func:`reset_state` deletes it.
 """
 
 from __future__ import annotations
@@ -43,10 +49,12 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
-from himbeere import health
+from himbeere import defaults, health, placement
 from himbeere.couch import Database, Doc
-from himbeere.exceptions import ConfigError, NotFound
+from himbeere.exceptions import ConfigError, Conflict, NotFound
+from himbeere.lease import lease_id
 from himbeere.logship import log_id
+from himbeere.progstate import state_id
 from himbeere.status import status_id
 
 from . import push
@@ -527,6 +535,70 @@ def restart_program(fleet: Fleet, node: NodeRef, program: str) -> Doc:
             "restart_count": count["value"]}
 
 
+
+# -- placements --------------------------------------------------------------------------
+def placements(fleet: Fleet) -> Doc:
+    """Placed programs (``type: "himbeere-placed"``): where they run, and why.
+
+    Returns ``{"scheduler": ..., "placements": [...]}``.  ``scheduler`` is
+    the holder of ``lease:scheduler`` (see :mod:`himbeere.placement`):
+    ``{"node", "name", "node_state", "epoch", "expires_in", "scheduled_ago"}``,
+    or None when no node holds the lease.  Each placement: ``id``, ``name``,
+    ``replicas``, ``labels``, ``requires``, ``enabled``, ``assigned`` (false
+    before the scheduler saw it), ``problem`` (why fewer nodes than
+    ``replicas`` run it, or None), ``draining`` (nodes still stopping it)
+    and ``nodes``: one ``{"node", "name", "node_state", "state", "pid",
+    "why", "since"}`` per assigned node, ``state`` being the program's state
+    in that node's status (None before the node reported it).
+    """
+    fleet.require_databases()
+    try:
+        rows = fleet.code.view(defaults.DESIGN, "placed")
+    except NotFound:
+        raise NotFound(f"database {fleet.code.name!r} has no placed view: run "
+                       f"`himbeere-upload setup {fleet.server}`") from None
+    lease = fleet.status.get(lease_id(placement.LEASE_NAME)) or {}
+    assignments = lease.get("assignments") if isinstance(lease.get("assignments"), dict) else {}
+    assert isinstance(assignments, dict)
+    statuses = _status_docs(fleet)
+    names = {mac: doc.get("name") for mac, doc in _node_docs(fleet).items()}
+    now = server_now(fleet)
+    holder = str(lease.get("holder") or "")
+    scheduler = None
+    expires = lease.get("expires")
+    if holder.isdigit() and isinstance(expires, (int, float)) and expires > now:
+        mac = int(holder)
+        scheduled = lease.get("scheduled")
+        scheduler = {"node": mac, "name": names.get(mac),
+                     "node_state": health.node_state(statuses.get(mac), now),
+                     "epoch": lease.get("epoch"), "expires_in": round(expires - now, 1),
+                     "scheduled_ago": round(now - scheduled, 1)
+                     if isinstance(scheduled, (int, float)) else None}
+    listing = []
+    for row in rows:
+        doc_id, value = row["id"], row.get("value") or {}
+        entry = assignments.get(doc_id)
+        entry = entry if isinstance(entry, dict) else {}
+        why = entry.get("why") if isinstance(entry.get("why"), dict) else {}
+        since = entry.get("since") if isinstance(entry.get("since"), dict) else {}
+        assert isinstance(why, dict) and isinstance(since, dict)
+        nodes = []
+        for mac in [int(m) for m in entry.get("nodes") or [] if str(m).isdigit()]:
+            status = statuses.get(mac)
+            program = ((status or {}).get("programs") or {}).get(doc_id) or {}
+            nodes.append({"node": mac, "name": names.get(mac),
+                          "node_state": health.node_state(status, now),
+                          "state": program.get("state"), "pid": program.get("pid"),
+                          "why": why.get(str(mac)), "since": since.get(str(mac))})
+        listing.append({"id": doc_id, "name": row["key"], "replicas": value.get("replicas"),
+                        "labels": value.get("labels") or {},
+                        "requires": value.get("requires") or {},
+                        "enabled": value.get("enabled", True), "assigned": bool(entry),
+                        "problem": entry.get("problem"),
+                        "draining": list(entry.get("draining") or []), "nodes": nodes})
+    listing.sort(key=lambda p: (str(p["name"]), p["id"]))
+    return {"scheduler": scheduler, "placements": listing}
+
 # -- logs --------------------------------------------------------------------------------
 def logs(fleet: Fleet, node: NodeRef, program: Optional[str] = None) -> list[Doc]:
     """The log ring documents ``log:<mac>:<program id>`` of ``node``.
@@ -561,3 +633,95 @@ def log_lines(docs: Iterable[Doc], after: Optional[float] = None) -> list[tuple[
                 lines.append((stamp, name, text))
     lines.sort(key=lambda line: line[0])
     return lines
+
+
+# -- program state -----------------------------------------------------------------------
+#: Program states in which a node may still write the program's state back.
+ACTIVE_STATES = ("running", "stopping", "backing-off", "fetching", "starting")
+
+
+def state_program(fleet: Fleet, program: str, node: Optional[NodeRef] = None) -> Doc:
+    """Which program ``program`` (a name or a document id) names, for its state.
+
+    With ``node``, the program of that name (or id) on that node.  Without,
+    a code document of that id, else the one program of that name on any
+    node (several: an error that lists them), else a program whose code is
+    gone but whose state is left.  Returns ``{"id", "name"}``.
+    """
+    fleet.require_databases()
+    if node is not None:
+        found = program_doc(fleet, node, program)
+        return {"id": found["_id"], "name": found.get("name") or found["_id"]}
+    doc = fleet.code.get(program) if not program.startswith("_") else None
+    if doc is not None and not _is_command(doc):
+        return {"id": doc["_id"], "name": doc.get("name") or doc["_id"]}
+    rows = [row for row in push._programs(fleet)
+            if row["key"][0] is not None and row["key"][1] == program]
+    if len(rows) == 1:
+        return {"id": rows[0]["id"], "name": program}
+    if rows:
+        where = ", ".join(f"{row['id']} on node {row['key'][0]}" for row in rows)
+        raise ConfigError(f"several nodes have a program {program!r} ({where}); say which "
+                          "with --node NODE or give the program's id")
+    if fleet.status.get(state_id(program)) is not None:
+        return {"id": program, "name": program}
+    kept = sorted(str(doc.get("program") or doc["_id"][len("state:"):])
+                  for doc in _prefixed(fleet.status, "state:"))
+    raise NotFound(f"no program {program!r} in database {fleet.code.name!r}; programs with "
+                   f"state: {', '.join(kept) if kept else 'none'}")
+
+
+def _is_command(doc: Doc) -> bool:
+    kind = str(doc.get("type"))
+    return kind == COMMAND_TYPE or kind.endswith("_cmd")
+
+
+def program_state(fleet: Fleet, program: str, node: Optional[NodeRef] = None) -> Doc:
+    """The persistent ``state`` of a program (see :func:`state_program` for ``program``).
+
+    Returns ``{"id": program id, "name", "state_id", "exists", "values"
+    (the dict; {} when there is none), "saved" (ISO time of the last save,
+    server clock), "node" (the node that saved last), "running_on" (nodes
+    where it is running, stopping or about to restart)}``.
+    """
+    found = state_program(fleet, program, node)
+    doc = fleet.status.get(state_id(found["id"]))
+    values = (doc or {}).get("values")
+    saved = (doc or {}).get("saved")
+    return dict(found, state_id=state_id(found["id"]), exists=doc is not None,
+                values=values if isinstance(values, dict) else {},
+                saved=_iso(float(saved)) if isinstance(saved, (int, float)) else None,
+                node=(doc or {}).get("node"), running_on=_running_on(fleet, found["id"]))
+
+
+def reset_state(fleet: Fleet, program: str, node: Optional[NodeRef] = None) -> Doc:
+    """Delete a program's ``state`` document; it starts from ``{}`` next time.
+
+    Returns the :func:`program_state` fields from before, plus ``cleared``
+    (False when there was nothing to clear).  A program that runs meanwhile
+    (``running_on``) keeps the old values in memory and writes back the keys
+    it changes: stop it first for a clean start.
+    """
+    before = program_state(fleet, program, node)
+    cleared = False
+    for _ in range(20):
+        doc = fleet.status.get(before["state_id"])
+        if doc is None:
+            break
+        try:
+            fleet.status.delete(doc)
+        except Conflict:
+            continue  # saved meanwhile: delete that
+        cleared = True
+        break
+    else:
+        raise Conflict(f"{before['state_id']}: still conflicting after 20 tries")
+    return dict(before, cleared=cleared)
+
+
+def _running_on(fleet: Fleet, program: str) -> list[int]:
+    now = server_now(fleet)
+    return sorted(mac for mac, status in _status_docs(fleet).items()
+                  if isinstance(status.get("programs"), dict)
+                  and (status["programs"].get(program) or {}).get("state") in ACTIVE_STATES
+                  and health.node_state(status, now) in ("alive", "suspect"))

@@ -1,8 +1,9 @@
 """Fleet operations on the ``himbeere`` command, for the laptop.
 
-``nodes``, ``status``, ``logs``, ``cmd``, ``stop``, ``start``, ``restart``
-and ``label``; :func:`register` adds them to ``himbeere``'s subcommands.
-The work is done by :mod:`uploader.ops`, which the dashboard uses too.
+``nodes``, ``status``, ``logs``, ``cmd``, ``stop``, ``start``, ``restart``,
+``label``, ``state`` and ``placements``; :func:`register` adds them to
+``himbeere``'s subcommands.  The work is done by :mod:`uploader.ops`, which
+the dashboard uses too.
 
 The server comes from ``--server URL`` or ``HIMBEERE_SERVER``, the
 databases from ``--database`` (``HIMBEERE_DATABASE``, default
@@ -358,6 +359,97 @@ def cmd_label(args: argparse.Namespace, fleet: Fleet) -> int:
     return 0
 
 
+def cmd_state(args: argparse.Namespace, fleet: Fleet) -> int:
+    """Show a program's persistent state (the `state` dict its code sees), or clear
+    it with --reset, so that the program starts from {} next time.
+
+    himbeere state counter
+    himbeere state counter --node kitchen      (when several nodes have a "counter")
+    himbeere state 1001:counter --reset
+    """
+    if args.reset:
+        result = ops.reset_state(fleet, args.program, args.node)
+    else:
+        result = ops.program_state(fleet, args.program, args.node)
+    if args.json:
+        emit(args, result)
+        return 0
+    what = (f"{result['name']} ({result['id']})" if result["name"] != result["id"]
+            else result["id"])
+    if args.reset:
+        print(f"cleared the state of {what}" if result["cleared"]
+              else f"{what} had no state; nothing to clear")
+        if result["cleared"] and result["running_on"]:
+            nodes = ", ".join(str(mac) for mac in result["running_on"])
+            print(f"note: it runs on node {nodes}, keeps the old values in memory and writes "
+                  f"back the keys it changes; for a clean start stop it first "
+                  f"(himbeere stop {result['id']} --node NODE)", file=sys.stderr)
+        return 0
+    if not result["exists"]:
+        print(f"{what} has no state yet")
+        return 0
+    by = f" by node {result['node']}" if result["node"] is not None else ""
+    print(f"state of {what}, saved {result['saved'] or '-'}{by}:")
+    print(json.dumps(result["values"], indent=2, sort_keys=True, ensure_ascii=False))
+    return 0
+
+
+
+# -- placements --------------------------------------------------------------------------
+def cmd_placements(args: argparse.Namespace, fleet: Fleet) -> int:
+    """What runs where, and why: each placed program (type "himbeere-placed"), the
+    nodes the scheduler assigned it to, their state and the reason for the choice."""
+    answer = ops.placements(fleet)
+    if args.json:
+        emit(args, answer)
+        return 0
+    print("\n".join(format_placements(answer)))
+    return 0
+
+
+def _wants(p: dict[str, Any]) -> str:
+    parts = [f"{p['replicas']}x" if p.get("replicas") is not None else "?x"]
+    parts += [f"{k}={v}" for k, v in sorted((p.get("labels") or {}).items())]
+    requires = p.get("requires") or {}
+    if requires.get("ram_mb"):
+        parts.append(f"ram {requires['ram_mb']:g}MB")
+    if requires.get("disk_mb"):
+        parts.append(f"disk {requires['disk_mb']:g}MB")
+    return " ".join(parts)
+
+
+def format_placements(answer: dict[str, Any]) -> list[str]:
+    scheduler = answer["scheduler"]
+    if scheduler:
+        lines = [f"scheduler: node {node_label(scheduler['node'], scheduler['name'])} "
+                 f"({scheduler['node_state']}), lease epoch {scheduler['epoch']}, expires in "
+                 f"{scheduler['expires_in']:g}s"]
+    else:
+        lines = ["scheduler: none (no node holds lease:scheduler; a running daemon takes it "
+                 "within a heartbeat)"]
+    placements = answer["placements"]
+    if not placements:
+        return lines + ['no placed programs (documents with "type": "himbeere-placed")']
+    rows = []
+    for p in placements:
+        name = str(p["name"]) if p["name"] == p["id"] else f"{p['name']} ({p['id']})"
+        if not p["enabled"]:
+            name += " [disabled]"
+        first = [name, _wants(p)]
+        if not p["nodes"]:
+            why = p["problem"] or ("not assigned yet" if not p["assigned"] else "-")
+            rows.append(first + ["-", "-", "-", why])
+        for i, n in enumerate(p["nodes"]):
+            rows.append((first if i == 0 else ["", ""]) + [
+                node_label(n["node"], n["name"]), n["node_state"], str(n["state"] or "-"),
+                str(n["why"] or "-")])
+        if p["nodes"] and p["problem"]:
+            rows.append(["", "", "-", "-", "-", p["problem"]])
+        for mac in p["draining"]:
+            rows.append(["", "", str(mac), "-", "stopping", "leaving: no longer placed here"])
+    return lines + table(["PROGRAM", "WANTS", "NODE", "NODE STATE", "STATE", "WHY"], rows)
+
+
 # -- parser ------------------------------------------------------------------------------
 def common_flags() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
@@ -423,10 +515,20 @@ def register(sub: Any) -> None:
         program.add_argument("--node", metavar="NODE", required=True,
                              help="MAC id, MAC address or name")
 
+    add("placements", cmd_placements)
+
     label = add("label", cmd_label)
     label.add_argument("node", metavar="NODE", help="MAC id, MAC address or name")
     label.add_argument("labels", metavar="KEY=VALUE", nargs="*",
                        help="labels to set (key= removes one)")
+
+    state = add("state", cmd_state)
+    state.add_argument("program", metavar="PROGRAM", help="program name or id")
+    state.add_argument("--node", metavar="NODE",
+                       help="the node whose program it is (MAC id, MAC address or name), "
+                            "when several nodes have a program of that name")
+    state.add_argument("--reset", action="store_true",
+                       help="delete the state: the program starts from {} next time")
 
 
 def run(args: argparse.Namespace, handler: Handler) -> int:
