@@ -133,6 +133,18 @@ def getserial(cpuinfo_path: Union[str, os.PathLike[str]] = "/proc/cpuinfo") -> s
     return NO_SERIAL
 
 
+def random_password(nbytes: int = 24) -> str:
+    """A random URL-safe password that does not start with ``-``.
+
+    A leading dash would read as an option where users pass the password
+    on a command line (``provision MACID --password PW``).
+    """
+    while True:
+        password = secrets.token_urlsafe(nbytes)
+        if not password.startswith("-"):
+            return password
+
+
 def legacy_password(macid: int, serial: str) -> str:
     """The original HimbeereCouch password: ``sha1(str(macid) + serial)``.
 
@@ -196,7 +208,7 @@ def _create_password_file(path: Path) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(secrets.token_urlsafe(24) + "\n")
+            handle.write(random_password() + "\n")
             handle.flush()
             os.fsync(handle.fileno())
         try:

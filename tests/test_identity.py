@@ -182,3 +182,12 @@ def test_real_netifaces_if_installed() -> None:
     except ConfigError:
         pytest.skip("this machine has no interface with a MAC address")
     assert isinstance(macid, int) and macid > 0
+
+
+def test_random_passwords_never_start_with_a_dash() -> None:
+    """A password like ``-Yal...`` broke ``provision MACID --password PW`` (CI, 3.13)."""
+    from himbeere.identity import random_password
+
+    passwords = [random_password(3) for _ in range(2000)]
+    assert not any(p.startswith("-") for p in passwords)
+    assert len(set(passwords)) > 1900

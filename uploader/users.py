@@ -12,10 +12,9 @@ not become a node's.
 
 from __future__ import annotations
 
-import secrets
 from typing import Optional
 
-from himbeere import security
+from himbeere import identity, security
 from himbeere.couch import Doc
 from himbeere.exceptions import ConfigError, Unauthorized
 
@@ -45,7 +44,7 @@ def provision(fleet: Fleet, node: int, name: Optional[str] = None,
     if doc is None:
         source = "given" if password is not None else "generated"
         if password is None:
-            password = secrets.token_urlsafe(18)
+            password = identity.random_password(18)
             result["password"] = password
         users.save({"_id": security.user_id(node), "name": str(node), "type": "user",
                     "roles": [security.NODE_ROLE], "password": password})
