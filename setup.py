@@ -46,7 +46,7 @@ setup(
         "dashboard": ["flask>=2.2"],
         # selenium drives Debian's chromium/chromedriver in the dashboard's browser tests.
         "test": ["pytest", "pytest-timeout", "flask>=2.2", "selenium>=4.11"],
-        "dev": ["ruff", "mypy", "types-requests"],
+        "dev": ["ruff", "mypy", "types-requests", "docutils"],
     },
     entry_points={
         "console_scripts": [
