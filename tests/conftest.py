@@ -20,6 +20,7 @@ import requests
 
 from himbeere import defaults, security
 from himbeere.couch import Couch, Database
+from tests.helpers import AS_NODE_ENV
 from tests.nodes import Node
 from tests.servers import PouchServer, create_database, delete_database
 from uploader import install, users
@@ -121,12 +122,29 @@ def node_factory(couch_url: str, dbname: str, tmp_path: Path) -> Iterator[Callab
     the end, and programs of daemons killed with -9 are killed too.
     """
     nodes: list[Node] = []
+    as_node = AS_NODE_ENV in os.environ
+    prepared: set[str] = set()
+    provisioned: set[int] = set()
+
+    def node_url(mac_id: int, database: str) -> str:
+        """The URL of node user ``mac_id`` on a database set up as in production."""
+        fleet = Fleet(couch_url, database)
+        if database not in prepared:
+            install.setup(fleet)
+            prepared.add(database)
+        password = secrets.token_hex(8)
+        users.provision(fleet, mac_id, password=password)
+        provisioned.add(mac_id)
+        return Couch(couch_url).as_user(str(mac_id), password).url
 
     def make(mac_id: int = 1000, database: Optional[str] = None,
              flags: Optional[list[str]] = None, url: Optional[str] = None,
              start: bool = True, state_dir: Optional[Path] = None,
              env: Optional[dict[str, str]] = None) -> Node:
-        node = Node(url or couch_url, database or dbname,
+        database = database or dbname
+        if url is None and as_node:
+            url = node_url(mac_id, database)
+        node = Node(url or couch_url, database,
                     state_dir or tmp_path / f"state-{mac_id}-{len(nodes)}", mac_id, flags, env)
         nodes.append(node)
         return node.start() if start else node
@@ -139,6 +157,11 @@ def node_factory(couch_url: str, dbname: str, tmp_path: Path) -> Iterator[Callab
                 node.stop()
         finally:
             node.kill_programs()
+    users_db = Couch(couch_url).database("_users")
+    for mac in provisioned:
+        doc = users_db.get(security.user_id(mac))
+        if doc:
+            users_db.delete(doc)
 
 
 @pytest.fixture

@@ -6,8 +6,11 @@ to a generous deadline with :func:`wait_for` and fail only when it never holds.
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Callable, TypeVar, Union
+from typing import Any, Callable, TypeVar, Union
+
+import pytest
 
 T = TypeVar("T")
 
@@ -32,3 +35,16 @@ def wait_for(
             text = message() if callable(message) else message
             raise AssertionError(f"{text} (waited {timeout:g} s)")
         time.sleep(interval)
+
+
+#: Set to run every daemon of ``node_factory`` with a node user's credentials
+#: on databases set up by ``himbeere-upload setup``; CI runs the daemon tests
+#: again this way, because the daemon must never need admin rights.
+AS_NODE_ENV = "HIMBEERE_TEST_AS_NODE"
+
+
+def needs_admin_daemon(reason: str) -> Any:
+    """Skip a test in the node-credentials run: it tests what only an admin may do."""
+    return pytest.mark.skipif(AS_NODE_ENV in os.environ,
+                              reason=f"{AS_NODE_ENV} is set (daemons run as node users): "
+                                     f"{reason}")
