@@ -63,7 +63,8 @@ the program stops.  Fencing keeps a program from running on two nodes
 (``I`` = heartbeat interval):
 
 ========= ===================================================================
-0         a node's daemon dies (kill -9), freezes, or loses the server
+0         a node's last heartbeat; then its daemon dies (kill -9), freezes,
+          or loses the server
 ``3 I``   a node that has not read the assignment or written a heartbeat for
           ``FENCE_AFTER`` intervals stops its placed programs (quit, SIGTERM
           after ``I``, SIGKILL ``I/2`` later); a frozen daemon cannot, so its
@@ -76,9 +77,11 @@ the program stops.  Fencing keeps a program from running on two nodes
           node starts it at its own next heartbeat
 ========= ===================================================================
 
-So a program moves 6 to 8 intervals after its node died, within two
-heartbeat timeouts; when the leader itself died, another node holds the
-lease 3 to 4 intervals later, in time to do it.
+So a program moves 5 to 8 intervals after its node died (6 after the last
+heartbeat, plus the leader's and the new node's next heartbeats; measured:
+median 6.9 intervals, ``benchmarks/bench_failover.py``), within two
+heartbeat timeouts.  When the leader itself died, another node holds the
+lease 3 to 4 intervals after its last renewal, in time to do it.
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ CHILD_FENCE = 3.0
 PROGRAM_WEIGHT = 0.25
 #: Node states whose placed programs stay where they are.
 KEEP_STATES = ("alive", "suspect")
+#: The fields of a placed document the scheduler reads.
+PLACEMENT_FIELDS = ("_id", "_rev", "type", "name", "replicas", "labels", "requires")
 #: Unknown placed documents looked up per heartbeat, at most.
 LOOKUPS = 20
 
@@ -445,7 +450,8 @@ class Placement:
         doc_id = str(doc.get("_id"))
         with self._lock:
             if codedoc.is_placed(doc):
-                self.placed[doc_id] = doc
+                # Only what scheduling needs: the code may be megabytes.
+                self.placed[doc_id] = {k: v for k, v in doc.items() if k in PLACEMENT_FIELDS}
             elif self.placed.pop(doc_id, None) is None:
                 return
         if self.leader:
@@ -549,9 +555,9 @@ class Placement:
         result.update({doc_id: current[doc_id] for doc_id in carried})
         changed = {d for d in set(result) | set(current) if result.get(d) != current.get(d)}
         for doc_id in sorted(changed):
-            log.info("placement: %s -> %s%s", doc_id, (result.get(doc_id) or {}).get("nodes"),
-                     f" ({result[doc_id]['problem']})"
-                     if (result.get(doc_id) or {}).get("problem") else "")
+            entry = result.get(doc_id) or {}
+            log.info("placement: %s on %s%s", doc_id, entry.get("nodes", "no node (deleted)"),
+                     "; " + entry["problem"] if entry.get("problem") else "")
         return result
 
     def _prefixed(self, prefix: str) -> list[Doc]:
@@ -579,7 +585,7 @@ class Placement:
         self.stop.set()
         self._poke.set()
         if self.thread is not None:
-            self.thread.join(10)
+            self.thread.join(5)
         if self.leader:
             self.lease.release()
             self.leader = False

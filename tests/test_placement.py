@@ -253,6 +253,14 @@ def test_placed_documents_reach_every_node(couch: Couch, code_db: Database) -> N
         assert ids == {"everywhere"}
 
 
+def test_couchdb_gets_placed_documents_by_selector(couch: Couch,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(couch, "supports_selector", lambda: True)
+    for code_only in (False, True):
+        selector = design.node_filter(couch, 1000, code_only=code_only).selector
+        assert {"type": placement.PLACED_TYPE} in selector["$or"]  # type: ignore[index]
+
+
 # -- real nodes ----------------------------------------------------------------------------
 @pytest.fixture
 def fleet(couch_url: str, dbname: str) -> Fleet:
@@ -291,16 +299,21 @@ def events(path: Path) -> list[tuple[int, int, str]]:
 
 
 def assert_never_twice(path: Path) -> None:
-    """At most one instance ran at any time: by the lock, and by the order of the lines."""
+    """At most one instance ran at any time.
+
+    The lock says so (a killed instance released it when it died), and so do
+    the lines: an instance without a ``stop`` line before the next ``start``
+    must have been killed, so it cannot be alive now.
+    """
     seen = events(path)
     assert all("OVERLAP" not in what for _, _, what in seen), seen
-    running: set[int] = set()
+    unstopped: set[int] = set()
     for _, pid, what in seen:
         if what == "start":
-            assert not {p for p in running if pid_alive(p)} or not running, seen
-            running.add(pid)
+            assert not any(pid_alive(p) for p in unstopped), seen
+            unstopped.add(pid)
         else:
-            running.discard(pid)
+            unstopped.discard(pid)
 
 
 def start_nodes(node_factory: NodeFactory, *macs: int, flags: Optional[list[str]] = None,
@@ -381,6 +394,7 @@ def test_placed_on_the_least_busy_matching_node_and_moved_when_labels_change(
     (agg,) = answer["placements"]
     assert agg["nodes"][0]["node"] == 1002 and agg["nodes"][0]["state"] == "running"
     assert answer["scheduler"]["node"] in (1001, 1002, 1003)
+    assert "agg (placed)" in himbeere(fleet, "status", "1002").stdout
 
     # 1002 leaves lab1: it stops the program, then 1001 (the only other match) runs it.
     ops.set_labels(fleet, 1002, room="lab3")

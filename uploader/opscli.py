@@ -156,7 +156,8 @@ def format_detail(d: dict[str, Any]) -> list[str]:
         rows = []
         for doc_id, p in sorted(programs.items()):
             enabled = p.get("enabled", True)
-            rows.append([str(p.get("name") or doc_id), doc_id,
+            rows.append([str(p.get("name") or doc_id) + (" (placed)" if p.get("placed") else ""),
+                         doc_id,
                          str(p.get("state") or ("not running" if enabled else "-")),
                          str(p.get("restarts", 0) or 0), "yes" if enabled else "no",
                          str(p.get("rev") or "-")[:12]])
