@@ -21,7 +21,7 @@ from himbeere.cli import main
 from himbeere.logship import LogShipper
 from himbeere.status import status_id
 from tests.helpers import wait_for
-from tests.nodes import ROOT, Node
+from tests.nodes import ROOT, Node, pid_alive
 from uploader import install, ops
 from uploader.fleet import Fleet
 
@@ -257,6 +257,83 @@ def test_stop_and_start_reach_the_daemon(fleet: Fleet, node_factory: NodeFactory
     node.wait_program("1001:sleeper", state="stopped")
     assert himbeere(capsys, "start", "sleeper", "--node", "1001")[0] == 0
     node.wait_program("1001:sleeper", state="running")
+
+
+def placed_program(fleet: Fleet, name: str, code: str, **fields: Any) -> str:
+    doc_id = f"placed:{name}"
+    fleet.code.save(dict({"_id": doc_id, "type": "himbeere-placed", "name": name,
+                          "code": code}, **fields))
+    return doc_id
+
+
+def test_stop_start_restart_a_placed_program_without_node(
+        fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    doc_id = placed_program(fleet, "agg", "def main(): pass\n", replicas=2)
+    program(fleet, 1001, "blink", "def main(): pass\n")
+    fleet.status.save({"_id": "lease:scheduler", "type": "himbeere-lease",
+                       "assignments": {doc_id: {"nodes": [1001, 1002]}}})
+
+    def doc() -> dict[str, Any]:
+        found = fleet.code.get(doc_id)
+        assert found is not None
+        return found
+
+    code, out, _ = himbeere(capsys, "stop", "agg")
+    assert code == 0
+    assert out.strip() == ("stopped placed:agg (enabled: false); placed program, now placed "
+                           "on 1001, 1002")
+    assert doc()["enabled"] is False
+    code, out, _ = himbeere(capsys, "stop", "placed:agg", "--placed")
+    assert code == 0 and "was stopped already" in out
+    code, out, _ = himbeere(capsys, "start", "agg", "--json")
+    result = json.loads(out)
+    assert result["placed"] is True and result["node"] is None
+    assert result["nodes"] == [1001, 1002] and doc()["enabled"] is True
+    code, out, _ = himbeere(capsys, "restart", "agg", "--placed")
+    assert code == 0 and out.startswith("restart requested for placed:agg (restart_count 1)")
+    assert doc()["restart_count"] == 1 and doc()["replicas"] == 2  # nothing else changed
+
+    code, _, err = himbeere(capsys, "stop", "agg", "--placed", "--node", "1001")
+    assert code == 1 and "drop --node" in err
+    code, _, err = himbeere(capsys, "stop", "agg", "--node", "1001")
+    assert code == 1 and "node 1001 has no program 'agg'" in err
+    assert "'agg' is a placed program (placed:agg): without --node" in err
+    code, _, err = himbeere(capsys, "stop", "blink")
+    assert code == 1 and err.count("\n") == 1
+    assert "no placed program 'blink'; placed programs: agg; node 1001 has a program " \
+           "'blink': add --node NODE" in err
+    assert fleet.code.get("1001:blink").get("enabled") is None  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+def test_stop_start_restart_reach_every_node_running_a_placed_program(
+        fleet: Fleet, node_factory: NodeFactory, capsys: pytest.CaptureFixture[str]) -> None:
+    """enabled=false on a placed document stops it on every node it is placed on."""
+    nodes = [node_factory(mac_id=mac) for mac in (1001, 1002)]
+    doc_id = placed_program(fleet, "agg", "def main():\n    while not should_quit(): pass\n",
+                            replicas=2)
+    first = [n.wait_program(doc_id, 40, state="running", placed=True)["pid"] for n in nodes]
+
+    assert himbeere(capsys, "stop", "agg")[0] == 0
+    for n in nodes:
+        n.wait_program(doc_id, state="stopped", pid=None)
+    assert not any(pid_alive(pid) for pid in first)
+    # Stopped, not unplaced: the scheduler keeps it where it was.
+    (agg,) = ops.placements(fleet)["placements"]
+    assert sorted(n["node"] for n in agg["nodes"]) == [1001, 1002]
+
+    assert himbeere(capsys, "start", "agg")[0] == 0
+    second = [n.wait_program(doc_id, state="running")["pid"] for n in nodes]
+    assert all(second) and not set(second) & set(first)
+
+    assert himbeere(capsys, "restart", "agg")[0] == 0
+    third = [wait_for(lambda n=n: n.program(doc_id).get("state") == "running"
+                      and n.program(doc_id).get("pid") not in (None, *second)
+                      and n.program(doc_id)["pid"], 20,
+                      message=lambda n=n: f"no restart: {n.program(doc_id)}\n{n.log()[-3000:]}")
+             for n in nodes]
+    assert not any(pid_alive(pid) for pid in second)
+    assert all(pid_alive(pid) for pid in third)
 
 
 def test_label_sets_shows_and_removes_labels(fleet: Fleet,

@@ -342,6 +342,145 @@ def test_rm_removes_and_names_what_is_there(ready: Run, fleet: Fleet, tmp_path: 
     assert code == 1 and "no program 'blink' on node 1000; there are: other" in err
 
 
+# -- placed programs ---------------------------------------------------------------------------
+
+def test_push_placed_then_unchanged_then_changed(ready: Run, fleet: Fleet,
+                                                 tmp_path: Path) -> None:
+    source = write(tmp_path / "agg.py", "def main():\n    log('on')\n")
+    code, out, err = ready("push", str(source), "--placed", "--replicas", "2",
+                           "--label", "room=lab1", "--requires", "ram_mb=200")
+    assert code == 0, err
+    assert out.splitlines()[0].startswith("created placed:agg (rev ")
+    assert out.splitlines()[1:] == ["  added main.py (2 lines)", "  replicas 2",
+                                    "  label room=lab1", "  requires ram_mb=200"]
+    doc = fleet.code.get("placed:agg")
+    assert doc is not None
+    assert {k: doc[k] for k in ("type", "name", "replicas", "labels", "requires")} == {
+        "type": "himbeere-placed", "name": "agg", "replicas": 2, "labels": {"room": "lab1"},
+        "requires": {"ram_mb": 200}}
+
+    # Flags left out keep the document's: a push of the same code changes nothing.
+    code, out, _ = ready("push", str(source), "--placed")
+    assert code == 0 and out.strip() == f"unchanged: placed:agg (rev {doc['_rev']})"
+    code, out, _ = ready("push", str(source), "--placed", "--replicas", "2",
+                         "--label", "room=lab1")
+    assert out.startswith("unchanged")
+    assert fleet.code.get("placed:agg")["_rev"] == doc["_rev"]  # type: ignore[index]
+
+    code, out, _ = ready("push", str(source), "--placed", "--replicas", "3", "--label",
+                         "room=lab2", "--label", "rack=2", "--requires", "ram_mb=",
+                         "--requires", "disk_mb=100.5")
+    assert code == 0 and out.splitlines()[1:] == [
+        "  replicas 2 -> 3", "  added label rack=2", "  changed label room: lab1 -> lab2",
+        "  added requires disk_mb=100.5", "  removed requires ram_mb=200"]
+    write(source, "def main():\n    log('off')\n")
+    code, out, _ = ready("push", str(source), "--placed", "--label", "rack=", "--json")
+    result = json.loads(out)
+    assert result["action"] == "updated" and result["placed"] is True
+    assert result["changes"] == ["changed main.py (+1 -1 lines)", "removed label rack=2"]
+    doc = fleet.code.get("placed:agg")
+    assert doc is not None and doc["code"] == source.read_text()
+    assert (doc["replicas"], doc["labels"], doc["requires"]) == (3, {"room": "lab2"},
+                                                                 {"disk_mb": 100.5})
+
+
+def test_push_placed_updates_a_placed_document_written_by_hand(ready: Run, fleet: Fleet,
+                                                               tmp_path: Path) -> None:
+    fleet.code.save({"_id": "aggregator", "type": "himbeere-placed", "name": "aggregator",
+                     "code": "X = 1\n", "restart": "always"})
+    source = write(tmp_path / "aggregator.py", "def main():\n    pass\n")
+    code, out, _ = ready("push", str(source), "--placed")
+    assert code == 0 and out.startswith("updated aggregator")
+    assert "replicas" not in out  # the document's default stays as it is
+    doc = fleet.code.get("aggregator")
+    assert doc is not None and doc["restart"] == "always" and "replicas" not in doc
+    assert fleet.code.get("placed:aggregator") is None
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--replicas", "-1"], "--replicas '-1' is not allowed; allowed: a whole number >= 0"),
+    (["--replicas", "two"], "--replicas 'two' is not allowed"),
+    (["--replicas", "1.5"], "--replicas '1.5' is not allowed"),
+    (["--label", "room"], "label 'room' is not allowed; allowed: key=value"),
+    (["--label", "1room=lab"], "label key '1room' is not allowed"),
+    (["--requires", "cpu=2"], "--requires 'cpu' is not allowed; allowed: ram_mb, disk_mb"),
+    (["--requires", "ram_mb"], "--requires 'ram_mb' is not allowed; allowed: ram_mb=MB"),
+    (["--requires", "ram_mb=-5"], "--requires ram_mb=-5 is not allowed; allowed: megabytes"),
+    (["--requires", "disk_mb=lots"], "--requires disk_mb=lots is not allowed"),
+])
+def test_push_placed_refuses_bad_placement_in_one_line(ready: Run, fleet: Fleet, tmp_path: Path,
+                                                       flags: list[str], message: str) -> None:
+    source = write(tmp_path / "agg.py", "def main():\n    pass\n")
+    code, out, err = ready("push", str(source), "--placed", *flags)
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert message in err
+    assert fleet.code.get("placed:agg") is None
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--placed", "--node", "1000"], "drop --node"),
+    (["--placed", "--global"], "drop --global"),
+    (["--node", "1000", "--replicas", "2"], "add --placed"),
+    (["--label", "room=lab1"], "add --placed"),
+    ([], "or use --global or --placed"),
+])
+def test_push_placed_flags_go_together(ready: Run, tmp_path: Path, flags: list[str],
+                                       message: str) -> None:
+    source = write(tmp_path / "agg.py", "def main():\n    pass\n")
+    code, _, err = ready("push", str(source), *flags)
+    assert code == 1 and err.count("\n") == 1 and message in err
+
+
+def test_placed_programs_in_ls_pull_and_rm(ready: Run, fleet: Fleet, tmp_path: Path) -> None:
+    folder = tmp_path / "agg"
+    write(folder / "main.py", "import util\ndef main():\n    util.read()\n")
+    write(folder / "util.py", "def read():\n    return 1\n")
+    assert ready("push", str(folder), "--placed", "--replicas", "2")[0] == 0
+    assert ready("push", str(folder / "main.py"), "--node", "1000", "--name", "blink")[0] == 0
+    fleet.set_name(1002, "kitchen")
+    code, out, _ = ready("ls")
+    row = next(line for line in out.splitlines() if "placed:agg" in line)
+    assert row.split()[:4] == ["placed", "agg", "placed:agg", "main,"]
+    assert row.endswith("not placed yet")
+
+    # The scheduler placed it on two nodes; they report its state.
+    fleet.status.save({"_id": "lease:scheduler", "type": "himbeere-lease",
+                       "assignments": {"placed:agg": {"nodes": [1001, 1002]}}})
+    for mac in (1001, 1002):
+        fleet.status.save({"_id": f"status:{mac}", "node": mac,
+                           "programs": {"placed:agg": {"state": "running", "placed": True}}})
+    code, out, _ = ready("ls")
+    row = next(line for line in out.splitlines() if "placed:agg" in line)
+    assert row.endswith("running on 1001, 1002 (kitchen)")
+    code, out, _ = ready("ls", "--json")
+    (agg,) = [p for p in json.loads(out)["programs"] if p["placed"]]
+    assert (agg["node"], agg["state"], agg["enabled"]) == ("placed", "running", True)
+    assert agg["nodes"] == [{"node": 1001, "name": None, "state": "running"},
+                            {"node": 1002, "name": "kitchen", "state": "running"}]
+    code, out, _ = ready("ls", "--node", "1000")
+    assert "placed:agg" not in out  # a placed program belongs to no node
+
+    out_dir = tmp_path / "pulled"
+    code, out, err = ready("pull", "agg", str(out_dir))
+    assert code == 0, err
+    assert out.startswith("pulled placed:agg into ")
+    assert (out_dir / "util.py").read_text() == (folder / "util.py").read_text()
+    assert ready("push", str(out_dir), "--placed", "--name", "agg")[1].startswith("unchanged")
+    # The same name on a node and placed: pull asks which.
+    assert ready("push", str(folder), "--node", "1000")[0] == 0
+    code, _, err = ready("pull", "agg", str(tmp_path / "other"))
+    assert code == 1 and "(1000, placed)" in err and "--placed" in err
+    assert ready("pull", "agg", str(tmp_path / "other"), "--placed")[0] == 0
+
+    code, _, err = ready("rm", "agg")
+    assert code == 1 and "--node NODE, --global or --placed" in err
+    code, out, _ = ready("rm", "agg", "--placed")
+    assert code == 0 and out.strip() == "removed placed:agg"
+    assert fleet.code.get("placed:agg") is None and fleet.code.get("1000:agg") is not None
+    code, _, err = ready("rm", "agg", "--placed")
+    assert code == 1 and "no program 'agg' among the placed programs; there are: none" in err
+
+
 # -- provision ----------------------------------------------------------------------------------
 
 def test_provision_creates_a_node_user_that_can_log_in(ready: Run, couch: Couch,

@@ -72,14 +72,27 @@ def cmd_setup(args: argparse.Namespace) -> Output:
 
 
 def cmd_push(args: argparse.Namespace) -> Output:
-    """Push a .py file (its code) or a folder (main.py and modules) to a node."""
+    """Push a .py file (its code) or a folder (main.py and modules) to a node.
+
+    --global pushes global_modules; --placed a placed program, which the fleet
+    runs on the nodes it picks (within --replicas, --label and --requires).
+    """
     if args.is_global and args.node:
         raise ConfigError("--global modules are shared by every node; drop --node")
-    if not args.is_global and not args.node:
-        raise ConfigError("--node NODE is missing (a MAC id or a name), or use --global")
+    if args.placed and (args.node or args.is_global):
+        raise ConfigError("a --placed program runs where the fleet puts it; drop "
+                          + ("--node" if args.node else "--global"))
+    if not args.placed and (args.replicas is not None or args.label or args.requires):
+        raise ConfigError("--replicas, --label and --requires are for placed programs; "
+                          "add --placed")
+    if not (args.is_global or args.node or args.placed):
+        raise ConfigError("--node NODE is missing (a MAC id or a name), or use --global "
+                          "or --placed")
+    placed = (push.Placed.parse(args.replicas, args.label or (), args.requires or ())
+              if args.placed else None)
     fleet = open_fleet(args)
-    node = None if args.is_global else fleet.resolve_node(args.node)
-    result = push.push(fleet, Path(args.path), node, args.name)
+    node = fleet.resolve_node(args.node) if args.node else None
+    result = push.push(fleet, Path(args.path), node, args.name, placed)
     if result["action"] == "unchanged":
         lines = [f"unchanged: {result['id']} (rev {result['rev']})"]
     else:
@@ -92,9 +105,12 @@ def cmd_push(args: argparse.Namespace) -> Output:
 
 def cmd_pull(args: argparse.Namespace) -> Output:
     """Write a program's code document out as files in DIR."""
+    if sum((bool(args.node), args.is_global, args.placed)) > 1:
+        raise ConfigError("say where the program is with one of --node, --global, --placed")
     fleet = open_fleet(args)
     node = fleet.resolve_node(args.node) if args.node else None
-    result = push.pull(fleet, args.name, Path(args.dir), node, args.is_global, args.force)
+    result = push.pull(fleet, args.name, Path(args.dir), node, args.is_global, args.force,
+                       args.placed)
     files = ", ".join(f"{file} {state}" for file, state in sorted(result["files"].items()))
     return result, [f"pulled {result['id']} into {result['dir']}: {files}"]
 
@@ -106,7 +122,7 @@ def cmd_ls(args: argparse.Namespace) -> Output:
     listing = push.ls(fleet, node)
     rows = [[_node_label(p["node"], p["node_name"]), p["name"], p["id"],
              ", ".join(p["modules"] + [f"{m} (global)" for m in p["global_modules"]]),
-             ("" if p["enabled"] else "disabled ") + (p["state"] or "-")]
+             ("" if p["enabled"] else "disabled ") + _state(p)]
             for p in listing]
     if not rows:
         return {"programs": []}, ["no programs" + (f" on node {node}" if node else "")]
@@ -114,12 +130,12 @@ def cmd_ls(args: argparse.Namespace) -> Output:
 
 
 def cmd_rm(args: argparse.Namespace) -> Output:
-    """Remove a program from a node (its daemon stops it)."""
-    if args.is_global == bool(args.node):
-        raise ConfigError("say where the program is: --node NODE or --global")
+    """Remove a program from a node, or a placed program (its daemons stop it)."""
+    if sum((bool(args.node), args.is_global, args.placed)) != 1:
+        raise ConfigError("say where the program is: --node NODE, --global or --placed")
     fleet = open_fleet(args)
-    node = None if args.is_global else fleet.resolve_node(args.node)
-    result = push.rm(fleet, args.name, node)
+    node = fleet.resolve_node(args.node) if args.node else None
+    result = push.rm(fleet, args.name, node, args.placed)
     return result, [f"removed {result['id']}"]
 
 
@@ -193,6 +209,20 @@ def _node_label(node: Any, name: Optional[str]) -> str:
     return f"{node} ({name})" if name else str(node)
 
 
+def _state(program: Doc) -> str:
+    """``running``; a placed program's with its nodes: ``running on 1002 (kitchen)``."""
+    if not program.get("placed"):
+        return program["state"] or "-"
+    nodes = program.get("nodes") or []
+    if not nodes:
+        return "not placed yet"
+    if program["state"]:
+        return f"{program['state']} on " + ", ".join(
+            _node_label(n["node"], n["name"]) for n in nodes)
+    return ", ".join(f"{n['state'] or '-'} on {_node_label(n['node'], n['name'])}"
+                     for n in nodes)
+
+
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
     return ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
@@ -236,6 +266,18 @@ def build_parser() -> argparse.ArgumentParser:
                           help="program name (default: the file's or folder's name)")
     push_cmd.add_argument("--global", dest="is_global", action="store_true",
                           help="push as global_modules, exported to every program")
+    placed = push_cmd.add_argument_group(
+        "placed programs (the fleet picks the nodes; flags left out keep the document's)")
+    placed.add_argument("--placed", action="store_true",
+                        help='a placed program ("type": "himbeere-placed"), id placed:NAME')
+    placed.add_argument("--replicas", metavar="N",
+                        help="how many nodes run it (new: 1; 0 runs it nowhere)")
+    placed.add_argument("--label", metavar="KEY=VALUE", action="append",
+                        help="only on nodes with this label (repeat for more; key= removes "
+                             "one)")
+    placed.add_argument("--requires", metavar="KEY=MB", action="append",
+                        help="free RAM or disk a node needs: ram_mb=200, disk_mb=100 "
+                             "(repeat; ram_mb= removes it)")
 
     pull = add("pull", cmd_pull)
     pull.add_argument("name", metavar="NAME", help="program name")
@@ -243,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--node", metavar="NODE", help="when the name is on several nodes")
     pull.add_argument("--global", dest="is_global", action="store_true",
                       help="a global modules document")
+    pull.add_argument("--placed", action="store_true", help="a placed program")
     pull.add_argument("--force", action="store_true", help="overwrite files that differ")
 
     ls = add("ls", cmd_ls)
@@ -253,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--node", metavar="NODE", help="MAC id or friendly name")
     rm.add_argument("--global", dest="is_global", action="store_true",
                     help="a global modules document")
+    rm.add_argument("--placed", action="store_true", help="a placed program")
 
     provision = add("provision", cmd_provision)
     provision.add_argument("macid", metavar="MACID", help="decimal MAC id or MAC address")

@@ -16,7 +16,8 @@ deployers may write them (see :mod:`himbeere.security`).
 from __future__ import annotations
 
 import re
-from typing import Any, Optional
+from collections.abc import Iterable, Mapping
+from typing import Any, Optional, Union
 
 from himbeere import defaults
 from himbeere.couch import Couch, Database, Doc
@@ -64,6 +65,29 @@ def short_reason(exc: BaseException) -> str:
         if known in text:
             return known
     return str(exc).split(": ", 1)[-1][:160]
+
+
+def parse_labels(labels: Union[Mapping[str, str], Iterable[str]]) -> dict[str, str]:
+    """``["room=lab", "rack=2"]`` (or a mapping) as a dict; keys are checked."""
+    if isinstance(labels, Mapping):
+        pairs = [(str(k), "" if v is None else str(v)) for k, v in labels.items()]
+    else:
+        pairs = []
+        for text in labels:
+            key, sep, value = str(text).partition("=")
+            if not sep:
+                raise ConfigError(f"label {text!r} is not allowed; allowed: key=value "
+                                  "(key=, with nothing after =, removes a label)")
+            pairs.append((key.strip(), value.strip()))
+    result = {}
+    for key, value in pairs:
+        try:
+            check_name(key)
+        except ConfigError:
+            raise ConfigError(f"label key {key!r} is not allowed; allowed: a letter, then "
+                              "letters, digits, '.', '_' or '-'") from None
+        result[key] = value
+    return result
 
 
 class Fleet:

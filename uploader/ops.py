@@ -34,7 +34,8 @@ Documents involved (see :mod:`himbeere.commands` for the node side):
 
 Programs are stopped, started and restarted through fields of their code
 document: ``enabled`` (false stops it) and ``restart_count`` (an integer;
-each change restarts the program).
+each change restarts the program).  A placed program has one document
+however many nodes run it, so these act wherever it is placed.
 
 A program's persistent ``state`` is the ``state:<program id>`` document of
 the status database (see :mod:`himbeere.progstate`); :func:`program_state`
@@ -49,7 +50,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
-from himbeere import defaults, health, placement
+from himbeere import codedoc, defaults, health, placement
 from himbeere.couch import Database, Doc
 from himbeere.exceptions import ConfigError, Conflict, NotFound
 from himbeere.lease import lease_id
@@ -58,7 +59,7 @@ from himbeere.progstate import state_id
 from himbeere.status import status_id
 
 from . import push
-from .fleet import NODE_DOC_TYPE, Fleet, check_name, node_doc_id
+from .fleet import NODE_DOC_TYPE, Fleet, check_name, node_doc_id, parse_labels
 
 COMMAND_TYPE = "himbeere-command"
 RESULT_TYPE = "himbeere-result"
@@ -67,7 +68,7 @@ COMMAND_PREFIX = "cmd-"
 FINAL_STATES = ("done", "timeout", "error", "interrupted")
 #: States of a program that count as crashed in the node summaries.
 CRASHED_STATES = ("crashed", "backing-off", "invalid")
-#: A label key: like a friendly name.
+#: A label key: like a friendly name (checked by :func:`~uploader.fleet.parse_labels`).
 LABEL_KEY = check_name
 
 Targets = Union[str, list[int]]
@@ -220,29 +221,6 @@ def _unknown_node(fleet: Fleet, mac: int) -> NotFound:
 
 
 # -- labels ------------------------------------------------------------------------------
-def parse_labels(labels: Union[Mapping[str, str], Iterable[str]]) -> dict[str, str]:
-    """``["room=lab", "rack=2"]`` (or a mapping) as a dict; keys are checked."""
-    if isinstance(labels, Mapping):
-        pairs = [(str(k), "" if v is None else str(v)) for k, v in labels.items()]
-    else:
-        pairs = []
-        for text in labels:
-            key, sep, value = str(text).partition("=")
-            if not sep:
-                raise ConfigError(f"label {text!r} is not allowed; allowed: key=value "
-                                  "(key=, with nothing after =, removes a label)")
-            pairs.append((key.strip(), value.strip()))
-    result = {}
-    for key, value in pairs:
-        try:
-            LABEL_KEY(key)
-        except ConfigError:
-            raise ConfigError(f"label key {key!r} is not allowed; allowed: a letter, then "
-                              "letters, digits, '.', '_' or '-'") from None
-        result[key] = value
-    return result
-
-
 def set_labels(fleet: Fleet, node: NodeRef, **labels: str) -> dict[str, str]:
     """Set labels of ``node`` (``room="lab"``); an empty value removes one.
 
@@ -477,8 +455,13 @@ def wait_for_results(fleet: Fleet, command_id: str, wait: float, interval: float
 
 
 # -- programs ----------------------------------------------------------------------------
-def program_doc(fleet: Fleet, node: NodeRef, program: str) -> Doc:
-    """The code document of ``program`` (name or document id) on ``node``."""
+def program_doc(fleet: Fleet, node: Optional[NodeRef], program: str) -> Doc:
+    """The code document of ``program`` (name or document id) on ``node``.
+
+    ``node`` None: the placed program ``program`` (see :func:`placed_doc`).
+    """
+    if node is None:
+        return placed_doc(fleet, program)
     mac = node_id(fleet, node)
     fleet.require_database(fleet.code)
     doc = fleet.code.get(program) if not program.startswith("_") else None
@@ -488,14 +471,60 @@ def program_doc(fleet: Fleet, node: NodeRef, program: str) -> Doc:
     if doc is not None and str(doc.get("type")) == str(mac):
         return doc
     names = sorted(str(d.get("name") or d["_id"]) for d in _code_docs(fleet, mac))
+    hint = ""
+    placed = _find_placed(fleet, program)
+    if placed is not None:
+        hint = (f"; {program!r} is a placed program ({placed['_id']}): without --node, "
+                "stop, start and restart act wherever it is placed")
     raise NotFound(f"node {mac} has no program {program!r}; its programs: "
-                   f"{', '.join(names) if names else 'none'}")
+                   f"{', '.join(names) if names else 'none'}{hint}")
 
 
-def set_enabled(fleet: Fleet, node: NodeRef, program: str, enabled: bool) -> Doc:
+def _find_placed(fleet: Fleet, program: str) -> Optional[Doc]:
+    doc = fleet.code.get(program) if not program.startswith("_") else None
+    if doc is not None and codedoc.is_placed(doc):
+        return doc
+    return push.find(fleet, None, program, placed=True)
+
+
+def placed_doc(fleet: Fleet, program: str) -> Doc:
+    """The code document of the placed program ``program`` (name or document id)."""
+    fleet.require_database(fleet.code)
+    doc = _find_placed(fleet, program)
+    if doc is not None:
+        return doc
+    rows = push._programs(fleet)
+    placed = sorted({str(row["key"][1]) for row in rows if row["key"][0] == placement.PLACED_TYPE})
+    nodes = sorted({str(row["key"][0]) for row in rows if row["key"][1] == program
+                    and str(row["key"][0]).isdigit()})
+    hint = (f"; node {', '.join(nodes)} has a program {program!r}: add --node NODE" if nodes
+            else "; a program of one node needs --node NODE")
+    raise NotFound(f"no placed program {program!r}; placed programs: "
+                   f"{', '.join(placed) if placed else 'none'}{hint}")
+
+
+def _assigned(fleet: Fleet, doc_id: str) -> list[int]:
+    """The nodes the scheduler placed ``doc_id`` on, from ``lease:scheduler``."""
+    lease = fleet.status.get(lease_id(placement.LEASE_NAME)) or {}
+    assignments = lease.get("assignments")
+    entry = assignments.get(doc_id) if isinstance(assignments, dict) else None
+    macs = entry.get("nodes") if isinstance(entry, dict) else None
+    return [int(m) for m in macs or [] if str(m).isdigit()]
+
+
+def _target(fleet: Fleet, node: Optional[NodeRef], doc: Doc) -> Doc:
+    """``node`` and, for a placed program, ``placed`` and its ``nodes``, for a result."""
+    if node is not None:
+        return {"node": node_id(fleet, node), "placed": False}
+    return {"node": None, "placed": True, "nodes": _assigned(fleet, doc["_id"])}
+
+
+def set_enabled(fleet: Fleet, node: Optional[NodeRef], program: str, enabled: bool) -> Doc:
     """Stop (``enabled=False``) or start a program through its ``enabled`` field.
 
-    Returns ``{"id", "node", "name", "enabled", "changed"}``.
+    ``node`` None: a placed program, wherever it is placed.  Returns ``{"id",
+    "node", "name", "enabled", "changed", "placed"}``, and for a placed
+    program ``nodes``, where the scheduler placed it.
     """
     doc = program_doc(fleet, node, program)
     changed = {"value": False}
@@ -510,15 +539,16 @@ def set_enabled(fleet: Fleet, node: NodeRef, program: str, enabled: bool) -> Doc
         return True
 
     fleet.code.update(doc["_id"], change)
-    return {"id": doc["_id"], "node": node_id(fleet, node), "name": doc.get("name"),
-            "enabled": enabled, "changed": changed["value"]}
+    return dict(_target(fleet, node, doc), id=doc["_id"], name=doc.get("name"),
+                enabled=enabled, changed=changed["value"])
 
 
-def restart_program(fleet: Fleet, node: NodeRef, program: str) -> Doc:
+def restart_program(fleet: Fleet, node: Optional[NodeRef], program: str) -> Doc:
     """Restart a program: increment the integer ``restart_count`` of its code document.
 
-    The node restarts the program when the field changes.  Returns ``{"id",
-    "node", "name", "restart_count"}``.
+    The node restarts the program when the field changes (every node, for a
+    placed program: ``node`` None).  Returns ``{"id", "node", "name",
+    "restart_count", "placed"}``, and ``nodes`` for a placed program.
     """
     doc = program_doc(fleet, node, program)
     count = {"value": 0}
@@ -531,8 +561,8 @@ def restart_program(fleet: Fleet, node: NodeRef, program: str) -> Doc:
         current["restart_count"] = count["value"]
 
     fleet.code.update(doc["_id"], change)
-    return {"id": doc["_id"], "node": node_id(fleet, node), "name": doc.get("name"),
-            "restart_count": count["value"]}
+    return dict(_target(fleet, node, doc), id=doc["_id"], name=doc.get("name"),
+                restart_count=count["value"])
 
 
 

@@ -1,6 +1,7 @@
 """Fleet operations on the ``himbeere`` command, for the laptop.
 
-``nodes``, ``status``, ``logs``, ``cmd``, ``stop``, ``start``, ``restart``,
+``nodes``, ``status``, ``logs``, ``cmd``, ``stop``, ``start``, ``restart``
+(of a node's program, or of a placed program wherever it runs),
 ``label``, ``state`` and ``placements``; :func:`register` adds them to
 ``himbeere``'s subcommands.  The work is done by :mod:`uploader.ops`, which
 the dashboard uses too.
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 from typing import IO, Any, Callable, Optional
 
 from himbeere import defaults
-from himbeere.exceptions import HimbeereError
+from himbeere.exceptions import ConfigError, HimbeereError
 
 from . import ops
 from .cli import settings, table
@@ -313,21 +314,35 @@ def report(args: argparse.Namespace, fleet: Fleet, answer: dict[str, Any]) -> in
 
 # -- programs and labels -----------------------------------------------------------------
 def cmd_stop(args: argparse.Namespace, fleet: Fleet) -> int:
-    """Stop a program on a node (sets "enabled": false in its code document)."""
+    """Stop a program on a node (sets "enabled": false in its code document).
+
+    Without --node (or with --placed), PROGRAM is a placed program: it stops
+    wherever it is placed.
+    """
     return _program_action(args, fleet, "stop")
 
 
 def cmd_start(args: argparse.Namespace, fleet: Fleet) -> int:
-    """Start a stopped program on a node (sets "enabled": true in its code document)."""
+    """Start a stopped program on a node (sets "enabled": true in its code document).
+
+    Without --node (or with --placed), PROGRAM is a placed program.
+    """
     return _program_action(args, fleet, "start")
 
 
 def cmd_restart(args: argparse.Namespace, fleet: Fleet) -> int:
-    """Restart a program on a node (increments "restart_count" in its code document)."""
+    """Restart a program on a node (increments "restart_count" in its code document).
+
+    Without --node (or with --placed), PROGRAM is a placed program: it restarts
+    wherever it is placed.
+    """
     return _program_action(args, fleet, "restart")
 
 
 def _program_action(args: argparse.Namespace, fleet: Fleet, action: str) -> int:
+    if args.placed and args.node:
+        raise ConfigError("a placed program runs where the fleet puts it: --placed "
+                          "acts wherever it is placed; drop --node")
     if action == "restart":
         result = ops.restart_program(fleet, args.node, args.program)
         line = f"restart requested for {result['id']} (restart_count {result['restart_count']})"
@@ -336,6 +351,10 @@ def _program_action(args: argparse.Namespace, fleet: Fleet, action: str) -> int:
         verb = "started" if action == "start" else "stopped"
         line = (f"{verb} {result['id']} (enabled: {str(result['enabled']).lower()})"
                 if result["changed"] else f"{result['id']} was {verb} already")
+    if result["placed"]:
+        nodes = ", ".join(str(mac) for mac in result["nodes"])
+        line += (f"; placed program, now placed on {nodes}" if nodes
+                 else "; placed program, placed on no node now")
     if args.json:
         emit(args, result)
     else:
@@ -513,8 +532,11 @@ def register(sub: Any) -> None:
     for name, handler in (("stop", cmd_stop), ("start", cmd_start), ("restart", cmd_restart)):
         program = add(name, handler)
         program.add_argument("program", metavar="PROGRAM", help="program name or id")
-        program.add_argument("--node", metavar="NODE", required=True,
-                             help="MAC id, MAC address or name")
+        program.add_argument("--node", metavar="NODE",
+                             help="MAC id, MAC address or name (none: a placed program)")
+        program.add_argument("--placed", action="store_true",
+                             help="a placed program, wherever it runs (the default "
+                                  "without --node)")
 
     add("placements", cmd_placements)
 

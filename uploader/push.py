@@ -3,35 +3,46 @@
 ``push PATH --node NODE`` turns a ``.py`` file into ``code``; a folder's
 ``main.py`` into ``code`` and its other top-level ``.py`` files into
 ``modules``.  ``--global`` turns the file or every ``.py`` file of the
-folder into ``global_modules``, exported to every program.
+folder into ``global_modules``, exported to every program.  ``--placed`` makes a
+placed program (``type: "himbeere-placed"``, see :mod:`himbeere.placement`):
+the fleet picks its nodes, within its ``replicas``, ``labels`` and
+``requires`` (:class:`Placed`).
 
 A program's document id is ``<macid>:<name>``; a global one's is
-``global:<name>``.  Push first looks the program up by node and name (the
-``programs`` view), so a document written by HimbeereCouch or by hand, with
-another id, is updated rather than doubled.  A push that changes nothing
-writes nothing, so the program does not restart.
+``global:<name>``, a placed one's ``placed:<name>``.  Push first looks the
+program up by node and name (the ``programs`` view, where a placed program's
+node is ``"himbeere-placed"``), so a document written by HimbeereCouch or by
+hand, with another id, is updated rather than doubled.  A push that changes
+nothing writes nothing, so the program does not restart.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional
 
-from himbeere import defaults
-from himbeere.codedoc import MAIN
+from himbeere import defaults, placement
+from himbeere.codedoc import MAIN, PLACED_TYPE
 from himbeere.couch import Doc
 from himbeere.exceptions import ConfigError, NotFound, ProgramError
+from himbeere.lease import lease_id
 from himbeere.status import status_id
 
-from .fleet import Fleet
+from .fleet import Fleet, parse_labels
 
 SUFFIX = ".py"
 PROGRAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 #: Fields a program push owns; a global push owns ``global_modules``.
 PROGRAM_FIELDS = ("code", "modules")
+#: What ``requires`` of a placed program may hold (megabytes).
+REQUIRES = ("ram_mb", "disk_mb")
+#: The node column of a placed program in ``ls``.
+PLACED = "placed"
 
 
 @dataclasses.dataclass
@@ -53,7 +64,84 @@ class Source:
         return fields
 
 
-def doc_id(node: Optional[int], name: str) -> str:
+@dataclasses.dataclass(frozen=True)
+class Placed:
+    """Where a placed program may run, as ``push --placed`` was told.
+
+    ``replicas`` None keeps the document's (a new one gets 1).  ``labels``
+    and ``requires`` change only the keys given; an empty label value or a
+    None requirement removes that key.
+    """
+
+    replicas: Optional[int] = None
+    labels: dict[str, str] = dataclasses.field(default_factory=dict)
+    requires: dict[str, Optional[float]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, replicas: Optional[str] = None, labels: Iterable[str] = (),
+              requires: Iterable[str] = ()) -> Placed:
+        """From the command line: ``"2"``, ``["room=lab1"]``, ``["ram_mb=200"]``."""
+        return cls(replicas=None if replicas is None else parse_replicas(replicas),
+                   labels=parse_labels(list(labels)), requires=parse_requires(requires))
+
+    def apply(self, doc: Doc, new: bool) -> None:
+        """Set ``replicas``, ``labels`` and ``requires`` of ``doc`` in place."""
+        if self.replicas is not None:
+            doc["replicas"] = self.replicas
+        elif new:
+            doc["replicas"] = 1
+        for key, given in (("labels", self.labels), ("requires", self.requires)):
+            if not given:
+                continue  # a document written by hand keeps its field as it is
+            current = doc.get(key)
+            merged = dict(current) if isinstance(current, dict) else {}
+            for name, value in given.items():
+                if value is None or value == "":
+                    merged.pop(name, None)
+                else:
+                    merged[name] = value
+            if merged:
+                doc[key] = merged
+            else:
+                doc.pop(key, None)
+
+
+def parse_replicas(text: str) -> int:
+    if not text.strip().isdigit():
+        raise ConfigError(f"--replicas {text!r} is not allowed; allowed: a whole number >= 0 "
+                          "(0 runs it nowhere)")
+    return int(text)
+
+
+def parse_requires(items: Iterable[str]) -> dict[str, Optional[float]]:
+    """``["ram_mb=200", "disk_mb="]`` as ``{"ram_mb": 200, "disk_mb": None}``."""
+    result: dict[str, Optional[float]] = {}
+    for text in items:
+        key, sep, value = str(text).partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep:
+            raise ConfigError(f"--requires {text!r} is not allowed; allowed: ram_mb=MB or "
+                              "disk_mb=MB (ram_mb= removes it)")
+        if key not in REQUIRES:
+            raise ConfigError(f"--requires {key!r} is not allowed; allowed: "
+                              + ", ".join(REQUIRES))
+        if not value:
+            result[key] = None
+            continue
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if not math.isfinite(number) or number < 0:
+            raise ConfigError(f"--requires {key}={value} is not allowed; allowed: megabytes, "
+                              "a number >= 0")
+        result[key] = int(number) if number.is_integer() else number
+    return result
+
+
+def doc_id(node: Optional[int], name: str, placed: bool = False) -> str:
+    if placed:
+        return f"placed:{name}"
     return f"global:{name}" if node is None else f"{node}:{name}"
 
 
@@ -139,18 +227,35 @@ def _programs(fleet: Fleet, **params: Any) -> list[Doc]:
         ) from None
 
 
-def find(fleet: Fleet, node: Optional[int], name: str) -> Optional[Doc]:
-    """The document of program ``name`` on ``node`` (None: global), or None."""
-    key = [None if node is None else str(node), name]
+def _view_node(node: Optional[int], placed: bool) -> Optional[str]:
+    """The node part of a ``programs`` view key: a placed program's ``type``."""
+    if placed:
+        return PLACED_TYPE
+    return None if node is None else str(node)
+
+
+def _where(key_node: Any) -> str:
+    """A ``programs`` view key's node, as the user says it."""
+    if key_node == PLACED_TYPE:
+        return PLACED
+    return "global" if key_node is None else str(key_node)
+
+
+def find(fleet: Fleet, node: Optional[int], name: str, placed: bool = False) -> Optional[Doc]:
+    """The document of program ``name`` on ``node`` (None: global; ``placed``), or None."""
+    key = [_view_node(node, placed), name]
     rows = _programs(fleet, key=key, include_docs=True)
     for row in rows:
-        if row["id"] == doc_id(node, name):
+        if row["id"] == doc_id(node, name, placed):
             return row["doc"]
     return rows[0]["doc"] if rows else None
 
 
-def _missing(fleet: Fleet, node: Optional[int], name: str) -> NotFound:
-    if node is None:
+def _missing(fleet: Fleet, node: Optional[int], name: str, placed: bool = False) -> NotFound:
+    if placed:
+        rows = _programs(fleet, startkey=[PLACED_TYPE], endkey=[PLACED_TYPE, {}])
+        where = "among the placed programs"
+    elif node is None:
         rows = _programs(fleet, startkey=[None], endkey=[None, {}])
         where = "among the global modules documents"
     else:
@@ -171,30 +276,76 @@ def _modules_of(doc: Doc, is_global: bool) -> dict[str, str]:
 
 
 # -- the commands ------------------------------------------------------------------------
-def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = None) -> Doc:
-    """Push ``path`` to ``node`` (None: as global modules); returns what happened."""
-    source = read_source(path, is_global=node is None)
+def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = None,
+         placed: Optional[Placed] = None) -> Doc:
+    """Push ``path`` to ``node`` (None: as global modules, or ``placed``).
+
+    Returns what happened: ``action`` (created, updated, unchanged),
+    ``changes`` (one line each), ``id``, ``rev``...
+    """
+    if placed is not None and node is not None:
+        raise ConfigError("a placed program runs where the fleet puts it; drop --node")
+    source = read_source(path, is_global=node is None and placed is None)
     name = check_program_name(name or source.name)
     fleet.require_database(fleet.code)
-    existing = find(fleet, node, name)
-    doc: Doc = dict(existing) if existing else {"_id": doc_id(node, name)}
+    existing = find(fleet, node, name, placed is not None)
+    doc: Doc = dict(existing) if existing else {"_id": doc_id(node, name, placed is not None)}
     old = _modules_of(doc, source.is_global)
     new_fields = source.fields()
     owned = ("global_modules",) if source.is_global else PROGRAM_FIELDS
-    result: Doc = {"node": node, "name": name, "id": doc["_id"], "ignored": source.ignored}
+    result: Doc = {"node": node, "placed": placed is not None, "name": name, "id": doc["_id"],
+                   "ignored": source.ignored}
     wanted = dict(doc)
     for key in owned:
         wanted.pop(key, None)
     wanted.update(new_fields, name=name)
     if node is not None and str(doc.get("type")) != str(node):
         wanted["type"] = node
+    if placed is not None:
+        wanted["type"] = PLACED_TYPE
+        placed.apply(wanted, new=existing is None)
+        try:
+            placement.wanted(wanted)  # the scheduler's own check
+        except ProgramError as exc:
+            raise ConfigError(f"{doc['_id']}: {exc}") from None
     if existing is not None and wanted == doc:
         result.update(action="unchanged", rev=doc["_rev"], changes=[])
         return result
     saved = fleet.code.save(wanted)
+    changes = describe_changes(old, source.modules)
+    if placed is not None:
+        changes += describe_placement(existing, wanted)
     result.update(action="updated" if existing else "created", rev=saved["_rev"],
-                  changes=describe_changes(old, source.modules))
+                  changes=changes)
     return result
+
+
+def describe_placement(old: Optional[Doc], new: Doc) -> list[str]:
+    """One line per change of ``replicas``, a label or a requirement (all of them when
+    ``old`` is None: a new document)."""
+    if old is None:
+        lines = [f"replicas {new.get('replicas', 1)}"]
+        lines += [f"label {k}={v}" for k, v in sorted(_dict(new, "labels").items())]
+        lines += [f"requires {k}={v}" for k, v in sorted(_dict(new, "requires").items())]
+        return lines
+    lines = []
+    if old.get("replicas", 1) != new.get("replicas", 1):
+        lines.append(f"replicas {old.get('replicas', 1)} -> {new.get('replicas', 1)}")
+    for field, what in (("labels", "label"), ("requires", "requires")):
+        before, after = _dict(old, field), _dict(new, field)
+        for key in sorted(set(before) | set(after)):
+            if key not in before:
+                lines.append(f"added {what} {key}={after[key]}")
+            elif key not in after:
+                lines.append(f"removed {what} {key}={before[key]}")
+            elif before[key] != after[key]:
+                lines.append(f"changed {what} {key}: {before[key]} -> {after[key]}")
+    return lines
+
+
+def _dict(doc: Doc, key: str) -> dict[str, Any]:
+    value = doc.get(key)
+    return dict(value) if isinstance(value, dict) else {}
 
 
 def describe_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
@@ -223,22 +374,22 @@ def _count(text: str) -> int:
 
 
 def pull(fleet: Fleet, name: str, directory: Path, node: Optional[int] = None,
-         is_global: bool = False, force: bool = False) -> Doc:
+         is_global: bool = False, force: bool = False, placed: bool = False) -> Doc:
     """Write program ``name`` out as files in ``directory``."""
     fleet.require_database(fleet.code)
-    if node is not None or is_global:
-        doc = find(fleet, node, name)
+    if node is not None or is_global or placed:
+        doc = find(fleet, node, name, placed)
         if doc is None:
-            raise _missing(fleet, node, name)
+            raise _missing(fleet, node, name, placed)
     else:
         rows = [row for row in _programs(fleet) if row["key"][1] == name]
         if not rows:
             every = sorted({str(row["key"][1]) for row in _programs(fleet)})
             raise NotFound(f"no program named {name!r}; there are: {', '.join(every) or 'none'}")
         if len({row["id"] for row in rows}) > 1:
-            where = ", ".join(str(row["key"][0] or "global") for row in rows)
+            where = ", ".join(_where(row["key"][0]) for row in rows)
             raise ConfigError(f"program {name!r} is on several nodes ({where}); "
-                              "say which with --node (or --global)")
+                              "say which with --node (or --global, --placed)")
         doc = fleet.code.get(rows[0]["id"])
         if doc is None:
             raise NotFound(f"program {name!r} was removed just now")
@@ -269,24 +420,33 @@ def pull(fleet: Fleet, name: str, directory: Path, node: Optional[int] = None,
 
 
 def ls(fleet: Fleet, node: Optional[int] = None) -> list[Doc]:
-    """Programs per node, with the state each node reports."""
+    """Programs per node, with the state each node reports.
+
+    A placed program's ``node`` is ``"placed"``; its ``nodes`` are where the
+    scheduler placed it, each ``{"node", "name", "state"}``, and its
+    ``state`` is theirs when they agree.
+    """
     fleet.require_databases()
     if node is None:
         rows = _programs(fleet)
     else:
         rows = _programs(fleet, startkey=[str(node)], endkey=[str(node), {}])
     names = fleet.names()
-    states: dict[Optional[int], dict[str, Any]] = {}
+    states: dict[int, dict[str, Any]] = {}
+
+    def state(mac: int, program_id: str) -> Optional[str]:
+        if mac not in states:
+            status = fleet.status.get(status_id(mac)) or {}
+            states[mac] = status.get("programs") or {}
+        return (states[mac].get(program_id) or {}).get("state")
+
+    assignments: Optional[dict[str, Any]] = None
     listing = []
     for row in rows:
         key_node = row["key"][0]
         mac = int(key_node) if isinstance(key_node, str) and key_node.isdigit() else None
-        if mac is not None and mac not in states:
-            status = fleet.status.get(status_id(mac)) or {}
-            states[mac] = status.get("programs") or {}
-        program = states.get(mac, {}).get(row["id"]) or {}
         value = row.get("value") or {}
-        listing.append({
+        entry = {
             "node": mac if mac is not None else key_node,
             "node_name": names.get(mac) if mac is not None else None,
             "name": row["key"][1],
@@ -294,16 +454,30 @@ def ls(fleet: Fleet, node: Optional[int] = None) -> list[Doc]:
             "modules": value.get("modules", []),
             "global_modules": value.get("global_modules", []),
             "enabled": value.get("enabled", True),
-            "state": program.get("state"),
-        })
+            "state": state(mac, row["id"]) if mac is not None else None,
+            "placed": key_node == PLACED_TYPE,
+        }
+        if entry["placed"]:
+            if assignments is None:
+                lease = fleet.status.get(lease_id(placement.LEASE_NAME)) or {}
+                found = lease.get("assignments")
+                assignments = found if isinstance(found, dict) else {}
+            where = assignments.get(row["id"])
+            macs = where.get("nodes") if isinstance(where, dict) else None
+            nodes = [{"node": int(m), "name": names.get(int(m)), "state": state(int(m), row["id"])}
+                     for m in macs or [] if str(m).isdigit()]
+            shown = {n["state"] for n in nodes}
+            entry.update(node=PLACED, nodes=nodes,
+                         state=shown.pop() if len(shown) == 1 else None)
+        listing.append(entry)
     return listing
 
 
-def rm(fleet: Fleet, name: str, node: Optional[int]) -> Doc:
-    """Delete program ``name`` of ``node`` (None: a global modules document)."""
+def rm(fleet: Fleet, name: str, node: Optional[int], placed: bool = False) -> Doc:
+    """Delete program ``name`` of ``node`` (None: a global modules document, or ``placed``)."""
     fleet.require_database(fleet.code)
-    doc = find(fleet, node, name)
+    doc = find(fleet, node, name, placed)
     if doc is None:
-        raise _missing(fleet, node, name)
+        raise _missing(fleet, node, name, placed)
     fleet.code.delete(doc)
-    return {"id": doc["_id"], "node": node, "name": name, "action": "removed"}
+    return {"id": doc["_id"], "node": node, "placed": placed, "name": name, "action": "removed"}
