@@ -16,7 +16,7 @@ import requests
 from himbeere import design
 from himbeere.couch import Couch, Database
 from himbeere.feed import Backoff, SeqStore
-from tests.helpers import wait_for
+from tests.helpers import needs_admin_daemon, wait_for
 from tests.nodes import wait_file
 from tests.servers import create_database
 from tests.test_commands import command, settled, wait_doc
@@ -155,6 +155,7 @@ def test_database_name_with_a_slash_works_end_to_end(node_factory, dbname_factor
     assert status["node"] == 1000
 
 
+@needs_admin_daemon("only an admin may write design documents")
 def test_daemon_installs_its_design_document_as_admin(node_factory, code_db: Database) -> None:
     assert code_db.get(design.DESIGN_ID) is None
     node = node_factory(mac_id=1000)
