@@ -24,11 +24,22 @@ push to all
     documents, fork servers cold) is reported apart, unmeasured.
 command to all
     from the start of :func:`uploader.ops.create_command` with ``targets:
-    "all"`` (what ``himbeere cmd --all -- true`` does before it waits; it
-    lists the nodes first) to the arrival of the last of the N result
+    "all"`` (what ``himbeere cmd --all -- true`` does before it waits: it
+    checks the session and databases and lists the nodes, then saves the
+    command document) to the arrival of the last of the N result
     documents holding ``ret`` on this process's continuous ``_changes``
-    feed of the status database.  ``himbeere cmd`` itself polls every
-    250 ms, so it shows the answers up to that much later.
+    feed of the status database; ``from_command_document_ms`` starts at
+    the PUT of the command document instead.  ``himbeere cmd`` itself
+    polls every 250 ms, so it shows the answers up to that much later.
+who is busy
+    for both: when the first node and half the nodes were done
+    (``first_node_ms``, ``half_the_nodes_ms``); CPU seconds per round of
+    the server process and of the fleet (daemons, fork servers, programs,
+    commands), and as a share of the round's wall time:
+    ``server_busy_share`` near 1 means the (single-threaded) server is the
+    bottleneck, ``fleet_cores_busy`` near the number of cores means the
+    simulated nodes are; ``machine_cores_busy`` (/proc/stat) counts every
+    process on the machine, other work included.
 server cost
     utime+stime of the server process (``/proc/<pid>/stat``) over a quiet
     window of ``--quiet-rounds`` heartbeat intervals with no program
@@ -63,6 +74,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_daemon import (  # noqa: E402
+    CLOCK_TICKS,
     PROGRAM,
     BenchError,
     Daemon,
@@ -74,6 +86,7 @@ from benchmarks.bench_daemon import (  # noqa: E402
     server_info,
     summary,
 )
+from himbeere.couch import Database, Doc  # noqa: E402
 from tests.nodes import free_udp_port  # noqa: E402
 from tests.servers import PouchServer, db_url, delete_database  # noqa: E402
 from uploader import install, ops  # noqa: E402
@@ -108,6 +121,16 @@ def parents() -> dict[int, int]:
     return table
 
 
+def total_cpu(pid: int) -> float:
+    """utime + stime of ``pid`` and of its children that have been waited for."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(f) for f in fields[11:15]) / CLOCK_TICKS  # utime stime cutime cstime
+
+
 def spread(values: list[float]) -> dict[str, Any]:
     if not values:
         return {"n": 0}
@@ -124,11 +147,21 @@ def git_tree() -> dict[str, Any]:
                                   timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
-    changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
+    changed = [line.split(maxsplit=1)[-1] for line in git("status", "--porcelain").splitlines()]
     return {"commit": git("rev-parse", "--short", "HEAD"), "changed_files": changed}
 
 
 # -- the benchmark -----------------------------------------------------------------------
+class TimedDatabase(Database):
+    """Notes when a save starts: the command document's PUT inside create_command."""
+
+    last_save = 0.0
+
+    def save(self, doc: Doc) -> Doc:
+        self.last_save = time.perf_counter()
+        return super().save(doc)
+
+
 class FleetBench:
     def __init__(self, args: argparse.Namespace, server_url: str, workdir: Path,
                  server_pid: Optional[int]) -> None:
@@ -142,6 +175,7 @@ class FleetBench:
         self.session = requests.Session()
         self.session.headers["Content-Type"] = "application/json"
         self.fleet = Fleet(server_url, self.database)
+        self.code = self.fleet.code = TimedDatabase(self.fleet.couch, self.database)
         self.udp = UdpListener()
         self.daemons: list[Daemon] = []
         self.created: list[str] = []
@@ -166,6 +200,20 @@ class FleetBench:
         shown = dead[:limit] or self.daemons[:1]
         return "\n".join(f"--- node {d.mac_id} ({'dead' if not d.alive() else 'alive'}):\n"
                          f"{d.log_tail(2000)}" for d in shown)
+
+    def cpu(self, end: bool = False) -> tuple[float, ...]:
+        """CPU seconds so far: the server; the fleet (daemons, fork servers,
+        programs, commands; the ones that ended count through their parent's
+        cutime/cstime); the whole machine, busy and iowait.  The machine is
+        read before the scan of /proc at the ``end`` of a round and after it
+        at the start, so that scan does not count."""
+        machine = machine_cpu() if end else None
+        table = parents()
+        fleet = {d.pid for d in self.daemons}
+        for _ in range(2):  # daemons -> fork servers, commands -> programs
+            fleet |= {pid for pid, ppid in table.items() if ppid in fleet}
+        server = total_cpu(self.server_pid) if self.server_pid else 0.0
+        return (server, sum(total_cpu(pid) for pid in fleet), *(machine or machine_cpu()))
 
     def check_alive(self) -> None:
         dead = [d.mac_id for d in self.daemons if not d.alive()]
@@ -232,7 +280,7 @@ class FleetBench:
         ids = {mac: f"fleet-{size}-{mac}" for mac in macs}
         revs: dict[int, str] = {}
         first: Optional[float] = None
-        times = []
+        rounds = Rounds()
         for round_ in range(self.args.rounds + 1):
             tag = f"n{size}r{round_}"
             docs = []
@@ -243,24 +291,25 @@ class FleetBench:
                     doc["_rev"] = revs[mac]
                 docs.append(doc)
             self.settle()
+            cpu0 = self.cpu()
             start = time.perf_counter()
             answer = self.bulk(docs)
+            keys = [f"up {tag}-{mac}" for mac in macs]
             try:
-                last = self.udp.arrivals.wait_all([f"up {tag}-{mac}" for mac in macs],
-                                                  self.step_timeout())
+                last = self.udp.arrivals.wait_all(keys, self.step_timeout())
             except BenchError as exc:
                 raise BenchError(f"push {tag}: {exc}\n{self.daemon_log()}") from None
+            cpu1 = self.cpu(end=True)
             revs = {mac: row["rev"] for mac, row in zip(macs, answer)}
             if round_ == 0:
                 first = last - start
             else:
-                times.append(last - start)
+                rounds.add(start, [self.udp.arrivals.times[k] for k in keys], cpu0, cpu1)
         # Unmeasured: stop every program, so the rest runs with none.
         tag = f"n{size}r{self.args.rounds}"
         self.bulk([{"_id": ids[mac], "_rev": revs[mac], "_deleted": True} for mac in macs])
         self.udp.arrivals.wait_all([f"down {tag}-{mac}" for mac in macs], self.step_timeout())
-        result = summary(times)
-        result["rounds_ms"] = [round(t * 1000, 1) for t in times]
+        result = rounds.report()
         result["first_push_creating_ms"] = round((first or 0.0) * 1000, 1)
         return result
 
@@ -269,10 +318,11 @@ class FleetBench:
         info = self.session.get(self.status_db, timeout=30).json()
         watcher = ResultWatcher(self.status_db, info["update_seq"])
         macs = [d.mac_id for d in self.daemons]
-        times, failed = [], 0
+        rounds, from_doc, failed = Rounds(), [], 0
         try:
             for round_ in range(self.args.rounds + 1):  # the first one warms up
                 self.settle()
+                cpu0 = self.cpu()
                 start = time.perf_counter()
                 command_id = ops.create_command(self.fleet, ["true"], "all")
                 keys = [ops.result_id(command_id, mac) for mac in macs]
@@ -280,6 +330,7 @@ class FleetBench:
                     last = watcher.arrivals.wait_all(keys, self.step_timeout())
                 except BenchError as exc:
                     raise BenchError(f"command {command_id}: {exc}\n{self.daemon_log()}") from None
+                cpu1 = self.cpu(end=True)
                 answer = ops.command_results(self.fleet, command_id)
                 if not answer["done"] or len(answer["command"]["expected"]) != size:
                     raise BenchError(f"command {command_id}: expected "
@@ -287,11 +338,12 @@ class FleetBench:
                                      f"pending {answer['pending'][:5]}")
                 failed += sum(1 for r in answer["results"].values() if ops.failed(r))
                 if round_ > 0:
-                    times.append(last - start)
+                    rounds.add(start, [watcher.arrivals.times[k] for k in keys], cpu0, cpu1)
+                    from_doc.append(last - self.code.last_save)
         finally:
             watcher.close()
-        result = summary(times)
-        result["rounds_ms"] = [round(t * 1000, 1) for t in times]
+        result = rounds.report()
+        result["from_command_document_ms"] = summary(from_doc)
         result["failed_results"] = failed
         return result
 
@@ -374,6 +426,53 @@ class FleetBench:
                 print(f"bench: could not delete database {name}: {exc}", file=sys.stderr)
         return {"daemons": len(codes), "exit_codes": sorted(set(codes), key=str),
                 "sigkilled": killed}
+
+
+class Rounds:
+    """Measured rounds: when the N arrivals came, and who was busy meanwhile."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self.first: list[float] = []
+        self.half: list[float] = []
+        self.cpu: list[tuple[float, ...]] = []
+
+    def add(self, start: float, arrivals: list[float], cpu0: tuple[float, ...],
+            cpu1: tuple[float, ...]) -> None:
+        self.times.append(max(arrivals) - start)
+        self.first.append(min(arrivals) - start)
+        self.half.append(statistics.median(arrivals) - start)
+        self.cpu.append(tuple(b - a for a, b in zip(cpu0, cpu1)))
+
+    def report(self) -> dict[str, Any]:
+        """Times in ms; CPU seconds per round (medians) and busy shares of the
+        round's wall time: the server is one thread, so ``server_busy_share``
+        near 1 means it is the bottleneck; ``machine_cores_busy`` counts every
+        process on the machine (os.cpu_count() cores)."""
+        result = summary(self.times)
+        result["rounds_ms"] = [round(t * 1000, 1) for t in self.times]
+        if not self.times:
+            return result
+        result["first_node_ms"] = round(1000 * statistics.median(self.first), 1)
+        result["half_the_nodes_ms"] = round(1000 * statistics.median(self.half), 1)
+        wall = statistics.median(self.times)
+        server, fleet, busy, iowait = (statistics.median(c[i] for c in self.cpu)
+                                       for i in range(4))
+        result.update({"server_cpu_seconds": round(server, 3),
+                       "fleet_cpu_seconds": round(fleet, 3),
+                       "server_busy_share": round(server / wall, 2),
+                       "fleet_cores_busy": round(fleet / wall, 2),
+                       "machine_cores_busy": round(busy / wall, 2),
+                       "machine_cores_iowait": round(iowait / wall, 2)})
+        return result
+
+
+def machine_cpu() -> tuple[float, float]:
+    """Busy and iowait CPU seconds of the whole machine so far (/proc/stat)."""
+    with open("/proc/stat") as handle:
+        fields = [int(f) for f in handle.readline().split()[1:9]]
+    user, nice, system, _, iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS, iowait / CLOCK_TICKS
 
 
 def _cpu(pid: int) -> float:
@@ -496,6 +595,13 @@ def growth(level: dict[str, Any]) -> dict[str, Any]:
         "nodes": level["nodes"],
         "push_to_all_median_ms": level["push_to_all_ms"].get("median"),
         "command_to_all_median_ms": level["command_to_all_ms"].get("median"),
+        "server_busy_share_push_command": [level["push_to_all_ms"].get("server_busy_share"),
+                                           level["command_to_all_ms"].get("server_busy_share")],
+        "fleet_cores_busy_push_command": [level["push_to_all_ms"].get("fleet_cores_busy"),
+                                          level["command_to_all_ms"].get("fleet_cores_busy")],
+        "machine_cores_busy_push_command": [
+            level["push_to_all_ms"].get("machine_cores_busy"),
+            level["command_to_all_ms"].get("machine_cores_busy")],
         "server_cpu_seconds_per_round": quiet.get("server_cpu_seconds_per_round"),
         "daemons_cpu_percent_of_one_core": quiet.get("daemons_cpu_percent_of_one_core"),
         "daemon_rss_mb_median": quiet["daemon_memory"]["rss_mb"].get("median"),
