@@ -230,7 +230,7 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 # -- parser -----------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
+def common_flags() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("server (flags win over HIMBEERE_* variables)")
     group.add_argument("--server", metavar="URL",
@@ -241,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="status database (HIMBEERE_STATUS_DATABASE, default "
                             "<database>_status)")
     common.add_argument("--json", action="store_true", help="print one JSON object")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = common_flags()
     common.add_argument("--debug", action="store_true", help="show tracebacks")
 
     parser = argparse.ArgumentParser(

@@ -25,11 +25,10 @@ import time
 from collections.abc import Sequence
 from typing import IO, Any, Callable, Optional
 
-from himbeere import defaults
 from himbeere.exceptions import ConfigError, HimbeereError
 
 from . import ops
-from .cli import settings, table
+from .cli import common_flags, settings, table
 from .fleet import Fleet
 
 #: Seconds ``himbeere cmd`` waits for answers beyond the command's timeout.
@@ -471,18 +470,6 @@ def format_placements(answer: dict[str, Any]) -> list[str]:
 
 
 # -- parser ------------------------------------------------------------------------------
-def common_flags() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    group = common.add_argument_group("server (flags win over HIMBEERE_* variables)")
-    group.add_argument("--server", metavar="URL",
-                       help="http://USER:PASSWORD@host:5984 (or HIMBEERE_SERVER)")
-    group.add_argument("--database", metavar="NAME",
-                       help=f"code database (HIMBEERE_DATABASE, default {defaults.DATABASE})")
-    group.add_argument("--status-database", metavar="NAME",
-                       help="status database (HIMBEERE_STATUS_DATABASE, default "
-                            "<database>_status)")
-    common.add_argument("--json", action="store_true", help="print one JSON object")
-    return common
 
 
 def register(sub: Any) -> None:
