@@ -42,7 +42,7 @@ import threading
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import requests
 
@@ -613,14 +613,51 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    server: Optional[PouchServer] = None
+def open_server(args: argparse.Namespace, workdir: Path) -> tuple[str, Optional[PouchServer]]:
+    """The server to measure: ``--couch-url``, or a private in-memory pouchdb-server."""
     if args.couch_url:
-        url = args.couch_url.rstrip("/")
-    else:
-        server = PouchServer(workdir / "pouchdb", in_memory=True)
-        server.start()
-        url = server.url
+        return args.couch_url.rstrip("/"), None
+    server = PouchServer(workdir / "pouchdb", in_memory=True)
+    server.start()
+    return server.url, server
+
+
+def bench_main(args: argparse.Namespace, prefix: str,
+               run: Callable[[argparse.Namespace, Path], dict[str, Any]],
+               keep_hint: Optional[str] = None, interruptible: bool = False) -> int:
+    """Run a benchmark in a work directory, print its JSON; return the exit code.
+
+    ``keep_hint`` is printed after a failure without ``--keep``;
+    ``interruptible`` turns Ctrl-C (and SIGTERM, where the caller maps it)
+    into a clean exit 130 once ``run`` has stopped what it started.
+    """
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        result = run(args, workdir)
+    except (BenchError, OSError, requests.RequestException) as exc:
+        print(f"bench: {exc}", file=sys.stderr)
+        if keep_hint and not args.keep:
+            print(f"bench: {keep_hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if not interruptible:
+            raise
+        print("bench: interrupted; everything it started is stopped", file=sys.stderr)
+        return 130
+    finally:
+        if args.keep:
+            print(f"bench: work directory kept: {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.json_out:
+        Path(args.json_out).write_text(text + "\n")
+    return 0
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    url, server = open_server(args, workdir)
     load_before = os.getloadavg()
     try:
         info = server_info(url)
@@ -663,24 +700,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="himbeere-bench-"))
-    try:
-        result = run(args, workdir)
-    except (BenchError, OSError, requests.RequestException) as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        if not args.keep:
-            print("bench: rerun with --keep to keep the daemon log", file=sys.stderr)
-        return 1
-    finally:
-        if args.keep:
-            print(f"bench: work directory kept: {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
-    return 0
+    return bench_main(args, "himbeere-bench-", run,
+                      keep_hint="rerun with --keep to keep the daemon log")
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -30,32 +30,34 @@ are killed, and its two databases are deleted.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import secrets
-import shutil
 import signal
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-import requests
-
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.bench_daemon import percentile, redact, server_info  # noqa: E402
+from benchmarks.bench_daemon import (  # noqa: E402
+    BenchError,
+    bench_main,
+    open_server,
+    percentile,
+    redact,
+    server_info,
+)
 from himbeere import health  # noqa: E402
 from himbeere.couch import Couch  # noqa: E402
 from tests.nodes import Node  # noqa: E402
-from tests.servers import PouchServer, create_database, delete_database  # noqa: E402
+from tests.servers import create_database, delete_database  # noqa: E402
 
 #: In heartbeat intervals: longest wait for one failover, or for a node to come up.
 STEP_INTERVALS = 30.0
@@ -76,8 +78,6 @@ def main():
 """
 
 
-class BenchError(RuntimeError):
-    """The benchmark could not run to the end."""
 
 
 class Datagrams:
@@ -244,13 +244,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    server: Optional[PouchServer] = None
-    if args.couch_url:
-        url = args.couch_url.rstrip("/")
-    else:
-        server = PouchServer(workdir / "pouchdb", in_memory=True)
-        server.start()
-        url = server.url
+    url, server = open_server(args, workdir)
     load_before = os.getloadavg()
     try:
         info = server_info(url)
@@ -286,22 +280,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
-    workdir = Path(tempfile.mkdtemp(prefix="himbeere-failover-"))
-    try:
-        result = run(args, workdir)
-    except (BenchError, OSError, requests.RequestException) as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if args.keep:
-            print(f"bench: work directory kept: {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
-    return 0
+    return bench_main(args, "himbeere-failover-", run)
 
 
 if __name__ == "__main__":

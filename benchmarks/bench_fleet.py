@@ -57,12 +57,10 @@ import json
 import os
 import platform
 import secrets
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -80,6 +78,8 @@ from benchmarks.bench_daemon import (  # noqa: E402
     Daemon,
     ResultWatcher,
     UdpListener,
+    bench_main,
+    open_server,
     proc_cpu_seconds,
     proc_pss_mb,
     proc_status,
@@ -88,7 +88,7 @@ from benchmarks.bench_daemon import (  # noqa: E402
 )
 from himbeere.couch import Database, Doc  # noqa: E402
 from tests.nodes import free_udp_port  # noqa: E402
-from tests.servers import PouchServer, db_url, delete_database  # noqa: E402
+from tests.servers import db_url, delete_database  # noqa: E402
 from uploader import install, ops  # noqa: E402
 from uploader.fleet import Fleet  # noqa: E402
 
@@ -532,13 +532,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    server: Optional[PouchServer] = None
-    if args.couch_url:
-        url, server_pid = args.couch_url.rstrip("/"), args.server_pid
-    else:
-        server = PouchServer(workdir / "pouchdb", in_memory=True)
-        server.start()
-        url, server_pid = server.url, server.pid
+    url, server = open_server(args, workdir)
+    server_pid = args.server_pid if server is None else server.pid
     load_before = os.getloadavg()
     result: dict[str, Any] = {}
     try:
@@ -627,27 +622,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     # SIGTERM cleans up as Ctrl-C does (the stdlib's handler raises KeyboardInterrupt).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    workdir = Path(tempfile.mkdtemp(prefix="himbeere-fleet-"))
-    try:
-        result = run(args, workdir)
-    except (BenchError, OSError, requests.RequestException) as exc:
-        print(f"bench: {exc}", file=sys.stderr)
-        if not args.keep:
-            print("bench: rerun with --keep to keep the daemon logs", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted; everything it started is stopped", file=sys.stderr)
-        return 130
-    finally:
-        if args.keep:
-            print(f"bench: work directory kept: {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json_out:
-        Path(args.json_out).write_text(text + "\n")
-    return 0
+    return bench_main(args, "himbeere-fleet-", run,
+                      keep_hint="rerun with --keep to keep the daemon logs", interruptible=True)
 
 
 if __name__ == "__main__":
