@@ -1,7 +1,8 @@
 """All CouchDB access: the only module that builds a URL.
 
 Everything else talks to :class:`Couch` (a server) and :class:`Database`.
-Requests go through ``requests``; programs get a CouchDB-Python
+The bytes travel through :mod:`himbeere.transport` (``http.client`` on the
+Pi, ``requests`` in the laptop tools); programs get a CouchDB-Python
 ``couchdb.Database`` handle from :meth:`Database.client_handle`, because that
 is the API HimbeereCouch programs were written against.
 
@@ -21,15 +22,13 @@ import copy
 import email.utils
 import json
 import logging
-import statistics
 import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional, Union
 
-import requests
-
+from . import transport as transports
 from .exceptions import Conflict, CouchError, NotFound, Unauthorized, Unreachable
 
 log = logging.getLogger(__name__)
@@ -37,8 +36,7 @@ log = logging.getLogger(__name__)
 Doc = dict[str, Any]
 Seq = Union[int, str]
 
-#: Seconds to wait for a connection and for an ordinary answer.
-CONNECT_TIMEOUT = 5.0
+#: Seconds to wait for an ordinary answer.
 REQUEST_TIMEOUT = 30.0
 
 
@@ -56,9 +54,14 @@ def doc_path(doc_id: str) -> str:
 
 
 class Couch:
-    """A CouchDB-compatible server at ``url`` (credentials in the URL)."""
+    """A CouchDB-compatible server at ``url`` (credentials in the URL).
 
-    def __init__(self, url: str, timeout: float = REQUEST_TIMEOUT) -> None:
+    ``transport`` is ``"stdlib"`` (``http.client``, light enough for the
+    daemon) or ``"requests"`` (proxies and certifi, for the laptop tools).
+    """
+
+    def __init__(self, url: str, timeout: float = REQUEST_TIMEOUT,
+                 transport: str = "stdlib") -> None:
         parts = urllib.parse.urlsplit(url)
         self.auth: Optional[tuple[str, str]] = None
         if parts.username is not None:
@@ -75,7 +78,7 @@ class Couch:
         self.base = urllib.parse.urlunsplit((parts.scheme, netloc, path, "", ""))
         self.url = url
         self.timeout = timeout
-        self._local = threading.local()
+        self.http = transports.make(transport, self.base, self.auth)
         self._info: Optional[Doc] = None
         self._offsets: list[float] = []
 
@@ -84,17 +87,6 @@ class Couch:
         return f"<Couch {user}{self.base}>"
 
     # -- plumbing ---------------------------------------------------------
-    @property
-    def session(self) -> requests.Session:
-        """One ``requests.Session`` per thread: sessions are not thread-safe."""
-        session = getattr(self._local, "session", None)
-        if session is None:
-            session = requests.Session()
-            session.auth = self.auth
-            session.headers["Accept"] = "application/json"
-            self._local.session = session
-        return session
-
     def request(
         self,
         method: str,
@@ -111,26 +103,20 @@ class Couch:
         (or returns ``None`` with ``ok404``), :class:`Conflict` or
         :class:`CouchError`.
         """
-        url = f"{self.base}/{path}"
-        data = None if body is None else json.dumps(body)
-        headers = {"Content-Type": "application/json"} if data is not None else None
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
         sent = time.time()
-        try:
-            response = self.session.request(
-                method, url, params=_encode_params(params), data=data,
-                headers=headers, timeout=(CONNECT_TIMEOUT, timeout or self.timeout),
-            )
-        except requests.RequestException as exc:
-            raise Unreachable(f"cannot reach {self.base}: {_short(exc)}") from exc
-        self._note_clock(response.headers.get("Date"), sent, time.time())
-        if response.status_code == 404 and ok404:
+        answer = self.http.send(method, _target(path, params), data, headers,
+                                timeout or self.timeout)
+        self._note_clock(answer.date, sent, time.time())
+        if answer.status == 404 and ok404:
             return None
-        if response.status_code >= 400:
-            raise _error(method, path, response)
-        if not response.content:
+        if answer.status >= 400:
+            raise _error(method, path, answer)
+        if not answer.body:
             return None
         try:
-            return response.json()
+            return json.loads(answer.body)
         except ValueError:
             raise CouchError(f"{method} /{path}: answer is not JSON") from None
 
@@ -155,7 +141,10 @@ class Couch:
         """Seconds the server's clock is ahead of ours (None before any answer)."""
         if not self._offsets:
             return None
-        return round(statistics.median(self._offsets), 3)
+        offsets = sorted(self._offsets)
+        middle = len(offsets) // 2
+        median = offsets[middle] if len(offsets) % 2 else sum(offsets[middle - 1:middle + 1]) / 2
+        return round(median, 3)
 
     # -- server -----------------------------------------------------------
     def info(self, refresh: bool = False) -> Doc:
@@ -183,7 +172,8 @@ class Couch:
         """The same server, with other credentials (a node's, to check them)."""
         parts = urllib.parse.urlsplit(self.base)
         netloc = f"{quote(name)}:{quote(password)}@{parts.netloc}"
-        return Couch(urllib.parse.urlunsplit(parts._replace(netloc=netloc)), self.timeout)
+        return Couch(urllib.parse.urlunsplit(parts._replace(netloc=netloc)), self.timeout,
+                     self.http.name)
 
     def session_info(self) -> Doc:
         """``GET /_session``: who the server thinks we are."""
@@ -336,33 +326,33 @@ class Database:
         if feed_filter is not None:
             query.update(feed_filter.params)
             if feed_filter.selector is not None:
-                method, body = "POST", json.dumps({"selector": feed_filter.selector})
+                method, body = "POST", json.dumps({"selector": feed_filter.selector}).encode()
         headers = {"Accept-Encoding": "identity", "Content-Type": "application/json"}
-        url = f"{self.couch.base}/{self.path}/_changes"
+        path = f"{self.path}/_changes"
+        answer = self.couch.http.stream(method, _target(path, query), body, headers, timeout)
+        if answer.status >= 400:
+            raise _error(method, path, answer)
+        if on_open is not None:
+            on_open()
+        lines = answer.lines
         try:
-            response = self.couch.session.request(
-                method, url, params=_encode_params(query), data=body, headers=headers,
-                stream=True, timeout=(CONNECT_TIMEOUT, timeout),
-            )
-        except requests.RequestException as exc:
-            raise Unreachable(f"cannot reach {self.couch.base}: {_short(exc)}") from exc
-        with response:
-            if response.status_code >= 400:
-                raise _error(method, f"{self.path}/_changes", response)
-            if on_open is not None:
-                on_open()
-            try:
-                for line in response.iter_lines(chunk_size=1 << 16):
-                    if stop is not None and stop.is_set():
-                        return
-                    if not line.strip():
-                        continue
+            for line in lines:
+                if stop is not None and stop.is_set():
+                    return
+                if not line.strip():
+                    continue
+                try:
                     change = json.loads(line)
-                    if "last_seq" in change and "id" not in change:
-                        raise Unreachable("the server ended the feed")
-                    yield change
-            except (requests.RequestException, ValueError) as exc:
-                raise Unreachable(f"feed from {self.couch.base} broke: {_short(exc)}") from exc
+                except ValueError as exc:
+                    raise Unreachable(f"feed from {self.couch.base} broke: "
+                                      f"{transports.short(exc)}") from exc
+                if "last_seq" in change and "id" not in change:
+                    raise Unreachable("the server ended the feed")
+                yield change
+        finally:
+            close = getattr(lines, "close", None)
+            if close is not None:
+                close()  # the connection, at once: not when the generator is collected
         raise Unreachable("the server closed the feed")
 
     def client_handle(self) -> Any:
@@ -390,32 +380,30 @@ class FeedFilter:
         return f"<FeedFilter {self.params} {self.selector}>"
 
 
-def _encode_params(params: Optional[Mapping[str, Any]]) -> Optional[dict[str, str]]:
-    """CouchDB wants JSON for keys and booleans in query strings."""
-    if params is None:
-        return None
+def _target(path: str, params: Optional[Mapping[str, Any]]) -> str:
+    """``path`` with its query string.
+
+    CouchDB wants JSON for keys and booleans in query strings.
+    """
+    if not params:
+        return path
     encoded = {}
     for key, value in params.items():
         if isinstance(value, bool) or key in ("key", "startkey", "endkey", "keys"):
             encoded[key] = json.dumps(value)
         else:
             encoded[key] = str(value)
-    return encoded
+    return f"{path}?{urllib.parse.urlencode(encoded)}"
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    return text.splitlines()[0][:200]
-
-
-def _error(method: str, path: str, response: requests.Response) -> CouchError:
+def _error(method: str, path: str, answer: transports.Answer) -> CouchError:
     try:
-        body = response.json()
+        body = json.loads(answer.body)
         reason = f"{body.get('error')}: {body.get('reason')}"
-    except ValueError:
-        reason = response.text[:200]
-    text = f"{method} /{path}: {response.status_code} {reason}"
-    status = response.status_code
+    except (ValueError, AttributeError):
+        reason = answer.body.decode("utf-8", "replace")[:200]
+    text = f"{method} /{path}: {answer.status} {reason}"
+    status = answer.status
     kind = {401: Unauthorized, 403: Unauthorized, 404: NotFound, 409: Conflict}.get(
         status, CouchError)
     error = kind(text)

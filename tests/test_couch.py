@@ -20,6 +20,17 @@ from tests.servers import PouchServer, free_port
 NODE_FILTER = "function(doc, req) { return String(doc.mac) === String(req.query.mac); }"
 
 
+@pytest.fixture(params=["stdlib", "requests"])
+def transport(request: pytest.FixtureRequest) -> str:
+    """Every server test runs on both HTTP transports: the daemon's and the laptop's."""
+    return str(request.param)
+
+
+@pytest.fixture
+def couch(couch_url: str, transport: str) -> Couch:
+    return Couch(couch_url, transport=transport)
+
+
 # -- pure unit tests ---------------------------------------------------------
 
 def test_url_credentials_are_split_off_and_unquoted() -> None:
@@ -80,15 +91,15 @@ def test_session_is_the_admin(couch: Couch) -> None:
     assert "_admin" in couch.session_info()["userCtx"]["roles"]
 
 
-def test_wrong_password_is_unauthorized(couch: Couch, dbname: str) -> None:
-    wrong = Couch(f"http://admin:wrong@{couch.base.split('://', 1)[1]}")
+def test_wrong_password_is_unauthorized(couch: Couch, dbname: str, transport: str) -> None:
+    wrong = Couch(f"http://admin:wrong@{couch.base.split('://', 1)[1]}", transport=transport)
     with pytest.raises(Unauthorized):
         wrong.database(dbname).get("anything")
 
 
-def test_nothing_listening_is_unreachable() -> None:
+def test_nothing_listening_is_unreachable(transport: str) -> None:
     with pytest.raises(Unreachable):
-        Couch(f"http://127.0.0.1:{free_port()}").info()
+        Couch(f"http://127.0.0.1:{free_port()}", transport=transport).info()
 
 
 def test_create_database_twice_and_missing_database(couch: Couch, dbname: str) -> None:
@@ -309,17 +320,19 @@ def test_follow_returns_on_stop_at_the_next_heartbeat(couch: Couch, dbname: str)
 
 # -- a server that goes away -------------------------------------------------
 
-def test_follow_a_stopped_server_is_unreachable(restartable_server: PouchServer) -> None:
-    db = Couch(restartable_server.url).database("gone")
+def test_follow_a_stopped_server_is_unreachable(
+    restartable_server: PouchServer, transport: str
+) -> None:
+    db = Couch(restartable_server.url, transport=transport).database("gone")
     restartable_server.stop()
     with pytest.raises(Unreachable):
         next(db.follow(since=0, timeout=1))
 
 
 def test_follow_raises_unreachable_when_the_server_stops_mid_feed(
-    restartable_server: PouchServer,
+    restartable_server: PouchServer, transport: str
 ) -> None:
-    couch = Couch(restartable_server.url)
+    couch = Couch(restartable_server.url, transport=transport)
     couch.create_database("feed")
     db = couch.database("feed")
     db.save({"_id": "one"})
@@ -331,10 +344,10 @@ def test_follow_raises_unreachable_when_the_server_stops_mid_feed(
 
 
 def test_follow_raises_unreachable_when_the_server_falls_silent(
-    restartable_server: PouchServer,
+    restartable_server: PouchServer, transport: str
 ) -> None:
     """A frozen server (SIGSTOP) sends no heartbeat: dead after ``timeout``."""
-    couch = Couch(restartable_server.url)
+    couch = Couch(restartable_server.url, transport=transport)
     couch.create_database("feed")
     db = couch.database("feed")
     db.save({"_id": "one"})
@@ -348,8 +361,10 @@ def test_follow_raises_unreachable_when_the_server_falls_silent(
         restartable_server.resume()
 
 
-def test_restart_keeps_data_admin_and_port(restartable_server: PouchServer) -> None:
-    couch = Couch(restartable_server.url)
+def test_restart_keeps_data_admin_and_port(
+    restartable_server: PouchServer, transport: str
+) -> None:
+    couch = Couch(restartable_server.url, transport=transport)
     couch.create_database("kept")
     couch.database("kept").save({"_id": "doc", "v": 1})
     url = restartable_server.url
@@ -366,3 +381,15 @@ def test_restart_keeps_data_admin_and_port(restartable_server: PouchServer) -> N
     # Admin party stays over after the restart.
     anonymous = requests.get(f"{restartable_server.plain_url}/_session", timeout=10).json()
     assert "_admin" not in anonymous["userCtx"]["roles"]
+
+
+def test_a_keep_alive_connection_the_server_closed_is_not_reused(
+    restartable_server: PouchServer, transport: str
+) -> None:
+    """Regression: a request on an idle connection that the server had
+    closed (a restart, or its keep-alive timeout) failed as Unreachable."""
+    couch = Couch(restartable_server.url, transport=transport)
+    assert couch.info(refresh=True)  # leaves a keep-alive connection open
+    restartable_server.stop()
+    restartable_server.start()
+    assert "_admin" in couch.session_info()["userCtx"]["roles"]

@@ -95,7 +95,8 @@ class Fleet:
 
     def __init__(self, url: str, database: str = defaults.DATABASE,
                  status_database: Optional[str] = None) -> None:
-        self.couch = Couch(url)
+        # requests, not the daemon's http.client: proxies and certifi on laptops
+        self.couch = Couch(url, transport="requests")
         self.code = self.couch.database(database)
         self.status = self.couch.database(status_database
                                           or database + defaults.STATUS_SUFFIX)
