@@ -167,8 +167,8 @@ class Helpers:
     def status_db(self) -> Any:
         """The status database (a :class:`himbeere.couch.Database`), made on first use.
 
-        For ``state`` and ``leader()``: requests (and himbeere.couch) are
-        imported only by programs that use them.
+        For ``state`` and ``leader()``: himbeere.couch is imported only by
+        programs that use them.
         """
         with self._connect_lock:
             if self._status_db is None:

@@ -111,7 +111,17 @@ def setup_logging(debug: bool = False) -> None:
     logging.getLogger("urllib3").setLevel(logging.WARNING)
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Commands that run on a node: they skip importing the laptop tools.
+NODE_COMMANDS = ("daemon", "pair")
+
+
+def build_parser(laptop_commands: bool = True) -> argparse.ArgumentParser:
+    """All commands; without ``laptop_commands``, only those of a node.
+
+    The daemon parses its flags with the node-only parser: the fleet and
+    dashboard commands import the uploader (and requests) for their flags,
+    megabytes of RAM the daemon would carry for nothing.
+    """
     parser = argparse.ArgumentParser(
         prog="himbeere", description="Run Python code stored in CouchDB on Raspberry Pis.")
     parser.add_argument("--version", action="version", version=f"himbeere {__version__}")
@@ -131,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Same as himbeere-upload; see himbeere upload --help.")
     upload.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     upload.set_defaults(func=cmd_upload)
+    if not laptop_commands:
+        return parser
     from uploader.opscli import register as add_fleet_commands  # nodes, status, logs, cmd...
     add_fleet_commands(sub)
     from uploader.dashboard import register as add_dashboard  # Flask: only when it runs
@@ -149,7 +161,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["upload"]:
         return cmd_upload(argparse.Namespace(rest=argv[1:]))  # its own --help and flags
-    parser = build_parser()
+    command = next((word for word in argv if not word.startswith("-")), None)
+    parser = build_parser(laptop_commands=command not in NODE_COMMANDS)
     args = parser.parse_args(argv)
     func: Optional[Callable[[argparse.Namespace], Any]] = getattr(args, "func", None)
     if func is None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import hashlib
 import json
 from typing import Any, Optional
 
@@ -53,12 +52,15 @@ class CodeDoc:
         return bool(self.modules) or self.error is not None or self.git is not None
 
     def fingerprint(self, global_sources: dict[str, str]) -> str:
-        """Changes exactly when the program must restart."""
+        """Changes exactly when the program must restart.
+
+        The whole text, not a hash of it: comparing is exact, and the daemon
+        skips importing hashlib (and OpenSSL's digests) for it.
+        """
         used = {name: global_sources[name] for name in self.uses(global_sources)}
         git = dataclasses.astuple(self.git) if self.git else None
-        blob = json.dumps([self.modules, used, self.restart, self.error, self.restart_count, git],
+        return json.dumps([self.modules, used, self.restart, self.error, self.restart_count, git],
                           sort_keys=True)
-        return hashlib.sha1(blob.encode()).hexdigest()
 
     def uses(self, global_sources: dict[str, str]) -> set[str]:
         """Global modules this program imports, directly or through each other."""

@@ -34,8 +34,11 @@ from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
-#: Modules imported once in the server, so children start warm.
-PRELOAD = ("himbeere.child", "couchdb", "json", "traceback", "importlib.util",
+#: Modules imported once in the server, so children start warm.  Not
+#: ``couchdb``: its import costs 13 MB (it loads pkg_resources), which every
+#: node would carry for the few programs that use ``db``; those import it on
+#: first use.
+PRELOAD = ("himbeere.child", "json", "traceback", "importlib.util",
            "faulthandler", "threading",
            # a program's first socket call with a host name needs this codec
            "encodings.idna")

@@ -17,17 +17,17 @@ runs the function with the checkout first on ``sys.path``.  Pushing a new
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import os
 import re
 import shutil
 import subprocess
-import tarfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .exceptions import ProgramError
+
+if TYPE_CHECKING:  # tarfile and hashlib are imported when a git program is fetched
+    import tarfile
 
 #: Seconds one git command may take (a slow network, a big repository).
 GIT_TIMEOUT = 120.0
@@ -87,6 +87,9 @@ def fetch(source: GitSource, root: Path) -> tuple[Path, str]:
     commit = _git(["--git-dir", str(repo), "rev-parse", "FETCH_HEAD^{commit}"], source).strip()
     checkout = root / commit
     if not checkout.exists():
+        import io
+        import tarfile
+
         archive = subprocess.run(
             ["git", "--git-dir", str(repo), "archive", "--format=tar", commit],
             capture_output=True, timeout=GIT_TIMEOUT, env=_env(), check=False)
@@ -103,11 +106,15 @@ def fetch(source: GitSource, root: Path) -> tuple[Path, str]:
 
 
 def checkout_root(state_dir: Path, doc_id: str) -> Path:
+    import hashlib
+
     digest = hashlib.sha1(doc_id.encode()).hexdigest()[:16]
     return state_dir / "git" / digest
 
 
 def _extract(tar: tarfile.TarFile, target: Path) -> None:
+    import tarfile
+
     if hasattr(tarfile, "data_filter"):
         tar.extractall(target, filter="data")
     else:  # Python < 3.12 without the backported filters

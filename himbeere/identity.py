@@ -14,10 +14,8 @@ an object with the same ``interfaces()``/``ifaddresses()``/``AF_LINK``/
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import secrets
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -140,6 +138,8 @@ def random_password(nbytes: int = 24) -> str:
     on a command line (``provision MACID --password PW``).
     """
     while True:
+        import secrets  # here: hashlib and OpenSSL, for one call at first start
+
         password = secrets.token_urlsafe(nbytes)
         if not password.startswith("-"):
             return password
@@ -153,6 +153,8 @@ def legacy_password(macid: int, serial: str) -> str:
     anyone who knows both can compute the password.  Only for nodes whose
     CouchDB users were created by the original daemon.
     """
+    import hashlib
+
     return hashlib.sha1((str(macid) + serial).encode("ascii")).hexdigest()
 
 
@@ -204,7 +206,7 @@ def _create_password_file(path: Path) -> None:
     loss on a Pi) leaves no empty password file behind.  O_EXCL makes the
     temporary file ours alone; link fails if ``path`` appeared meanwhile.
     """
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:

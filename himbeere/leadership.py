@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import defaults
 
-if TYPE_CHECKING:  # lease.py imports requests: a program that never elects skips it
+if TYPE_CHECKING:  # lease.py imports http.client: a program that never elects skips it
     from .couch import Database
     from .lease import Lease
 

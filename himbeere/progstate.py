@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .exceptions import Conflict, CouchError
 
-if TYPE_CHECKING:  # couch.py imports requests: a program that never uses state skips it
+if TYPE_CHECKING:  # couch.py imports http.client: a program that never uses state skips it
     from .couch import Database, Doc
 
 STATE_TYPE = "himbeere-state"
