@@ -24,3 +24,30 @@ def test_code_doc_runs_and_command_returns(node_factory, code_db, tmp_path: Path
     assert doc["cmd"] == ["echo", "hi"]
     assert node.stop() == 0
     assert node.status()["state"] == "stopped"
+
+
+#: Modules a node must not load: each costs the Pi megabytes of RAM for
+#: nothing (requests ~17 MB, couchdb ~13 MB, Flask and the uploader are the
+#: laptop's; hashlib and tarfile only when a fleet key or git program needs them).
+HEAVY = ("requests", "urllib3", "couchdb", "pkg_resources", "flask", "uploader", "hashlib",
+         "tarfile")
+
+
+def test_a_node_loads_none_of_the_heavy_modules(node_factory, code_db, tmp_path: Path) -> None:
+    """Regression: the daemon imported requests and the whole laptop CLI, and
+    its fork server couchdb: 62 MB RSS for an idle node.  The budget is 25 MB."""
+    marker = tmp_path / "ran.txt"
+    code_db.save({"_id": "p", "type": 1000, "code": (
+        "def main():\n"
+        f"    open({str(marker)!r}, 'w').write('ran')\n"
+    )})
+    node = node_factory(mac_id=1000, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    wait_file(marker, contains="ran")
+    code_db.save({"_id": "c1", "type": "1000_cmd", "cmd": ["echo", "hi"]})
+    wait_for(lambda: (code_db.get("c1") or {}).get("finished"))
+    assert node.stop() == 0
+    # -X importtime lines of the daemon, its fork server and the program.
+    imported = {line.rsplit("|", 1)[-1].strip() for line in node.log().splitlines()
+                if line.startswith("import time:")}
+    assert "himbeere.daemon" in imported and "himbeere.forkserver" in imported
+    assert sorted(name for name in imported if name.split(".")[0] in HEAVY) == []

@@ -1,0 +1,67 @@
+"""The benchmarks still run: each once, tiny, against the session's server.
+
+Speed and memory targets are checked by running the benchmarks themselves
+(``benchmarks/README.md``), never here: these tests assert that every script
+finishes and prints the figures it promises, not how good they are.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+def run_bench(script: str, couch_url: str, *args: str, timeout: float = 240) -> Any:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--couch-url", couch_url, *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout)
+
+
+def assert_figure(figure: dict[str, Any], n: int) -> None:
+    assert figure["n"] == n
+    assert 0 < figure["median"] <= figure["p99"]
+
+
+def test_bench_daemon(couch_url: str) -> None:
+    result = run_bench("bench_daemon.py", couch_url, "--pushes", "3", "--commands", "3",
+                       "--warmup", "0", "--idle-seconds", "1", "--idle-settle", "0",
+                       "--gap", "0.05")
+    assert_figure(result["push_to_running_ms"], 3)
+    assert_figure(result["command_round_trip_ms"], 3)
+    idle = result["idle"]
+    assert idle["programs_running"] == 0
+    assert idle["daemon_rss_mb"] > 0 and idle["forkserver_rss_mb"] > 0
+    assert idle["daemon_cpu_percent"] >= 0
+
+
+def test_bench_fleet(couch_url: str) -> None:
+    result = run_bench("bench_fleet.py", couch_url, "--nodes", "2", "--rounds", "1",
+                       "--heartbeat-interval", "1", "--quiet-rounds", "1",
+                       "--quiet-settle", "0", "--gap", "0.2", "--min-free-mb", "0")
+    [size] = result["sizes"]
+    assert size["nodes"] == 2
+    assert_figure(size["push_to_all_ms"], 1)
+    assert_figure(size["command_to_all_ms"], 1)
+    assert size["command_to_all_ms"]["failed_results"] == 0
+    assert size["quiet"]["daemon_memory"]["rss_mb"]["n"] == 2
+    assert result["cleanup"]["sigkilled"] == 0
+
+
+def test_bench_failover(couch_url: str) -> None:
+    result = run_bench("bench_failover.py", couch_url, "--runs", "1", "--nodes", "2")
+    assert result["nodes"] == 2
+    assert_figure(result["failover_s"], 1)
+    [sample] = result["samples"]
+    assert sample["new_node"] != sample["killed_node"]
+    assert result["overlaps"] == 0
