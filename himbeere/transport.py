@@ -106,6 +106,9 @@ class StdlibTransport:
                 conn.close()
                 response = self._open(method, target, body, headers, timeout, conn)
             data = response.read()
+        except socket.timeout as exc:
+            conn.close()
+            raise Unreachable(f"{self.base} did not answer within {timeout:g} s") from exc
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             raise Unreachable(f"cannot reach {self.base}: {short(exc)}") from exc
@@ -134,16 +137,19 @@ class StdlibTransport:
             conn.close()
             return Answer(response.status, response.getheader("Date"), data)
         return Answer(response.status, response.getheader("Date"),
-                      lines=self._lines(conn, response))
+                      lines=self._lines(conn, response, timeout))
 
-    def _lines(self, conn: http.client.HTTPConnection,
-               response: http.client.HTTPResponse) -> Iterator[bytes]:
+    def _lines(self, conn: http.client.HTTPConnection, response: http.client.HTTPResponse,
+               timeout: float) -> Iterator[bytes]:
         try:
             while True:
                 line = response.readline()
                 if not line:
                     return
                 yield line
+        except socket.timeout as exc:  # TimeoutError since Python 3.10
+            raise Unreachable(f"feed from {self.base}: silent for {timeout:g} s, "
+                              "no heartbeat") from exc
         except (OSError, http.client.HTTPException) as exc:
             raise Unreachable(f"feed from {self.base} broke: {short(exc)}") from exc
         finally:

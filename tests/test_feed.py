@@ -132,7 +132,7 @@ def test_silent_dead_connection_is_detected_by_the_feed_timeout(
     server.pause()  # connections stay open and fall silent
     try:
         # Well within the default feed timeout of 30 s: the 2 s setting was used.
-        node.wait_log("Read timed out.; reconnecting in", timeout=20)
+        node.wait_log("silent for 2 s, no heartbeat; reconnecting in", timeout=20)
     finally:
         server.resume()
     command(db, "after", ["echo", "after"])
