@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from . import discovery, identity
+from . import discovery, identity, transport
 from .commands import COMMAND_TYPE, Commands
 from .config import Config, redact
 from .couch import Couch, Doc
@@ -286,4 +286,6 @@ def run(config: Config, reload_config: Optional[Callable[[], Config]] = None) ->
         config = discovery.wait_for_server(config, reload_config)
         if not config.server:
             return 0  # stopped while waiting to be paired
+    # No OpenSSL for a plain http:// server: 4 MB of a Pi's RAM (transport.py).
+    transport.load_http_client(tls=config.server.startswith("https:"))
     return Daemon(config, reload_config).run()

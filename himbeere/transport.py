@@ -16,21 +16,30 @@ transport only moves bytes.  There are two, with one interface:
 
 Both raise :class:`~himbeere.exceptions.Unreachable` when the server cannot
 be reached or a connection breaks, and nothing else for transport errors.
+
+TLS only when used: ``http.client`` imports ``ssl`` when it is imported,
+just to define ``HTTPSConnection``, and ``ssl`` maps OpenSSL's libssl and
+libcrypto: 4 MB of RSS.  A node that talks plain ``http://`` to a CouchDB on
+its LAN never needs them, so the daemon calls :func:`load_http_client` with
+``tls=False`` first, and :class:`StdlibTransport` wraps its sockets itself
+with an ``ssl`` context made when an ``https://`` URL comes up.
 """
 
 from __future__ import annotations
 
 import base64
-import http.client
 import select
 import socket
-import ssl
+import sys
 import threading
 import urllib.parse
 from collections.abc import Iterator, Mapping
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from .exceptions import Unreachable
+
+if TYPE_CHECKING:
+    import http.client
 
 #: Seconds to wait for a connection to open.
 CONNECT_TIMEOUT = 5.0
@@ -55,7 +64,15 @@ class StdlibTransport:
 
     def __init__(self, base: str, auth: Optional[tuple[str, str]]) -> None:
         parts = urllib.parse.urlsplit(base)
-        self.https = parts.scheme == "https"
+        import http.client  # here, after the daemon's load_http_client()
+
+        self.client = http.client
+        self.tls: Any = None  # an ssl.SSLContext for https://
+        if parts.scheme == "https":
+            import ssl
+
+            self.tls = ssl.create_default_context()
+            self.tls.set_alpn_protocols(["http/1.1"])
         self.host = parts.hostname or ""
         self.port = parts.port
         self.prefix = parts.path.rstrip("/")
@@ -67,10 +84,8 @@ class StdlibTransport:
         self._local = threading.local()
 
     def _connect(self, timeout: float) -> http.client.HTTPConnection:
-        if self.https:
-            return http.client.HTTPSConnection(
-                self.host, self.port, timeout=timeout, context=ssl.create_default_context())
-        return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        port = self.port or (443 if self.tls is not None else 80)
+        return self.client.HTTPConnection(self.host, port, timeout=timeout)
 
     def _open(self, method: str, target: str, body: Optional[bytes],
               headers: Mapping[str, str], timeout: float,
@@ -79,6 +94,8 @@ class StdlibTransport:
         conn.timeout = CONNECT_TIMEOUT
         if conn.sock is None:
             conn.connect()
+            if self.tls is not None:  # what HTTPSConnection.connect() does
+                conn.sock = self.tls.wrap_socket(conn.sock, server_hostname=self.host)
         assert conn.sock is not None
         conn.sock.settimeout(timeout)
         conn.request(method, f"{self.prefix}/{target}", body=body,
@@ -97,7 +114,7 @@ class StdlibTransport:
         try:
             try:
                 response = self._open(method, target, body, headers, timeout, conn)
-            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+            except (self.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 # The server closed the idle keep-alive connection just as we
                 # sent: nothing reached it, so sending once more is safe.
                 # A POST is not retried: it may create a second document.
@@ -109,7 +126,7 @@ class StdlibTransport:
         except socket.timeout as exc:
             conn.close()
             raise Unreachable(f"{self.base} did not answer within {timeout:g} s") from exc
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, self.client.HTTPException) as exc:
             conn.close()
             raise Unreachable(f"cannot reach {self.base}: {short(exc)}") from exc
         if response.will_close:
@@ -126,13 +143,13 @@ class StdlibTransport:
         conn = self._connect(timeout)
         try:
             response = self._open(method, target, body, headers, timeout, conn)
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, self.client.HTTPException) as exc:
             conn.close()
             raise Unreachable(f"cannot reach {self.base}: {short(exc)}") from exc
         if response.status >= 400:
             try:
                 data = response.read()
-            except (OSError, http.client.HTTPException):
+            except (OSError, self.client.HTTPException):
                 data = b""
             conn.close()
             return Answer(response.status, response.getheader("Date"), data)
@@ -150,7 +167,7 @@ class StdlibTransport:
         except socket.timeout as exc:  # TimeoutError since Python 3.10
             raise Unreachable(f"feed from {self.base}: silent for {timeout:g} s, "
                               "no heartbeat") from exc
-        except (OSError, http.client.HTTPException) as exc:
+        except (OSError, self.client.HTTPException) as exc:
             raise Unreachable(f"feed from {self.base} broke: {short(exc)}") from exc
         finally:
             conn.close()
@@ -228,6 +245,26 @@ def make(name: str, base: str, auth: Optional[tuple[str, str]]) -> Transport:
         raise ValueError(f"unknown HTTP transport {name!r}: use one of "
                          f"{', '.join(sorted(TRANSPORTS))}") from None
     return kind(base, auth)
+
+
+def load_http_client(tls: bool = True) -> None:
+    """Import ``http.client``; with ``tls=False``, without loading OpenSSL.
+
+    For the daemon, before its first request, when its server is
+    ``http://``: the module then has no ``HTTPSConnection``, which nothing in
+    the daemon uses (:class:`StdlibTransport` makes TLS connections itself,
+    should the server become ``https://`` on a reload).  Programs run in
+    other processes and get the whole module.  Does nothing once
+    ``http.client`` or ``ssl`` is loaded.
+    """
+    if tls or "http.client" in sys.modules or "ssl" in sys.modules:
+        import http.client  # noqa: F401
+        return
+    sys.modules["ssl"] = None  # type: ignore[assignment]  # import ssl raises ImportError
+    try:
+        import http.client  # noqa: F401,F811
+    finally:
+        del sys.modules["ssl"]
 
 
 def _still_open(conn: http.client.HTTPConnection) -> bool:

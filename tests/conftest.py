@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,6 +24,7 @@ from himbeere.couch import Couch, Database
 from tests.helpers import AS_NODE_ENV
 from tests.nodes import Node
 from tests.servers import PouchServer, create_database, delete_database
+from tests.tls import TLSProxy
 from uploader import install, users
 from uploader.fleet import Fleet
 
@@ -54,6 +56,17 @@ def couch_url(pouch_server: Optional[PouchServer]) -> str:
 @pytest.fixture
 def couch(couch_url: str) -> Couch:
     return Couch(couch_url)
+
+
+@pytest.fixture
+def tls_proxy(couch_url: str, tmp_path: Path) -> Iterator[TLSProxy]:
+    """The session's server behind TLS: ``tls_proxy.url(couch_url)`` is https."""
+    parts = urllib.parse.urlsplit(couch_url)
+    proxy = TLSProxy((parts.hostname or "127.0.0.1", parts.port or 5984), tmp_path)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
 
 
 DbnameFactory = Callable[..., str]

@@ -3,7 +3,11 @@ HIMBEERE_TEST_COUCH_URL names a CouchDB), plus a few pure unit tests."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import pytest
@@ -12,6 +16,9 @@ import requests
 from himbeere.couch import Couch, Database, FeedFilter, doc_path, quote
 from himbeere.exceptions import Conflict, NotFound, Unauthorized, Unreachable
 from tests.servers import PouchServer, free_port
+from tests.tls import TLSProxy
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # A filter as the daemon installs it.  String() on both sides because
 # pouchdb-server JSON-parses query parameters: ?mac=1000 reaches the filter as
@@ -393,3 +400,50 @@ def test_a_keep_alive_connection_the_server_closed_is_not_reused(
     restartable_server.stop()
     restartable_server.start()
     assert "_admin" in couch.session_info()["userCtx"]["roles"]
+
+
+# -- TLS ---------------------------------------------------------------------
+
+def test_https_with_a_trusted_certificate(
+    tls_proxy: TLSProxy, couch_url: str, dbname: str, transport: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SSL_CERT_FILE", str(tls_proxy.cert_file))  # http.client
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tls_proxy.cert_file))  # requests
+    couch = Couch(tls_proxy.url(couch_url), transport=transport)
+    assert couch.base.startswith("https://")
+    assert "_admin" in couch.session_info()["userCtx"]["roles"]
+    db = couch.database(dbname)
+    db.save({"_id": "over-tls", "n": 1})
+    assert next(db.follow(since=0, timeout=2))["id"] == "over-tls"
+
+
+def test_https_refuses_an_unknown_certificate(
+    tls_proxy: TLSProxy, couch_url: str, transport: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    with pytest.raises(Unreachable, match="(?i)certificate"):
+        Couch(tls_proxy.url(couch_url), transport=transport).info()
+
+
+def test_a_daemon_that_skipped_openssl_still_speaks_https(
+    tls_proxy: TLSProxy, couch_url: str,
+) -> None:
+    """The daemon imports http.client without ssl for an http:// server; a
+    reload may bring an https:// one, which must still work."""
+    script = (
+        "import sys\n"
+        "from himbeere import transport\n"
+        "transport.load_http_client(tls=False)\n"
+        "print('ssl' in sys.modules, hasattr(sys.modules['http.client'], 'HTTPSConnection'))\n"
+        "from himbeere.couch import Couch\n"
+        f"print(Couch({tls_proxy.url(couch_url)!r}).info()['version'])\n"
+    )
+    env = dict(os.environ, SSL_CERT_FILE=str(tls_proxy.cert_file), PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    skipped, version = done.stdout.splitlines()
+    assert skipped == "False False"  # no OpenSSL loaded by the import...
+    assert version  # ...and TLS anyway once an https:// server came up
