@@ -35,7 +35,7 @@ import threading
 import time
 import traceback
 import types
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Callable, Optional
 
 from . import defaults
@@ -257,18 +257,24 @@ class ProgramImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
                 return modules[fullname]
         return None
 
+    def is_package(self, fullname: str) -> bool:
+        """True for ``pkg`` when there is a ``pkg.util``: dotted names make packages."""
+        prefix = fullname + "."
+        return any(name.startswith(prefix) for modules in self.sources for name in modules)
+
     def find_spec(self, fullname: str, path: Any = None,
                   target: Any = None) -> Optional[importlib.machinery.ModuleSpec]:
-        if self.source(fullname) is None:
+        package = self.is_package(fullname)
+        if self.source(fullname) is None and not package:
             return None
-        return importlib.util.spec_from_loader(fullname, self, origin=f"<himbeere {fullname}>")
+        return importlib.util.spec_from_loader(fullname, self, origin=f"<himbeere {fullname}>",
+                                               is_package=package)
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> None:
         return None
 
     def exec_module(self, module: types.ModuleType) -> None:
-        source = self.source(module.__name__)
-        assert source is not None
+        source = self.source(module.__name__) or ""  # "": a package with no module of its own
         module.__dict__.update(self.helpers.namespace())
         code = compile(source, f"<{self.helpers.spec.name}:{module.__name__}>", "exec")
         exec(code, module.__dict__)
@@ -426,8 +432,26 @@ def main(spec: ProgramSpec, conn: Any) -> None:
     os._exit(code)
 
 
+def shadowed(modules: Iterable[str]) -> list[str]:
+    """Names in ``modules`` that Python has already loaded a module of its own for.
+
+    ``import json`` finds the ``json`` in ``sys.modules`` (the fork server
+    preloads it) before any finder is asked, so a program's own ``json``
+    would silently never run.
+    """
+    return sorted({name.split(".")[0] for name in modules} & set(sys.modules))
+
+
 def run_main(spec: ProgramSpec) -> tuple[str, Optional[str]]:
     """Import the main module and call its ``main()``; say how it ended."""
+    hidden = shadowed(spec.modules)
+    if hidden:
+        names = ", ".join(repr(name) for name in hidden)
+        return "invalid", (f"modules: {names} would never be imported: Python has loaded a "
+                           "module of that name already; rename yours")
+    for name in shadowed(spec.global_modules):
+        print(f"global module {name!r} is never imported here: Python has loaded a module of "
+              "that name already; rename it", file=sys.stderr)
     try:
         module = importlib.import_module(spec.main_module)
     except SyntaxError:

@@ -186,6 +186,24 @@ def test_multi_module_program_and_its_own_module_shadowing_a_global(
     assert pid_alive(own)
 
 
+def test_dotted_module_names_make_packages(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    """Regression: ``pkg.util`` passed validation, then failed to import."""
+    code_db.save({"_id": "lib", "global_modules": {"shared.names": "WHO = 'shared'\n"}})
+    seen = tmp_path / "seen"
+    code_db.save({"_id": "dotted", "type": 1000, "modules": {
+        "main": "import os\nimport pkg\nfrom pkg.util import WHO\nfrom pkg.deep.er import X\n"
+                "from shared.names import WHO as SHARED\n"
+                "def main():\n" + put(seen, "' '.join([pkg.NAME, WHO, X, SHARED])"),
+        "pkg": "NAME = 'pkg'\n",
+        "pkg.util": "WHO = 'util'\n",
+        "pkg.deep.er": "X = 'deeper'\n",  # pkg.deep has no module: an empty package
+    }})
+    node = node_factory(mac_id=1000)
+    assert wait_file(seen) == "pkg util deeper shared"
+    node.wait_program("dotted", state="finished", last_error=None)
+
+
 # -- helpers ------------------------------------------------------------------------------
 
 def test_helpers_log_should_quit_notifications_and_db(
@@ -308,6 +326,10 @@ BAD_DOCS = [
      "enabled: is a str"),
     ("huge", {"code": "def main():\n    pass\n" + "#" * defaults.MAX_CODE_BYTES + "\n"},
      f"allowed: at most {defaults.MAX_CODE_BYTES} bytes"),
+    # Regression: a program's own json was silently replaced by Python's.
+    ("stdlib-name", {"modules": {"main": "import json\ndef main():\n    json.MINE\n",
+                                 "json": "MINE = 1\n"}},
+     "modules: 'json' would never be imported: Python has loaded a module of that name"),
 ]
 
 
