@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from himbeere.programs import kill_recorded_programs  # noqa: E402
 from tests.servers import (  # noqa: E402
     PouchServer,
     _die_with_parent,
@@ -346,15 +347,7 @@ class Daemon:
 
     def _kill_programs(self) -> None:
         """Program groups the daemon recorded and left behind (after a SIGKILL)."""
-        try:
-            recorded = json.loads((self.state_dir / "programs.json").read_text())
-        except (OSError, ValueError):
-            return
-        for pid, _ in recorded.values():
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        kill_recorded_programs(self.state_dir)
 
 
 # -- the benchmark -------------------------------------------------------------------------

@@ -657,32 +657,9 @@ class Supervisor:
         """
         if self.state_dir is None:
             return 0
-        path = self.state_dir / "programs.json"
-        try:
-            recorded = json.loads(path.read_text())
-            entries = [(str(doc_id), int(pid), started)
-                       for doc_id, (pid, started) in recorded.items()]
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            if path.exists():
-                log.warning("cannot read the program pids %s left: %s", path, exc)
-            path.unlink(missing_ok=True)
-            return 0
-        killed = []
-        for doc_id, pid, started in entries:
-            if pid > 0 and started is not None and _start_time(pid) == started:
-                log.warning("killing program %s (pid %s) left by a previous daemon",
-                            doc_id, pid)
-                _kill_group(pid, signal.SIGKILL)
-                killed.append((pid, started))
-        deadline = time.monotonic() + ORPHAN_WAIT
-        while any(_running(pid, started) for pid, started in killed):
-            if time.monotonic() >= deadline:
-                log.error("programs left by a previous daemon survive SIGKILL: %s",
-                          [pid for pid, started in killed if _running(pid, started)])
-                break
-            time.sleep(0.01)  # at startup: no signal can be waiting for us yet
-        path.unlink(missing_ok=True)
-        return len(killed)
+        killed = kill_recorded_programs(self.state_dir)
+        (self.state_dir / "programs.json").unlink(missing_ok=True)
+        return killed
 
     def snapshot(self) -> dict[str, Any]:
         """Every program's state for the status document.
@@ -699,6 +676,38 @@ class Supervisor:
                 os.close(fd)
             except OSError:
                 pass
+
+
+def kill_recorded_programs(state_dir: Path) -> int:
+    """SIGKILL the program groups a daemon with ``state_dir`` recorded as running.
+
+    Only groups whose leader still has the recorded start time: a pid the
+    system gave to another process since is left alone.  Returns how many
+    were killed, once they are gone (or after ``ORPHAN_WAIT`` seconds).
+    Also for tests and benchmarks that kill a daemon with -9.
+    """
+    path = state_dir / "programs.json"
+    try:
+        recorded = json.loads(path.read_text())
+        entries = [(str(doc_id), int(pid), started) for doc_id, (pid, started) in recorded.items()]
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        if path.exists():
+            log.warning("cannot read the program pids %s left: %s", path, exc)
+        return 0
+    killed = []
+    for doc_id, pid, started in entries:
+        if pid > 0 and started is not None and _start_time(pid) == started:
+            log.warning("killing program %s (pid %s) left by a previous daemon", doc_id, pid)
+            _kill_group(pid, signal.SIGKILL)
+            killed.append((pid, started))
+    deadline = time.monotonic() + ORPHAN_WAIT
+    while any(_running(pid, started) for pid, started in killed):
+        if time.monotonic() >= deadline:
+            log.error("programs left by a previous daemon survive SIGKILL: %s",
+                      [pid for pid, started in killed if _running(pid, started)])
+            break
+        time.sleep(0.01)  # at startup: no signal can be waiting for us yet
+    return len(killed)
 
 
 def _kill_group(pid: Optional[int], sig: int, fallback: bool = True) -> None:

@@ -124,7 +124,11 @@ class StdlibTransport:
                 response = self._open(method, target, body, headers, timeout, conn)
             data = response.read()
         except socket.timeout as exc:
+            connected = conn.sock is not None
             conn.close()
+            if not connected:
+                raise Unreachable(f"cannot reach {self.base}: no connection within "
+                                  f"{CONNECT_TIMEOUT:g} s") from exc
             raise Unreachable(f"{self.base} did not answer within {timeout:g} s") from exc
         except (OSError, self.client.HTTPException) as exc:
             conn.close()

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from himbeere.couch import Couch
+from himbeere.programs import kill_recorded_programs
 from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,15 +105,7 @@ class Node:
 
     def kill_programs(self) -> None:
         """Kill program groups recorded by the daemon (after a ``kill -9``)."""
-        try:
-            recorded = json.loads((self.state_dir / "programs.json").read_text())
-        except (OSError, ValueError):
-            return
-        for pid, _ in recorded.values():
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        kill_recorded_programs(self.state_dir)
 
     # -- what a user sees --------------------------------------------------------------
     def status(self) -> Optional[dict[str, Any]]:

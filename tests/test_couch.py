@@ -368,6 +368,20 @@ def test_follow_raises_unreachable_when_the_server_falls_silent(
         restartable_server.resume()
 
 
+def test_a_frozen_server_is_unreachable_after_the_timeout(
+    restartable_server: PouchServer, transport: str
+) -> None:
+    couch = Couch(restartable_server.url, timeout=1, transport=transport)
+    assert couch.info(refresh=True)
+    restartable_server.pause()  # SIGSTOP: connections stay open, nothing answers
+    try:
+        with pytest.raises(Unreachable, match="(?i)did not answer within 1 s|timed out"):
+            couch.info(refresh=True)
+    finally:
+        restartable_server.resume()
+    assert couch.info(refresh=True)  # and back once it answers again
+
+
 def test_restart_keeps_data_admin_and_port(
     restartable_server: PouchServer, transport: str
 ) -> None:
