@@ -116,6 +116,8 @@ CHILD_FENCE = 3.0
 PROGRAM_WEIGHT = 0.25
 #: Node states whose placed programs stay where they are.
 KEEP_STATES = ("alive", "suspect")
+#: The ``problem`` of a placed program whose document says ``"enabled": false``.
+DISABLED = 'disabled ("enabled": false): runs on no node until enabled again'
 #: The fields of a placed document the scheduler reads.
 PLACEMENT_FIELDS = ("_id", "_rev", "type", "name", "replicas", "labels", "requires")
 #: Unknown placed documents looked up per heartbeat, at most.
@@ -290,6 +292,8 @@ class _Plan:
     gone: list[tuple[int, str]]
     draining: list[int]
     problem: Optional[str] = None
+    #: Replicas to show when ``want`` is None (a disabled program).
+    replicas: Optional[int] = None
 
 
 def assign(placed_docs: Iterable[Doc], nodes: Union[Mapping[int, NodeInfo], Iterable[NodeInfo]],
@@ -319,6 +323,12 @@ def assign(placed_docs: Iterable[Doc], nodes: Union[Mapping[int, NodeInfo], Iter
             plans[doc_id] = _Plan(doc, None, old, [], [], [], problem=str(exc))
             continue
         assert want is not None
+        if doc.get("enabled") is False:
+            # Stopped by its user (himbeere stop): it holds no node, so it
+            # weighs on no node's choice; enabled again, it is placed anew.
+            plans[doc_id] = _Plan(doc, None, old, [], [], [], problem=DISABLED,
+                                  replicas=want.replicas)
+            continue
         plan = _Plan(doc, want, old, [], [], [])
         leaving = []
         for mac in _macs(old.get("nodes")):
@@ -353,7 +363,7 @@ def _place(doc_id: str, plan: _Plan, nodes: Mapping[int, NodeInfo], placed_count
     why = {str(m): old_why.get(str(m)) or "kept" for m in plan.kept}
     since = {str(m): old_since.get(str(m), now) for m in plan.kept}
     entry: Doc = {"name": plan.doc.get("name") or doc_id,
-                  "replicas": plan.want.replicas if plan.want else None,
+                  "replicas": plan.want.replicas if plan.want else plan.replicas,
                   "nodes": list(plan.kept), "why": why, "since": since,
                   "draining": list(plan.draining), "problem": plan.problem}
     want = plan.want

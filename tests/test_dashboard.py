@@ -372,6 +372,27 @@ def test_programs_stop_and_restart_through_their_document(
     assert "stop, start, restart" in bad.get_json()["error"]
 
 
+def test_a_placed_programs_buttons_act_wherever_it_is_placed(
+        client: FlaskClient, fleet: Fleet, deployer: tuple[str, str]) -> None:
+    """Regression: Stop on a node's page answered 404 for a placed program."""
+    fleet.status.save(status_doc(1001))
+    fleet.code.save({"_id": "placed:collector", "type": "himbeere-placed", "name": "collector",
+                     "code": "def main():\n    pass\n"})
+    login(client, *deployer)
+    headers = {"X-CSRF-Token": page_csrf(client)}
+    answer = client.post("/api/nodes/1001/programs", headers=headers,
+                         json={"program": "placed:collector", "action": "stop"})
+    assert answer.status_code == 200, answer.get_json()
+    assert answer.get_json()["placed"] is True
+    assert fleet.code.get("placed:collector")["enabled"] is False  # type: ignore[index]
+    answer = client.post("/api/nodes/1001/programs", headers=headers,
+                         json={"program": "collector", "action": "restart"})
+    assert answer.get_json()["restart_count"] == 1
+    missing = client.post("/api/nodes/1001/programs", headers=headers,
+                          json={"program": "nothing", "action": "stop"})
+    assert missing.status_code == 404
+
+
 # -- live ---------------------------------------------------------------------------------
 class EventReader:
     """Reads a streamed ``text/event-stream`` response, in the test's own thread."""

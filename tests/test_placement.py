@@ -85,6 +85,22 @@ def test_assign_honours_labels_requires_and_replicas() -> None:
         "problem": None}
 
 
+def test_assign_gives_a_disabled_program_no_node() -> None:
+    """Regression: a stopped placed program kept its nodes and counted as
+    their load, so new programs avoided nodes on which nothing ran."""
+    current = assign([placed("p", replicas=2), placed("q")], [node(1), node(2)], {})
+    assert current["p"]["nodes"] == [1, 2]
+    stopped = assign([placed("p", replicas=2, enabled=False), placed("q"), placed("new")],
+                     [node(1), node(2)], current)
+    assert stopped["p"]["nodes"] == [] and stopped["p"]["replicas"] == 2
+    assert stopped["p"]["problem"] == placement.DISABLED
+    assert stopped["q"]["nodes"] == current["q"]["nodes"] == [1]
+    assert stopped["new"]["nodes"] == [2]  # 2 runs nothing now
+    again = assign([placed("p", replicas=2, enabled=True), placed("q"), placed("new")],
+                   [node(1), node(2)], stopped)
+    assert sorted(again["p"]["nodes"]) == [1, 2] and again["p"]["problem"] is None
+
+
 def test_assign_reports_a_bad_placement_by_field() -> None:
     for fields, text in (({"replicas": "2"}, "replicas: '2' is not allowed"),
                          ({"labels": {"room": 1}}, "labels: {'room': 1} is not allowed"),

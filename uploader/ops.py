@@ -480,6 +480,11 @@ def program_doc(fleet: Fleet, node: Optional[NodeRef], program: str) -> Doc:
                    f"{', '.join(names) if names else 'none'}{hint}")
 
 
+def is_placed(fleet: Fleet, program: str) -> bool:
+    """True when ``program`` (name or document id) is a placed program."""
+    return _find_placed(fleet, program) is not None
+
+
 def _find_placed(fleet: Fleet, program: str) -> Optional[Doc]:
     doc = fleet.code.get(program) if not program.startswith("_") else None
     if doc is not None and codedoc.is_placed(doc):

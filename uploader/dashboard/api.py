@@ -25,6 +25,7 @@ from typing import Any, Optional
 from flask import Blueprint, Response, g, jsonify, request, stream_with_context
 
 from himbeere import health
+from himbeere.couch import Doc
 from himbeere.exceptions import ConfigError, NotFound
 
 from .. import ops
@@ -120,12 +121,23 @@ def program_action(node: str) -> Any:
     action = body.get("action")
     if not isinstance(program, str) or not program:
         raise ConfigError(f"program {program!r} is not allowed; allowed: a program's name or id")
-    if action == "restart":
-        result = ops.restart_program(g.fleet, node, program)
-    elif action in ("stop", "start"):
-        result = ops.set_enabled(g.fleet, node, program, action == "start")
-    else:
+    if action not in ("stop", "start", "restart"):
         raise ConfigError(f"action {action!r} is not allowed; allowed: stop, start, restart")
+
+    def act(target: Optional[str]) -> Doc:
+        if action == "restart":
+            return ops.restart_program(g.fleet, target, program)
+        return ops.set_enabled(g.fleet, target, program, action == "start")
+
+    try:
+        result = act(node)
+    except NotFound:
+        # A placed program on this node's page: it has one document for all
+        # its nodes, so the button acts wherever it is placed (as the CLI
+        # does without --node), and the answer says so ("placed", "nodes").
+        if not ops.is_placed(g.fleet, program):
+            raise
+        result = act(None)
     return jsonify(dict(result, ok=True))
 
 
