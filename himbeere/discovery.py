@@ -49,6 +49,7 @@ from . import config as configuration
 from . import defaults, identity
 from .config import Config, redact
 from .exceptions import ConfigError, HimbeereError
+from .fleetkey import as_key, decrypt_password, encrypt_password, read_fleet_key, sign, verify
 from .gpio import Blinker
 
 log = logging.getLogger(__name__)
@@ -74,9 +75,7 @@ def make_request(server_url: str, key: Optional[bytes] = None,
     """The request datagram and its nonce (``None`` without a fleet key)."""
     if key is None:
         return json.dumps({"server": server_url}).encode(), None
-    import secrets
-
-    from .fleetkey import sign
+    import secrets  # here: the laptop's side; it costs a node hashlib
 
     ts = int(time.time() if now is None else now)
     nonce = secrets.token_hex(16)
@@ -115,8 +114,6 @@ def broadcast_message(
     node's address when broadcasts do not get through.  ``send_data`` sends
     that JSON instead, as the original allowed (no fleet key then).
     """
-    from .fleetkey import as_key
-
     key = None if fleet_key is None else as_key(fleet_key)
     nonce: Optional[str] = None
     if send_data is not None:
@@ -180,8 +177,6 @@ def read_reply(data: bytes, address: Address, key: Optional[bytes],
         log.warning("reply from %s ignored: not encrypted with the fleet key (is the key "
                     "set on that node?)", address[0])
         return None
-    from .fleetkey import decrypt_password
-
     try:
         password = decrypt_password(key, str(reply.get("password")), nonce, macid)
     except HimbeereError as exc:
@@ -251,12 +246,7 @@ class Pairing:
         self.on_server = on_server
         self.clock = clock
         self.max_skew = max_skew
-        self.key: Optional[bytes] = None
-        if config.fleet_key_file:
-            # Imported only here: hashlib and hmac cost a node without a key ~0.8 MB.
-            from .fleetkey import read_fleet_key
-
-            self.key = read_fleet_key(config.fleet_key_file)
+        self.key = read_fleet_key(config.fleet_key_file) if config.fleet_key_file else None
         self.macid = identity.getmacid(config.interface, config.mac_id)
         self.paired: Optional[str] = None
         self._nonces: collections.OrderedDict[str, float] = collections.OrderedDict()
@@ -307,8 +297,6 @@ class Pairing:
             return None
         reply: Dict[str, Any] = {"MacID": self.macid, "password": password}
         if self.key is not None and nonce is not None:
-            from .fleetkey import encrypt_password
-
             reply["password"] = encrypt_password(self.key, password, nonce, self.macid)
             reply["encryption"] = ENCRYPTION
         self.paired = server
@@ -324,8 +312,6 @@ class Pairing:
         if not (isinstance(ts, int) and isinstance(nonce, str) and isinstance(mac, str)
                 and _HEX32.fullmatch(nonce)):
             return "hmac", "no HMAC, and this node has a fleet key"
-        from .fleetkey import verify
-
         if not verify(self.key or b"", mac, request["server"], ts, nonce):
             return "hmac", "wrong HMAC (another fleet key?)"
         skew = ts - self.clock()

@@ -4,18 +4,17 @@ From it come two independent 256-bit keys (HKDF-SHA256): one signs pairing
 requests (HMAC-SHA256), one encrypts the password in a node's reply
 (AES-256-GCM).  The ciphertext is bound to the request's nonce and the
 node's MAC id as associated data, so a captured reply is of no use for any
-other request.  All primitives come from :mod:`hmac` and :mod:`cryptography`.
+other request.  All primitives come from :mod:`hmac` and :mod:`cryptography`,
+imported by the functions that use them: a node without a fleet key never
+loads them (with hashlib and OpenSSL's digests, about 7 MB of its RAM).
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
-import hmac
 import logging
 import os
-import secrets
 from pathlib import Path
 from typing import Union
 
@@ -53,8 +52,6 @@ def as_key(key: Union[str, bytes], what: str = "fleet key") -> bytes:
 
 def _subkey(key: bytes, purpose: str) -> bytes:
     """An independent 256-bit key for ``purpose``, derived from the fleet key."""
-    # cryptography is imported here, not at the top: it costs a node's daemon
-    # ~6 MB of memory, and only fleets with a fleet key need it.
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
@@ -65,12 +62,17 @@ def _subkey(key: bytes, purpose: str) -> bytes:
 
 def sign(key: bytes, server: str, ts: int, nonce: str) -> str:
     """The HMAC-SHA256 of a request, as hex."""
+    import hashlib
+    import hmac
+
     message = f"{PROTOCOL}\n{ts}\n{nonce}\n{server}".encode()
     return hmac.new(_subkey(key, "request hmac"), message, hashlib.sha256).hexdigest()
 
 
 def verify(key: bytes, mac: str, server: str, ts: int, nonce: str) -> bool:
     """Whether ``mac`` is the request's HMAC (compared in constant time)."""
+    import hmac
+
     # Bytes: compare_digest refuses str with characters beyond ASCII.
     return hmac.compare_digest(mac.encode("utf-8", "surrogatepass"),
                                sign(key, server, ts, nonce).encode())
@@ -82,6 +84,8 @@ def _associated_data(nonce: str, macid: int) -> bytes:
 
 def encrypt_password(key: bytes, password: str, nonce: str, macid: int) -> str:
     """``password`` encrypted for the laptop that sent request ``nonce``."""
+    import secrets
+
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     iv = secrets.token_bytes(12)
