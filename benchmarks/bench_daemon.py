@@ -22,6 +22,13 @@ command round trip
 idle footprint
     VmRSS and utime+stime of the daemon and of its fork server over
     ``--idle-seconds``, with no program running.
+against the floor
+    ``--floor-rounds`` rounds, each one push and one command to the daemon
+    and the same to benchmarks/floor.py (the least a follower can do: one
+    feed, one fork per change), interleaved so both see the same machine.
+    A push is a new program document whose ``main()`` creates a file,
+    polled every 0.5 ms; a command is ``["true"]`` until its result arrives.
+    The JSON gives both medians and their ratio (daemon / floor).
 """
 
 from __future__ import annotations
@@ -63,12 +70,21 @@ TARGETS = {
     "push_to_running_median_ms": 25.0,
     "push_to_running_p99_ms": 100.0,
     "command_round_trip_median_ms": 25.0,
+    "push_vs_floor_ratio": 1.2,
+    "command_vs_floor_ratio": 1.2,
     "daemon_rss_mb": 25.0,
     "daemon_cpu_percent": 0.5,
 }
 #: Seconds to wait for one push or command before calling it lost.
 STEP_TIMEOUT = 20.0
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+MARKER_PROGRAM = """\
+def main():
+    open({path!r}, "w").close()
+"""
+#: How often the benchmark looks for a marker file.
+MARKER_POLL = 0.0005
 
 PROGRAM = """\
 import socket
@@ -350,6 +366,28 @@ class Daemon:
         kill_recorded_programs(self.state_dir)
 
 
+class Floor:
+    """benchmarks/floor.py following the code database for MAC id ``mac_id``."""
+
+    def __init__(self, db: str, mac_id: int, selector: bool, log_path: Path) -> None:
+        args = [sys.executable, str(ROOT / "benchmarks" / "floor.py"), db, str(mac_id)]
+        if selector:
+            args.append("--selector")
+        self.log = open(log_path, "ab")
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=self.log,
+                                        stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        assert self.process.stdout is not None
+        if self.process.stdout.readline().strip() != b"ready":
+            self.stop()
+            raise BenchError(f"the floor follower did not start; see {log_path}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+        self.log.close()
+
+
 # -- the benchmark -------------------------------------------------------------------------
 def redact(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
@@ -487,6 +525,53 @@ class Bench:
             watcher.close()
         return summary(times)
 
+    def push_marker(self, mac_id: int, doc_id: str) -> tuple[float, str]:
+        """PUT a new program whose main() creates a file; seconds until it exists."""
+        marker = self.workdir / f"{doc_id}.marker"
+        code = MARKER_PROGRAM.format(path=str(marker))
+        self.settle()
+        start = time.perf_counter()
+        rev = self.put(doc_id, {"type": mac_id, "name": doc_id, "code": code})
+        deadline = start + STEP_TIMEOUT
+        while not marker.exists():
+            if time.perf_counter() > deadline:
+                raise BenchError(f"{doc_id}: no marker within {STEP_TIMEOUT:g} s; "
+                                 f"daemon log:\n{self.daemon_log()}")
+            time.sleep(MARKER_POLL)
+        return time.perf_counter() - start, rev
+
+    def against_floor(self) -> dict[str, Any]:
+        """Interleaved rounds of the daemon and the floor follower (module docstring)."""
+        floor_mac = self.mac_id + 1
+        selector = server_info(self.server_url)["vendor"] != "pouchdb-server"
+        floor = Floor(self.db, floor_mac, selector, self.workdir / "floor.log")
+        info = self.session.get(self.db, timeout=30).json()
+        watcher = ResultWatcher(self.db, info["update_seq"])
+        times: dict[str, list[float]] = {"daemon_push": [], "floor_push": [],
+                                         "daemon_command": [], "floor_command": []}
+        try:
+            for i in range(self.args.floor_rounds):
+                for who, mac in (("daemon", self.mac_id), ("floor", floor_mac)):
+                    doc_id = f"bench-{who}-{i}"
+                    seconds, rev = self.push_marker(mac, doc_id)
+                    times[f"{who}_push"].append(seconds)
+                    self.delete(doc_id, rev)  # unmeasured
+                    cmd_id = f"bench-{who}-cmd-{i}"
+                    self.settle()
+                    start = time.perf_counter()
+                    self.put(cmd_id, {"type": f"{mac}_cmd", "cmd": ["true"]})
+                    times[f"{who}_command"].append(watcher.arrivals.wait(cmd_id) - start)
+        finally:
+            watcher.close()
+            floor.stop()
+        result: dict[str, Any] = {name: summary(values) for name, values in times.items()}
+        for kind in ("push", "command"):
+            daemon, floor_ms = (result[f"{who}_{kind}"].get("median") for who in ("daemon",
+                                                                                   "floor"))
+            result[f"{kind}_ratio"] = round(daemon / floor_ms, 3) if floor_ms else None
+        result["floor_uses_selector"] = selector
+        return result
+
     def idle(self) -> dict[str, Any]:
         assert self.daemon is not None
         time.sleep(self.args.idle_settle)
@@ -567,6 +652,8 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
         "command_round_trip_median_ms": result["command_round_trip_ms"].get("median"),
         "daemon_rss_mb": result["idle"].get("daemon_rss_mb"),
         "daemon_cpu_percent": result["idle"].get("daemon_cpu_percent"),
+        "push_vs_floor_ratio": result["against_floor_ms"].get("push_ratio"),
+        "command_vs_floor_ratio": result["against_floor_ms"].get("command_ratio"),
     }
     checks: dict[str, Any] = {
         name: {"limit": TARGETS[name], "value": value,
@@ -581,6 +668,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pushes", type=int, default=60, help="code pushes (default 60)")
     parser.add_argument("--commands", type=int, default=60, help="commands (default 60)")
+    parser.add_argument("--floor-rounds", type=int, default=40,
+                        help="interleaved rounds against benchmarks/floor.py (default 40; "
+                        "0 skips them)")
     parser.add_argument("--idle-seconds", type=float, default=30.0,
                         help="idle measurement window (default 30)")
     parser.add_argument("--couch-url", metavar="URL",
@@ -662,6 +752,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             startup = bench.warm_up()
             push = bench.pushes()
             command = bench.commands()
+            floor = bench.against_floor() if args.floor_rounds else {}
             idle = bench.idle()
             idle["daemon_rss_mb_after_first_program"] = startup["daemon_rss_mb"]
         finally:
@@ -681,6 +772,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "seconds_to_first_program": startup["seconds_to_first_program"],
             "push_to_running_ms": push,
             "command_round_trip_ms": command,
+            "against_floor_ms": floor,
             "idle": idle,
             "daemon_exit_code": exit_code,
         }
