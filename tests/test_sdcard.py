@@ -27,6 +27,9 @@ from himbeere.oneshot import RUNS_AGAIN
 from himbeere.programs import kill_recorded_programs
 from tests.helpers import wait_for
 from tests.nodes import ROOT, Node, free_udp_port
+from uploader import ops
+from uploader.fleet import Fleet
+from uploader.opscli import format_detail
 
 NodeFactory = Callable[..., Node]
 
@@ -145,7 +148,8 @@ def runs_of(path: Path) -> int:
 
 
 def test_finished_never_program_stays_finished_until_reboot_or_code_change(
-        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path, couch_url: str,
+        dbname: str) -> None:
     """Regression: a finished ``restart: never`` program ran again on every daemon start."""
     runs, marker = tmp_path / "once.runs", tmp_path / "marker.pid"
     code_db.save({"_id": "once", "type": 1000, "name": "once", "restart": "never",
@@ -183,6 +187,8 @@ def test_finished_never_program_stays_finished_until_reboot_or_code_change(
     assert program["ended"] == ended and program["pid"] is None
     node.wait_log("once: finished at")
     assert runs_of(runs) == 1
+    shown = "\n".join(format_detail(ops.node_detail(Fleet(couch_url, dbname), "1000")))
+    assert f"once (once) finished at {ended}; runs again at next boot or code change" in shown
 
     # A reboot: another boot id.
     assert node.stop() == 0
