@@ -27,7 +27,7 @@ from himbeere.oneshot import RUNS_AGAIN
 from himbeere.programs import kill_recorded_programs
 from tests.helpers import wait_for
 from tests.nodes import ROOT, Node, free_udp_port
-from uploader import ops
+from uploader import install, ops
 from uploader.fleet import Fleet
 from uploader.opscli import format_detail
 
@@ -187,7 +187,9 @@ def test_finished_never_program_stays_finished_until_reboot_or_code_change(
     assert program["ended"] == ended and program["pid"] is None
     node.wait_log("once: finished at")
     assert runs_of(runs) == 1
-    shown = "\n".join(format_detail(ops.node_detail(Fleet(couch_url, dbname), "1000")))
+    fleet = Fleet(couch_url, dbname)
+    install.setup(fleet)  # the views `himbeere status` reads
+    shown = "\n".join(format_detail(ops.node_detail(fleet, "1000")))
     assert f"once (once) finished at {ended}; runs again at next boot or code change" in shown
 
     # A reboot: another boot id.
