@@ -229,3 +229,56 @@ def test_boot_id_is_read(tmp_path: Path) -> None:
         assert re.fullmatch(r"[0-9a-f-]{36}", boot_id())
     assert boot_id(str(tmp_path / "missing")) == ""
     assert sys.platform != "linux" or boot_id()
+
+
+# -- one step at a time ------------------------------------------------------------------------
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_output_log_shows_the_rate_then_counts(caplog: Any) -> None:
+    from himbeere.logship import OutputLog
+
+    clock = Clock()
+    output = OutputLog(rate=3, clock=clock)
+    with caplog.at_level("INFO", logger="himbeere.output"):
+        output.add("1:p", "p", [f"a{i}" for i in range(10)], dropped=5)
+        assert [r.getMessage() for r in caplog.records] == ["[p] a0", "[p] a1", "[p] a2"]
+        output.tick()  # less than a second later: no report yet
+        assert len(caplog.records) == 3
+        clock.now += 1.0
+        output.tick()
+        assert caplog.records[-1].getMessage().startswith(
+            "[p] 12 lines not shown (over 3 lines/s")
+        clock.now += 1.0  # a second later the bucket holds 3 lines again
+        output.add("1:p", "p", ["b0", "b1", "b2", "b3"])
+        assert [r.getMessage() for r in caplog.records[-3:]] == ["[p] b0", "[p] b1", "[p] b2"]
+        output.flush()  # the daemon stops: the count goes out at once
+        assert caplog.records[-1].getMessage().startswith("[p] 1 lines not shown")
+
+
+def test_log_settings_from_environment_and_their_errors(tmp_path: Path) -> None:
+    import pytest
+
+    from himbeere import config
+    from himbeere.exceptions import ConfigError
+
+    empty = str(tmp_path / "empty.conf")
+    Path(empty).touch()
+    loaded = config.load(environ={"HIMBEERE_LOG_MAX_BYTES": "4096", "HIMBEERE_LOG_BACKUPS": "2",
+                                  "HIMBEERE_PROGRAM_LOG_RATE": "0"}, config_file=empty)
+    assert (loaded.log_max_bytes, loaded.log_backups, loaded.program_log_rate) == (4096, 2, 0)
+    defaults = config.load(environ={}, config_file=empty)
+    assert (defaults.log_max_bytes, defaults.log_backups, defaults.program_log_rate) == (
+        1024 * 1024, 3, 20)
+    for key, value, message in (("LOG_BACKUPS", "0", "log_backups: 0 must be"),
+                                ("LOG_MAX_BYTES", "10", "log_max_bytes: 10 must be"),
+                                ("PROGRAM_LOG_RATE", "-1", "program_log_rate: -1.0 must be"),
+                                ("LOG_BACKUPS", "many", "log_backups: 'many' is not")):
+        with pytest.raises(ConfigError, match=message):
+            config.load(environ={f"HIMBEERE_{key}": value}, config_file=empty)
