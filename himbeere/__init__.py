@@ -22,7 +22,9 @@ The map (one module per noun):
 ``lease``      leases in CouchDB, one holder at a time (CAS on ``_rev``)
 ``placement``  placed programs: the scheduler (under ``lease:scheduler``),
                assignments to the least busy nodes, failover, fencing
-``logship``    program output into the status database
+``logship``    program output into the status database (and, up to a
+               rate, into the daemon's log)
+``oneshot``    ``restart: never`` programs that ended stay ended until reboot
 ``security``   roles, ``_security`` and ``validate_doc_update`` rules
 ``discovery``  pairing by UDP broadcast, laptop and node sides
 ``fleetkey``   the shared pairing secret (HMAC, AES-GCM)

@@ -331,13 +331,17 @@ class LogQueue:
 _log_queue: Optional[LogQueue] = None
 
 
-def _write_lines(name: str, text: str) -> None:
-    """Write ``text`` to fd 1, each line prefixed ``[name]``, in one write,
-    and queue the lines for the status database."""
+def _write_lines(name: str, text: str, direct: bool = False) -> None:
+    """Queue the lines of ``text`` for the daemon, which ships them to the
+    status database and shows them in its log within its rate limit
+    (logship.OutputLog); ``direct`` (or outside a daemon's child) writes them
+    to fd 1 as well, each prefixed ``[name]``, in one write."""
     lines = text.splitlines()
-    data = "".join(f"[{name}] {line}\n" for line in lines)
     if _log_queue is not None:
         _log_queue.add(lines)
+        if not direct:
+            return
+    data = "".join(f"[{name}] {line}\n" for line in lines)
     try:
         os.write(1, data.encode("utf-8", "backslashreplace"))
     except OSError:
@@ -542,6 +546,7 @@ def _watch_quit(conn: Any, helpers: Helpers, fence: Optional[float] = None) -> N
     # Quit notifications may take long or hang: the deadline holds regardless.
     threading.Thread(target=helpers.request_quit, name="quit-notify", daemon=True).start()
     time.sleep(max(0.0, heard + fence - time.monotonic()))
+    # Written to fd 1 at once: the daemon is not listening (frozen, or gone).
     _write_lines(helpers.spec.name, f"still running {fence:g} s after the daemon's last "
-                 "word: killed, so that it never runs on two nodes")
+                 "word: killed, so that it never runs on two nodes", direct=True)
     os.killpg(0, signal.SIGKILL)

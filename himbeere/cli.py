@@ -46,10 +46,18 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--feed-timeout", metavar="S",
                        help="seconds of silence after which the feed counts as dead")
     group.add_argument("--log-file", metavar="FILE", help="log file when in the background")
+    group.add_argument("--log-max-bytes", metavar="N",
+                       help="rotate the log file at this size (default 1048576)")
+    group.add_argument("--log-backups", metavar="N",
+                       help="old log files kept when rotating (default 3)")
+    group.add_argument("--program-log-rate", metavar="LINES",
+                       help="lines per second of each program's output in the daemon's log "
+                       "(default 20; all lines go to the status database)")
 
 
 FLAG_KEYS = ("server", "database", "status_database", "state_dir", "interface", "mac_id",
-             "heartbeat_interval", "grace_period", "restart_policy", "feed_timeout", "log_file")
+             "heartbeat_interval", "grace_period", "restart_policy", "feed_timeout", "log_file",
+             "log_max_bytes", "log_backups", "program_log_rate")
 
 
 def load_config(args: argparse.Namespace) -> Callable[[], configuration.Config]:
@@ -74,8 +82,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     load = load_config(args)
     config = load()
 
-    def run(cfg: configuration.Config) -> int:
-        setup_logging(args.debug)
+    def run(cfg: configuration.Config) -> int:  # in the background: a log file of our own
+        setup_logging(args.debug, service.log_path(cfg), cfg.log_max_bytes, cfg.log_backups)
         return daemon.run(cfg, load)
 
     if args.action is None:
@@ -102,13 +110,40 @@ def cmd_pair(args: argparse.Namespace) -> int:
     return 0
 
 
-def setup_logging(debug: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stdout)
+def setup_logging(debug: bool = False, log_file: Optional[os.PathLike[str]] = None,
+                  max_bytes: int = 0, backups: int = 0) -> None:
+    """Log to stdout (the journal under systemd), or to ``log_file``, rotated."""
+    handler: logging.Handler
+    if log_file is None:
+        handler = logging.StreamHandler(sys.stdout)
+    else:
+        handler = rotating_log(log_file, max_bytes, backups)
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
+
+
+def rotating_log(path: os.PathLike[str], max_bytes: int, backups: int) -> logging.Handler:
+    """The background daemon's log file, rotated at ``max_bytes``, ``backups`` old files kept.
+
+    A RotatingFileHandler that also moves fds 1 and 2 to the new file: what
+    is written to them directly (a traceback, ``faulthandler`` stacks) would
+    otherwise keep growing the renamed old file.  ``logging.handlers`` is
+    imported here: a daemon under systemd does without it.
+    """
+    import logging.handlers
+
+    class RotatingLog(logging.handlers.RotatingFileHandler):
+        def doRollover(self) -> None:
+            super().doRollover()
+            if self.stream is not None:
+                for fd in (1, 2):
+                    os.dup2(self.stream.fileno(), fd)
+
+    return RotatingLog(os.fspath(path), maxBytes=max_bytes, backupCount=backups,
+                       encoding="utf-8")
 
 
 #: Commands that run on a node: they skip importing the laptop tools.

@@ -40,6 +40,9 @@ class Config:
     command_timeout: float = defaults.COMMAND_TIMEOUT
     legacy_password: bool = False
     log_file: Optional[str] = None
+    log_max_bytes: int = defaults.LOG_MAX_BYTES
+    log_backups: int = defaults.LOG_BACKUPS
+    program_log_rate: float = defaults.PROGRAM_LOG_RATE
     pid_file: Optional[str] = None
     server_file: str = defaults.LEGACY_SERVER_FILE
     discovery_port: int = defaults.DISCOVERY_PORT
@@ -82,6 +85,14 @@ class Config:
                 f"restart_policy: {self.restart_policy!r} is not allowed; allowed: "
                 + ", ".join(defaults.RESTART_POLICIES)
             )
+        if self.program_log_rate < 0:
+            raise ConfigError(f"program_log_rate: {self.program_log_rate!r} must be a number "
+                              ">= 0 (lines per second; 0: none)")
+        if self.log_max_bytes < 1024:
+            raise ConfigError(f"log_max_bytes: {self.log_max_bytes!r} must be a whole number "
+                              ">= 1024")
+        if self.log_backups < 1:
+            raise ConfigError(f"log_backups: {self.log_backups!r} must be a whole number >= 1")
         if self.mac_id is not None and self.mac_id < 0:
             raise ConfigError(f"mac_id: {self.mac_id!r} must be a whole number >= 0")
         if not 0 < self.discovery_port < 65536:

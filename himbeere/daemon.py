@@ -34,7 +34,7 @@ from .couch import Couch, Doc
 from .exceptions import ConfigError, CouchError, HimbeereError
 from .feed import Feed, SeqStore
 from .health import Health
-from .logship import LogShipper
+from .logship import LogShipper, OutputLog
 from .placement import CHILD_FENCE, LEASE_TTL, Placement
 from .programs import Supervisor
 from .status import Status
@@ -80,6 +80,7 @@ class Daemon:
             fence=CHILD_FENCE * config.heartbeat_interval,
         )
         self.logs = LogShipper(self.status_db, self.node)
+        self.output = OutputLog(config.program_log_rate)
         self.commands = Commands(self.db, self.node, config.state_path,
                                  default_timeout=config.command_timeout,
                                  grace_period=config.grace_period, status_db=self.status_db,
@@ -116,6 +117,7 @@ class Daemon:
 
     def _program_output(self, doc_id: str, name: str, lines: list[Any], dropped: int) -> None:
         self.logs.add(doc_id, name, [tuple(line) for line in lines], dropped)
+        self.output.add(doc_id, name, [text for _, text in lines], dropped)
 
     def _program_changed(self) -> None:
         self.status.poke()
@@ -170,6 +172,7 @@ class Daemon:
             while not self.stop_requested:
                 self.placement.check_fence()
                 self.supervisor.loop(1.0)
+                self.output.tick()
                 self._handle_flags()
         finally:
             self.shutdown(force=self.stop_requested >= 2)
@@ -208,6 +211,7 @@ class Daemon:
         self.supervisor.fence = CHILD_FENCE * new.heartbeat_interval
         self.commands.default_timeout = new.command_timeout
         self.commands.grace_period = new.grace_period
+        self.output.rate = new.program_log_rate
         self.supervisor.request("restart_all")
 
     def dump_stacks(self) -> None:
@@ -237,6 +241,7 @@ class Daemon:
                 self.supervisor.stop_all(force=True)
             self.supervisor.loop(0.2)
         self.commands.shutdown(wait=not force)
+        self.output.flush()
         self.logs.stop.set()
         self.logs.flush()
         self.status.stop.set()

@@ -34,6 +34,19 @@ BACKOFF_MIN = 1.0
 BACKOFF_MAX = 60.0
 BACKOFF_RESET = 60.0
 
+#: Lines per second of each program's output that the daemon's own log (its
+#: file, or the journal) shows; beyond it the log says "N lines not shown".
+#: Every line still goes to the program's log ring in the status database.
+#: 0: no program output in the daemon's log at all.
+PROGRAM_LOG_RATE = 20.0
+#: The daemon's log file (background mode) is rotated at this many bytes,
+#: keeping LOG_BACKUPS old files: at most (1 + LOG_BACKUPS) x LOG_MAX_BYTES.
+LOG_MAX_BYTES = 1024 * 1024
+LOG_BACKUPS = 3
+#: The kernel's id of the current boot: a ``restart: never`` program that
+#: ended runs again only after it changes (or its code does).
+BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+
 #: Seconds a program's leadership (``leader(group)``) outlives its last
 #: renewal: how long the other contenders wait for a leader that died.  The
 #: leader renews every third of it; the others try every LEADER_RETRY

@@ -11,6 +11,12 @@ are written in batches, at most every :data:`BATCH_SECONDS` per program, by
 a thread of their own: a program never waits for the server.  While the
 server is down they are buffered in memory, up to the same bound; beyond it
 the oldest are dropped and counted in ``dropped``.
+
+The daemon's own log (its file, or the journal under systemd) shows each
+program's output only up to :class:`OutputLog`'s rate, ``program_log_rate``
+lines a second (default 20); what is over it is counted and reported as
+``[name] N lines not shown``, so a program printing in a loop cannot fill
+the SD card.  The status database still gets every line, as above.
 """
 
 from __future__ import annotations
@@ -19,12 +25,15 @@ import collections
 import logging
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+from . import defaults
 from .couch import Database, Doc
 from .exceptions import Conflict, CouchError
 
 log = logging.getLogger(__name__)
+#: Program output in the daemon's log comes from this logger.
+output_log = logging.getLogger("himbeere.output")
 
 RING = 1000
 BATCH_SECONDS = 1.0
@@ -133,3 +142,74 @@ class LogShipper:
             self.db.update(doc_id, change)
         except Conflict:
             self.db.update(doc_id, change)
+
+
+class _Bucket:
+    def __init__(self, name: str, tokens: float, now: float) -> None:
+        self.name = name
+        self.tokens = tokens
+        self.last = now
+        self.hidden = 0
+        self.since = now  # the first line not shown since the last report
+
+
+class OutputLog:
+    """Program output in the daemon's log: at most ``rate`` lines a second each.
+
+    A token bucket per program, holding one second's worth of lines: a
+    program that prints a little now and then shows all of it; one that
+    floods shows ``rate`` lines a second, and once a second (from
+    :meth:`tick`, or the next line) ``[name] N lines not shown``.  Lines the
+    program's own queue dropped (``dropped``) are counted as not shown too.
+    Called from the supervisor's thread only.
+    """
+
+    REPORT_EVERY = 1.0
+    #: Seconds after which a quiet program's bucket is forgotten.
+    FORGET_AFTER = 60.0
+
+    def __init__(self, rate: float = defaults.PROGRAM_LOG_RATE,
+                 clock: Callable[[], float] = time.monotonic,
+                 logger: logging.Logger = output_log) -> None:
+        self.rate = rate
+        self.clock = clock
+        self.logger = logger
+        self._buckets: dict[str, _Bucket] = {}
+
+    def add(self, program: str, name: str, lines: list[str], dropped: int = 0) -> None:
+        now = self.clock()
+        burst = max(1.0, self.rate)
+        bucket = self._buckets.get(program)
+        if bucket is None:
+            bucket = self._buckets[program] = _Bucket(name, burst, now)
+        bucket.name = name
+        bucket.tokens = min(burst, bucket.tokens + (now - bucket.last) * self.rate)
+        bucket.last = now
+        shown = min(len(lines), int(bucket.tokens)) if self.rate > 0 else 0
+        for line in lines[:shown]:
+            self.logger.info("[%s] %s", name, line)
+        bucket.tokens -= shown
+        if bucket.hidden == 0:
+            bucket.since = now
+        bucket.hidden += len(lines) - shown + dropped
+        self._report(bucket, now)
+
+    def tick(self) -> None:
+        """Report what was not shown; forget programs that went quiet."""
+        now = self.clock()
+        for program, bucket in list(self._buckets.items()):
+            self._report(bucket, now)
+            if not bucket.hidden and now - bucket.last > self.FORGET_AFTER:
+                del self._buckets[program]
+
+    def flush(self) -> None:
+        """Report every count now (the daemon is stopping)."""
+        for bucket in self._buckets.values():
+            self._report(bucket, bucket.since + self.REPORT_EVERY)
+
+    def _report(self, bucket: _Bucket, now: float) -> None:
+        if bucket.hidden and now - bucket.since >= self.REPORT_EVERY:
+            self.logger.info("[%s] %d lines not shown (over %g lines/s; "
+                             "`himbeere logs` shows them)",
+                             bucket.name, bucket.hidden, self.rate)
+            bucket.hidden = 0

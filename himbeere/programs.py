@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import child, codedoc, defaults, gitsource
+from . import child, codedoc, defaults, gitsource, oneshot
 from .codedoc import CodeDoc
 from .forkserver import ForkServer
 
@@ -68,6 +68,10 @@ class Program:
         #: The document to run once the old child is gone.
         self.pending: Optional[CodeDoc] = None
         self.outcome: Optional[tuple[str, Optional[str]]] = None
+        #: A ``restart: never`` program that ended: when it runs again, and
+        #: when it ended (maybe under an earlier daemon, see oneshot.py).
+        self.runs_again: Optional[str] = None
+        self.ended: Optional[str] = None
 
     @property
     def name(self) -> str:
@@ -92,6 +96,8 @@ class Program:
             "last_error": self.last_error,
             "exit_code": self.exit_code,
             "restart": self.doc.restart,
+            "runs_again": self.runs_again,
+            "ended": self.ended,
             "enabled": self.doc.enabled,
             "placed": self.doc.placed,
             "git": self.doc.git.describe() if self.doc.git else None,
@@ -139,6 +145,7 @@ class Supervisor:
         self.state_dir = state_dir
         self.on_change = on_change or (lambda: None)
         self.programs: dict[str, Program] = {}
+        self.ended = oneshot.EndedPrograms(state_dir) if state_dir is not None else None
         #: Placed programs (see placement.py): every placed document from the
         #: feed, the ones assigned to this node, and the children's fence:
         #: seconds a placed child lives on without an "alive" from us.
@@ -274,7 +281,8 @@ class Supervisor:
         if program is None:
             program = Program(parsed, fingerprint)
             self.programs[parsed.doc_id] = program
-            self._start_or_rest(program)
+            if not self._ended_in_this_boot(program):
+                self._start_or_rest(program)
             return
         if program.state == "stopping":
             program.pending = parsed
@@ -307,6 +315,9 @@ class Supervisor:
             if program.state == "stopping":
                 continue
             fingerprint = program.doc.fingerprint(merged)
+            if program.runs_again and not program.alive:
+                program.fingerprint = fingerprint  # its own code must change (oneshot.py)
+                continue
             if fingerprint != program.fingerprint:
                 log.info("%s: a global module it uses changed, restarting", program.name)
                 self._deploy_fingerprint(program, fingerprint)
@@ -326,7 +337,7 @@ class Supervisor:
             if program.alive:
                 program.pending = program.doc
                 self._stop(program, then="start")
-            elif program.doc.enabled and not program.doc.error:
+            elif program.doc.enabled and not program.doc.error and not program.runs_again:
                 self._start(program)
 
     def _assign(self, assigned: frozenset[str], hurry: Optional[float]) -> None:
@@ -525,6 +536,8 @@ class Supervisor:
         then, program.after_stop = program.after_stop, None
         if then == "remove":
             self.programs.pop(program.doc.doc_id, None)
+            if self.ended is not None:
+                self.ended.forget(program.doc.doc_id)
             self.on_change()
         elif then == "start" and program.pending is not None:
             program.doc, program.pending = program.pending, None
@@ -632,7 +645,32 @@ class Supervisor:
         program.state = state
         if error is not ...:
             program.last_error = error
+        if state in ("finished", "crashed") and program.doc.restart == "never":
+            program.runs_again, program.ended = oneshot.RUNS_AGAIN, _iso(time.time())
+            if self.ended is not None:
+                self.ended.ended(program.doc.doc_id, program.doc.fingerprint({}), state,
+                                 program.ended, program.exit_code, program.last_error)
+        elif state != "stopping":
+            program.runs_again = program.ended = None
+            if self.ended is not None and state == "running":
+                self.ended.forget(program.doc.doc_id)
         self.on_change()
+
+    def _ended_in_this_boot(self, program: Program) -> bool:
+        """True if ``program`` (restart: never) ended since boot with this code: it stays."""
+        doc = program.doc
+        if self.ended is None or doc.restart != "never" or not doc.enabled or doc.error:
+            return False
+        entry = self.ended.get(doc.doc_id, doc.fingerprint({}))
+        if entry is None:
+            return False
+        program.state = str(entry.get("state") or "finished")
+        program.last_error, program.exit_code = entry.get("error"), entry.get("exit_code")
+        program.runs_again, program.ended = oneshot.RUNS_AGAIN, entry.get("ended")
+        log.info("%s: %s at %s, since this machine booted; it runs again at the next boot "
+                 "or when its code changes", program.name, program.state, program.ended)
+        self.on_change()
+        return True
 
     # -- orphan control ----------------------------------------------------------
     def _record_pids(self) -> None:

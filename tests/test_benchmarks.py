@@ -65,3 +65,17 @@ def test_bench_failover(couch_url: str) -> None:
     [sample] = result["samples"]
     assert sample["new_node"] != sample["killed_node"]
     assert result["overlaps"] == 0
+
+
+def test_bench_disk(couch_url: str, tmp_path: Path) -> None:
+    result = run_bench("bench_disk.py", couch_url, "--window", "1", "--settle", "0",
+                       "--programs", "2", "--flood-rate", "200", "--state-root", str(tmp_path))
+    scenarios = result["scenarios"]
+    assert set(scenarios) == {"idle", "programs", "flood"}
+    assert scenarios["programs"]["programs"] == 2 and scenarios["idle"]["programs"] == 0
+    for scenario in scenarios.values():
+        assert set(scenario["per_hour"]) >= {"write_bytes", "wchar", "disk_growth_bytes"}
+        assert "daemon" in scenario["window_by_process"]
+        assert scenario["fsyncs"] is None or scenario["fsyncs"]["count"] >= 0
+    assert "flood_lines_per_second" in scenarios["flood"]
+    assert result["targets"]["idle_write_bytes_per_hour"]["limit"] == 2 * 1024 * 1024

@@ -601,7 +601,13 @@ def run_until(sup: Supervisor, predicate: Any, timeout: float = 20.0) -> Any:
     return wait_for(step, timeout, interval=0, message=lambda: json.dumps(sup.snapshot()))
 
 
-def test_real_child_output_is_prefixed(capfd: pytest.CaptureFixture, real: Supervisor) -> None:
+def test_real_child_output_goes_to_on_log_in_whole_lines(
+        capfd: pytest.CaptureFixture, real: Supervisor) -> None:
+    """Lines reach the daemon (which logs them, prefixed, within its rate
+    limit: logship.OutputLog); the child no longer writes them to fd 1."""
+    shipped: list[tuple[str, str, str]] = []
+    real.on_log = lambda doc_id, name, lines, dropped: shipped.extend(
+        (doc_id, name, text) for _, text in lines)
     real.submit({"_id": "talk", "_rev": "1-x", "type": NODE, "name": "talker", "code": (
         "import sys\n"
         "def main():\n"
@@ -612,10 +618,9 @@ def test_real_child_output_is_prefixed(capfd: pytest.CaptureFixture, real: Super
         "    print('to stderr', file=sys.stderr)\n"
     )})
     run_until(real, lambda: real.snapshot().get("talk", {}).get("state") == "finished")
-    out = capfd.readouterr().out
-    for line in ("[talker] from print", "[talker] from log 42", "[talker] partial",
-                 "[talker] to stderr"):
-        assert line + "\n" in out
+    assert shipped == [("talk", "talker", line) for line in (
+        "from print", "from log 42", "partial", "to stderr")]
+    assert "[talker]" not in capfd.readouterr().out
 
 
 def test_quit_notification_finishes_before_the_program_exits(

@@ -164,6 +164,10 @@ def format_detail(d: dict[str, Any]) -> list[str]:
         lines += ["  " + line for line in table(
             ["PROGRAM", "ID", "STATE", "RESTARTS", "ENABLED", "REV"], rows)]
     for doc_id, p in sorted(programs.items()):
+        if p.get("runs_again"):  # a restart: never program that ended (himbeere/oneshot.py)
+            lines.append(f"{p.get('name') or doc_id} ({doc_id}) {p.get('state')} at "
+                         f"{p.get('ended') or '?'}; runs again {p['runs_again']}")
+    for doc_id, p in sorted(programs.items()):
         if p.get("last_error"):
             lines.append(f"last error of {p.get('name') or doc_id} ({doc_id}):")
             lines += ["  " + line for line in str(p["last_error"]).rstrip().splitlines()]
