@@ -122,7 +122,7 @@ class Lease:
         doc.update(fields)
         doc.update({"type": "himbeere-lease", "name": self.name, "holder": self.holder,
                     "expires": now + self.ttl, "ttl": self.ttl, "renewed": now})
-        return self._write(doc)
+        return self._write(doc, taking=not mine)
 
     def update(self, **fields: Any) -> bool:
         """Write ``fields`` into the lease document, only if we still hold it."""
@@ -144,7 +144,7 @@ class Lease:
             log.debug("lease %s: cannot release: %s", self.name, exc)
         self.doc = None
 
-    def _write(self, doc: Doc) -> bool:
+    def _write(self, doc: Doc, taking: bool = False) -> bool:
         try:
             self.doc = self.db.save(doc)
             return True
@@ -153,9 +153,14 @@ class Lease:
             self.doc = None
             return False
         except Unauthorized as exc:
-            # The server's rules (security.py): on its clock the lease has not
-            # expired yet (ours runs a little ahead), or a bad ttl.
-            log.info("lease %s: the server refused it: %s", self.name, exc)
+            # The server's rules (security.py).  Taking over: on its clock the
+            # lease has not quite expired (our estimate of it runs ahead), a
+            # race like a 409, tried again later.  Renewing: our clock
+            # estimate is off by more than LEASE_CLOCK_SLACK, which matters.
+            if taking:
+                log.debug("lease %s: not free yet on the server's clock: %s", self.name, exc)
+            else:
+                log.warning("lease %s: the server refused a renewal: %s", self.name, exc)
             return False
         except CouchError as exc:
             log.debug("lease %s: cannot write: %s", self.name, exc)

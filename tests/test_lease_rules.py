@@ -287,3 +287,28 @@ def test_node_refuses_a_forged_assignment_its_labels_or_resources_do_not_fit(
     assert good.program("huge") == {}
     lines = events.read_text().split("\n") if events.exists() else []
     assert [line.split()[0] for line in lines if line] == [str(fit)]  # one copy, on fit
+
+
+# -- the node's estimate of the server's clock ---------------------------------------------
+def test_clock_offset_trusts_the_quickest_answers() -> None:
+    """A busy server stamps ``Date`` when it finally answers: a slow answer says little.
+
+    Found when the daemon's own leases first met the server's clock: under
+    load, pouchdb-server queued requests for seconds, the offset (a median
+    of all readings) ran 3 s ahead, and a node took over a lease that had
+    not expired on the server's clock (the server refused it, rightly).
+    """
+    import email.utils
+
+    couch = Couch("http://127.0.0.1:9")
+    base = 1_800_000_000.0  # the server's clock equals ours
+    # Six slow answers, stamped by the server at their very end ...
+    for i in range(6):
+        sent = base + 10 * i
+        couch._note_clock(email.utils.formatdate(sent + 8.0, usegmt=True), sent, sent + 8.0)
+    # ... and three quick ones.
+    for i in range(3):
+        sent = base + 100 + 10 * i
+        couch._note_clock(email.utils.formatdate(sent + 0.02, usegmt=True), sent, sent + 0.05)
+    offset = couch.clock_offset
+    assert offset is not None and abs(offset) <= 0.6, offset
