@@ -595,8 +595,9 @@ class Placement:
 
     def _follow(self, doc: Optional[Doc]) -> None:
         """A fresh read of the lease document: run what it assigns to us, if it fits."""
-        assigned = assigned_to((doc or {}).get("assignments"), self.node)
-        mine = self._fitting(assigned, (doc or {}).get("holder"))
+        assignments = (doc or {}).get("assignments")
+        assigned = assigned_to(assignments, self.node)
+        mine = self._fitting(assigned, assignments, (doc or {}).get("holder"))
         now = time.monotonic()
         with self._lock:
             self.last_read = now
@@ -609,13 +610,16 @@ class Placement:
         if changed:
             self.on_assigned(mine, None)
 
-    def _fitting(self, assigned: frozenset[str], holder: Any) -> frozenset[str]:
+    def _fitting(self, assigned: frozenset[str], assignments: Any,
+                 holder: Any) -> frozenset[str]:
         """The programs of ``assigned`` this node's labels and resources fit.
 
         Defence in depth: the assignments are whatever the lease holder
         wrote, and the holder may be a compromised node.  Labels are checked
         every time (a program stops when they no longer fit); resources only
-        before a program starts, since a running one uses them itself.
+        before a program starts, since a running one uses them itself.  An
+        entry naming more nodes than the document's ``replicas`` runs on
+        the first ``replicas`` of them only (the scheduler never names more).
         """
         with self._lock:
             docs = {doc_id: self.placed.get(doc_id) for doc_id in assigned}
@@ -640,8 +644,15 @@ class Placement:
                 labels_read = bool(want.labels)
                 info = self._own_info(labels_read)
             why = None
+            place = _macs(assignments[doc_id].get("nodes")).index(self.node)
             if not want.has_labels(info):
                 why = want.unfit(info)
+            elif place >= want.replicas:
+                refused[doc_id] = (
+                    f"not run here: the assignment names more nodes than its {want.replicas} "
+                    f"replica{'' if want.replicas == 1 else 's'}, this one as number "
+                    f"{place + 1}")
+                continue
             elif doc_id not in running and self.resources is not None:
                 why = want.unfit(info, ram_taken, disk_taken)
                 ram_taken += want.ram_mb

@@ -246,27 +246,33 @@ def test_node_refuses_a_forged_assignment_its_labels_or_resources_do_not_fit(
     (fit, fit_url), (wrong, wrong_url) = node_user(), node_user()
     ops.set_labels(fleet, fit, room="lab1")
     ops.set_labels(fleet, wrong, room="lab2")
-    events = tmp_path / "events"
-    code = ("import os, time\n"
-            "def main():\n"
-            f"    with open({str(events)!r}, 'a') as out:\n"
-            "        out.write('%s %s\\n' % (node, os.getpid()))\n"
-            "    while not should_quit():\n"
-            "        time.sleep(0.05)\n")
+    def code(events: Path) -> str:
+        return ("import os, time\n"
+                "def main():\n"
+                f"    with open({str(events)!r}, 'a') as out:\n"
+                "        out.write('%s %s\\n' % (node, os.getpid()))\n"
+                "    while not should_quit():\n"
+                "        time.sleep(0.05)\n")
+
+    events = {name: tmp_path / f"events-{name}" for name in ("agg", "huge", "twice")}
     fleet.code.save({"_id": "agg", "type": placement.PLACED_TYPE, "name": "agg",
-                     "labels": {"room": "lab1"}, "code": code})
+                     "labels": {"room": "lab1"}, "code": code(events["agg"])})
     fleet.code.save({"_id": "huge", "type": placement.PLACED_TYPE, "name": "huge",
-                     "requires": {"ram_mb": 10**9}, "code": code})
-    # Written as admin: a scheduler lease that names both nodes for agg, and
-    # the fitting node for a program that needs a petabyte of RAM; held by a
-    # node that does not exist, so no real scheduler overwrites it.
+                     "requires": {"ram_mb": 10**9}, "code": code(events["huge"])})
+    fleet.code.save({"_id": "twice", "type": placement.PLACED_TYPE, "name": "twice",
+                     "replicas": 1, "code": code(events["twice"])})
+    # Written as admin: a scheduler lease that names both nodes for agg, the
+    # fitting node for a program that needs a petabyte of RAM, and both nodes
+    # for a program of one replica; held by a node that does not exist, so no
+    # real scheduler overwrites it.
     now = time.time()
     fleet.status.save({"_id": lease_id(placement.LEASE_NAME), "type": "himbeere-lease",
                        "name": placement.LEASE_NAME, "holder": "999", "epoch": 1,
                        "expires": now + 3600, "ttl": 3600.0, "renewed": now,
                        "assignments": {
                            "agg": dict(FORGED["agg"], nodes=[fit, wrong]),
-                           "huge": dict(FORGED["agg"], name="huge", nodes=[fit])}})
+                           "huge": dict(FORGED["agg"], name="huge", nodes=[fit]),
+                           "twice": dict(FORGED["agg"], name="twice", nodes=[wrong, fit])}})
     good = node_factory(mac_id=fit, url=fit_url)
     bad = node_factory(mac_id=wrong, url=wrong_url)
 
@@ -283,10 +289,20 @@ def test_node_refuses_a_forged_assignment_its_labels_or_resources_do_not_fit(
     huge = wait_for(lambda: refused(good, "huge"), 40,
                     message=lambda: f"node {fit} never refused huge:\n{good.log()[-3000:]}")
     assert "free RAM" in huge
+    twice = wait_for(lambda: refused(good, "twice"), 40,
+                     message=lambda: f"node {fit} never refused twice:\n{good.log()[-3000:]}")
+    assert "names more nodes than its 1 replica, this one as number 2" in twice
+    bad.wait_program("twice", timeout=40, state="running")
     assert bad.program("agg") == {}
-    assert good.program("huge") == {}
-    lines = events.read_text().split("\n") if events.exists() else []
-    assert [line.split()[0] for line in lines if line] == [str(fit)]  # one copy, on fit
+    assert good.program("huge") == {} and good.program("twice") == {}
+
+    def started(name: str) -> list[str]:
+        path = events[name]
+        return [line.split()[0] for line in path.read_text().splitlines()] \
+            if path.exists() else []
+
+    # one copy of each, where it fits
+    assert (started("agg"), started("huge"), started("twice")) == ([str(fit)], [], [str(wrong)])
 
 
 # -- the node's estimate of the server's clock ---------------------------------------------
