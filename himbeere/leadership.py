@@ -132,7 +132,8 @@ class Leadership:
 
         The first call for a group tries to take the lease at once (one
         request); later calls answer from memory.  ``ttl`` (seconds, default
-        :data:`~himbeere.defaults.LEADER_TTL`) is how long a lease outlives
+        :data:`~himbeere.defaults.LEADER_TTL`, at most
+        :data:`~himbeere.defaults.LEASE_MAX_TTL`) is how long a lease outlives
         its last renewal, i.e. how long the others wait for a dead leader.
         """
         election = self._join(_check_group(group), _check_ttl(ttl))
