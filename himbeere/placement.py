@@ -284,6 +284,11 @@ def _mac(doc_id: str, prefix: str) -> Optional[int]:
     return int(rest) if rest.isdigit() else None
 
 
+def _gist(refusal: Optional[str]) -> Optional[str]:
+    """A node's refusal of a placed program without the node's figures."""
+    return None if refusal is None else refusal.split(" (this node has: ")[0]
+
+
 def _macs(value: Any) -> list[int]:
     if not isinstance(value, list):
         return []
@@ -655,8 +660,9 @@ class Placement:
                 continue
             elif doc_id not in running and self.resources is not None:
                 why = want.unfit(info, ram_taken, disk_taken)
-                ram_taken += want.ram_mb
-                disk_taken += want.disk_mb
+                if why is None:  # what starts now takes its share from the next
+                    ram_taken += want.ram_mb
+                    disk_taken += want.disk_mb
             if why is None:
                 fitting.add(doc_id)
                 continue
@@ -667,7 +673,8 @@ class Placement:
                          f"{'?' if disk is None else f'{disk:.0f}'} MB free disk")
             refused[doc_id] = f"does not fit this node: {why} (this node has: {have})"
         for doc_id, reason in sorted(refused.items()):
-            if self.refused.get(doc_id) != reason:
+            # Once per refusal, not per heartbeat: the figures in it change.
+            if _gist(self.refused.get(doc_id)) != _gist(reason):
                 log.warning("placement: refusing %s, which the scheduler lease assigns to "
                             "this node (lease holder %s): %s", doc_id, holder, reason)
         self.refused = refused

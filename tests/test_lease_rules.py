@@ -28,6 +28,7 @@ import requests
 from himbeere import defaults, placement
 from himbeere.couch import Couch, Doc, doc_path, quote
 from himbeere.lease import Lease, lease_id
+from himbeere.placement import Placement
 from tests.helpers import wait_for
 from tests.nodes import Node
 from uploader import ops
@@ -328,3 +329,43 @@ def test_clock_offset_trusts_the_quickest_answers() -> None:
         couch._note_clock(email.utils.formatdate(sent + 0.02, usegmt=True), sent, sent + 0.05)
     offset = couch.clock_offset
     assert offset is not None and abs(offset) <= 0.6, offset
+
+
+def test_placement_checks_each_assignment_against_the_node_itself(
+        couch: Couch, dbname: str, caplog: pytest.LogCaptureFixture) -> None:
+    """One heartbeat at a time (``Placement.loop``): what runs, what is refused, and why."""
+    db = couch.database(dbname)
+    figures = {"memory_used_mb": 200.0, "memory_total_mb": 1000.0, "disk_free_mb": 5000.0}
+    got: list[frozenset[str]] = []
+    node = Placement(db, db, 7, 1.0, lambda mine, hurry: got.append(mine),
+                     resources=lambda: dict(figures))
+    db.save({"_id": "node:7", "type": "himbeere-node", "node": 7, "labels": {"room": "lab1"}})
+    docs = {"lab1": {"labels": {"room": "lab1"}}, "lab2": {"labels": {"room": "lab2"}},
+            "small": {"requires": {"ram_mb": 500}}, "big": {"requires": {"ram_mb": 900}},
+            "spare": {}}
+    for doc_id, fields in docs.items():
+        node.note(dict({"_id": doc_id, "type": placement.PLACED_TYPE, "name": doc_id},
+                       **fields))
+    entries = {doc_id: dict(FORGED["agg"], name=doc_id, nodes=[7]) for doc_id in docs}
+    entries["spare"]["nodes"] = [8, 7]  # one replica, and we come second
+    entries["unseen"] = dict(FORGED["agg"], name="unseen", nodes=[7])
+    db.save({"_id": lease_id(placement.LEASE_NAME), "holder": "999", "expires": 9e12,
+             "assignments": entries})
+    caplog.set_level("WARNING", logger="himbeere.placement")
+    node.loop()
+    assert got == [frozenset({"lab1", "small"})]
+    assert sorted(node.refused) == ["big", "lab2", "spare"]
+    assert node.refused["lab2"].startswith("does not fit this node: without room=lab2 "
+                                           "(this node has: room=lab1; 800 MB free RAM")
+    assert node.refused["big"].startswith("does not fit this node: less than 900 MB free RAM")
+    assert "this one as number 2" in node.refused["spare"]
+    assert node.describe()["placement"]["refused"] == node.refused
+    assert len(caplog.records) == 3
+    # Running programs keep their RAM; new figures alone log nothing new.
+    figures["memory_used_mb"] = 900.0
+    node.loop()
+    assert got == [frozenset({"lab1", "small"})] and len(caplog.records) == 3
+    # The node leaves lab1: lab1 stops, whatever the assignments say.
+    db.save(dict(db.get("node:7"), labels={"room": "lab2"}))
+    node.loop()
+    assert got[-1] == frozenset({"small", "lab2"}) and "lab1" in node.refused
