@@ -80,7 +80,8 @@ class Couch:
         self.timeout = timeout
         self.http = transports.make(transport, self.base, self.auth)
         self._info: Optional[Doc] = None
-        self._offsets: list[float] = []
+        #: (round trip, offset) of the last answers with a ``Date`` header.
+        self._offsets: list[tuple[float, float]] = []
 
     def __repr__(self) -> str:
         user = f"{self.auth[0]}@" if self.auth else ""
@@ -133,7 +134,7 @@ class Couch:
         except (TypeError, ValueError):
             return
         # The header is truncated to the second: its true value is ~0.5 s later.
-        self._offsets.append(server + 0.5 - (sent + received) / 2)
+        self._offsets.append((received - sent, server + 0.5 - (sent + received) / 2))
         del self._offsets[:-9]
 
     @property
@@ -141,7 +142,13 @@ class Couch:
         """Seconds the server's clock is ahead of ours (None before any answer)."""
         if not self._offsets:
             return None
-        offsets = sorted(self._offsets)
+        # A request that waited in a busy server's queue (pouchdb-server has
+        # one thread) carries a Date from near its end: its reading is off by
+        # up to half its round trip, seconds under load.  Like NTP's clock
+        # filter, trust only the quickest answers; leases depend on it, since
+        # the server refuses a lease taken before it expired on its clock.
+        quickest = min(trip for trip, _ in self._offsets)
+        offsets = sorted(offset for trip, offset in self._offsets if trip <= quickest + 0.25)
         middle = len(offsets) // 2
         median = offsets[middle] if len(offsets) % 2 else sum(offsets[middle - 1:middle + 1]) / 2
         return round(median, 3)

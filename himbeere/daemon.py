@@ -98,12 +98,19 @@ class Daemon:
             self.status_db, self.db, self.node, config.heartbeat_interval,
             on_assigned=lambda mine, hurry: self.supervisor.request("assigned", (mine, hurry)),
             clock=lambda: time.time() + (self.couch.clock_offset or 0.0),
-            last_heartbeat=lambda: self.status.last_write)
+            last_heartbeat=lambda: self.status.last_write,
+            resources=self._resources)
         self.status = Status(self.status_db, self.node, config.heartbeat_interval,
                              programs=self.supervisor.snapshot, interface=config.interface,
                              extra=lambda: dict(self.health.collect(),
                                                 **self.placement.describe()),
                              clock_offset=lambda: self.couch.clock_offset)
+
+    def _resources(self) -> dict[str, Optional[float]]:
+        """Free RAM and disk, for placement to check what it is assigned."""
+        used, total = self.health.memory()
+        return {"memory_used_mb": used, "memory_total_mb": total,
+                "disk_free_mb": self.health.disk_free()}
 
     # -- wiring ------------------------------------------------------------------
     def dispatch(self, doc: Doc) -> None:

@@ -54,6 +54,19 @@ BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 LEADER_TTL = 15.0
 LEADER_RETRY = 5.0
 
+#: Longest ttl of any lease (``lease:*`` in the status database), seconds.
+#: The status database refuses a node's lease with a longer ``ttl``, or
+#: whose ``expires`` lies further ahead of the server's clock than its ttl
+#: (this if it has none) plus LEASE_CLOCK_SLACK: no node can lock a lease
+#: for longer than this without renewing it.  The scheduler's lease lasts 3
+#: heartbeat intervals, so heartbeats longer than a third of this make its
+#: lease expire between two renewals (himbeere.lease caps the ttl here).
+LEASE_MAX_TTL = 3600.0
+#: Seconds a node's estimate of the server's clock (its own clock corrected
+#: by the offset measured from ``Date`` headers, good to about a second)
+#: may run ahead of the server when it sets a lease's ``expires``.
+LEASE_CLOCK_SLACK = 5.0
+
 #: Largest code document (all its modules together) that becomes a program.
 MAX_CODE_BYTES = 4 * 1024 * 1024
 

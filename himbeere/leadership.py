@@ -65,9 +65,18 @@ def _check_group(group: Any) -> str:
 def _check_ttl(ttl: Any) -> Optional[float]:
     if ttl is None:
         return None
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
-        raise ValueError(f"ttl {ttl!r} is not allowed; allowed: seconds > 0, e.g. 15")
+    if (isinstance(ttl, bool) or not isinstance(ttl, (int, float))
+            or not 0 < ttl <= defaults.LEASE_MAX_TTL):
+        raise ValueError(f"ttl {ttl!r} is not allowed; allowed: seconds > 0 and at most "
+                         f"{defaults.LEASE_MAX_TTL:g} (the server refuses longer leases), "
+                         "e.g. 15")
     return float(ttl)
+
+
+def _expires(doc: dict[str, Any]) -> float:
+    """As :func:`himbeere.lease.expires` (not imported: see above)."""
+    value = doc.get("expires")
+    return 0.0 if isinstance(value, bool) or not isinstance(value, (int, float)) else value
 
 
 @dataclasses.dataclass
@@ -123,7 +132,8 @@ class Leadership:
 
         The first call for a group tries to take the lease at once (one
         request); later calls answer from memory.  ``ttl`` (seconds, default
-        :data:`~himbeere.defaults.LEADER_TTL`) is how long a lease outlives
+        :data:`~himbeere.defaults.LEADER_TTL`, at most
+        :data:`~himbeere.defaults.LEASE_MAX_TTL`) is how long a lease outlives
         its last renewal, i.e. how long the others wait for a dead leader.
         """
         election = self._join(_check_group(group), _check_ttl(ttl))
@@ -191,14 +201,14 @@ class Leadership:
             ttl = lease.ttl
             doc = lease.doc or {}
             if ok:
-                election.until = float(doc.get("expires", 0)) - margin(ttl)
+                election.until = _expires(doc) - margin(ttl)
                 election.next_try = now + ttl / 3
                 return
             if lease.doc is None or doc.get("holder") != self.holder:
                 election.until = 0.0  # someone else holds it (or won the race)
             # else: the server did not answer; we lead until our lease runs out
             wait = min(self.retry, ttl / 3)
-            expires = float(doc.get("expires", 0) or 0)
+            expires = _expires(doc)
             if doc.get("holder") not in (None, self.holder) and expires > now:
                 wait = min(wait, expires - now + 0.05)  # be there when it expires
             election.next_try = now + max(MIN_WAIT, wait)

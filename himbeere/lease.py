@@ -16,6 +16,15 @@ a stale holder's write then fails on ``_rev`` like any other.
 Times are on the server's clock: pass ``clock`` that adds the measured
 offset (see :attr:`himbeere.couch.Couch.clock_offset`), so that nodes with
 wrong clocks agree on when a lease expires.
+
+The status database holds nodes to the same rules (see
+:mod:`himbeere.security`), so a compromised node cannot break them either:
+a node takes a lease only when it is absent, released (``holder`` null),
+expired on the server's clock, or already its own; ``ttl`` is at most
+:data:`~himbeere.defaults.LEASE_MAX_TTL` and ``expires`` at most ``ttl``
+(plus :data:`~himbeere.defaults.LEASE_CLOCK_SLACK`) ahead of the server's
+clock; only its holder (or an admin) deletes a lease.  An ``expires`` that
+is not a number counts as expired, here and there.
 """
 
 from __future__ import annotations
@@ -24,14 +33,28 @@ import logging
 import time
 from typing import Any, Callable, Optional
 
+from . import defaults
 from .couch import Database, Doc
-from .exceptions import Conflict, CouchError
+from .exceptions import Conflict, CouchError, Unauthorized
 
 log = logging.getLogger(__name__)
 
 
 def lease_id(name: str) -> str:
     return f"lease:{name}"
+
+
+def expires(doc: Optional[Doc]) -> float:
+    """``expires`` of a lease document; 0 (expired) when it is not a number."""
+    value = (doc or {}).get("expires")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0.0
+    return float(value)
+
+
+def is_free(doc: Optional[Doc], now: float) -> bool:
+    """True when anyone may take the lease: absent, released or expired at ``now``."""
+    return doc is None or doc.get("holder") is None or expires(doc) <= now
 
 
 class Lease:
@@ -42,17 +65,31 @@ class Lease:
         self.db = db
         self.name = name
         self.holder = str(holder)
+        self._ttl = 0.0
         self.ttl = ttl
         self.clock = clock or time.time
         #: The lease document as last read or written.
         self.doc: Optional[Doc] = None
 
     @property
+    def ttl(self) -> float:
+        """Seconds the lease outlives its last renewal (at most ``LEASE_MAX_TTL``)."""
+        return self._ttl
+
+    @ttl.setter
+    def ttl(self, value: float) -> None:
+        if value > defaults.LEASE_MAX_TTL:
+            log.warning("lease %s: ttl %g s is longer than the %g s the server allows; "
+                        "using %g s", self.name, value, defaults.LEASE_MAX_TTL,
+                        defaults.LEASE_MAX_TTL)
+            value = defaults.LEASE_MAX_TTL
+        self._ttl = float(value)
+
+    @property
     def held(self) -> bool:
         """True while we hold it, as far as our last successful write says."""
         doc = self.doc
-        return bool(doc and doc.get("holder") == self.holder
-                    and float(doc.get("expires", 0)) > self.clock())
+        return bool(doc and doc.get("holder") == self.holder and expires(doc) > self.clock())
 
     @property
     def epoch(self) -> int:
@@ -75,7 +112,7 @@ class Lease:
             return False
         now = self.clock()
         mine = current is not None and current.get("holder") == self.holder
-        free = current is None or float(current.get("expires", 0)) <= now
+        free = is_free(current, now)
         if not mine and not free:
             return False
         doc: Doc = dict(current or {"_id": lease_id(self.name)})
@@ -85,7 +122,7 @@ class Lease:
         doc.update(fields)
         doc.update({"type": "himbeere-lease", "name": self.name, "holder": self.holder,
                     "expires": now + self.ttl, "ttl": self.ttl, "renewed": now})
-        return self._write(doc)
+        return self._write(doc, taking=not mine)
 
     def update(self, **fields: Any) -> bool:
         """Write ``fields`` into the lease document, only if we still hold it."""
@@ -107,13 +144,23 @@ class Lease:
             log.debug("lease %s: cannot release: %s", self.name, exc)
         self.doc = None
 
-    def _write(self, doc: Doc) -> bool:
+    def _write(self, doc: Doc, taking: bool = False) -> bool:
         try:
             self.doc = self.db.save(doc)
             return True
         except Conflict:
             # Someone else wrote first: they hold it (or renewed it) now.
             self.doc = None
+            return False
+        except Unauthorized as exc:
+            # The server's rules (security.py).  Taking over: on its clock the
+            # lease has not quite expired (our estimate of it runs ahead), a
+            # race like a 409, tried again later.  Renewing: our clock
+            # estimate is off by more than LEASE_CLOCK_SLACK, which matters.
+            if taking:
+                log.debug("lease %s: not free yet on the server's clock: %s", self.name, exc)
+            else:
+                log.warning("lease %s: the server refused a renewal: %s", self.name, exc)
             return False
         except CouchError as exc:
             log.debug("lease %s: cannot write: %s", self.name, exc)

@@ -59,8 +59,16 @@ replaced at once.
 
 **Following the assignment.**  Every node reads the lease document once per
 heartbeat and runs the placed programs that list it; when its MAC id goes,
-the program stops.  Fencing keeps a program from running on two nodes
-(``I`` = heartbeat interval):
+the program stops.  A node does not take the assignments on trust (the
+lease holder may be a compromised node): it runs a placed program only
+while its own labels (its ``node:<mac>`` document, which only deployers
+write) have all the program's ``labels``, and starts one only when its own
+free RAM and disk cover ``requires``.  Otherwise it refuses, logs why and
+shows it in its status document (``placement.refused``: ``{doc id:
+reason}``); a program whose document it has not seen yet waits for it.
+
+Fencing keeps a program from running on two nodes (``I`` = heartbeat
+interval):
 
 ========= ===================================================================
 0         a node's last heartbeat; then its daemon dies (kill -9), freezes,
@@ -99,7 +107,7 @@ from . import codedoc, health
 from .codedoc import PLACED_TYPE
 from .couch import Database, Doc
 from .exceptions import CouchError, ProgramError
-from .lease import Lease
+from .lease import Lease, is_free
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +284,11 @@ def _mac(doc_id: str, prefix: str) -> Optional[int]:
     return int(rest) if rest.isdigit() else None
 
 
+def _gist(refusal: Optional[str]) -> Optional[str]:
+    """A node's refusal of a placed program without the node's figures."""
+    return None if refusal is None else refusal.split(" (this node has: ")[0]
+
+
 def _macs(value: Any) -> list[int]:
     if not isinstance(value, list):
         return []
@@ -432,7 +445,8 @@ class Placement:
     def __init__(self, status_db: Database, code_db: Database, node: int, interval: float,
                  on_assigned: Callable[[frozenset[str], Optional[float]], None],
                  clock: Optional[Callable[[], float]] = None,
-                 last_heartbeat: Optional[Callable[[], Optional[float]]] = None) -> None:
+                 last_heartbeat: Optional[Callable[[], Optional[float]]] = None,
+                 resources: Optional[Callable[[], Mapping[str, Any]]] = None) -> None:
         self.status_db = status_db
         self.code_db = code_db
         self.node = node
@@ -440,6 +454,9 @@ class Placement:
         self.on_assigned = on_assigned
         self.clock = clock or time.time
         self.last_heartbeat = last_heartbeat or (lambda: None)
+        #: This node's ``memory_used_mb``, ``memory_total_mb`` and
+        #: ``disk_free_mb`` (None: only labels are checked).
+        self.resources = resources
         self.lease = Lease(status_db, LEASE_NAME, str(node), ttl=LEASE_TTL * interval,
                            clock=self.clock)
         #: Placed documents seen on the feed, by id.
@@ -447,6 +464,9 @@ class Placement:
         self.leader = False
         self.fenced = False
         self.mine: frozenset[str] = frozenset()
+        #: What the lease assigns us, fitting or not; and why we refuse some.
+        self.assigned: frozenset[str] = frozenset()
+        self.refused: dict[str, str] = {}
         self.last_read: Optional[float] = None  # monotonic
         self.last_error: Optional[str] = None
         self._lock = threading.Lock()
@@ -464,8 +484,10 @@ class Placement:
                 self.placed[doc_id] = {k: v for k, v in doc.items() if k in PLACEMENT_FIELDS}
             elif self.placed.pop(doc_id, None) is None:
                 return
-        if self.leader:
-            self._poke.set()  # schedule now, not at the next heartbeat
+        if self.leader or doc_id in self.assigned:
+            # Schedule now, not at the next heartbeat; or check it against
+            # this node and run it (we may not have seen it yet).
+            self._poke.set()
 
     def check_fence(self, now: Optional[float] = None) -> None:
         """From the main loop: stop placed programs when this node is out of touch.
@@ -489,7 +511,8 @@ class Placement:
     def describe(self) -> Doc:
         """For the status document."""
         return {"placement": {"leader": self.leader, "fenced": self.fenced,
-                              "assigned": sorted(self.mine)}}
+                              "assigned": sorted(self.mine),
+                              "refused": dict(self.refused)}}
 
     # -- running ------------------------------------------------------------------------
     def start(self) -> None:
@@ -519,7 +542,7 @@ class Placement:
         self._follow(doc)
         now = self.clock()
         mine = doc is not None and doc.get("holder") == self.lease.holder
-        free = doc is None or float(doc.get("expires", 0)) <= now
+        free = is_free(doc, now)
         if not mine and not free:
             self._lost()
             return
@@ -576,9 +599,11 @@ class Placement:
         return [row["doc"] for row in rows if row.get("doc")]
 
     def _follow(self, doc: Optional[Doc]) -> None:
-        """A fresh read of the lease document: run what it assigns to us."""
+        """A fresh read of the lease document: run what it assigns to us, if it fits."""
+        assignments = (doc or {}).get("assignments")
+        assigned = assigned_to(assignments, self.node)
+        mine = self._fitting(assigned, assignments, (doc or {}).get("holder"))
         now = time.monotonic()
-        mine = assigned_to((doc or {}).get("assignments"), self.node)
         with self._lock:
             self.last_read = now
             if self._stale(now):
@@ -589,6 +614,82 @@ class Placement:
             self.fenced, self.mine = False, mine
         if changed:
             self.on_assigned(mine, None)
+
+    def _fitting(self, assigned: frozenset[str], assignments: Any,
+                 holder: Any) -> frozenset[str]:
+        """The programs of ``assigned`` this node's labels and resources fit.
+
+        Defence in depth: the assignments are whatever the lease holder
+        wrote, and the holder may be a compromised node.  Labels are checked
+        every time (a program stops when they no longer fit); resources only
+        before a program starts, since a running one uses them itself.  An
+        entry naming more nodes than the document's ``replicas`` runs on
+        the first ``replicas`` of them only (the scheduler never names more).
+        """
+        with self._lock:
+            docs = {doc_id: self.placed.get(doc_id) for doc_id in assigned}
+            running = self.mine
+        self.assigned = assigned
+        fitting: set[str] = set()
+        refused: dict[str, str] = {}
+        info: Optional[NodeInfo] = None
+        labels_read = False
+        ram_taken = disk_taken = 0.0
+        for doc_id in sorted(assigned):
+            doc = docs[doc_id]
+            if doc is None:
+                continue  # not on our feed yet: note() wakes us when it comes
+            try:
+                want = wanted(doc)
+            except ProgramError as exc:
+                refused[doc_id] = f"its document is not valid: {exc}"
+                continue
+            if info is None or (want.labels and not labels_read):
+                # The node document only when labels matter: one GET less a heartbeat.
+                labels_read = bool(want.labels)
+                info = self._own_info(labels_read)
+            why = None
+            place = _macs(assignments[doc_id].get("nodes")).index(self.node)
+            if not want.has_labels(info):
+                why = want.unfit(info)
+            elif place >= want.replicas:
+                refused[doc_id] = (
+                    f"not run here: the assignment names more nodes than its {want.replicas} "
+                    f"replica{'' if want.replicas == 1 else 's'}, this one as number "
+                    f"{place + 1}")
+                continue
+            elif doc_id not in running and self.resources is not None:
+                why = want.unfit(info, ram_taken, disk_taken)
+                if why is None:  # what starts now takes its share from the next
+                    ram_taken += want.ram_mb
+                    disk_taken += want.disk_mb
+            if why is None:
+                fitting.add(doc_id)
+                continue
+            have = ", ".join(f"{k}={v}" for k, v in sorted(info.labels.items())) or "none"
+            if self.resources is not None:
+                free, disk = info.memory_free_mb, info.disk_free_mb
+                have += (f"; {'?' if free is None else f'{free:.0f}'} MB free RAM, "
+                         f"{'?' if disk is None else f'{disk:.0f}'} MB free disk")
+            refused[doc_id] = f"does not fit this node: {why} (this node has: {have})"
+        for doc_id, reason in sorted(refused.items()):
+            # Once per refusal, not per heartbeat: the figures in it change.
+            if _gist(self.refused.get(doc_id)) != _gist(reason):
+                log.warning("placement: refusing %s, which the scheduler lease assigns to "
+                            "this node (lease holder %s): %s", doc_id, holder, reason)
+        self.refused = refused
+        return frozenset(fitting)
+
+    def _own_info(self, labels: bool) -> NodeInfo:
+        """This node's labels (its ``node:`` document) and resources, as the scheduler sees them."""
+        node_doc = self.status_db.get(f"node:{self.node}") if labels else None
+        info = node_info(self.node, None, node_doc)
+        info.state = "alive"
+        figures = self.resources() if self.resources is not None else {}
+        info.memory_used_mb = _number(figures.get("memory_used_mb"))
+        info.memory_total_mb = _number(figures.get("memory_total_mb"))
+        info.disk_free_mb = _number(figures.get("disk_free_mb"))
+        return info
 
     def shutdown(self) -> None:
         """Stop the thread; let the next node schedule at once."""

@@ -14,7 +14,8 @@ server admin         everything               everything
 (name = MAC id)      to its own ``<mac>_cmd`` ``status:<mac>``, ``status:<mac>:*``,
                      documents, nothing else  ``log:<mac>:*``, ``result:*:<mac>``;
                                               shared ``state:*`` and ``lease:*``
-                                              (a lease only in its own name)
+                                              (a lease only in its own name,
+                                              only when free, at most its ttl)
 anonymous            401                      401
 ==================== ======================== ===================================
 
@@ -24,6 +25,18 @@ deployers create or change them; nodes never write them.  A node answers in
 the status database with ``result:<command id>:<mac>``, which only that
 node (and admins and deployers) may create or update: the id must end in
 ``:<its MAC id>`` and ``node``, if present, must be its MAC id.
+
+Leases (``lease:*``, see :mod:`himbeere.lease`) change hands only when free:
+a node writes one only when it is absent, released (``holder`` null),
+expired on the server's clock (``Date.now()``, which both pouchdb-server
+and CouchDB 3.5's QuickJS give a validate function), or held in the node's
+own name (``<mac>`` or ``<mac>:...``).  Its ``ttl`` is at most
+:data:`~himbeere.defaults.LEASE_MAX_TTL`, its ``expires`` at most ``ttl``
+(that maximum if it has none) plus
+:data:`~himbeere.defaults.LEASE_CLOCK_SLACK` ahead of the server's clock,
+and a node deletes only a lease it holds.  So a compromised node can no
+longer take over scheduling or lock an election for good; it can still
+contend for a free lease like any node (see the README's security model).
 
 Reading is decided by ``_security`` (members: the two roles; anyone else is
 refused, anonymous with 401); writing by the ``validate_doc_update``
@@ -44,6 +57,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from typing import Any
+
+from . import defaults
 
 NODE_ROLE = "himbeere-node"
 DEPLOYER_ROLE = "himbeere-deployer"
@@ -126,6 +141,53 @@ STATUS_VALIDATE = """function (newDoc, oldDoc, userCtx, secObj) {%(preamble)s
   var id = String(newDoc._id);
   function starts(text, prefix) { return text.slice(0, prefix.length) === prefix; }
   function ends(text, suffix) { return text.slice(text.length - suffix.length) === suffix; }
+  // A lease changes hands only when it is free, lives at most its ttl, and
+  // only its holder deletes it (see himbeere/lease.py).  Times are the
+  // server's: Date.now() works in pouchdb-server's and CouchDB's engines.
+  function lease() {
+    var MAX_TTL = %(max_ttl)s, SLACK = %(slack)s;
+    var now = Date.now() / 1000;
+    function num(x) { return typeof x === 'number' && isFinite(x); }
+    function held(holder) { return holder !== null && holder !== undefined; }
+    function ours(holder) {
+      return held(holder) && (String(holder) === me || starts(String(holder), me + ':'));
+    }
+    var old = oldDoc && !oldDoc._deleted ? oldDoc : null;
+    var oldHolder = old ? old.holder : null;
+    if (newDoc._deleted) {
+      // On CouchDB a deletion carries only _id, _rev and _deleted.
+      if (old && !ours(oldHolder)) {
+        refuse('node ' + me + ' may delete only a lease it holds; ' + id + ' is held by ' +
+               oldHolder);
+      }
+      return;
+    }
+    if (held(newDoc.holder) && !ours(newDoc.holder)) {
+      refuse('node ' + me + ' may take a lease only in its own name, not ' + newDoc.holder);
+    }
+    if (old && held(oldHolder) && !ours(oldHolder) && num(old.expires) && old.expires > now) {
+      refuse('node ' + me + ' may not take ' + id + ': ' + oldHolder + ' holds it until ' +
+             old.expires + ' (server clock now ' + now + '); a lease changes hands only ' +
+             'when it is free or expired');
+    }
+    var ttl = MAX_TTL;
+    if (newDoc.ttl !== undefined) {
+      if (!num(newDoc.ttl) || newDoc.ttl <= 0 || newDoc.ttl > MAX_TTL) {
+        refuse('lease ttl ' + newDoc.ttl + ' is not allowed; allowed: seconds > 0, at most ' +
+               MAX_TTL);
+      }
+      ttl = newDoc.ttl;
+    }
+    if (newDoc.expires === undefined && !held(newDoc.holder)) { return; }
+    if (!num(newDoc.expires)) {
+      refuse('lease expires ' + newDoc.expires + ' is not allowed; allowed: a number, ' +
+             'seconds since 1970 on the server clock');
+    }
+    if (newDoc.expires > now + ttl + SLACK) {
+      refuse('lease expires ' + newDoc.expires + ' is too far ahead; allowed: at most ' +
+             'its ttl (' + ttl + ' s) + ' + SLACK + ' s after the server clock (now ' + now + ')');
+    }
+  }
   var own = id === 'status:' + me || starts(id, 'status:' + me + ':') ||
     starts(id, 'log:' + me + ':') || (starts(id, 'result:') && ends(id, ':' + me));
   // Shared by design: every node contends for leases, and a program's state
@@ -135,11 +197,7 @@ STATUS_VALIDATE = """function (newDoc, oldDoc, userCtx, secObj) {%(preamble)s
     refuse('node ' + me + ' may only write status:' + me + ', log:' + me + ':..., result:...:' +
            me + ', state:..., lease:... here, not ' + id);
   }
-  if (starts(id, 'lease:') && !newDoc._deleted && newDoc.holder !== null &&
-      newDoc.holder !== undefined && String(newDoc.holder) !== me &&
-      !starts(String(newDoc.holder), me + ':')) {
-    refuse('node ' + me + ' may take a lease only in its own name, not ' + newDoc.holder);
-  }
+  if (starts(id, 'lease:')) { lease(); }
   if (!newDoc._deleted && newDoc.node !== undefined && String(newDoc.node) !== me) {
     refuse('node ' + me + ' may not write node: ' + newDoc.node);
   }
@@ -150,7 +208,9 @@ def _render(template: str) -> str:
     preamble = _PREAMBLE % {"node": json.dumps(NODE_ROLE),
                             "deployer": json.dumps(DEPLOYER_ROLE)}
     return template % {"preamble": preamble.rstrip("\n"),
-                       "results": json.dumps(list(RESULT_FIELDS))}
+                       "results": json.dumps(list(RESULT_FIELDS)),
+                       "max_ttl": json.dumps(defaults.LEASE_MAX_TTL),
+                       "slack": json.dumps(defaults.LEASE_CLOCK_SLACK)}
 
 
 def code_validate() -> str:
