@@ -22,7 +22,6 @@ import copy
 import email.utils
 import json
 import logging
-import re
 import threading
 import time
 import urllib.parse
@@ -524,10 +523,17 @@ class FeedFilter:
 def split_servers(text: str) -> list[str]:
     """The URLs of a ``server`` setting, credentials inherited; not checked.
 
-    See :func:`server_urls`.  A comma starts a new URL only before
-    ``http://`` or ``https://``, so a password may hold a comma.
+    See :func:`server_urls`.  A comma in a password stays in it: a piece
+    without ``://`` whose host part holds an ``@`` belongs to the URL before.
     """
-    urls = [piece.strip() for piece in _SEPARATOR.split(text.strip())]
+    urls: list[str] = []
+    for piece in text.strip().split(","):
+        if (urls and "://" not in piece and "@" in piece.split("/", 1)[0]
+                and "@" not in urls[-1].split("://", 1)[-1]):
+            urls[-1] += "," + piece
+        else:
+            urls.append(piece)
+    urls = [url.strip() for url in urls]
     first = urllib.parse.urlsplit(urls[0])
     inherited = first.netloc.rpartition("@")[0] if "@" in first.netloc else ""
     for index, url in enumerate(urls[1:], 1):
@@ -561,9 +567,6 @@ def server_urls(text: str) -> list[str]:
                               f"http(s)://[user:password@]host[:port]{several}")
     return urls
 
-
-#: A comma that starts the next URL of a list (a password may hold commas).
-_SEPARATOR = re.compile(r"\s*,\s*(?=[A-Za-z][A-Za-z0-9+.-]*://)")
 
 #: POST requests that only read, which another server may answer instead.
 _READING_POSTS = ("_changes", "_all_docs", "_find", "_bulk_get", "_explain", "_session")

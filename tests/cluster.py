@@ -1,0 +1,189 @@
+"""A 3-node Apache CouchDB 3.5.2 cluster on loopback, for the cluster tests.
+
+The release comes from the shared tarball (``../shared/couchdb``, see its
+README), unpacked once into the git-ignored ``.cache/couchdb-3.5.2``; its
+``start-cluster.sh`` starts the nodes, ``start.sh PORT DATAROOT/node<i>``
+brings one back after a ``kill -9``, and every node is stopped by its PID at
+the end.  Without the release the tests skip with "skipped: no CouchDB
+release".
+
+Each node listens on its own HTTP port and on an Erlang distribution port
+10000 above it; :func:`free_base_port` finds a base where all of them are
+free.  The admin is ``admin``/``password`` on every node.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+from typing import Optional
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+RELEASE = ROOT / ".cache" / "couchdb-3.5.2"
+TARBALL = (ROOT.parent / "shared" / "couchdb"
+           / "apache-couchdb-3.5.2-quickjs-bookworm-amd64.tar.gz")
+ADMIN = ("admin", "password")
+NO_RELEASE = "skipped: no CouchDB release"
+#: Seconds for the whole cluster to start (three nodes, one after the other).
+START_TIMEOUT = 300.0
+
+
+class ClusterError(RuntimeError):
+    """The cluster did not start, or a node would not come back."""
+
+
+def release() -> Optional[Path]:
+    """The unpacked CouchDB release, unpacking the shared tarball if need be."""
+    if (RELEASE / "start-cluster.sh").exists():
+        return RELEASE
+    if not TARBALL.exists():
+        return None
+    RELEASE.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(TARBALL) as archive:
+        archive.extractall(RELEASE.parent)  # noqa: S202  # our own release tarball
+    return RELEASE if (RELEASE / "start-cluster.sh").exists() else None
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_base_port(size: int = 3) -> int:
+    """A base port B such that B..B+size-1 and B+10000.. are all free."""
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            base = int(sock.getsockname()[1])
+        if base + 10000 + size > 65535 or base < 1024:
+            continue
+        ports = [base + i for i in range(size)] + [base + 10000 + i for i in range(size)]
+        if all(_port_free(port) for port in ports):
+            return base
+    raise ClusterError("no free ports for a cluster")
+
+
+class CouchCluster:
+    """``size`` CouchDB nodes in one cluster under ``root``, from port ``base_port``."""
+
+    def __init__(self, release_dir: Path, root: Path, base_port: int, size: int = 3) -> None:
+        self.release = release_dir
+        self.root = root
+        self.base_port = base_port
+        self.size = size
+
+    def __repr__(self) -> str:
+        return f"<CouchCluster {self.size} nodes from port {self.base_port} in {self.root}>"
+
+    # -- addresses ---------------------------------------------------------------------
+    def port(self, index: int) -> int:
+        """The HTTP port of node ``index`` (1 to size)."""
+        return self.base_port + index - 1
+
+    def plain_url(self, index: int) -> str:
+        return f"http://127.0.0.1:{self.port(index)}"
+
+    def url(self, index: int) -> str:
+        """Node ``index``'s URL with the admin's credentials."""
+        return f"http://{ADMIN[0]}:{ADMIN[1]}@127.0.0.1:{self.port(index)}"
+
+    def server_list(self, first: int = 1) -> str:
+        """Every node, ``first`` first: the admin URL, then the plain ones.
+
+        The plain ones inherit the admin's credentials (the ``server`` setting).
+        """
+        order = [first] + [i for i in range(1, self.size + 1) if i != first]
+        return ",".join([self.url(order[0])] + [self.plain_url(i) for i in order[1:]])
+
+    def node_dir(self, index: int) -> Path:
+        return self.root / f"node{index}"
+
+    def pid(self, index: int) -> Optional[int]:
+        try:
+            return int((self.node_dir(index) / "couchdb.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    # -- life cycle --------------------------------------------------------------------
+    def start(self) -> None:
+        """Start every node (or the ones that are down) and wait for the cluster."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(
+            [str(self.release / "start-cluster.sh"), str(self.size), str(self.base_port),
+             str(self.root)],
+            capture_output=True, text=True, timeout=START_TIMEOUT, check=False)
+        if result.returncode != 0:
+            raise ClusterError(f"start-cluster.sh failed ({result.returncode}):\n"
+                               f"{result.stderr[-3000:]}")
+
+    def kill(self, index: int) -> None:
+        """``kill -9`` node ``index`` and wait until it is gone."""
+        pid = self.pid(index)
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.05)
+
+    def restart(self, index: int) -> None:
+        """Bring node ``index`` back with its data: ``start.sh PORT DATAROOT/node<i>``."""
+        result = subprocess.run(
+            [str(self.release / "start.sh"), str(self.port(index)), str(self.node_dir(index))],
+            capture_output=True, text=True, timeout=START_TIMEOUT, check=False)
+        if result.returncode != 0:
+            raise ClusterError(f"start.sh for node{index} failed ({result.returncode}):\n"
+                               f"{result.stderr[-3000:]}")
+
+    def up(self, index: int) -> bool:
+        try:
+            return requests.get(f"{self.plain_url(index)}/_up", timeout=2).ok
+        except requests.RequestException:
+            return False
+
+    def stop(self) -> None:
+        """Stop every node by its PID: SIGTERM, then SIGKILL after 30 s."""
+        pids = [pid for pid in (self.pid(i) for i in range(1, self.size + 1))
+                if pid is not None and _alive(pid)]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+            time.sleep(0.1)
+        for pid in pids:
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
