@@ -8,13 +8,14 @@ the end.  Without the release the tests skip with "skipped: no CouchDB
 release".
 
 Each node listens on its own HTTP port and on an Erlang distribution port
-10000 above it; :func:`free_base_port` finds a base where all of them are
+10000 below it; :func:`free_base_port` finds a base where all of them are
 free.  The admin is ``admin``/``password`` on every node.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,6 +26,8 @@ from typing import Optional
 
 import requests
 
+#: The Erlang distribution port of a node is its HTTP port minus this.
+DIST_OFFSET = 10000
 ROOT = Path(__file__).resolve().parent.parent
 RELEASE = ROOT / ".cache" / "couchdb-3.5.2"
 TARBALL = (ROOT.parent / "shared" / "couchdb"
@@ -61,14 +64,14 @@ def _port_free(port: int) -> bool:
 
 
 def free_base_port(size: int = 3) -> int:
-    """A base port B such that B..B+size-1 and B+10000.. are all free."""
+    """A base port B such that B..B+size-1 and B-10000.. (Erlang) are all free.
+
+    Both ranges stay below Linux's ephemeral ports (32768 up), which any
+    outgoing connection may take between this check and the node's start.
+    """
     for _ in range(200):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            base = int(sock.getsockname()[1])
-        if base + 10000 + size > 65535 or base < 1024:
-            continue
-        ports = [base + i for i in range(size)] + [base + 10000 + i for i in range(size)]
+        base = random.randrange(23000, 28000 - size)
+        ports = [base + i for i in range(size)] + [base - DIST_OFFSET + i for i in range(size)]
         if all(_port_free(port) for port in ports):
             return base
     raise ClusterError("no free ports for a cluster")
@@ -122,7 +125,8 @@ class CouchCluster:
         result = subprocess.run(
             [str(self.release / "start-cluster.sh"), str(self.size), str(self.base_port),
              str(self.root)],
-            capture_output=True, text=True, timeout=START_TIMEOUT, check=False)
+            capture_output=True, text=True, timeout=START_TIMEOUT, check=False,
+            env=dict(os.environ, COUCHDB_DIST_BASEPORT=str(self.base_port - DIST_OFFSET)))
         if result.returncode != 0:
             raise ClusterError(f"start-cluster.sh failed ({result.returncode}):\n"
                                f"{result.stderr[-3000:]}")
@@ -132,16 +136,18 @@ class CouchCluster:
         pid = self.pid(index)
         if pid is None:
             return
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
+        _signal(pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.05)
 
     def restart(self, index: int) -> None:
         """Bring node ``index`` back with its data: ``start.sh PORT DATAROOT/node<i>``."""
+        pid = self.pid(index)
+        if pid is not None and not _alive(pid):
+            # A killed node nobody reaped yet is a zombie, which start.sh's
+            # ``kill -0`` takes for a running server.
+            (self.node_dir(index) / "couchdb.pid").unlink(missing_ok=True)
         result = subprocess.run(
             [str(self.release / "start.sh"), str(self.port(index)), str(self.node_dir(index))],
             capture_output=True, text=True, timeout=START_TIMEOUT, check=False)
@@ -160,19 +166,45 @@ class CouchCluster:
         pids = [pid for pid in (self.pid(i) for i in range(1, self.size + 1))
                 if pid is not None and _alive(pid)]
         for pid in pids:
-            try:
-                os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+            _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
             time.sleep(0.1)
         for pid in pids:
             if _alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _signal(pid, signal.SIGKILL)
+
+
+def open_cluster(release_dir: Path, workdir: Path, size: int = 3,
+                 attempts: int = 2) -> CouchCluster:
+    """Start a cluster under ``workdir`` on free ports; once more on new ports if it fails.
+
+    A node that cannot join in time (ports taken meanwhile, a loaded
+    machine) fails the start; the nodes that did start are stopped.
+    """
+    error: Optional[ClusterError] = None
+    for attempt in range(attempts):
+        cluster = CouchCluster(release_dir, workdir / f"cluster{attempt}", free_base_port(size),
+                               size)
+        try:
+            cluster.start()
+            return cluster
+        except (ClusterError, subprocess.TimeoutExpired) as exc:
+            cluster.stop()
+            error = ClusterError(str(exc))
+    assert error is not None
+    raise error
+
+
+def _signal(pid: int, sig: int) -> None:
+    """Signal a node: its whole process group (beam and its helpers), which it leads."""
+    try:
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _alive(pid: int) -> bool:

@@ -65,3 +65,20 @@ def test_bench_failover(couch_url: str) -> None:
     [sample] = result["samples"]
     assert sample["new_node"] != sample["killed_node"]
     assert result["overlaps"] == 0
+
+
+def test_bench_server_failover() -> None:
+    from tests.cluster import NO_RELEASE, release
+
+    if release() is None:
+        pytest.skip(NO_RELEASE)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_server_failover.py"), "--runs", "1",
+         "--gap", "0", "--settle", "0"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    [sample] = result["samples"]
+    assert sample["written_via"] != sample["killed_node"]
+    assert sample["server_after"] != sample["killed_node"]
+    assert_figure(result["failover_s"], 1)

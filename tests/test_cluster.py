@@ -23,7 +23,7 @@ import pytest
 from himbeere import config, security
 from himbeere.couch import Couch, Database, server_urls
 from himbeere.exceptions import ConfigError, Unauthorized, Unreachable
-from tests.cluster import NO_RELEASE, CouchCluster, free_base_port, release
+from tests.cluster import NO_RELEASE, CouchCluster, open_cluster, release
 from tests.helpers import wait_for
 from tests.nodes import ROOT, Node, wait_file
 from tests.servers import create_database, delete_database
@@ -202,9 +202,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CouchCluster]:
     found = release()
     if found is None:
         pytest.skip(NO_RELEASE)
-    nodes = CouchCluster(found, tmp_path_factory.mktemp("cluster"), free_base_port(3))
+    nodes = open_cluster(found, tmp_path_factory.mktemp("cluster"))
     try:
-        nodes.start()
         yield nodes
     finally:
         nodes.stop()
