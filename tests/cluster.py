@@ -4,8 +4,8 @@ The release comes from the shared tarball (``../shared/couchdb``, see its
 README), unpacked once into the git-ignored ``.cache/couchdb-3.5.2``; its
 ``start-cluster.sh`` starts the nodes, ``start.sh PORT DATAROOT/node<i>``
 brings one back after a ``kill -9``, and every node is stopped by its PID at
-the end.  Without the release the tests skip with "skipped: no CouchDB
-release".
+the end.  They run with ``HIMBEERE_TEST_SERVER=couchdb``; without the
+release they skip with "skipped: no CouchDB release".
 
 Each node listens on its own HTTP port and on an Erlang distribution port
 10000 below it; :func:`free_base_port` finds a base where all of them are
@@ -34,8 +34,23 @@ TARBALL = (ROOT.parent / "shared" / "couchdb"
            / "apache-couchdb-3.5.2-quickjs-bookworm-amd64.tar.gz")
 ADMIN = ("admin", "password")
 NO_RELEASE = "skipped: no CouchDB release"
+SERVER_ENV = "HIMBEERE_TEST_SERVER"
 #: Seconds for the whole cluster to start (three nodes, one after the other).
 START_TIMEOUT = 300.0
+
+
+def skip_reason() -> Optional[str]:
+    """Why the cluster tests cannot run now, or None.
+
+    They start three CouchDB nodes, so they run with
+    ``HIMBEERE_TEST_SERVER=couchdb`` only (CI's cluster step), not in every
+    pouchdb-server run of the suite.
+    """
+    if os.environ.get(SERVER_ENV) != "couchdb":
+        return f"cluster tests run with {SERVER_ENV}=couchdb"
+    if release() is None:
+        return NO_RELEASE
+    return None
 
 
 class ClusterError(RuntimeError):

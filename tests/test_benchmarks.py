@@ -68,10 +68,11 @@ def test_bench_failover(couch_url: str) -> None:
 
 
 def test_bench_server_failover() -> None:
-    from tests.cluster import NO_RELEASE, release
+    from tests.cluster import skip_reason
 
-    if release() is None:
-        pytest.skip(NO_RELEASE)
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_server_failover.py"), "--runs", "1",
          "--gap", "0", "--settle", "0"],

@@ -3,7 +3,8 @@
 The first tests need no cluster: a list whose first URL is a closed port and
 whose second is the session's server shows the rotation on any server.  The
 cluster tests run against one 3-node Apache CouchDB 3.5.2 cluster per test
-session (tests/cluster.py); without the CouchDB release they are skipped.
+session (tests/cluster.py), with ``HIMBEERE_TEST_SERVER=couchdb`` and the
+CouchDB release; otherwise they are skipped.
 CI runs them as ``HIMBEERE_TEST_SERVER=couchdb scripts/test tests/test_cluster.py``.
 """
 
@@ -23,7 +24,7 @@ import pytest
 from himbeere import config, security
 from himbeere.couch import Couch, Database, server_urls
 from himbeere.exceptions import ConfigError, Unauthorized, Unreachable
-from tests.cluster import NO_RELEASE, CouchCluster, open_cluster, release
+from tests.cluster import NO_RELEASE, CouchCluster, open_cluster, release, skip_reason
 from tests.helpers import wait_for
 from tests.nodes import ROOT, Node, wait_file
 from tests.servers import create_database, delete_database
@@ -199,9 +200,10 @@ def test_laptop_tools_move_on_past_a_dead_server(couch_url: str, dbname: str) ->
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CouchCluster]:
     """The session's 3-node CouchDB cluster; stopped by PID at the end."""
+    reason = skip_reason()
     found = release()
-    if found is None:
-        pytest.skip(NO_RELEASE)
+    if reason is not None or found is None:
+        pytest.skip(reason or NO_RELEASE)
     nodes = open_cluster(found, tmp_path_factory.mktemp("cluster"))
     try:
         yield nodes
