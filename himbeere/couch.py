@@ -297,12 +297,6 @@ class Couch:
         couch._current = self._current  # start where this one is now
         return couch
 
-    def anonymous(self) -> Couch:
-        """The same servers without credentials."""
-        couch = Couch(",".join(self.bases), self.timeout, self.http.name)
-        couch._current = self._current
-        return couch
-
     def session_info(self) -> Doc:
         """``GET /_session``: who the server thinks we are."""
         return self.request("GET", "_session")

@@ -168,6 +168,26 @@ def test_a_broken_feed_moves_every_user_of_the_server_on(
     assert [c["id"] for c in db.changes()["results"]] == ["second"]
 
 
+def test_a_silent_feed_moves_on_to_the_next_server(
+        restartable_server, couch_url: str, dbname: str) -> None:
+    """A frozen server keeps its connections open: the feed's silence gives it away."""
+    create_database(restartable_server.url, dbname)
+    couch = Couch(f"{restartable_server.url},{couch_url}")
+    db = couch.database(dbname)
+    feed = db.follow(0, timeout=1)
+    db.save({"_id": "first"})
+    assert next(feed)["id"] == "first"
+    restartable_server.pause()
+    try:
+        with pytest.raises(Unreachable, match="silent"):
+            next(feed)
+        assert couch.base == plain(couch_url)
+        db.save({"_id": "second"})
+        assert Couch(couch_url).database(dbname).get("second") is not None
+    finally:
+        restartable_server.resume()
+
+
 def test_a_daemon_whose_first_server_is_dead_uses_the_next(
         couch_url: str, dbname: str, node_factory, tmp_path: Path) -> None:
     admin = Couch(couch_url)
