@@ -247,9 +247,15 @@ def cluster_db(cluster: CouchCluster, request: pytest.FixtureRequest) -> Iterato
 
 def test_a_daemon_fails_over_when_its_node_dies_and_runs_nothing_twice(
         cluster: CouchCluster, cluster_db: str, tmp_path: Path) -> None:
-    """kill -9 the followed node; a push and a command through another node arrive."""
-    mac = 1000 + secrets.randbelow(10**6)
-    node = Node(cluster.server_list(1), cluster_db, tmp_path / "state", mac)
+    """kill -9 the followed node; a push and a command through another node arrive.
+
+    The daemon logs in as its node user, as in production.
+    """
+    mac = 10**14 + secrets.randbelow(10**14)
+    password = secrets.token_hex(8)
+    users.provision(Fleet(cluster.server_list(2), cluster_db), mac, password=password)
+    as_node = Couch(cluster.server_list(1)).as_user(str(mac), password).url
+    node = Node(as_node, cluster_db, tmp_path / "state", mac)
     via = {i: Couch(cluster.url(i)).database(cluster_db) for i in (1, 2, 3)}
     status_via2 = Couch(cluster.url(2)).database(cluster_db + "_status")
     program, ledger = tmp_path / "program", tmp_path / "ledger"
@@ -262,6 +268,11 @@ def test_a_daemon_fails_over_when_its_node_dies_and_runs_nothing_twice(
         wait_for(lambda: (node.status() or {}).get("server") == cluster.plain_url(1),
                  message=lambda: f"not on node 1: {node.status()}\n{node.log()[-2000:]}")
 
+        # A command in flight when node 1 dies: its result goes through another.
+        via[1].save({"_id": "long", "type": f"{mac}_cmd", "cmd": [
+            PY, "-c", f"import time; open({str(ledger)!r}, 'a').write('long\\n'); "
+                      "time.sleep(3)"]})
+        wait_for(lambda: "long" in lines(ledger), 60, message="the long command never ran")
         cluster.kill(1)
         before = status_via2.get(f"status:{mac}")
         assert before is not None
@@ -273,6 +284,7 @@ def test_a_daemon_fails_over_when_its_node_dies_and_runs_nothing_twice(
 
         wait_file(program, contains="v2", timeout=60)
         assert wait_result(via[2], "c2", timeout=60)["returncode"] == 0
+        assert wait_result(via[3], "long", timeout=60)["returncode"] == 0
 
         def moved_on() -> Optional[dict[str, Any]]:
             now = status_via2.get(f"status:{mac}") or {}
@@ -286,7 +298,14 @@ def test_a_daemon_fails_over_when_its_node_dies_and_runs_nothing_twice(
         wait_for(lambda: status_via2.get(f"status:{mac}")["heartbeat_time"]
                  > status["heartbeat_time"], message="the heartbeat stopped")
         assert lines(program) == ["v1", "v2"]
-        assert lines(ledger) == ["c1", "c2"]
+        assert lines(ledger) == ["c1", "long", "c2"]
+        shown = subprocess.run(
+            [PY, "-m", "himbeere", "nodes", "--server", cluster.server_list(1),
+             "--database", cluster_db], capture_output=True, text=True, timeout=120,
+            cwd=str(ROOT))
+        assert shown.returncode == 0, shown.stderr
+        [row] = [line for line in shown.stdout.splitlines() if f" {mac} " in line]
+        assert row.endswith(status["server"])  # the SERVER column
 
         # Node 1 comes back and rejoins: the daemon goes on, nothing runs again.
         cluster.restart(1)
@@ -299,13 +318,14 @@ def test_a_daemon_fails_over_when_its_node_dies_and_runs_nothing_twice(
         wait_file(program, contains="v2\nv2", timeout=60)  # the program starts with it
         via[3].save({"_id": "c4", "type": f"{mac}_cmd", "cmd": once(ledger, "c4")})
         assert wait_result(via[3], "c4", timeout=60)["returncode"] == 0
-        assert lines(ledger) == ["c1", "c2", "c3", "c4"]
+        assert lines(ledger) == ["c1", "long", "c2", "c3", "c4"]
         assert lines(program) == ["v1", "v2", "v2"]
     finally:
         if not cluster.up(1):
             cluster.restart(1)
         node.stop()
         node.kill_programs()
+        delete_user(cluster, mac)
 
 
 def test_upload_setup_works_against_the_cluster(cluster: CouchCluster) -> None:
@@ -352,8 +372,12 @@ def test_node_user_rules_hold_through_every_node(cluster: CouchCluster,
         assert admin_status.get(f"status:{theirs}")["state"] == "running"
         assert admin_status.get(f"status:{mine}")["via"] == 3
     finally:
-        users_db = Couch(cluster.url(1)).database("_users")
         for mac in (mine, theirs):
-            doc = users_db.get(security.user_id(mac))
-            if doc:
-                users_db.delete(doc)
+            delete_user(cluster, mac)
+
+
+def delete_user(cluster: CouchCluster, mac: int) -> None:
+    users_db = Couch(cluster.url(1)).database("_users")
+    doc = users_db.get(security.user_id(mac))
+    if doc:
+        users_db.delete(doc)
