@@ -87,9 +87,10 @@ class Daemon:
                                                                     or 0.0))
         self.feed = Feed(
             self.couch, self.db, self.node,
-            # Keyed by the whole list: a cluster's seq is valid on each of its nodes.
+            # Keyed by the whole list, in any order: a cluster's seq is valid
+            # on each of its nodes.  With one server the key is its URL, as ever.
             SeqStore(config.state_path / "seq.json", config.database,
-                     ",".join(self.couch.bases)),
+                     ",".join(sorted(self.couch.bases))),
             on_change=self.dispatch, timeout=config.feed_timeout,
             on_connect=self._connected,
         )
