@@ -16,6 +16,10 @@ setup`` does, and starts one daemon with the default settings whose
 5. restarts the killed node (``start.sh PORT DATAROOT/node<i>``) and waits
    until it answers, so that every run starts from a whole cluster.
 
+``--freeze`` stops the node with SIGSTOP instead (and SIGCONT after): a
+node that falls silent without closing its connections, like one whose
+cable was pulled.
+
 It prints one JSON object: the failover time's median, p99, min and max in
 seconds, each sample (the node killed, the node written through, the node
 the daemon used afterwards) and the settings that decide it
@@ -141,7 +145,10 @@ class Bench:
         self.command(others[0], STEP_TIMEOUT)  # the daemon answers before the kill
         time.sleep(self.args.gap)
         t0 = time.perf_counter()
-        self.cluster.kill(followed)
+        if self.args.freeze:
+            self.cluster.freeze(followed)
+        else:
+            self.cluster.kill(followed)
         via = others[index % len(others)]
         elapsed = self.command(via, STEP_TIMEOUT)
         failover = time.perf_counter() - t0
@@ -149,9 +156,13 @@ class Bench:
         self.samples.append({"run": index, "killed_node": followed, "written_via": via,
                              "command_round_trip_s": round(elapsed, 3),
                              "failover_s": round(failover, 3), "server_after": after})
-        print(f"run {index}: killed node{followed}, command through node{via}: "
+        print(f"run {index}: {'froze' if self.args.freeze else 'killed'} node{followed}, "
+              f"command through node{via}: "
               f"{failover:.3f} s; daemon now on node{after}", file=sys.stderr)
-        self.cluster.restart(followed)
+        if self.args.freeze:
+            self.cluster.thaw(followed)
+        else:
+            self.cluster.restart(followed)
         deadline = time.monotonic() + STEP_TIMEOUT
         while not self.cluster.up(followed):
             if time.monotonic() > deadline:
@@ -177,6 +188,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         help="seconds of quiet before each kill (1)")
     parser.add_argument("--settle", type=float, default=5.0,
                         help="seconds for a restarted node to rejoin (5)")
+    parser.add_argument("--freeze", action="store_true",
+                        help="SIGSTOP the node instead of killing it: a node that falls "
+                             "silent without closing its connections")
     parser.add_argument("--json-out", help="also write the JSON result to this file")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
@@ -218,6 +232,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                          "reconnect_min_s": defaults.RECONNECT_MIN,
                          "reconnect_max_s": defaults.RECONNECT_MAX,
                          "heartbeat_interval_s": defaults.HEARTBEAT_INTERVAL},
+            "fault": "SIGSTOP" if args.freeze else "SIGKILL",
             "failover_s": stats([s["failover_s"] for s in bench.samples]),
             "target": {"median_s": 3.0},
             "samples": bench.samples,

@@ -156,6 +156,17 @@ class CouchCluster:
         while time.monotonic() < deadline and _alive(pid):
             time.sleep(0.05)
 
+    def freeze(self, index: int) -> None:
+        """SIGSTOP node ``index``: its connections stay open but fall silent."""
+        pid = self.pid(index)
+        if pid is not None:
+            _signal(pid, signal.SIGSTOP)
+
+    def thaw(self, index: int) -> None:
+        pid = self.pid(index)
+        if pid is not None:
+            _signal(pid, signal.SIGCONT)
+
     def restart(self, index: int) -> None:
         """Bring node ``index`` back with its data: ``start.sh PORT DATAROOT/node<i>``."""
         pid = self.pid(index)
