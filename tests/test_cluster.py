@@ -216,6 +216,30 @@ def test_laptop_tools_move_on_past_a_dead_server(couch_url: str, dbname: str) ->
     assert json.loads(result.stdout)["ok"] is True
 
 
+def test_the_dashboard_moves_on_past_a_dead_server(couch_url: str, dbname: str) -> None:
+    pytest.importorskip("flask")
+    from tests.test_dashboard import login
+    from uploader.dashboard import create_app
+
+    admin = Couch(couch_url)
+    if admin.auth is None:
+        pytest.skip("the session's server has no admin to sign in as")
+    fleet = Fleet(couch_url, dbname)
+    install.setup(fleet)
+    fleet.status.save({"_id": "status:1234", "type": "himbeere-status", "node": 1234,
+                       "state": "running", "server": "http://n2:5984"})
+    app = create_app(f"http://127.0.0.1:{closed_port()},{plain(couch_url)}", dbname,
+                     secret_key="x")
+    app.config["TESTING"] = True
+    try:
+        client = app.test_client()
+        assert login(client, *admin.auth).status_code == 302
+        nodes = client.get("/api/nodes").get_json()["nodes"]
+        assert [(n["node"], n["server"]) for n in nodes] == [(1234, "http://n2:5984")]
+    finally:
+        app.extensions["himbeere"].hub.close()
+
+
 # -- a real 3-node cluster -----------------------------------------------------------------
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CouchCluster]:
