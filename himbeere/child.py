@@ -161,7 +161,11 @@ class Helpers:
         if self._db is None and self.spec.couch_url and self.spec.database:
             import couchdb
 
-            self._db = couchdb.Server(self.spec.couch_url)[self.spec.database]
+            from .couch import split_servers
+
+            # One server (the daemon's at the start): CouchDB-Python takes one URL.
+            url = split_servers(self.spec.couch_url)[0]
+            self._db = couchdb.Server(url)[self.spec.database]
         return self._db
 
     def status_db(self) -> Any:

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Optional
 
-from . import defaults
+from . import couch, defaults
 from .exceptions import ConfigError
 
 SECTION = "himbeere"
@@ -63,12 +63,7 @@ class Config:
     def validate(self) -> Config:
         """Raise :class:`ConfigError` naming the first bad key; return self."""
         if self.server is not None:
-            parts = urllib.parse.urlsplit(self.server)
-            if parts.scheme not in ("http", "https") or not parts.hostname:
-                raise ConfigError(
-                    f"server: {redact(self.server)!r} is not a URL; "
-                    "allowed: http(s)://[user:password@]host[:port]"
-                )
+            couch.server_urls(self.server)  # one URL, or several separated by commas
         for key in ("database", "status_database"):
             value = getattr(self, key)
             if value is not None and not _valid_db_name(value):
@@ -112,15 +107,22 @@ def _valid_db_name(name: str) -> bool:
 
 
 def redact(url: Optional[str]) -> str:
-    """``url`` with any password replaced by ``***``, for logs and errors."""
+    """``url`` (or a list of them) with any password as ``***``, for logs and errors."""
     if not url:
         return str(url)
+    return ",".join(_redact_one(one) for one in couch.split_servers(url))
+
+
+def _redact_one(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}"
-    if parts.port:
-        netloc += f":{parts.port}"
+    try:
+        if parts.password is None:
+            return url
+        netloc = f"{parts.username}:***@{parts.hostname}"
+        if parts.port:
+            netloc += f":{parts.port}"
+    except ValueError:  # a bad port
+        return url.split("@", 1)[-1] if "@" in url else url
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 

@@ -29,7 +29,14 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional, Union
 
 from . import transport as transports
-from .exceptions import Conflict, CouchError, NotFound, Unauthorized, Unreachable
+from .exceptions import (
+    ConfigError,
+    Conflict,
+    CouchError,
+    NotFound,
+    Unauthorized,
+    Unreachable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +60,12 @@ def doc_path(doc_id: str) -> str:
     return quote(doc_id)
 
 
-class Couch:
-    """A CouchDB-compatible server at ``url`` (credentials in the URL).
+class Server:
+    """One server of a :class:`Couch`'s list: its URL, credentials and transport."""
 
-    ``transport`` is ``"stdlib"`` (``http.client``, light enough for the
-    daemon) or ``"requests"`` (proxies and certifi, for the laptop tools).
-    """
-
-    def __init__(self, url: str, timeout: float = REQUEST_TIMEOUT,
-                 transport: str = "stdlib") -> None:
+    def __init__(self, url: str, transport: str) -> None:
         parts = urllib.parse.urlsplit(url)
+        self.url = url
         self.auth: Optional[tuple[str, str]] = None
         if parts.username is not None:
             self.auth = (
@@ -75,17 +78,106 @@ class Couch:
         if parts.port:
             netloc += f":{parts.port}"
         path = parts.path.rstrip("/")
+        #: The URL without credentials: safe to print.
         self.base = urllib.parse.urlunsplit((parts.scheme, netloc, path, "", ""))
+        self.http = transports.make(transport, self.base, self.auth)
+
+    def __repr__(self) -> str:
+        return f"<Server {self.base}>"
+
+
+class Couch:
+    """A CouchDB-compatible server at ``url`` (credentials in the URL).
+
+    ``url`` may list several servers separated by commas, the nodes of one
+    CouchDB cluster (see :func:`server_urls`).  Requests go to one of them,
+    the *current* server, first the first; when it stops answering
+    (:class:`Unreachable`), the current server moves on to the next in the
+    list for every user of this object, and the request is sent there when
+    that is safe (:func:`_may_resend`).  Every component of the daemon
+    shares one :class:`Couch`, so they all fail over together.
+
+    ``transport`` is ``"stdlib"`` (``http.client``, light enough for the
+    daemon) or ``"requests"`` (proxies and certifi, for the laptop tools).
+    """
+
+    def __init__(self, url: str, timeout: float = REQUEST_TIMEOUT,
+                 transport: str = "stdlib") -> None:
         self.url = url
         self.timeout = timeout
-        self.http = transports.make(transport, self.base, self.auth)
+        self.servers = [Server(one, transport) for one in split_servers(url)]
+        self._current = 0
+        self._lock = threading.Lock()
+        #: Moves logged since the last answer: a long outage logs each once.
+        self._moves: set[tuple[str, str]] = set()
+        #: Called with no arguments after the current server moved on.
+        self.on_move: Optional[Callable[[], None]] = None
         self._info: Optional[Doc] = None
         #: (round trip, offset) of the last answers with a ``Date`` header.
         self._offsets: list[tuple[float, float]] = []
 
+    @property
+    def current(self) -> Server:
+        """The server requests go to now."""
+        return self.servers[self._current]
+
+    @property
+    def base(self) -> str:
+        """The current server's URL without credentials: safe to print."""
+        return self.current.base
+
+    @property
+    def bases(self) -> list[str]:
+        """Every server's URL without credentials, in the order given."""
+        return [server.base for server in self.servers]
+
+    @property
+    def auth(self) -> Optional[tuple[str, str]]:
+        return self.current.auth
+
+    @property
+    def http(self) -> transports.Transport:
+        return self.current.http
+
+    @property
+    def current_url(self) -> str:
+        """The current server's URL, credentials included."""
+        return self.current.url
+
+    @property
+    def rotated_url(self) -> str:
+        """Every server's URL (credentials included), the current one first.
+
+        For a program's own connection: it starts where the daemon is now.
+        """
+        servers = self.servers[self._current:] + self.servers[:self._current]
+        return ",".join(server.url for server in servers)
+
+    def move_on(self, failed: Server, error: BaseException) -> None:
+        """``failed`` stopped answering: make the next server the current one.
+
+        Does nothing when another thread has moved on already, so threads
+        that fail together skip one server, not one each.
+        """
+        if len(self.servers) < 2:
+            return
+        with self._lock:
+            if self.servers[self._current] is not failed:
+                return
+            self._current = (self._current + 1) % len(self.servers)
+            following = self.servers[self._current]
+            move = (failed.base, following.base)
+            first = move not in self._moves
+            self._moves.add(move)
+        log.log(logging.WARNING if first else logging.DEBUG,
+                "server %s stopped answering (%s): using %s now", failed.base,
+                transports.short(error), following.base)
+        if self.on_move is not None:
+            self.on_move()
+
     def __repr__(self) -> str:
         user = f"{self.auth[0]}@" if self.auth else ""
-        return f"<Couch {user}{self.base}>"
+        return f"<Couch {user}{','.join(self.bases)}>"
 
     # -- plumbing ---------------------------------------------------------
     def request(
@@ -106,9 +198,26 @@ class Couch:
         """
         data = None if body is None else json.dumps(body).encode()
         headers = {"Content-Type": "application/json"} if data is not None else {}
-        sent = time.time()
-        answer = self.http.send(method, _target(path, params), data, headers,
-                                timeout or self.timeout)
+        target = _target(path, params)
+        tried: list[Server] = []
+        errors: list[Unreachable] = []
+        while True:
+            server = self._untried(tried)
+            tried.append(server)
+            sent = time.time()
+            try:
+                answer = server.http.send(method, target, data, headers,
+                                          timeout or self.timeout)
+                break
+            except Unreachable as exc:
+                self.move_on(server, exc)
+                errors.append(exc)
+                if len(self.servers) == 1:
+                    raise
+                if len(tried) == len(self.servers) or not _may_resend(method, path, exc):
+                    raise _all_failed(errors) from exc
+        if self._moves:
+            self._moves.clear()
         self._note_clock(answer.date, sent, time.time())
         if answer.status == 404 and ok404:
             return None
@@ -120,6 +229,15 @@ class Couch:
             return json.loads(answer.body)
         except ValueError:
             raise CouchError(f"{method} /{path}: answer is not JSON") from None
+
+    def _untried(self, tried: list[Server]) -> Server:
+        """The current server, or the first after it not yet tried."""
+        start = self._current
+        for step in range(len(self.servers)):
+            server = self.servers[(start + step) % len(self.servers)]
+            if server not in tried:
+                return server
+        return self.current
 
     def _note_clock(self, date: Optional[str], sent: float, received: float) -> None:
         """Estimate the server's clock offset from an HTTP ``Date`` header.
@@ -176,11 +294,15 @@ class Couch:
         return major >= 2
 
     def as_user(self, name: str, password: str) -> Couch:
-        """The same server, with other credentials (a node's, to check them)."""
-        parts = urllib.parse.urlsplit(self.base)
-        netloc = f"{quote(name)}:{quote(password)}@{parts.netloc}"
-        return Couch(urllib.parse.urlunsplit(parts._replace(netloc=netloc)), self.timeout,
-                     self.http.name)
+        """The same servers, with other credentials (a node's, to check them)."""
+        urls = []
+        for base in self.bases:
+            parts = urllib.parse.urlsplit(base)
+            netloc = f"{quote(name)}:{quote(password)}@{parts.netloc}"
+            urls.append(urllib.parse.urlunsplit(parts._replace(netloc=netloc)))
+        couch = Couch(",".join(urls), self.timeout, self.http.name)
+        couch._current = self._current  # start where this one is now
+        return couch
 
     def session_info(self) -> Doc:
         """``GET /_session``: who the server thinks we are."""
@@ -336,7 +458,16 @@ class Database:
                 method, body = "POST", json.dumps({"selector": feed_filter.selector}).encode()
         headers = {"Accept-Encoding": "identity", "Content-Type": "application/json"}
         path = f"{self.path}/_changes"
-        answer = self.couch.http.stream(method, _target(path, query), body, headers, timeout)
+        # A continuous feed is served by the node it is connected to: when
+        # that node dies, the feed breaks and the current server moves on,
+        # and the caller reconnects to the next with its last seq (cluster
+        # sequences are valid on every node of the cluster).
+        server = self.couch.current
+        try:
+            answer = server.http.stream(method, _target(path, query), body, headers, timeout)
+        except Unreachable as exc:
+            self.couch.move_on(server, exc)
+            raise
         if answer.status >= 400:
             raise _error(method, path, answer)
         if on_open is not None:
@@ -351,16 +482,19 @@ class Database:
                 try:
                     change = json.loads(line)
                 except ValueError as exc:
-                    raise Unreachable(f"feed from {self.couch.base} broke: "
+                    raise Unreachable(f"feed from {server.base} broke: "
                                       f"{transports.short(exc)}") from exc
                 if "last_seq" in change and "id" not in change:
-                    raise Unreachable("the server ended the feed")
+                    raise Unreachable(f"{server.base} ended the feed")
                 yield change
+            raise Unreachable(f"{server.base} closed the feed")
+        except Unreachable as exc:
+            self.couch.move_on(server, exc)
+            raise
         finally:
             close = getattr(lines, "close", None)
             if close is not None:
                 close()  # the connection, at once: not when the generator is collected
-        raise Unreachable("the server closed the feed")
 
     def client_handle(self) -> Any:
         """A CouchDB-Python ``couchdb.Database`` for this database.
@@ -369,7 +503,7 @@ class Database:
         """
         import couchdb  # imported here: only programs need it
 
-        server = couchdb.Server(self.couch.url)
+        server = couchdb.Server(self.couch.current_url)
         return server[self.name]
 
 
@@ -385,6 +519,90 @@ class FeedFilter:
 
     def __repr__(self) -> str:
         return f"<FeedFilter {self.params} {self.selector}>"
+
+
+def split_servers(text: str) -> list[str]:
+    """The URLs of a ``server`` setting, credentials inherited; not checked.
+
+    See :func:`server_urls`.  A comma in a password stays in it: a piece
+    without ``://`` whose host part holds an ``@`` belongs to the URL before.
+    """
+    urls: list[str] = []
+    for piece in text.strip().split(","):
+        if (urls and "://" not in piece and "@" in piece.split("/", 1)[0]
+                and "@" not in urls[-1].split("://", 1)[-1]):
+            urls[-1] += "," + piece
+        else:
+            urls.append(piece)
+    urls = [url.strip() for url in urls]
+    first = urllib.parse.urlsplit(urls[0])
+    inherited = first.netloc.rpartition("@")[0] if "@" in first.netloc else ""
+    for index, url in enumerate(urls[1:], 1):
+        parts = urllib.parse.urlsplit(url)
+        if inherited and "@" not in parts.netloc and parts.netloc:
+            urls[index] = urllib.parse.urlunsplit(
+                parts._replace(netloc=f"{inherited}@{parts.netloc}"))
+    return urls
+
+
+def server_urls(text: str) -> list[str]:
+    """The URLs of a ``server`` setting: one URL, or several separated by commas.
+
+    ``http://admin:pw@n1:5984,http://n2:5984,http://n3:5984`` lists the
+    nodes of one cluster; a URL without credentials gets the first URL's.
+    Raises :class:`ConfigError` naming the first entry that is not an
+    ``http(s)://[user:password@]host[:port]`` URL.
+    """
+    urls = split_servers(text)
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        try:
+            _ = parts.port  # raises ValueError for a bad port
+            port_ok = True
+        except ValueError:
+            port_ok = False
+        host = parts.hostname or ""
+        if not (port_ok and parts.scheme in ("http", "https") and host and "," not in host):
+            several = ", several separated by commas" if "," in text else ""
+            raise ConfigError(f"server: {_redacted(url)!r} is not a URL; allowed: "
+                              f"http(s)://[user:password@]host[:port]{several}")
+    return urls
+
+
+#: POST requests that only read, which another server may answer instead.
+_READING_POSTS = ("_changes", "_all_docs", "_find", "_bulk_get", "_explain", "_session")
+
+
+def _may_resend(method: str, path: str, error: Unreachable) -> bool:
+    """Whether a request that failed on one server may go to the next.
+
+    GET, PUT and DELETE may: a PUT or DELETE that did reach the dead node
+    comes back as a 409 from the next, which the callers handle like any
+    lost race.  A POST that creates a document must not be sent twice, so
+    only reading POSTs go again, and any request that never left (no
+    connection was made).
+    """
+    if method != "POST" or not error.sent:
+        return True
+    return path.rsplit("/", 1)[-1] in _READING_POSTS
+
+
+def _all_failed(errors: list[Unreachable]) -> Unreachable:
+    if len(errors) == 1:
+        return errors[0]
+    error = Unreachable("no server answered: " + "; ".join(str(e) for e in errors))
+    error.sent = any(e.sent for e in errors)
+    return error
+
+
+def _redacted(url: str) -> str:
+    """``url`` with its password as ``***``, for errors."""
+    parts = urllib.parse.urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 def _target(path: str, params: Optional[Mapping[str, Any]]) -> str:

@@ -30,7 +30,7 @@ from typing import Any, Callable, Optional
 from . import discovery, identity, transport
 from .commands import COMMAND_TYPE, Commands
 from .config import Config, redact
-from .couch import Couch, Doc
+from .couch import Couch, Doc, split_servers
 from .exceptions import ConfigError, CouchError, HimbeereError
 from .feed import Feed, SeqStore
 from .health import Health
@@ -73,7 +73,7 @@ class Daemon:
         self.db = self.couch.database(config.database)
         self.status_db = self.couch.database(config.status_db)
         self.supervisor = Supervisor(
-            node=self.node, couch_url=config.server, database=config.database,
+            node=self.node, couch_url=self.couch.rotated_url, database=config.database,
             grace_period=config.grace_period, default_restart=config.restart_policy,
             state_dir=config.state_path, on_change=self._program_changed,
             on_log=self._program_output, status_database=config.status_db,
@@ -88,7 +88,10 @@ class Daemon:
                                                                     or 0.0))
         self.feed = Feed(
             self.couch, self.db, self.node,
-            SeqStore(config.state_path / "seq.json", config.database, self.couch.base),
+            # Keyed by the whole list, in any order: a cluster's seq is valid
+            # on each of its nodes.  With one server the key is its URL, as ever.
+            SeqStore(config.state_path / "seq.json", config.database,
+                     ",".join(sorted(self.couch.bases))),
             on_change=self.dispatch, timeout=config.feed_timeout,
             on_connect=self._connected,
         )
@@ -105,6 +108,12 @@ class Daemon:
                              extra=lambda: dict(self.health.collect(),
                                                 **self.placement.describe()),
                              clock_offset=lambda: self.couch.clock_offset)
+        self.couch.on_move = self._server_moved
+
+    def _server_moved(self) -> None:
+        """Every component follows the shared :class:`Couch`; programs start there too."""
+        self.supervisor.couch_url = self.couch.rotated_url
+        self.status.poke()  # say soon which server the node uses now
 
     def _resources(self) -> dict[str, Optional[float]]:
         """Free RAM and disk, for placement to check what it is assigned."""
@@ -299,5 +308,6 @@ def run(config: Config, reload_config: Optional[Callable[[], Config]] = None) ->
         if not config.server:
             return 0  # stopped while waiting to be paired
     # No OpenSSL for a plain http:// server: 4 MB of a Pi's RAM (transport.py).
-    transport.load_http_client(tls=config.server.startswith("https:"))
+    transport.load_http_client(
+        tls=any(url.startswith("https:") for url in split_servers(config.server)))
     return Daemon(config, reload_config).run()

@@ -48,6 +48,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 from . import config as configuration
 from . import defaults, identity
 from .config import Config, redact
+from .couch import split_servers
 from .exceptions import ConfigError, HimbeereError
 from .fleetkey import as_key, decrypt_password, encrypt_password, read_fleet_key, sign, verify
 from .gpio import Blinker
@@ -85,14 +86,17 @@ def make_request(server_url: str, key: Optional[bytes] = None,
 
 
 def _check_broadcast_url(url: str) -> None:
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"server: {redact(url)!r} is not a URL; allowed: http(s)://host[:port]")
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError(
-            f"server: {redact(url)!r} holds a user name or password, which would be broadcast "
-            "in clear to the whole network; give the URL alone (nodes log in as themselves)"
-        )
+    for one in split_servers(url):  # a cluster: several, separated by commas
+        parts = urllib.parse.urlsplit(one)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"server: {redact(one)!r} is not a URL; allowed: "
+                              "http(s)://host[:port], several separated by commas")
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError(
+                f"server: {redact(one)!r} holds a user name or password, which would be "
+                "broadcast in clear to the whole network; give the URL alone (nodes log in "
+                "as themselves)"
+            )
 
 
 def broadcast_message(

@@ -21,6 +21,9 @@ class CouchError(HimbeereError, RuntimeError):
 class Unreachable(CouchError, ConnectionError):
     """The CouchDB server could not be reached."""
 
+    #: False when the request never left: no connection could be made.
+    sent: bool = True
+
 
 class Unauthorized(CouchError, PermissionError):
     """The server refused the credentials (401) or the action (403)."""

@@ -105,6 +105,8 @@ class Status:
             "heartbeat_server_time": now + (offset or 0.0),
             "clock_offset": offset,
             "heartbeat_interval": self.interval,
+            # The server this node uses now (one of a cluster's), no credentials.
+            "server": self.db.couch.base,
             "programs": self.programs(),
         }
         doc.update(self.extra())

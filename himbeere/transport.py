@@ -127,11 +127,14 @@ class StdlibTransport:
             connected = conn.sock is not None
             conn.close()
             if not connected:
-                raise Unreachable(f"cannot reach {self.base}: no connection within "
-                                  f"{CONNECT_TIMEOUT:g} s") from exc
+                raise _unsent(f"cannot reach {self.base}: no connection within "
+                              f"{CONNECT_TIMEOUT:g} s") from exc
             raise Unreachable(f"{self.base} did not answer within {timeout:g} s") from exc
         except (OSError, self.client.HTTPException) as exc:
+            connected = conn.sock is not None
             conn.close()
+            if not connected:
+                raise _unsent(f"cannot reach {self.base}: {short(exc)}") from exc
             raise Unreachable(f"cannot reach {self.base}: {short(exc)}") from exc
         if response.will_close:
             conn.close()
@@ -208,6 +211,10 @@ class RequestsTransport:
                 method, f"{self.base}/{target}", data=body, headers=dict(headers),
                 timeout=(CONNECT_TIMEOUT, timeout), stream=stream)
         except self.requests.RequestException as exc:
+            reason = getattr(exc.args[0], "reason", None) if exc.args else None
+            if isinstance(exc, self.requests.ConnectTimeout) or type(reason).__name__ in (
+                    "NewConnectionError", "ConnectTimeoutError"):
+                raise _unsent(f"cannot reach {self.base}: {short(exc)}") from exc
             raise Unreachable(f"cannot reach {self.base}: {short(exc)}") from exc
 
     def send(self, method: str, target: str, body: Optional[bytes],
@@ -286,6 +293,13 @@ def _still_open(conn: http.client.HTTPConnection) -> bool:
     except (OSError, ValueError):
         return False
     return not readable
+
+
+def _unsent(message: str) -> Unreachable:
+    """An :class:`Unreachable` for a request that never left: no connection."""
+    error = Unreachable(message)
+    error.sent = False
+    return error
 
 
 def short(exc: BaseException) -> str:

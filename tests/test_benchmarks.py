@@ -79,3 +79,21 @@ def test_bench_disk(couch_url: str, tmp_path: Path) -> None:
         assert scenario["fsyncs"] is None or scenario["fsyncs"]["count"] >= 0
     assert "flood_lines_per_second" in scenarios["flood"]
     assert result["targets"]["idle_write_bytes_per_hour"]["limit"] == 2 * 1024 * 1024
+
+
+def test_bench_server_failover() -> None:
+    from tests.cluster import skip_reason
+
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_server_failover.py"), "--runs", "1",
+         "--gap", "0", "--settle", "0"],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    [sample] = result["samples"]
+    assert sample["written_via"] != sample["killed_node"]
+    assert sample["server_after"] != sample["killed_node"]
+    assert_figure(result["failover_s"], 1)

@@ -14,7 +14,7 @@ import time
 import urllib.parse
 from typing import Any, Callable, Optional
 
-from himbeere.couch import Doc
+from himbeere.couch import Doc, split_servers
 from himbeere.exceptions import ConfigError, HimbeereError
 
 from .fleet import Fleet
@@ -36,13 +36,15 @@ def default_broadcast() -> Broadcast:
 
 
 def check_node_server(url: str) -> str:
-    """The URL the Pis get; it must not carry a password."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"node server {url!r} is not a URL; allowed: http(s)://host[:port]")
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError("the URL broadcast to the Pis must not contain credentials: "
-                          "each Pi logs in with its own MAC id and password")
+    """The URL the Pis get (or several, separated by commas); no password."""
+    for one in split_servers(url):
+        parts = urllib.parse.urlsplit(one)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"node server {one!r} is not a URL; allowed: "
+                              "http(s)://host[:port], several separated by commas")
+        if parts.username is not None or parts.password is not None:
+            raise ConfigError("the URL broadcast to the Pis must not contain credentials: "
+                              "each Pi logs in with its own MAC id and password")
     return url
 
 

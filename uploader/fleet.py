@@ -104,8 +104,11 @@ class Fleet:
 
     @property
     def server(self) -> str:
-        """The server's URL without credentials: safe to print."""
-        return self.couch.base
+        """The server's URL without credentials: safe to print.
+
+        Every URL of a list of servers (a cluster), separated by commas.
+        """
+        return ",".join(self.couch.bases)
 
     # -- who we are -------------------------------------------------------------------
     def session(self) -> Doc:

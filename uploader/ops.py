@@ -138,6 +138,7 @@ def summarize(node: int, status: Optional[Doc], node_doc: Optional[Doc],
         "heartbeat_interval": status.get("heartbeat_interval"),
         "ip": status.get("ip"),
         "hostname": status.get("hostname"),
+        "server": status.get("server"),
         "daemon_version": status.get("daemon_version"),
         "python": status.get("python"),
         "uptime": status.get("uptime"),
@@ -161,7 +162,8 @@ def list_nodes(fleet: Fleet) -> list[Doc]:
     Each is a dict: ``node`` (MAC id), ``name``, ``labels``, ``state``
     (``alive``, ``suspect``, ``dead``, ``stopped``, or ``unknown`` for a
     node that never sent a heartbeat, see :func:`himbeere.health.node_state`),
-    ``heartbeat_age`` (seconds, server clock), ``ip``, ``hostname``,
+    ``heartbeat_age`` (seconds, server clock), ``ip``, ``hostname``, ``server``
+    (the CouchDB server the node uses now: one node of a cluster),
     ``load``, ``temperature``, ``cpu_percent``, ``memory`` (``used_mb``,
     ``total_mb``), ``disk`` (``free_mb``), ``daemon_version``, ``python``,
     ``uptime``, ``programs`` (program id -> the fields of the status

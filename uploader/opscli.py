@@ -101,7 +101,7 @@ def _first_line(result: Optional[dict[str, Any]]) -> str:
 # -- nodes and status --------------------------------------------------------------------
 def cmd_nodes(args: argparse.Namespace, fleet: Fleet) -> int:
     """A table of every node: name, MAC id, IP, state, heartbeat age, load, temperature,
-    programs running or crashed."""
+    programs running or crashed, and the CouchDB server it uses now."""
     nodes = ops.list_nodes(fleet)
     if args.json:
         emit(args, {"nodes": nodes})
@@ -112,9 +112,10 @@ def cmd_nodes(args: argparse.Namespace, fleet: Fleet) -> int:
     rows = [[n["name"] or "-", str(n["node"]), n["ip"] or "-", n["state"],
              _age(n["heartbeat_age"]),
              _num(n["load"][0] if n["load"] else None, "{:.2f}"),
-             _num(n["temperature"], "{:.1f}°C"), _programs_summary(n)] for n in nodes]
+             _num(n["temperature"], "{:.1f}°C"), _programs_summary(n),
+             n["server"] or "-"] for n in nodes]
     print("\n".join(table(["NAME", "MAC ID", "IP", "STATE", "AGE", "LOAD", "TEMP",
-                           "PROGRAMS"], rows)))
+                           "PROGRAMS", "SERVER"], rows)))
     return 0
 
 
@@ -135,7 +136,7 @@ def format_detail(d: dict[str, Any]) -> list[str]:
         f"node {node_label(d['node'], d['name'])}: {d['state']}, last heartbeat "
         f"{_age(d['heartbeat_age'])} ago" if d["heartbeat_age"] is not None
         else f"node {node_label(d['node'], d['name'])}: {d['state']}, no heartbeat yet",
-        f"  ip {d['ip'] or '-'}  host {d['hostname'] or '-'}  daemon "
+        f"  ip {d['ip'] or '-'}  host {d['hostname'] or '-'}  server {d['server'] or '-'}  daemon "
         f"{d['daemon_version'] or '-'}  python {d['python'] or '-'}  uptime "
         f"{_age(d['uptime'])}",
         f"  load {' '.join(str(x) for x in d['load']) if d['load'] else '-'}  cpu "

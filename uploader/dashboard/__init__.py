@@ -86,7 +86,7 @@ def serve(args: argparse.Namespace) -> int:
     server = make_server(args.host, args.port, app, threaded=True)
     shown = f"[{args.host}]" if ":" in args.host else args.host
     print(f"himbeere dashboard on http://{shown}:{server.server_port}/ for "
-          f"{app.extensions['himbeere'].server.base} (databases {config.database}, "
+          f"{','.join(app.extensions['himbeere'].server.bases)} (databases {config.database}, "
           f"{config.status_db}); Ctrl-C stops it", file=sys.stderr)
     if not _loopback(args.host):
         print("warning: listening beyond this machine without TLS: passwords cross the "

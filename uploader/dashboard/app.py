@@ -67,7 +67,7 @@ class Dashboard:
         if server.auth is not None:
             log.warning("the dashboard ignores the credentials in its server URL: every "
                         "user signs in with their own")
-        self.server = Couch(server.base, transport="requests")
+        self.server = Couch(",".join(server.bases), transport="requests")
         self.database = database
         self.status_database = status_database or database + defaults.STATUS_SUFFIX
         self.sessions = sessions.SessionStore()

@@ -333,6 +333,7 @@
         ["MAC id", String(detail.node)],
         ["IP", detail.ip || "–"],
         ["Host", detail.hostname || "–"],
+        ["Server", detail.server || "–"],
         ["Heartbeat", now.age === null || now.age === undefined ? "never" : seconds(now.age) + " ago"],
         ["Uptime", seconds(detail.uptime)],
         ["Load", detail.load ? detail.load.map((x) => x.toFixed(2)).join(" ") : "–"],
