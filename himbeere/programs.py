@@ -550,9 +550,9 @@ class Supervisor:
             else:
                 continue
             program.exit_code = code
-            # Whether it was stopped, crashed or returned: what it started
-            # in its group goes too, or each restart would add another.
-            _kill_group(program.pid, signal.SIGKILL, fallback=False)
+            # Whether it was stopped, crashed or returned, what it started is
+            # gone too: its keeper killed the rest of its tree before
+            # reporting the exit (forkserver.py), setsid() or not.
             self._forget(program)
             if program.state == "stopping":
                 log.info("%s: stopped", program.name)
