@@ -28,6 +28,7 @@ The map (one module per noun):
 ``fleetkey``   the shared pairing secret (HMAC, AES-GCM)
 ``gpio``       the node's LED
 ``daemon``     wiring it all together; signals
+``statelock``  one daemon per state directory (an ``fcntl`` lock)
 ``service``    running the daemon in the background (pidfile)
 ``cli``        the ``himbeere`` command
 ============== ============================================================
