@@ -23,6 +23,7 @@ The map (one module per noun):
 ``placement``  placed programs: the scheduler (under ``lease:scheduler``),
                assignments to the least busy nodes, failover, fencing
 ``logship``    program output into the status database
+``logtext``    names and errors from documents made safe for a log line
 ``security``   roles, ``_security`` and ``validate_doc_update`` rules
 ``discovery``  pairing by UDP broadcast, laptop and node sides
 ``fleetkey``   the shared pairing secret (HMAC, AES-GCM)

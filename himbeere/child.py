@@ -41,6 +41,7 @@ from typing import Any, Callable, Optional
 from . import defaults
 from .exceptions import ConfigError
 from .leadership import Leadership
+from .logtext import printable
 from .progstate import ProgramState
 
 #: Exit codes the daemon reads when a child could not report.
@@ -335,7 +336,8 @@ def _write_lines(name: str, text: str) -> None:
     """Write ``text`` to fd 1, each line prefixed ``[name]``, in one write,
     and queue the lines for the status database."""
     lines = text.splitlines()
-    data = "".join(f"[{name}] {line}\n" for line in lines)
+    prefix = printable(name)
+    data = "".join(f"[{prefix}] {line}\n" for line in lines)
     if _log_queue is not None:
         _log_queue.add(lines)
     try:

@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 from . import child, codedoc, defaults, gitsource
 from .codedoc import CodeDoc
 from .forkserver import ForkServer
+from .logtext import printable
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ class Program:
 
     @property
     def name(self) -> str:
-        return self.doc.name
+        """The program's name as it goes into a log line (escaped)."""
+        return printable(self.doc.name)
 
     @property
     def checkout(self) -> Optional[tuple[str, str]]:
@@ -257,14 +259,16 @@ class Supervisor:
                 and not parsed.global_modules:
             # No status entry shows it (it is not this node's program), yet
             # this node's programs may need the modules: say so in the log.
-            log.error("%s: its global_modules are not used: %s", doc_id, parsed.error)
+            log.error("%s: its global_modules are not used: %s", printable(doc_id),
+                      printable(parsed.error, multiline=True))
         program = self.programs.get(doc_id)
         if not mine or not parsed.is_program:
             if program is not None:
                 log.info("%s: no longer a program of this node, stopping", program.name)
                 self._stop(program, then="remove")
             elif not mine:
-                log.debug("ignoring %s: for node %r, not %s", doc_id, doc.get("type"), self.node)
+                log.debug("ignoring %s: for node %r, not %s", printable(doc_id), doc.get("type"),
+                          self.node)
             return
         self._deploy(parsed)
 
@@ -286,7 +290,8 @@ class Supervisor:
             self.on_change()
             return
         if program.alive:
-            log.info("%s: changed (rev %s), restarting", parsed.name, parsed.rev)
+            log.info("%s: changed (rev %s), restarting", printable(parsed.name),
+                     printable(parsed.rev))
             program.pending = parsed
             self._stop(program, then="start")
         else:
@@ -300,7 +305,8 @@ class Supervisor:
         for doc_id in sorted(self.providers):
             for name, source in self.providers[doc_id].items():
                 if name in merged and merged[name] != source:
-                    log.warning("global module %s is defined twice; %s wins", name, doc_id)
+                    log.warning("global module %s is defined twice; %s wins", name,
+                                printable(doc_id))
                 merged[name] = source
         self.global_sources = merged
         for program in list(self.programs.values()):
@@ -340,7 +346,7 @@ class Supervisor:
         for doc_id in sorted(self.assigned - before):
             doc = self.placed_docs.get(doc_id)
             if doc is not None:  # else the feed brings it later
-                log.info("%s: placed on this node", doc.get("name") or doc_id)
+                log.info("%s: placed on this node", printable(doc.get("name") or doc_id))
                 self._apply(doc)
 
     # -- starting ------------------------------------------------------------
@@ -348,7 +354,7 @@ class Supervisor:
         program.next_start = None  # a backoff restart of older code is void
         if program.doc.error:
             self._set(program, "invalid", error=program.doc.error)
-            log.error("%s: %s", program.name, program.doc.error)
+            log.error("%s: %s", program.name, printable(program.doc.error, multiline=True))
         elif not program.doc.enabled:
             self._set(program, "stopped", error=None)
         else:
@@ -393,7 +399,7 @@ class Supervisor:
         program.exit_code = None
         self._set(program, "running", error=program.last_error)
         self._record_pids()
-        log.info("%s: started (pid %s, rev %s)", program.name, pid, doc.rev)
+        log.info("%s: started (pid %s, rev %s)", program.name, pid, printable(doc.rev))
 
     def _fetch(self, program: Program, fingerprint: str) -> None:
         """Fetch a git program in a thread; :meth:`_fetched` starts it after."""
@@ -405,7 +411,7 @@ class Supervisor:
         assert doc.git is not None
         root = gitsource.checkout_root(self.state_dir or Path("."), doc.doc_id)
         self._set(program, "fetching")
-        log.info("%s: fetching %s", program.name, doc.git.describe())
+        log.info("%s: fetching %s", program.name, printable(doc.git.describe()))
 
         def work() -> None:
             try:
@@ -431,7 +437,7 @@ class Supervisor:
             if result.transient:
                 self._crashed(program, str(result), time.monotonic())
             else:
-                log.error("%s: %s", program.name, result)
+                log.error("%s: %s", program.name, printable(result, multiline=True))
                 self._set(program, "invalid", error=str(result))
             return
         program.fetched = (fingerprint, result)
@@ -594,7 +600,7 @@ class Supervisor:
         status, detail = program.outcome or (None, None)
         if status == "invalid":
             self._set(program, "invalid", error=detail)
-            log.error("%s: %s", program.name, detail)
+            log.error("%s: %s", program.name, printable(detail, multiline=True))
             return
         if status == "finished" or (status is None and code == 0):
             log.info("%s: main() returned", program.name)
@@ -608,7 +614,7 @@ class Supervisor:
         self._crashed(program, detail, now)
 
     def _crashed(self, program: Program, error: str, now: float) -> None:
-        log.error("%s: crashed: %s", program.name, error.rstrip())
+        log.error("%s: crashed: %s", program.name, printable(error.rstrip(), multiline=True))
         program.last_error = error
         if program.doc.restart == "never":
             self._set(program, "crashed", error=error)
@@ -697,7 +703,8 @@ def kill_recorded_programs(state_dir: Path) -> int:
     killed = []
     for doc_id, pid, started in entries:
         if pid > 0 and started is not None and _start_time(pid) == started:
-            log.warning("killing program %s (pid %s) left by a previous daemon", doc_id, pid)
+            log.warning("killing program %s (pid %s) left by a previous daemon",
+                        printable(doc_id), pid)
             _kill_group(pid, signal.SIGKILL)
             killed.append((pid, started))
     deadline = time.monotonic() + ORPHAN_WAIT

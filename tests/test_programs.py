@@ -502,3 +502,26 @@ def test_raising_restart_count_restarts_the_program(node_factory, code_db, tmp_p
                                and node.program("r").get("pid") not in (None, first)
                                and node.program("r")["pid"]))
     assert pids.read_text().split() == [str(first), str(second)]
+
+
+def test_a_program_name_cannot_forge_a_line_of_the_daemon_log(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    """Regression: a name like ``"a\\nFAKE LOG LINE"`` wrote what looked like
+    an entry of the daemon's own log."""
+    name = "a\nFAKE LOG LINE\r\x1b[2J"
+    code_db.save({"_id": "forger\nFAKE ID LINE", "type": 1000, "name": name,
+                  "restart": "never", "code": (
+                      "def main():\n"
+                      "    print('hi')\n"
+                      "    raise RuntimeError('boom\\nFAKE ERROR LINE')\n")})
+    node = node_factory(mac_id=1000)
+    program = node.wait_program("forger\nFAKE ID LINE", state="crashed")
+    assert program["name"] == name  # the status shows the name as it is
+    escaped = "a\\nFAKE LOG LINE\\r\\x1b[2J"
+    node.wait_log(f"{escaped}: crashed: Traceback")
+    log = node.log()
+    assert f"{escaped}: started (pid" in log
+    assert f"[{escaped}] hi\n" in log
+    forged = [line for line in log.splitlines() if line.startswith("FAKE")]
+    assert forged == [], log
+    assert "\x1b" not in log
