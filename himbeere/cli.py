@@ -45,11 +45,15 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                        help="on-failure (default), always or never")
     group.add_argument("--feed-timeout", metavar="S",
                        help="seconds of silence after which the feed counts as dead")
+    group.add_argument("--max-programs", metavar="N",
+                       help="at most this many programs run at once; more are rejected "
+                            "(default 64)")
     group.add_argument("--log-file", metavar="FILE", help="log file when in the background")
 
 
 FLAG_KEYS = ("server", "database", "status_database", "state_dir", "interface", "mac_id",
-             "heartbeat_interval", "grace_period", "restart_policy", "feed_timeout", "log_file")
+             "heartbeat_interval", "grace_period", "restart_policy", "feed_timeout", "log_file",
+             "max_programs")
 
 
 def load_config(args: argparse.Namespace) -> Callable[[], configuration.Config]:

@@ -85,6 +85,7 @@ class Daemon:
             state_dir=config.state_path, on_change=self._program_changed,
             on_log=self._program_output, status_database=config.status_db,
             fence=CHILD_FENCE * config.heartbeat_interval,
+            max_programs=config.max_programs,
         )
         self.logs = LogShipper(self.status_db, self.node)
         self.commands = Commands(self.db, self.node, config.state_path,
@@ -217,6 +218,7 @@ class Daemon:
         self.placement.interval = new.heartbeat_interval
         self.placement.lease.ttl = LEASE_TTL * new.heartbeat_interval
         self.supervisor.fence = CHILD_FENCE * new.heartbeat_interval
+        self.supervisor.max_programs = new.max_programs  # a higher one admits at once
         self.commands.default_timeout = new.command_timeout
         self.commands.grace_period = new.grace_period
         self.supervisor.request("restart_all")

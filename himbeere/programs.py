@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 ABANDON_AFTER = 5.0
 #: Seconds to wait at startup for the SIGKILLed programs of a previous daemon.
 ORPHAN_WAIT = 5.0
+#: States in which a program holds one of the node's ``max_programs`` slots:
+#: it has a process, or will have one without anybody asking.
+HOLDS_SLOT = ("starting", "fetching", "running", "backing-off", "stopping")
 
 
 class Program:
@@ -69,6 +72,8 @@ class Program:
         #: The document to run once the old child is gone.
         self.pending: Optional[CodeDoc] = None
         self.outcome: Optional[tuple[str, Optional[str]]] = None
+        #: While ``rejected``: its place in the queue for a free slot.
+        self.queued: Optional[int] = None
 
     @property
     def name(self) -> str:
@@ -126,6 +131,7 @@ class Supervisor:
         on_log: Optional[Callable[[str, str, list[Any], int], None]] = None,
         status_database: Optional[str] = None,
         fence: Optional[float] = None,
+        max_programs: int = defaults.MAX_PROGRAMS,
     ) -> None:
         #: Called with (doc id, name, [(time, line)], dropped) for program output.
         self.on_log = on_log or (lambda doc_id, name, lines, dropped: None)
@@ -147,6 +153,10 @@ class Supervisor:
         self.placed_docs: dict[str, dict[str, Any]] = {}
         self.assigned: set[str] = set()
         self.fence = fence
+        #: At most this many programs hold a process; more are ``rejected``
+        #: and start, first come first served, once one of those ends.
+        self.max_programs = max_programs
+        self._queue_counter = 0
         self._next_ping: Optional[float] = None
         #: Set by stop_all(): the node is going down, nothing starts any more.
         self.closing = False
@@ -198,6 +208,7 @@ class Supervisor:
             except BlockingIOError:
                 pass
         self._reap()
+        self._admit()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -365,6 +376,13 @@ class Supervisor:
         if self.closing:
             self._set(program, "stopped")
             return
+        # One that already holds a slot keeps it (a restart); a new one
+        # ("starting") or one that had ended must find a free one.
+        if program.state in ("starting", "stopped", "finished", "crashed", "invalid",
+                             "rejected") and not self._slot_free(program):
+            self._reject(program)
+            return
+        program.queued = None
         doc = program.doc
         path, entry, main_module = None, "main", codedoc.MAIN
         if doc.git is not None:
@@ -400,6 +418,33 @@ class Supervisor:
         self._set(program, "running", error=program.last_error)
         self._record_pids()
         log.info("%s: started (pid %s, rev %s)", program.name, pid, printable(doc.rev))
+
+    def _slot_free(self, program: Program) -> bool:
+        taken = sum(1 for other in self.programs.values()
+                    if other is not program and other.state in HOLDS_SLOT)
+        return taken < self.max_programs
+
+    def _reject(self, program: Program) -> None:
+        if program.queued is None:
+            self._queue_counter += 1
+            program.queued = self._queue_counter
+            log.warning("%s: not started: this node runs its ceiling of %d programs "
+                        "(max_programs)", program.name, self.max_programs)
+        self._set(program, "rejected",
+                  error=f"not started: this node runs its ceiling of {self.max_programs} "
+                        "programs (max_programs); it starts when one of them ends")
+
+    def _admit(self) -> None:
+        """Start rejected programs, first come first served, while slots are free."""
+        waiting = [p for p in self.programs.values() if p.state == "rejected"]
+        if not waiting or self.closing:
+            return
+        waiting.sort(key=lambda p: p.queued or 0)
+        free = self.max_programs - sum(1 for p in self.programs.values()
+                                       if p.state in HOLDS_SLOT)
+        for program in waiting[:max(0, free)]:
+            log.info("%s: a slot is free, starting", program.name)
+            self._start(program)
 
     def _fetch(self, program: Program, fingerprint: str) -> None:
         """Fetch a git program in a thread; :meth:`_fetched` starts it after."""

@@ -525,3 +525,34 @@ def test_a_program_name_cannot_forge_a_line_of_the_daemon_log(
     forged = [line for line in log.splitlines() if line.startswith("FAKE")]
     assert forged == [], log
     assert "\x1b" not in log
+
+
+def test_a_node_runs_at_most_max_programs(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    """Regression: 300 code documents started 300 processes.  Beyond
+    ``max_programs`` a program is ``rejected``, says why, and starts once a
+    slot frees."""
+    for i in range(5):
+        code_db.save({"_id": f"p{i}", "type": 1000, "code": looping(tmp_path / f"p{i}.pid")})
+    node = node_factory(mac_id=1000, flags=["--max-programs", "3"])
+
+    def states() -> dict[str, str]:
+        return {doc_id: p.get("state") for doc_id, p in
+                ((node.status() or {}).get("programs") or {}).items()}
+
+    wait_for(lambda: sorted(states().values()) == ["rejected"] * 2 + ["running"] * 3,
+             message=lambda: f"states: {states()}")
+    rejected = sorted(d for d, state in states().items() if state == "rejected")
+    for doc_id in rejected:
+        assert node.program(doc_id)["last_error"] == (
+            "not started: this node runs its ceiling of 3 programs (max_programs); "
+            "it starts when one of them ends")
+        assert not (tmp_path / f"{doc_id}.pid").exists()
+    running = sorted(d for d, state in states().items() if state == "running")
+    code_db.delete(code_db.get(running[0]))
+    started = wait_for(lambda: [d for d in rejected if node.program(d).get("state") == "running"],
+                       message=lambda: f"states: {states()}")
+    assert len(started) == 1
+    wait_pid(tmp_path / f"{started[0]}.pid")
+    assert sorted(states().values()) == ["rejected"] + ["running"] * 3
+    node.wait_log(f"{started[0]}: a slot is free, starting")

@@ -761,3 +761,39 @@ def test_orphans_that_end_while_their_program_runs_leave_no_zombie(
     wait_for(lambda: not os.path.exists(f"/proc/{orphan}"),
              message=f"pid {orphan} stays a zombie")
     assert real.snapshot()["bg"]["state"] == "running"
+
+
+# -- the ceiling on programs ----------------------------------------------------------------
+
+def test_programs_beyond_the_ceiling_are_rejected_until_a_slot_frees(harness: Harness) -> None:
+    """Regression: 300 code documents started 300 processes."""
+    harness.sup.max_programs = 2
+    for doc_id in ("a", "b", "c", "d"):
+        harness.doc(doc_id, code=GOOD)
+    assert [harness.status(d)["state"] for d in "abcd"] == [
+        "running", "running", "rejected", "rejected"]
+    assert harness.status("c")["last_error"] == (
+        "not started: this node runs its ceiling of 2 programs (max_programs); "
+        "it starts when one of them ends")
+    assert harness.server.started("c") == []
+    # A program that backs off keeps its slot: it will run again.
+    harness.last("a").crash()
+    harness.step()
+    assert harness.status("a")["state"] == "backing-off"
+    harness.step()
+    assert harness.status("c")["state"] == "rejected"
+    # One that ends gives its slot to the first in the queue.
+    harness.delete("b")
+    harness.last("b").exit(0, ("finished", None))
+    harness.step()
+    assert harness.status("c")["state"] == "running"
+    assert harness.status("d")["state"] == "rejected"
+    harness.step(defaults.BACKOFF_MIN)
+    assert harness.status("a")["state"] == "running"
+    # Disabling one frees its slot too; enabling it again queues it.
+    harness.doc("c", rev=2, code=GOOD, enabled=False)
+    harness.last("c").exit(0, ("finished", None))
+    harness.step()
+    assert harness.status("d")["state"] == "running"
+    harness.doc("c", rev=3, code=GOOD)
+    assert harness.status("c")["state"] == "rejected"
