@@ -227,8 +227,25 @@ class Supervisor:
                     self._restart_all()
                 elif action == "stop_all":
                     self.stop_all(force=bool(arg))
-            except Exception:
-                log.exception("could not handle %s", action)
+            except Exception as exc:
+                if action == "doc":
+                    self._failed(arg, exc)
+                else:
+                    log.exception("could not handle %s", action)
+
+    def _failed(self, doc: dict[str, Any], exc: Exception) -> None:
+        """Handling ``doc`` raised: show it ``invalid`` with the error, go on."""
+        doc_id = str(doc.get("_id"))
+        error = f"the node could not handle this document: {type(exc).__name__}: {exc}"
+        log.error("could not handle document %s: %s", printable(doc_id), printable(error),
+                  exc_info=exc)
+        try:
+            mine = codedoc.matches_node(doc, self.node) or (
+                codedoc.is_placed(doc) and doc_id in self.assigned)
+            if mine and not doc.get("_deleted"):
+                self._deploy(codedoc.failed(doc, error, self.default_restart))
+        except Exception:
+            log.exception("%s: could not record that it failed", printable(doc_id))
 
     def _next_deadline(self) -> Optional[float]:
         times = []
@@ -364,6 +381,8 @@ class Supervisor:
     def _start_or_rest(self, program: Program) -> None:
         program.next_start = None  # a backoff restart of older code is void
         if program.doc.error:
+            # Deployed as it is: the same code as before the error starts again.
+            program.fingerprint = program.doc.fingerprint(self.global_sources)
             self._set(program, "invalid", error=program.doc.error)
             log.error("%s: %s", program.name, printable(program.doc.error, multiline=True))
         elif not program.doc.enabled:

@@ -556,3 +556,28 @@ def test_a_node_runs_at_most_max_programs(
     wait_pid(tmp_path / f"{started[0]}.pid")
     assert sorted(states().values()) == ["rejected"] + ["running"] * 3
     node.wait_log(f"{started[0]}: a slot is free, starting")
+
+
+def test_code_that_makes_compile_raise_memoryerror_is_invalid(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    """Regression: ``"x = " + "-" * 100000 + "1"`` made compile() raise
+    MemoryError; the daemon logged it without the document's id and dropped
+    the update while the old version kept running.  Now the update is
+    ``invalid`` with the error, like any code that cannot run, and the node
+    goes on."""
+    pidfile = tmp_path / "deep.pid"
+    code_db.save({"_id": "deep", "type": 1000, "code": looping(pidfile)})
+    node = node_factory(mac_id=1000)
+    old = wait_pid(pidfile)
+    save(code_db, {"_id": "deep", "type": 1000,
+                   "code": "x = " + "-" * 100000 + "1\n" + looping(pidfile)})
+    program = node.wait_program("deep", state="invalid")
+    assert program["rev"].startswith("2-")
+    assert program["last_error"] == (
+        "module 'main' cannot be compiled: MemoryError (nested too deeply?)")
+    node.wait_log("deep: module 'main' cannot be compiled: MemoryError")
+    wait_dead(old)
+    assert "could not handle" not in node.log()
+    save(code_db, {"_id": "deep", "type": 1000, "code": looping(pidfile)})
+    node.wait_program("deep", state="running", pid=wait_pid(pidfile, other_than=old))
+    assert node.alive()

@@ -797,3 +797,54 @@ def test_programs_beyond_the_ceiling_are_rejected_until_a_slot_frees(harness: Ha
     assert harness.status("d")["state"] == "running"
     harness.doc("c", rev=3, code=GOOD)
     assert harness.status("c")["state"] == "rejected"
+
+
+# -- documents the daemon cannot handle -----------------------------------------------------
+
+DEEP = "x = " + "-" * 100000 + "1\n"  # compile() raises MemoryError
+
+
+def test_code_the_compiler_cannot_take_is_invalid_and_stops_the_old_version(
+        harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+    """Regression: compile() raising MemoryError was logged without the
+    document's id, and the update silently dropped while the old version
+    kept running."""
+    harness.doc("m", code=GOOD)
+    old = harness.last("m")
+    harness.doc("m", rev=2, code=DEEP + GOOD)
+    assert old.received() == ["quit"]
+    old.exit(0, ("finished", None))
+    harness.step()
+    status = harness.status("m")
+    assert (status["state"], status["rev"]) == ("invalid", "2-x")
+    assert status["last_error"] == (
+        "module 'main' cannot be compiled: MemoryError (nested too deeply?)")
+    assert "m: module 'main' cannot be compiled: MemoryError" in caplog.text
+    assert harness.server.started("m") == [old]
+    harness.doc("n", code=GOOD)
+    assert harness.status("n")["state"] == "running"
+    harness.doc("m", rev=3, code=GOOD)  # the old code again: it runs
+    assert harness.status("m")["state"] == "running"
+
+
+def test_any_failure_to_handle_a_document_shows_as_invalid(
+        harness: Harness, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    harness.doc("a", code=GOOD)
+    old = harness.last("a")
+
+    def broken(doc: Any, default_restart: str = "") -> Any:
+        raise KeyError("surprise")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(codedoc, "parse", broken)
+        harness.doc("a", rev=2, name="alpha", code=GOOD)
+    old.exit(0, ("finished", None))
+    harness.step()
+    status = harness.status("a")
+    assert (status["state"], status["name"], status["rev"]) == ("invalid", "alpha", "2-x")
+    assert status["last_error"] == (
+        "the node could not handle this document: KeyError: 'surprise'")
+    assert "could not handle document a: the node could not handle" in caplog.text
+    harness.doc("a", rev=3, code=GOOD)  # fixed: it runs again
+    assert harness.status("a")["state"] == "running"
