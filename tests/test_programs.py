@@ -11,6 +11,8 @@ import signal
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import pytest
+
 from himbeere import defaults
 from himbeere.couch import Database
 from tests.helpers import wait_for
@@ -581,3 +583,34 @@ def test_code_that_makes_compile_raise_memoryerror_is_invalid(
     save(code_db, {"_id": "deep", "type": 1000, "code": looping(pidfile)})
     node.wait_program("deep", state="running", pid=wait_pid(pidfile, other_than=old))
     assert node.alive()
+
+
+@pytest.mark.parametrize("how", ["disable", "delete", "kill -9 of the daemon"])
+def test_a_descendant_that_calls_setsid_goes_with_its_program(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path, how: str) -> None:
+    """Regression: a program's descendant that called setsid() kept running
+    after the program was stopped or deleted."""
+    pids = tmp_path / "pids"
+    doc = {"_id": "esc", "type": 1000, "code": (
+        "import os, subprocess, time\n"
+        "def main():\n"
+        "    sleeper = subprocess.Popen(['setsid', 'sleep', '1000'])\n"
+        "    daemon = subprocess.run(['sh', '-c', 'setsid sleep 1000 >/dev/null 2>&1 & "
+        "echo $!'], capture_output=True, text=True).stdout.strip()\n" +
+        put(pids, "f'{os.getpid()} {sleeper.pid} {daemon}'") +
+        "    while not should_quit():\n"
+        "        time.sleep(0.05)\n")}
+    code_db.save(dict(doc))
+    node = node_factory(mac_id=1000)
+    program, sleeper, daemon = (int(p) for p in wait_file(pids).split())
+    node.wait_program("esc", state="running", pid=program)
+    assert pid_alive(sleeper) and pid_alive(daemon)  # orphaned, yet alive while it runs
+    if how == "disable":
+        save(code_db, dict(doc, enabled=False))
+        node.wait_program("esc", state="stopped")
+    elif how == "delete":
+        code_db.delete(code_db.get("esc"))
+    else:
+        node.kill()
+    for pid in (program, sleeper, daemon):
+        wait_dead(pid)
