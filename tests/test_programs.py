@@ -7,6 +7,7 @@ the daemon's log.  Nodes run with ``--grace-period 2``.
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -603,14 +604,28 @@ def test_a_descendant_that_calls_setsid_goes_with_its_program(
     code_db.save(dict(doc))
     node = node_factory(mac_id=1000)
     program, sleeper, daemon = (int(p) for p in wait_file(pids).split())
-    node.wait_program("esc", state="running", pid=program)
-    assert pid_alive(sleeper) and pid_alive(daemon)  # orphaned, yet alive while it runs
-    if how == "disable":
-        save(code_db, dict(doc, enabled=False))
-        node.wait_program("esc", state="stopped")
-    elif how == "delete":
-        code_db.delete(code_db.get("esc"))
-    else:
-        node.kill()
-    for pid in (program, sleeper, daemon):
-        wait_dead(pid)
+    try:
+        node.wait_program("esc", state="running", pid=program)
+        assert pid_alive(sleeper) and pid_alive(daemon)  # orphaned, yet alive while it runs
+        if how == "disable":
+            save(code_db, dict(doc, enabled=False))
+            node.wait_program("esc", state="stopped")
+        elif how == "delete":
+            code_db.delete(code_db.get("esc"))
+        else:
+            node.kill()
+        for pid in (program, sleeper, daemon):
+            wait_dead(pid)
+    finally:
+        kill_leftover(sleeper, b"sleep")
+        kill_leftover(daemon, b"sleep")
+
+
+def kill_leftover(pid: int, command: bytes) -> None:
+    """Kill ``pid`` if it still runs ``command`` (a test that failed left it)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            if command in handle.read():
+                os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass

@@ -25,6 +25,7 @@ from himbeere import codedoc, defaults, programs
 from himbeere.programs import Supervisor
 from tests.helpers import wait_for
 from tests.nodes import pid_alive
+from tests.test_programs import kill_leftover
 
 NODE = 1000
 GOOD = "def main():\n    pass\n"
@@ -717,6 +718,14 @@ def test_setsid_descendants_go_with_their_program(
                  "code": ESCAPER.format(pids=str(pids))})
     run_until(real, pids.exists)
     sleeper, daemon = (int(p) for p in pids.read_text().split())
+    try:
+        _stop_and_check(real, how, pids, sleeper, daemon)
+    finally:
+        kill_leftover(sleeper, b"sleep")
+        kill_leftover(daemon, b"himbeere.forkserver")
+
+
+def _stop_and_check(real: Supervisor, how: str, pids: Path, sleeper: int, daemon: int) -> None:
     program = real.snapshot()["esc"]["pid"]
     # The daemon's parent exited: it is an orphan, adopted by the program's
     # keeper, and lives on as long as the program runs.
