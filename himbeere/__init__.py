@@ -14,6 +14,7 @@ The map (one module per noun):
 ``programs``   supervising programs: start, restart, back off, stop
 ``forkserver`` the single-threaded process that forks programs warm
 ``child``      what runs inside a program's process: helpers, importer
+``reaper``     subreapers: nothing a program starts outlives it
 ``progstate``  a program's persistent ``state``, kept in the status database
 ``leadership`` ``leader(group)``, ``on_leadership``: elections among programs
 ``commands``   running commands exactly once (``<macid>_cmd``, fleet commands)

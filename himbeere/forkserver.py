@@ -9,35 +9,19 @@ script in every child.
 
 So the daemon starts this module once (``python -m himbeere.forkserver FD``)
 with :data:`PRELOAD` imported; it has one thread, forks a child per request
-and reports every child's exit.
-
-Nothing a program starts escapes its stop.  A program's descendant that
-calls ``setsid()`` leaves the program's process group, and once its parent
-is gone the kernel hands it to the nearest *child subreaper* above it
-(``prctl(PR_SET_CHILD_SUBREAPER)``), or to init.  So each program runs under
-a *keeper* of its own (:func:`_keep`): a process forked by the server that
-is a subreaper, forks the program, reaps every orphan of the program's tree
-that ends while the program runs, and, once the program has exited, kills
-whatever of the tree is left before it exits itself with the program's
-status.  One subreaper per program is what tells whose an orphan is: the
-kernel reparents it to the keeper of its own program, never to another's.
-The keeper signals only its own unreaped children, so a reused pid is never
-hit.  The server itself is a subreaper too, so that a program whose keeper
-was killed is still reaped and reported here.  Messages on the socket are
-pickled tuples:
+and reports every child's exit.  It is a child subreaper: what is left of a
+program's process tree when the program ends becomes its child, and it kills
+that (see :mod:`himbeere.reaper`).  Messages on the socket are pickled tuples:
 
 daemon -> server
     ``("start", token, spec)`` with the child's control socket attached
 server -> daemon
     ``("started", token, pid)``, ``("failed", token, error)``,
-    ``("exited", pid, exitcode)`` (negative: killed by that signal); ``pid``
-    is always the program's, never its keeper's
+    ``("exited", pid, exitcode)`` (negative: killed by that signal)
 """
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import importlib
 import logging
 import os
@@ -60,18 +44,6 @@ PRELOAD = ("himbeere.child", "json", "traceback", "importlib.util",
            "faulthandler", "threading",
            # a program's first socket call with a host name needs this codec
            "encodings.idna")
-
-#: prctl(2) option: orphaned descendants are reparented to us, not to init.
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def become_subreaper() -> bool:
-    """Make this process a child subreaper (Linux >= 3.4); False where it cannot."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
-    except (OSError, AttributeError):
-        return False
 
 
 class ForkServer:
@@ -178,7 +150,9 @@ def serve(fd: int) -> None:
             importlib.import_module(name)
         except ImportError as exc:
             print(f"himbeere fork server: cannot preload {name}: {exc}", file=sys.stderr)
-    from himbeere import child
+    from himbeere import child, reaper
+
+    reaper.note_forks()  # once, here: shared by every program
 
     conn = Connection(fd)
     sock = socket.socket(fileno=os.dup(fd))
@@ -196,14 +170,14 @@ def serve(fd: int) -> None:
     selector = selectors.DefaultSelector()
     selector.register(fd, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
-    become_subreaper()
-    #: keeper pid -> its program's pid
-    keepers: dict[int, int] = {}
+    reaper.become_subreaper()
+    #: pids of the programs; any other child of ours is left over from one
+    programs: set[int] = set()
     while True:
         for key, _ in selector.select():
             if key.fd == wake_r:
                 _drain(wake_r)
-                _report_exits(conn, keepers)
+                _report_exits(conn, programs)
                 continue
             try:
                 message = conn.recv()
@@ -212,17 +186,30 @@ def serve(fd: int) -> None:
                 os._exit(0)
             _, token, spec = message
             try:
-                keeper, pid = _start_keeper(spec, fds[0], (fd, sock.fileno(), wake_r, wake_w),
-                                            selector, child.main)
+                pid = os.fork()
             except OSError as exc:
-                conn.send(("failed", token, f"fork failed: {exc}"))
-                continue
-            finally:
                 for extra in fds:
                     os.close(extra)
-            keepers[keeper] = pid
+                conn.send(("failed", token, f"fork failed: {exc}"))
+                continue
+            if pid == 0:
+                selector.close()
+                signal.set_wakeup_fd(-1)
+                for extra in (fd, sock.fileno(), wake_r, wake_w):
+                    os.close(extra)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                try:
+                    child.main(spec, Connection(fds[0]))
+                finally:
+                    # child.main never returns; should it raise, the child
+                    # must not unwind into this loop and serve as a second
+                    # fork server.
+                    os._exit(1)
+            for extra in fds:
+                os.close(extra)
+            programs.add(pid)
             conn.send(("started", token, pid))
-        _report_exits(conn, keepers)
+        _report_exits(conn, programs)
 
 
 def _drain(fd: int) -> None:
@@ -233,158 +220,29 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _report_exits(conn: Connection, keepers: dict[int, int]) -> None:
+def _report_exits(conn: Connection, programs: set[int]) -> None:
+    """Report programs that ended; kill what they left behind."""
+    from himbeere import reaper
+
+    reaped = False
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
-            return
-        program = keepers.pop(pid, None)
-        if program is not None and _still_ours(program):
-            # Its keeper was killed before the program ended: the program is
-            # our child now (we are a subreaper); report its own exit later.
-            continue
-        conn.send(("exited", pid if program is None else program,
-                   os.waitstatus_to_exitcode(status)))
-
-
-def _still_ours(pid: int) -> bool:
-    try:
-        return os.waitpid(pid, os.WNOHANG)[0] == 0
-    except ChildProcessError:
-        return False
-
-
-def _start_keeper(spec: Any, control: int, close: tuple[int, ...], selector: Any,
-                  run: Any) -> tuple[int, int]:
-    """Fork a keeper that forks the program; return (keeper pid, program pid)."""
-    ready_r, ready_w = os.pipe()
-    try:
-        keeper = os.fork()
-    except OSError:
-        os.close(ready_r)
-        os.close(ready_w)
-        raise
-    if keeper == 0:
-        try:
-            os.close(ready_r)
-            selector.close()
-            signal.set_wakeup_fd(-1)
-            for extra in close:
-                os.close(extra)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            _keep(spec, control, ready_w, run)
-        finally:
-            # Never unwind into the server's loop and serve as a second one.
-            os._exit(1)
-    os.close(ready_w)
-    with os.fdopen(ready_r, "rb") as ready:
-        report = ready.read().decode("utf-8", "replace")
-    if report.startswith("pid "):
-        return keeper, int(report.split()[1])
-    os.waitpid(keeper, 0)
-    raise OSError(report or "the program's keeper died before it forked the program")
-
-
-def _keep(spec: Any, control: int, ready: int, run: Any) -> None:
-    """The keeper: fork the program, reap its tree, and end it with the program.
-
-    Reaps by waiting for any child without reaping it first
-    (``WNOWAIT``): the program itself is reaped last, so neither its pid nor
-    its process group can be reused while the daemon may still signal them.
-    """
-    gc.disable()  # touching every object would copy the server's pages
-    become_subreaper()
-    try:
-        pid = os.fork()
-    except OSError as exc:
-        os.write(ready, f"fork failed: {exc}".encode())
-        os._exit(1)
-    if pid == 0:
-        os.close(ready)
-        gc.enable()
-        run(spec, Connection(control))
-        os._exit(1)
-    os.close(control)
-    os.write(ready, f"pid {pid}".encode())
-    os.close(ready)
-    while True:
-        try:
-            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOWAIT)
-        except ChildProcessError:
-            os._exit(1)  # cannot be: the program is ours until we reap it
-        except InterruptedError:
-            continue
-        if info is None:
-            continue
-        if info.si_pid == pid:
             break
-        _reap(info.si_pid)  # an orphan of the program's tree that ended
-    _kill_descendants(exclude=pid)
-    _, status = os.waitpid(pid, 0)
-    _exit_like(status)
-
-
-def _reap(pid: int) -> None:
-    try:
-        os.waitpid(pid, 0)
-    except ChildProcessError:
-        pass
-
-
-def _children(exclude: int) -> list[tuple[int, bool]]:
-    """This process's children other than ``exclude``: (pid, is a zombie)."""
-    me, found = str(os.getpid()), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[1].decode() == me and int(entry) != exclude:
-            found.append((int(entry), fields[0] == b"Z"))
-    return found
-
-
-def _kill_descendants(exclude: int) -> None:
-    """SIGKILL every descendant, level by level, until none is left.
-
-    Only our own children are signalled, and only before we reap them, so
-    their pids cannot have been reused.  A killed child's children become
-    ours (we are a subreaper) and go in the next round.
-    """
-    while True:
-        children = _children(exclude)
-        if not children:
-            return
-        for pid, zombie in children:
-            if not zombie:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        for pid, _ in children:
-            _reap(pid)
-
-
-def _exit_like(status: int) -> None:
-    """Exit with the program's wait status: its exit code, or its signal."""
-    code = os.waitstatus_to_exitcode(status)
-    if code >= 0:
-        os._exit(code)
-    import resource
-
-    try:
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the program dumped already
-        signal.signal(-code, signal.SIG_DFL)
-    except (OSError, ValueError):
-        pass  # SIGKILL and SIGSTOP cannot be caught: their default holds
-    os.kill(os.getpid(), -code)
-    os._exit(128 - code)
+        reaped = True
+        if pid in programs:
+            programs.discard(pid)
+            conn.send(("exited", pid, os.waitstatus_to_exitcode(status)))
+    if reaped:
+        # Any other child was a program's descendant, handed to us when the
+        # program's process ended (it was the subreaper of its tree until
+        # then).  One round: a killed one's children come to us, and their
+        # SIGCHLD wakes us for the next.  Only after an exit: every look at
+        # /proc costs pages that each program would then hold a copy of.
+        reaper.kill_children(exclude=programs)
 
 
 if __name__ == "__main__":

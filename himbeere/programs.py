@@ -620,9 +620,9 @@ class Supervisor:
             else:
                 continue
             program.exit_code = code
-            # Whether it was stopped, crashed or returned, what it started is
-            # gone too: its keeper killed the rest of its tree before
-            # reporting the exit (forkserver.py), setsid() or not.
+            # Whether it was stopped, crashed or returned, what it started
+            # goes too: the rest of its tree is the fork server's now, which
+            # kills it (reaper.py), setsid() or not.
             self._forget(program)
             if program.state == "stopping":
                 log.info("%s: stopped", program.name)

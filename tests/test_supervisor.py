@@ -287,7 +287,7 @@ def test_program_that_quits_in_time_gets_no_signal(
     harness.step()
     assert harness.status("polite")["state"] == "stopped"
     assert not harness.sup.busy()
-    # What the program left behind its keeper killed (forkserver.py): no
+    # What the program left behind the fork server killed (reaper.py): no
     # sweep from here, which could hit the program's pid reused.
     assert kills == []
 
@@ -727,8 +727,8 @@ def test_setsid_descendants_go_with_their_program(
 
 def _stop_and_check(real: Supervisor, how: str, pids: Path, sleeper: int, daemon: int) -> None:
     program = real.snapshot()["esc"]["pid"]
-    # The daemon's parent exited: it is an orphan, adopted by the program's
-    # keeper, and lives on as long as the program runs.
+    # The daemon's parent exited: it is an orphan, adopted by the program
+    # (a subreaper), and lives on as long as the program runs.
     run_until(real, lambda: _ppid(_ppid(daemon)) != program)
     real.loop(0.2)
     assert pid_alive(sleeper) and pid_alive(daemon) and pid_alive(program)
@@ -754,8 +754,8 @@ def _ppid(pid: Optional[int]) -> Optional[int]:
 
 def test_orphans_that_end_while_their_program_runs_leave_no_zombie(
         real: Supervisor, tmp_path: Path) -> None:
-    """The keeper reaps what its program's tree orphaned (``cmd &``), or each
-    would stay a zombie until the program ends."""
+    """A program reaps what its tree orphaned (``cmd &``), or each would
+    stay a zombie until the program ends."""
     pids = tmp_path / "pids"
     real.submit({"_id": "bg", "_rev": "1-x", "type": NODE, "code": (
         "import subprocess, time\n"
@@ -857,3 +857,27 @@ def test_any_failure_to_handle_a_document_shows_as_invalid(
     assert "could not handle document a: the node could not handle" in caplog.text
     harness.doc("a", rev=3, code=GOOD)  # fixed: it runs again
     assert harness.status("a")["state"] == "running"
+
+
+def test_a_programs_own_children_keep_their_exit_status(
+        real: Supervisor, tmp_path: Path) -> None:
+    """The orphan reaper never reaps a child the program started itself,
+    however long the program takes to wait for it."""
+    result = tmp_path / "result"
+    real.submit({"_id": "own", "_rev": "1-x", "type": NODE, "restart": "never", "code": (
+        "import os, subprocess, time\n"
+        "from himbeere import reaper\n"
+        "def main():\n"
+        "    popen = subprocess.Popen(['sh', '-c', 'exit 7'])\n"
+        "    spawned = subprocess.Popen(['sh', '-c', 'exit 8'], close_fds=False)\n"
+        "    forked = os.fork()\n"
+        "    if forked == 0:\n"
+        "        os._exit(9)\n"
+        "    system = os.system('exit 10')\n"
+        "    time.sleep(3 * reaper.REAP_INTERVAL)  # the reaper looks, and looks again\n"
+        "    codes = [popen.wait(), spawned.wait(), os.waitpid(forked, 0)[1] >> 8,\n"
+        "             system >> 8]\n"
+        f"    open({str(result)!r}, 'w').write(repr(codes))\n"
+    )})
+    run_until(real, lambda: real.snapshot().get("own", {}).get("state") == "finished", 40)
+    assert result.read_text() == "[7, 8, 9, 10]"
