@@ -27,7 +27,8 @@ def test_second_daemon_is_refused_and_the_first_goes_on(
     program = wait_pid(pidfile)
     first.wait_program("p", state="running", pid=program)
 
-    second = node_factory(mac_id=1000, state_dir=state_dir, start=False)
+    # The same credentials: provisioning the node again would change its password.
+    second = node_factory(mac_id=1000, state_dir=state_dir, start=False, url=first.url)
     second.log_path = tmp_path / "second.log"  # not the first one's
     second.start()
     assert second.process is not None
@@ -81,7 +82,7 @@ def test_a_killed_daemon_leaves_no_lock_behind(
     first = node_factory(mac_id=1000, state_dir=state_dir)
     old = wait_pid(pidfile)
     first.kill()  # kill -9: the kernel drops the lock with the process
-    second = node_factory(mac_id=1000, state_dir=state_dir)
+    second = node_factory(mac_id=1000, state_dir=state_dir, url=first.url)
     new = wait_pid(pidfile, other_than=old)
     second.wait_program("p", state="running", pid=new)
     assert "already runs" not in second.log()
