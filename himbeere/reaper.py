@@ -24,7 +24,6 @@ subreaper) and go in the next round.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import signal
@@ -40,21 +39,22 @@ PR_SET_CHILD_SUBREAPER = 36
 REAP_INTERVAL = 2.0
 
 
-def _load_prctl() -> Optional[Callable[..., int]]:
-    try:
-        prctl: Callable[..., int] = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    return prctl
-
-
-#: Looked up once, in the fork server: every program's process shares it.
-_prctl = _load_prctl()
+#: prctl(2) through ctypes, loaded on first use: in the fork server, before
+#: it forks any program, so every program shares it; never in the daemon.
+_prctl: Optional[Callable[..., int]] = None
 
 
 def become_subreaper() -> bool:
     """Make this process a child subreaper (Linux >= 3.4); False where it cannot."""
-    return _prctl is not None and _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    global _prctl
+    if _prctl is None:
+        try:
+            import ctypes
+
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except (OSError, AttributeError, ImportError):
+            return False
+    return _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
 
 
 def children() -> list[tuple[int, bool, str]]:
