@@ -14,6 +14,7 @@ The map (one module per noun):
 ``programs``   supervising programs: start, restart, back off, stop
 ``forkserver`` the single-threaded process that forks programs warm
 ``child``      what runs inside a program's process: helpers, importer
+``reaper``     subreapers: nothing a program starts outlives it
 ``progstate``  a program's persistent ``state``, kept in the status database
 ``leadership`` ``leader(group)``, ``on_leadership``: elections among programs
 ``commands``   running commands exactly once (``<macid>_cmd``, fleet commands)
@@ -25,11 +26,13 @@ The map (one module per noun):
 ``logship``    program output into the status database (and, up to a
                rate, into the daemon's log)
 ``oneshot``    ``restart: never`` programs that ended stay ended until reboot
+``logtext``    names and errors from documents made safe for a log line
 ``security``   roles, ``_security`` and ``validate_doc_update`` rules
 ``discovery``  pairing by UDP broadcast, laptop and node sides
 ``fleetkey``   the shared pairing secret (HMAC, AES-GCM)
 ``gpio``       the node's LED
 ``daemon``     wiring it all together; signals
+``statelock``  one daemon per state directory (an ``fcntl`` lock)
 ``service``    running the daemon in the background (pidfile)
 ``cli``        the ``himbeere`` command
 ============== ============================================================

@@ -38,9 +38,10 @@ import types
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable, Optional
 
-from . import defaults
+from . import defaults, reaper
 from .exceptions import ConfigError
 from .leadership import Leadership
+from .logtext import printable
 from .progstate import ProgramState
 
 #: Exit codes the daemon reads when a child could not report.
@@ -345,7 +346,7 @@ def _write_lines(name: str, text: str, direct: bool = False) -> None:
         _log_queue.add(lines)
         if not direct:
             return
-    data = "".join(f"[{name}] {line}\n" for line in lines)
+    data = "".join(f"[{printable(name)}] {line}\n" for line in lines)
     try:
         os.write(1, data.encode("utf-8", "backslashreplace"))
     except OSError:
@@ -390,6 +391,10 @@ class PrefixedStream:
 def main(spec: ProgramSpec, conn: Any) -> None:
     """Entry point in the forked child; never returns normally."""
     os.setsid()
+    # Every orphan of the program's tree becomes ours, whatever session it
+    # made: nothing it starts outlives it (see himbeere.reaper).
+    reaper.become_subreaper()
+    orphans = reaper.OrphanReaper()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
@@ -408,7 +413,7 @@ def main(spec: ProgramSpec, conn: Any) -> None:
     global _log_queue
     _log_queue = LogQueue(send)
     helpers = Helpers(spec, send)
-    threading.Thread(target=_watch_quit, args=(conn, helpers, spec.fence), daemon=True,
+    threading.Thread(target=_watch_quit, args=(conn, helpers, spec.fence, orphans), daemon=True,
                      name="quit-watch").start()
     if spec.path:
         sys.path.insert(0, spec.path)
@@ -432,6 +437,7 @@ def main(spec: ProgramSpec, conn: Any) -> None:
         # The daemon is gone (kill -9), so nobody will sweep our process
         # group after we exit: take what the program started along (and
         # ourselves; nobody reads our exit code now).
+        reaper.kill_children(wait=2.0)
         try:
             os.killpg(0, signal.SIGKILL)
         except OSError:
@@ -517,8 +523,12 @@ def program_traceback(exc: BaseException) -> str:
 _fenced: Optional[str] = None
 
 
-def _watch_quit(conn: Any, helpers: Helpers, fence: Optional[float] = None) -> None:
+def _watch_quit(conn: Any, helpers: Helpers, fence: Optional[float] = None,
+                orphans: Optional[reaper.OrphanReaper] = None) -> None:
     """Request quit on ``"quit"`` from the daemon, or when the daemon is gone.
+
+    Meanwhile, every ``REAP_INTERVAL`` seconds, reap the orphans of the
+    program's tree that ended (``orphans``, see :mod:`himbeere.reaper`).
 
     With ``fence`` (a placed program) the daemon also sends ``"alive"``
     every ``fence / 6`` seconds.  Another node may start the program once
@@ -531,10 +541,17 @@ def _watch_quit(conn: Any, helpers: Helpers, fence: Optional[float] = None) -> N
     heard = time.monotonic()
     while True:
         try:
-            if fence is not None and not conn.poll(max(0.0, heard + fence / 2 - time.monotonic())):
-                helpers.orphaned = True  # nobody sweeps our group: take it along on exit
-                _fenced = f"no word from the daemon for {fence / 2:g} s: stopped (fence)"
-                break
+            wait = reaper.REAP_INTERVAL
+            if fence is not None:
+                wait = min(wait, max(0.0, heard + fence / 2 - time.monotonic()))
+            if not conn.poll(wait):
+                if fence is not None and time.monotonic() >= heard + fence / 2:
+                    helpers.orphaned = True  # nobody sweeps our group: take it along on exit
+                    _fenced = f"no word from the daemon for {fence / 2:g} s: stopped (fence)"
+                    break
+                if orphans is not None:
+                    orphans.reap()
+                continue
             message = conn.recv()
         except (EOFError, OSError):
             helpers.orphaned = True
@@ -553,4 +570,5 @@ def _watch_quit(conn: Any, helpers: Helpers, fence: Optional[float] = None) -> N
     # Written to fd 1 at once: the daemon is not listening (frozen, or gone).
     _write_lines(helpers.spec.name, f"still running {fence:g} s after the daemon's last "
                  "word: killed, so that it never runs on two nodes", direct=True)
+    reaper.kill_children(wait=2.0)
     os.killpg(0, signal.SIGKILL)

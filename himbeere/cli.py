@@ -45,6 +45,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
                        help="on-failure (default), always or never")
     group.add_argument("--feed-timeout", metavar="S",
                        help="seconds of silence after which the feed counts as dead")
+    group.add_argument("--max-programs", metavar="N",
+                       help="at most this many programs run at once; more are rejected "
+                            "(default 64)")
     group.add_argument("--log-file", metavar="FILE", help="log file when in the background")
     group.add_argument("--log-max-bytes", metavar="N",
                        help="rotate the log file at this size (default 1048576)")
@@ -57,7 +60,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 FLAG_KEYS = ("server", "database", "status_database", "state_dir", "interface", "mac_id",
              "heartbeat_interval", "grace_period", "restart_policy", "feed_timeout", "log_file",
-             "log_max_bytes", "log_backups", "program_log_rate")
+             "log_max_bytes", "log_backups", "program_log_rate", "max_programs")
 
 
 def load_config(args: argparse.Namespace) -> Callable[[], configuration.Config]:

@@ -78,7 +78,7 @@ def imported_names(source: str) -> set[str]:
     """Top-level names of the modules ``source`` imports (best effort)."""
     try:
         tree = ast.parse(source)
-    except (SyntaxError, ValueError):
+    except Exception:  # noqa: BLE001 - SyntaxError, ValueError, MemoryError, RecursionError...
         return set()
     names: set[str] = set()
     for node in ast.walk(tree):
@@ -115,17 +115,9 @@ def parse(doc: dict[str, Any], default_restart: str = defaults.RESTART_POLICY) -
     Never raises for bad content: a document that cannot run gets ``error``
     set, so the node can show it in its status and keep going.
     """
-    doc_id = str(doc.get("_id", "?"))
-    rev = str(doc.get("_rev", "?"))
-    name = doc.get("name")
-    name = name if isinstance(name, str) and name.strip() else doc_id
+    base = _base(doc, default_restart)
     enabled = doc.get("enabled", True)
     restart = doc.get("restart", default_restart)
-    count = doc.get("restart_count", 0)
-    base: dict[str, Any] = dict(
-        doc_id=doc_id, rev=rev, name=name, enabled=enabled is not False, placed=is_placed(doc),
-        restart=restart if isinstance(restart, str) else default_restart,
-        restart_count=count if isinstance(count, int) and not isinstance(count, bool) else 0)
     try:
         global_modules = _modules_field(doc, "global_modules")
         _check_size(global_modules)
@@ -160,6 +152,31 @@ def parse(doc: dict[str, Any], default_restart: str = defaults.RESTART_POLICY) -
         error = "nothing to run: the document has no code, modules or global_modules"
         return CodeDoc(modules={}, global_modules={}, error=error, **base)
     return CodeDoc(modules=modules, global_modules=global_modules, **base)
+
+
+def failed(doc: dict[str, Any], error: str,
+           default_restart: str = defaults.RESTART_POLICY) -> CodeDoc:
+    """The :class:`CodeDoc` of a document whose handling failed with ``error``.
+
+    It is ``invalid`` in the node's status, like any document that cannot
+    run; the daemon goes on with the others.
+    """
+    return CodeDoc(modules={}, global_modules={}, error=error, **_base(doc, default_restart))
+
+
+def _base(doc: dict[str, Any], default_restart: str) -> dict[str, Any]:
+    """The fields every :class:`CodeDoc` of ``doc`` has, whatever its code."""
+    doc_id = str(doc.get("_id", "?"))
+    name = doc.get("name")
+    enabled = doc.get("enabled", True)
+    restart = doc.get("restart", default_restart)
+    count = doc.get("restart_count", 0)
+    return dict(
+        doc_id=doc_id, rev=str(doc.get("_rev", "?")),
+        name=name if isinstance(name, str) and name.strip() else doc_id,
+        enabled=enabled is not False, placed=is_placed(doc),
+        restart=restart if isinstance(restart, str) else default_restart,
+        restart_count=count if isinstance(count, int) and not isinstance(count, bool) else 0)
 
 
 def _modules_field(doc: dict[str, Any], key: str) -> dict[str, str]:
@@ -214,3 +231,9 @@ def _check_syntax(modules: dict[str, str]) -> None:
             ) from None
         except ValueError as exc:
             raise ProgramError(f"module {module!r} cannot be compiled: {exc}") from None
+        except (MemoryError, RecursionError) as exc:
+            # Nesting too deep for the compiler: "x = " + "-" * 100000 + "1".
+            # It would fail the same way in the program's own process.
+            detail = f": {exc}" if str(exc) else ""
+            raise ProgramError(f"module {module!r} cannot be compiled: {type(exc).__name__}"
+                               f"{detail} (nested too deeply?)") from None

@@ -38,6 +38,7 @@ class Config:
     grace_period: float = defaults.GRACE_PERIOD
     restart_policy: str = defaults.RESTART_POLICY
     command_timeout: float = defaults.COMMAND_TIMEOUT
+    max_programs: int = defaults.MAX_PROGRAMS
     legacy_password: bool = False
     log_file: Optional[str] = None
     log_max_bytes: int = defaults.LOG_MAX_BYTES
@@ -88,6 +89,9 @@ class Config:
                               ">= 1024")
         if self.log_backups < 1:
             raise ConfigError(f"log_backups: {self.log_backups!r} must be a whole number >= 1")
+        if self.max_programs < 1:
+            raise ConfigError(
+                f"max_programs: {self.max_programs!r} must be a whole number >= 1")
         if self.mac_id is not None and self.mac_id < 0:
             raise ConfigError(f"mac_id: {self.mac_id!r} must be a whole number >= 0")
         if not 0 < self.discovery_port < 65536:

@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from . import discovery, identity, transport
+from . import discovery, identity, statelock, transport
 from .commands import COMMAND_TYPE, Commands
 from .config import Config, redact
 from .couch import Couch, Doc, split_servers
@@ -62,12 +62,19 @@ class Daemon:
         self.dump_requested = False
         self._stopped = threading.Event()
         self._recovered = False
+        self._locked: Optional[str] = None
         self._setup()
 
     def _setup(self) -> None:
         config = self.config
         self._recovered = False
         config.state_path.mkdir(parents=True, exist_ok=True)
+        # Before anything runs: a second daemon on one node would run every
+        # command twice and kill the first one's programs.
+        statelock.acquire(config.state_path)
+        if self._locked is not None and self._locked != config.state_dir:
+            statelock.release(self._locked)  # a reload moved the state directory
+        self._locked = config.state_dir
         self.node = identity.getmacid(config.interface, config.mac_id)
         self.couch = Couch(config.server or "")
         self.db = self.couch.database(config.database)
@@ -78,6 +85,7 @@ class Daemon:
             state_dir=config.state_path, on_change=self._program_changed,
             on_log=self._program_output, status_database=config.status_db,
             fence=CHILD_FENCE * config.heartbeat_interval,
+            max_programs=config.max_programs,
         )
         self.logs = LogShipper(self.status_db, self.node)
         self.output = OutputLog(config.program_log_rate)
@@ -163,14 +171,18 @@ class Daemon:
     def run(self) -> int:
         """Run until stopped; return the exit code."""
         self._install_signals()
-        while True:
-            self._run_once()
-            if not self.reload_requested:
-                return 0
-            self.reload_requested = False
-            self.stop_requested = 0
-            self._setup()
-            log.info("restarted with the new configuration")
+        try:
+            while True:
+                self._run_once()
+                if not self.reload_requested:
+                    return 0
+                self.reload_requested = False
+                self.stop_requested = 0
+                self._setup()
+                log.info("restarted with the new configuration")
+        finally:
+            if self._locked is not None:
+                statelock.release(self._locked)
 
     def _run_once(self) -> None:
         log.info("himbeere node %s: server %s, database %s, state %s", self.node,
@@ -225,6 +237,7 @@ class Daemon:
         self.placement.interval = new.heartbeat_interval
         self.placement.lease.ttl = LEASE_TTL * new.heartbeat_interval
         self.supervisor.fence = CHILD_FENCE * new.heartbeat_interval
+        self.supervisor.max_programs = new.max_programs  # a higher one admits at once
         self.commands.default_timeout = new.command_timeout
         self.commands.grace_period = new.grace_period
         self.output.rate = new.program_log_rate
@@ -303,6 +316,7 @@ class Daemon:
 
 def run(config: Config, reload_config: Optional[Callable[[], Config]] = None) -> int:
     """Run a daemon in the foreground until it is stopped."""
+    statelock.acquire(config.state_dir)  # before pairing, too: one daemon per node
     if not config.server:
         config = discovery.wait_for_server(config, reload_config)
         if not config.server:

@@ -33,6 +33,9 @@ RESTART_POLICIES = ("on-failure", "always", "never")
 BACKOFF_MIN = 1.0
 BACKOFF_MAX = 60.0
 BACKOFF_RESET = 60.0
+#: At most this many programs run on a node at once; more are ``rejected``
+#: (the status says why) and start, first come first served, as others end.
+MAX_PROGRAMS = 64
 
 #: Lines per second of each program's output that the daemon's own log (its
 #: file, or the journal) shows; beyond it the log says "N lines not shown".

@@ -45,5 +45,9 @@ class CommandError(HimbeereError, ValueError):
     """A command document is malformed (``cmd`` not a list of strings...)."""
 
 
+class AlreadyRunning(HimbeereError, RuntimeError):
+    """Another daemon already runs on this state directory."""
+
+
 class StopDaemon(BaseException):
     """Raised to leave the daemon loop; not an Exception so nothing swallows it."""

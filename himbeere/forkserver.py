@@ -9,7 +9,9 @@ script in every child.
 
 So the daemon starts this module once (``python -m himbeere.forkserver FD``)
 with :data:`PRELOAD` imported; it has one thread, forks a child per request
-and reports every child's exit.  Messages on the socket are pickled tuples:
+and reports every child's exit.  It is a child subreaper: what is left of a
+program's process tree when the program ends becomes its child, and it kills
+that (see :mod:`himbeere.reaper`).  Messages on the socket are pickled tuples:
 
 daemon -> server
     ``("start", token, spec)`` with the child's control socket attached
@@ -148,7 +150,9 @@ def serve(fd: int) -> None:
             importlib.import_module(name)
         except ImportError as exc:
             print(f"himbeere fork server: cannot preload {name}: {exc}", file=sys.stderr)
-    from himbeere import child
+    from himbeere import child, reaper
+
+    reaper.note_forks()  # once, here: shared by every program
 
     conn = Connection(fd)
     sock = socket.socket(fileno=os.dup(fd))
@@ -166,11 +170,14 @@ def serve(fd: int) -> None:
     selector = selectors.DefaultSelector()
     selector.register(fd, selectors.EVENT_READ)
     selector.register(wake_r, selectors.EVENT_READ)
+    reaper.become_subreaper()
+    #: pids of the programs; any other child of ours is left over from one
+    programs: set[int] = set()
     while True:
         for key, _ in selector.select():
             if key.fd == wake_r:
                 _drain(wake_r)
-                _report_exits(conn)
+                _report_exits(conn, programs)
                 continue
             try:
                 message = conn.recv()
@@ -200,8 +207,9 @@ def serve(fd: int) -> None:
                     os._exit(1)
             for extra in fds:
                 os.close(extra)
+            programs.add(pid)
             conn.send(("started", token, pid))
-        _report_exits(conn)
+        _report_exits(conn, programs)
 
 
 def _drain(fd: int) -> None:
@@ -212,15 +220,29 @@ def _drain(fd: int) -> None:
         pass
 
 
-def _report_exits(conn: Connection) -> None:
+def _report_exits(conn: Connection, programs: set[int]) -> None:
+    """Report programs that ended; kill what they left behind."""
+    from himbeere import reaper
+
+    reaped = False
     while True:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             return
         if pid == 0:
-            return
-        conn.send(("exited", pid, os.waitstatus_to_exitcode(status)))
+            break
+        reaped = True
+        if pid in programs:
+            programs.discard(pid)
+            conn.send(("exited", pid, os.waitstatus_to_exitcode(status)))
+    if reaped:
+        # Any other child was a program's descendant, handed to us when the
+        # program's process ended (it was the subreaper of its tree until
+        # then).  One round: a killed one's children come to us, and their
+        # SIGCHLD wakes us for the next.  Only after an exit: every look at
+        # /proc costs pages that each program would then hold a copy of.
+        reaper.kill_children(exclude=programs)
 
 
 if __name__ == "__main__":

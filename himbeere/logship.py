@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 from . import defaults
 from .couch import Database, Doc
 from .exceptions import Conflict, CouchError
+from .logtext import printable
 
 log = logging.getLogger(__name__)
 #: Program output in the daemon's log comes from this logger.
@@ -180,6 +181,7 @@ class OutputLog:
         now = self.clock()
         burst = max(1.0, self.rate)
         bucket = self._buckets.get(program)
+        name = printable(name)  # a name must not forge a line of the daemon's log
         if bucket is None:
             bucket = self._buckets[program] = _Bucket(name, burst, now)
         bucket.name = name

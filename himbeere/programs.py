@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 from . import child, codedoc, defaults, gitsource, oneshot
 from .codedoc import CodeDoc
 from .forkserver import ForkServer
+from .logtext import printable
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ log = logging.getLogger(__name__)
 ABANDON_AFTER = 5.0
 #: Seconds to wait at startup for the SIGKILLed programs of a previous daemon.
 ORPHAN_WAIT = 5.0
+#: States in which a program holds one of the node's ``max_programs`` slots:
+#: it has a process, or will have one without anybody asking.
+HOLDS_SLOT = ("starting", "fetching", "running", "backing-off", "stopping")
 
 
 class Program:
@@ -72,10 +76,13 @@ class Program:
         #: when it ended (maybe under an earlier daemon, see oneshot.py).
         self.runs_again: Optional[str] = None
         self.ended: Optional[str] = None
+        #: While ``rejected``: its place in the queue for a free slot.
+        self.queued: Optional[int] = None
 
     @property
     def name(self) -> str:
-        return self.doc.name
+        """The program's name as it goes into a log line (escaped)."""
+        return printable(self.doc.name)
 
     @property
     def checkout(self) -> Optional[tuple[str, str]]:
@@ -130,6 +137,7 @@ class Supervisor:
         on_log: Optional[Callable[[str, str, list[Any], int], None]] = None,
         status_database: Optional[str] = None,
         fence: Optional[float] = None,
+        max_programs: int = defaults.MAX_PROGRAMS,
     ) -> None:
         #: Called with (doc id, name, [(time, line)], dropped) for program output.
         self.on_log = on_log or (lambda doc_id, name, lines, dropped: None)
@@ -152,6 +160,10 @@ class Supervisor:
         self.placed_docs: dict[str, dict[str, Any]] = {}
         self.assigned: set[str] = set()
         self.fence = fence
+        #: At most this many programs hold a process; more are ``rejected``
+        #: and start, first come first served, once one of those ends.
+        self.max_programs = max_programs
+        self._queue_counter = 0
         self._next_ping: Optional[float] = None
         #: Set by stop_all(): the node is going down, nothing starts any more.
         self.closing = False
@@ -203,6 +215,7 @@ class Supervisor:
             except BlockingIOError:
                 pass
         self._reap()
+        self._admit()
 
     def _drain_inbox(self) -> None:
         while True:
@@ -221,8 +234,25 @@ class Supervisor:
                     self._restart_all()
                 elif action == "stop_all":
                     self.stop_all(force=bool(arg))
-            except Exception:
-                log.exception("could not handle %s", action)
+            except Exception as exc:
+                if action == "doc":
+                    self._failed(arg, exc)
+                else:
+                    log.exception("could not handle %s", action)
+
+    def _failed(self, doc: dict[str, Any], exc: Exception) -> None:
+        """Handling ``doc`` raised: show it ``invalid`` with the error, go on."""
+        doc_id = str(doc.get("_id"))
+        error = f"the node could not handle this document: {type(exc).__name__}: {exc}"
+        log.error("could not handle document %s: %s", printable(doc_id), printable(error),
+                  exc_info=exc)
+        try:
+            mine = codedoc.matches_node(doc, self.node) or (
+                codedoc.is_placed(doc) and doc_id in self.assigned)
+            if mine and not doc.get("_deleted"):
+                self._deploy(codedoc.failed(doc, error, self.default_restart))
+        except Exception:
+            log.exception("%s: could not record that it failed", printable(doc_id))
 
     def _next_deadline(self) -> Optional[float]:
         times = []
@@ -264,14 +294,16 @@ class Supervisor:
                 and not parsed.global_modules:
             # No status entry shows it (it is not this node's program), yet
             # this node's programs may need the modules: say so in the log.
-            log.error("%s: its global_modules are not used: %s", doc_id, parsed.error)
+            log.error("%s: its global_modules are not used: %s", printable(doc_id),
+                      printable(parsed.error, multiline=True))
         program = self.programs.get(doc_id)
         if not mine or not parsed.is_program:
             if program is not None:
                 log.info("%s: no longer a program of this node, stopping", program.name)
                 self._stop(program, then="remove")
             elif not mine:
-                log.debug("ignoring %s: for node %r, not %s", doc_id, doc.get("type"), self.node)
+                log.debug("ignoring %s: for node %r, not %s", printable(doc_id), doc.get("type"),
+                          self.node)
             return
         self._deploy(parsed)
 
@@ -294,7 +326,8 @@ class Supervisor:
             self.on_change()
             return
         if program.alive:
-            log.info("%s: changed (rev %s), restarting", parsed.name, parsed.rev)
+            log.info("%s: changed (rev %s), restarting", printable(parsed.name),
+                     printable(parsed.rev))
             program.pending = parsed
             self._stop(program, then="start")
         else:
@@ -308,7 +341,8 @@ class Supervisor:
         for doc_id in sorted(self.providers):
             for name, source in self.providers[doc_id].items():
                 if name in merged and merged[name] != source:
-                    log.warning("global module %s is defined twice; %s wins", name, doc_id)
+                    log.warning("global module %s is defined twice; %s wins", name,
+                                printable(doc_id))
                 merged[name] = source
         self.global_sources = merged
         for program in list(self.programs.values()):
@@ -351,15 +385,17 @@ class Supervisor:
         for doc_id in sorted(self.assigned - before):
             doc = self.placed_docs.get(doc_id)
             if doc is not None:  # else the feed brings it later
-                log.info("%s: placed on this node", doc.get("name") or doc_id)
+                log.info("%s: placed on this node", printable(doc.get("name") or doc_id))
                 self._apply(doc)
 
     # -- starting ------------------------------------------------------------
     def _start_or_rest(self, program: Program) -> None:
         program.next_start = None  # a backoff restart of older code is void
         if program.doc.error:
+            # Deployed as it is: the same code as before the error starts again.
+            program.fingerprint = program.doc.fingerprint(self.global_sources)
             self._set(program, "invalid", error=program.doc.error)
-            log.error("%s: %s", program.name, program.doc.error)
+            log.error("%s: %s", program.name, printable(program.doc.error, multiline=True))
         elif not program.doc.enabled:
             self._set(program, "stopped", error=None)
         else:
@@ -370,6 +406,13 @@ class Supervisor:
         if self.closing:
             self._set(program, "stopped")
             return
+        # One that already holds a slot keeps it (a restart); a new one
+        # ("starting") or one that had ended must find a free one.
+        if program.state in ("starting", "stopped", "finished", "crashed", "invalid",
+                             "rejected") and not self._slot_free(program):
+            self._reject(program)
+            return
+        program.queued = None
         doc = program.doc
         path, entry, main_module = None, "main", codedoc.MAIN
         if doc.git is not None:
@@ -404,7 +447,34 @@ class Supervisor:
         program.exit_code = None
         self._set(program, "running", error=program.last_error)
         self._record_pids()
-        log.info("%s: started (pid %s, rev %s)", program.name, pid, doc.rev)
+        log.info("%s: started (pid %s, rev %s)", program.name, pid, printable(doc.rev))
+
+    def _slot_free(self, program: Program) -> bool:
+        taken = sum(1 for other in self.programs.values()
+                    if other is not program and other.state in HOLDS_SLOT)
+        return taken < self.max_programs
+
+    def _reject(self, program: Program) -> None:
+        if program.queued is None:
+            self._queue_counter += 1
+            program.queued = self._queue_counter
+            log.warning("%s: not started: this node runs its ceiling of %d programs "
+                        "(max_programs)", program.name, self.max_programs)
+        self._set(program, "rejected",
+                  error=f"not started: this node runs its ceiling of {self.max_programs} "
+                        "programs (max_programs); it starts when one of them ends")
+
+    def _admit(self) -> None:
+        """Start rejected programs, first come first served, while slots are free."""
+        waiting = [p for p in self.programs.values() if p.state == "rejected"]
+        if not waiting or self.closing:
+            return
+        waiting.sort(key=lambda p: p.queued or 0)
+        free = self.max_programs - sum(1 for p in self.programs.values()
+                                       if p.state in HOLDS_SLOT)
+        for program in waiting[:max(0, free)]:
+            log.info("%s: a slot is free, starting", program.name)
+            self._start(program)
 
     def _fetch(self, program: Program, fingerprint: str) -> None:
         """Fetch a git program in a thread; :meth:`_fetched` starts it after."""
@@ -416,7 +486,7 @@ class Supervisor:
         assert doc.git is not None
         root = gitsource.checkout_root(self.state_dir or Path("."), doc.doc_id)
         self._set(program, "fetching")
-        log.info("%s: fetching %s", program.name, doc.git.describe())
+        log.info("%s: fetching %s", program.name, printable(doc.git.describe()))
 
         def work() -> None:
             try:
@@ -442,7 +512,7 @@ class Supervisor:
             if result.transient:
                 self._crashed(program, str(result), time.monotonic())
             else:
-                log.error("%s: %s", program.name, result)
+                log.error("%s: %s", program.name, printable(result, multiline=True))
                 self._set(program, "invalid", error=str(result))
             return
         program.fetched = (fingerprint, result)
@@ -563,9 +633,9 @@ class Supervisor:
             else:
                 continue
             program.exit_code = code
-            # Whether it was stopped, crashed or returned: what it started
-            # in its group goes too, or each restart would add another.
-            _kill_group(program.pid, signal.SIGKILL, fallback=False)
+            # Whether it was stopped, crashed or returned, what it started
+            # goes too: the rest of its tree is the fork server's now, which
+            # kills it (reaper.py), setsid() or not.
             self._forget(program)
             if program.state == "stopping":
                 log.info("%s: stopped", program.name)
@@ -607,7 +677,7 @@ class Supervisor:
         status, detail = program.outcome or (None, None)
         if status == "invalid":
             self._set(program, "invalid", error=detail)
-            log.error("%s: %s", program.name, detail)
+            log.error("%s: %s", program.name, printable(detail, multiline=True))
             return
         if status == "finished" or (status is None and code == 0):
             log.info("%s: main() returned", program.name)
@@ -621,7 +691,7 @@ class Supervisor:
         self._crashed(program, detail, now)
 
     def _crashed(self, program: Program, error: str, now: float) -> None:
-        log.error("%s: crashed: %s", program.name, error.rstrip())
+        log.error("%s: crashed: %s", program.name, printable(error.rstrip(), multiline=True))
         program.last_error = error
         if program.doc.restart == "never":
             self._set(program, "crashed", error=error)
@@ -735,7 +805,8 @@ def kill_recorded_programs(state_dir: Path) -> int:
     killed = []
     for doc_id, pid, started in entries:
         if pid > 0 and started is not None and _start_time(pid) == started:
-            log.warning("killing program %s (pid %s) left by a previous daemon", doc_id, pid)
+            log.warning("killing program %s (pid %s) left by a previous daemon",
+                        printable(doc_id), pid)
             _kill_group(pid, signal.SIGKILL)
             killed.append((pid, started))
     deadline = time.monotonic() + ORPHAN_WAIT

@@ -25,8 +25,9 @@ import traceback
 from pathlib import Path
 from typing import Callable, Optional, TextIO
 
+from . import statelock
 from .config import Config
-from .exceptions import HimbeereError
+from .exceptions import AlreadyRunning, HimbeereError
 
 Run = Callable[[Config], int]
 
@@ -315,6 +316,12 @@ def _detach_and_run(config: Config, run: Run, log: TextIO, report_fd: int) -> in
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)
     pidfile = Path(config.pid_file or "")
+    try:
+        # A daemon in the foreground on the same node has no pidfile.
+        statelock.acquire(config.state_dir)
+    except (AlreadyRunning, OSError) as exc:
+        report(str(exc))
+        return EXIT_FAILED
     try:
         write_pidfile(pidfile)
     except FileExistsError:

@@ -71,6 +71,8 @@ def test_database_name_with_a_slash_is_allowed(tmp_path: Path) -> None:
     ("server", "couch.local:5984", ["server", "not a URL", "http"]),
     ("database", "Raspberries", ["database", "'Raspberries'", "lower-case"]),
     ("legacy_password", "maybe", ["legacy_password", "'maybe'", "yes"]),
+    ("max_programs", "0", ["max_programs", "0", ">= 1"]),
+    ("max_programs", "many", ["max_programs", "'many'", "whole number"]),
 ])
 def test_bad_values_name_the_key_and_what_is_allowed(
         tmp_path: Path, key: str, value: str, words: list[str]) -> None:
@@ -134,3 +136,14 @@ def test_cli_prints_one_clear_error_line(tmp_path: Path) -> None:
     assert result.stderr.strip().splitlines() == [
         "himbeere: error: server: 'nonsense' is not a URL; "
         "allowed: http(s)://[user:password@]host[:port]"]
+
+
+def test_max_programs_from_file_environment_and_flag(tmp_path: Path) -> None:
+    ini = write_ini(tmp_path / "c.ini", max_programs="10")
+    empty = str(write_ini(tmp_path / "empty.ini"))
+    assert config.load({}, environ={}, config_file=empty).max_programs == 64
+    assert config.load({}, environ={}, config_file=str(ini)).max_programs == 10
+    environ = {"HIMBEERE_MAX_PROGRAMS": "20"}
+    assert config.load({}, environ=environ, config_file=str(ini)).max_programs == 20
+    assert config.load({"max_programs": "3"}, environ=environ,
+                       config_file=str(ini)).max_programs == 3

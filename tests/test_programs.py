@@ -7,9 +7,12 @@ the daemon's log.  Nodes run with ``--grace-period 2``.
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+import pytest
 
 from himbeere import defaults
 from himbeere.couch import Database
@@ -502,3 +505,127 @@ def test_raising_restart_count_restarts_the_program(node_factory, code_db, tmp_p
                                and node.program("r").get("pid") not in (None, first)
                                and node.program("r")["pid"]))
     assert pids.read_text().split() == [str(first), str(second)]
+
+
+def test_a_program_name_cannot_forge_a_line_of_the_daemon_log(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    """Regression: a name like ``"a\\nFAKE LOG LINE"`` wrote what looked like
+    an entry of the daemon's own log."""
+    name = "a\nFAKE LOG LINE\r\x1b[2J"
+    code_db.save({"_id": "forger\nFAKE ID LINE", "type": 1000, "name": name,
+                  "restart": "never", "code": (
+                      "def main():\n"
+                      "    print('hi')\n"
+                      "    raise RuntimeError('boom\\nFAKE ERROR LINE')\n")})
+    node = node_factory(mac_id=1000)
+    program = node.wait_program("forger\nFAKE ID LINE", state="crashed")
+    assert program["name"] == name  # the status shows the name as it is
+    escaped = "a\\nFAKE LOG LINE\\r\\x1b[2J"
+    node.wait_log(f"{escaped}: crashed: Traceback")
+    log = node.log()
+    assert f"{escaped}: started (pid" in log
+    assert f"[{escaped}] hi\n" in log
+    forged = [line for line in log.splitlines() if line.startswith("FAKE")]
+    assert forged == [], log
+    assert "\x1b" not in log
+
+
+def test_a_node_runs_at_most_max_programs(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    """Regression: 300 code documents started 300 processes.  Beyond
+    ``max_programs`` a program is ``rejected``, says why, and starts once a
+    slot frees."""
+    for i in range(5):
+        code_db.save({"_id": f"p{i}", "type": 1000, "code": looping(tmp_path / f"p{i}.pid")})
+    node = node_factory(mac_id=1000, flags=["--max-programs", "3"])
+
+    def states() -> dict[str, str]:
+        return {doc_id: p.get("state") for doc_id, p in
+                ((node.status() or {}).get("programs") or {}).items()}
+
+    wait_for(lambda: sorted(states().values()) == ["rejected"] * 2 + ["running"] * 3,
+             message=lambda: f"states: {states()}")
+    rejected = sorted(d for d, state in states().items() if state == "rejected")
+    for doc_id in rejected:
+        assert node.program(doc_id)["last_error"] == (
+            "not started: this node runs its ceiling of 3 programs (max_programs); "
+            "it starts when one of them ends")
+        assert not (tmp_path / f"{doc_id}.pid").exists()
+    running = sorted(d for d, state in states().items() if state == "running")
+    code_db.delete(code_db.get(running[0]))
+    started = wait_for(lambda: [d for d in rejected if node.program(d).get("state") == "running"],
+                       message=lambda: f"states: {states()}")
+    assert len(started) == 1
+    wait_pid(tmp_path / f"{started[0]}.pid")
+    assert sorted(states().values()) == ["rejected"] + ["running"] * 3
+    node.wait_log(f"{started[0]}: a slot is free, starting")
+
+
+def test_code_that_makes_compile_raise_memoryerror_is_invalid(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    """Regression: ``"x = " + "-" * 100000 + "1"`` made compile() raise
+    MemoryError; the daemon logged it without the document's id and dropped
+    the update while the old version kept running.  Now the update is
+    ``invalid`` with the error, like any code that cannot run, and the node
+    goes on."""
+    pidfile = tmp_path / "deep.pid"
+    code_db.save({"_id": "deep", "type": 1000, "code": looping(pidfile)})
+    node = node_factory(mac_id=1000)
+    old = wait_pid(pidfile)
+    save(code_db, {"_id": "deep", "type": 1000,
+                   "code": "x = " + "-" * 100000 + "1\n" + looping(pidfile)})
+    program = node.wait_program("deep", state="invalid")
+    assert program["rev"].startswith("2-")
+    assert program["last_error"] == (
+        "module 'main' cannot be compiled: MemoryError (nested too deeply?)")
+    node.wait_log("deep: module 'main' cannot be compiled: MemoryError")
+    wait_dead(old)
+    assert "could not handle" not in node.log()
+    save(code_db, {"_id": "deep", "type": 1000, "code": looping(pidfile)})
+    node.wait_program("deep", state="running", pid=wait_pid(pidfile, other_than=old))
+    assert node.alive()
+
+
+@pytest.mark.parametrize("how", ["disable", "delete", "kill -9 of the daemon"])
+def test_a_descendant_that_calls_setsid_goes_with_its_program(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path, how: str) -> None:
+    """Regression: a program's descendant that called setsid() kept running
+    after the program was stopped or deleted."""
+    pids = tmp_path / "pids"
+    doc = {"_id": "esc", "type": 1000, "code": (
+        "import os, subprocess, time\n"
+        "def main():\n"
+        "    sleeper = subprocess.Popen(['setsid', 'sleep', '1000'])\n"
+        "    daemon = subprocess.run(['sh', '-c', 'setsid sleep 1000 >/dev/null 2>&1 & "
+        "echo $!'], capture_output=True, text=True).stdout.strip()\n" +
+        put(pids, "f'{os.getpid()} {sleeper.pid} {daemon}'") +
+        "    while not should_quit():\n"
+        "        time.sleep(0.05)\n")}
+    code_db.save(dict(doc))
+    node = node_factory(mac_id=1000)
+    program, sleeper, daemon = (int(p) for p in wait_file(pids).split())
+    try:
+        node.wait_program("esc", state="running", pid=program)
+        assert pid_alive(sleeper) and pid_alive(daemon)  # orphaned, yet alive while it runs
+        if how == "disable":
+            save(code_db, dict(doc, enabled=False))
+            node.wait_program("esc", state="stopped")
+        elif how == "delete":
+            code_db.delete(code_db.get("esc"))
+        else:
+            node.kill()
+        for pid in (program, sleeper, daemon):
+            wait_dead(pid)
+    finally:
+        kill_leftover(sleeper, b"sleep")
+        kill_leftover(daemon, b"sleep")
+
+
+def kill_leftover(pid: int, command: bytes) -> None:
+    """Kill ``pid`` if it still runs ``command`` (a test that failed left it)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            if command in handle.read():
+                os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
