@@ -47,6 +47,9 @@ def pytest_configure(config: pytest.Config) -> None:
         selected_kind()
     except ServerError as error:
         raise pytest.UsageError(str(error)) from None
+    if os.environ.get(COUCH_URL_ENV) and getattr(config.option, "numprocesses", None):
+        raise pytest.UsageError(f"{COUCH_URL_ENV} with -n: xdist workers would share one "
+                                "server's node users; run without -n")
 
 
 @pytest.fixture(scope="session")
