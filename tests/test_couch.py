@@ -15,7 +15,7 @@ import requests
 
 from himbeere.couch import Couch, Database, FeedFilter, doc_path, quote
 from himbeere.exceptions import Conflict, NotFound, Unauthorized, Unreachable
-from tests.servers import Server, free_port
+from tests.servers import SERVER_ENV, Server, ServerError, free_port, selected_kind
 from tests.tls import TLSProxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -402,6 +402,34 @@ def test_restart_keeps_data_admin_and_port(
     # Admin party stays over after the restart.
     anonymous = requests.get(f"{restartable_server.plain_url}/_session", timeout=10).json()
     assert "_admin" not in anonymous["userCtx"]["roles"]
+
+
+def test_kill_9_then_start_keeps_what_the_server_acknowledged(
+    restartable_server: Server, server_kind: str
+) -> None:
+    """The fault fixtures: ``kill()`` is a power cut, ``start()`` the same server again."""
+    assert restartable_server.kind == server_kind
+    couch = Couch(restartable_server.url)
+    couch.create_database("durable")
+    couch.database("durable").save({"_id": "doc", "v": 1})
+    pid = restartable_server.pid
+    restartable_server.kill()
+    assert not restartable_server.running and restartable_server.pid is None
+    with pytest.raises(Unreachable):
+        couch.info(refresh=True)
+    restartable_server.start()
+    assert restartable_server.pid not in (None, pid)
+    got = couch.database("durable").get("doc")
+    assert got is not None and got["v"] == 1
+
+
+def test_an_unknown_test_server_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SERVER_ENV, "mongodb")
+    with pytest.raises(ServerError, match="HIMBEERE_TEST_SERVER='mongodb': must be one of "
+                                          "pouchdb, couchdb"):
+        selected_kind()
+    monkeypatch.setenv(SERVER_ENV, "")
+    assert selected_kind() == "pouchdb"
 
 
 def test_a_keep_alive_connection_the_server_closed_is_not_reused(
