@@ -31,6 +31,7 @@ from tests.servers import (
     ServerError,
     create_database,
     delete_database,
+    ensure_couchdb,
     make_server,
     selected_kind,
 )
@@ -42,9 +43,11 @@ COUCH_URL_ENV = "HIMBEERE_TEST_COUCH_URL"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """An unknown ``HIMBEERE_TEST_SERVER`` is one clear error, before any test runs."""
+    """An unknown ``HIMBEERE_TEST_SERVER``, or no CouchDB release for ``couchdb``, is
+    one clear error before any test runs."""
     try:
-        selected_kind()
+        if selected_kind() == "couchdb" and not os.environ.get(COUCH_URL_ENV):
+            ensure_couchdb()  # once, before xdist starts its workers
     except ServerError as error:
         raise pytest.UsageError(str(error)) from None
     if os.environ.get(COUCH_URL_ENV) and getattr(config.option, "numprocesses", None):
