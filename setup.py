@@ -44,8 +44,9 @@ setup(
         "gpio": ["RPi.GPIO"],
         # The web dashboard (`himbeere dashboard`); a laptop's, never a Pi's.
         "dashboard": ["flask>=2.2"],
-        # selenium drives Debian's chromium/chromedriver in the dashboard's browser tests.
-        "test": ["pytest", "pytest-timeout", "flask>=2.2", "selenium>=4.11"],
+        # selenium drives Debian's chromium/chromedriver in the dashboard's browser tests;
+        # pytest-xdist runs the suite on several cores (.ci/run: -n 2).
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "flask>=2.2", "selenium>=4.11"],
         "dev": ["ruff", "mypy", "types-requests", "docutils"],
     },
     entry_points={

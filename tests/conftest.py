@@ -1,9 +1,12 @@
 """Fixtures for tests against a real CouchDB-compatible server.
 
-By default each test session starts its own in-memory pouchdb-server on a free
-loopback port (see tests/servers.py).  Set ``HIMBEERE_TEST_COUCH_URL`` to the
-admin URL of a CouchDB (``http://admin:secret@127.0.0.1:5984``) to test
-against that instead; tests that restart the server are skipped then.
+By default each test session (each xdist worker) starts its own in-memory
+pouchdb-server on a free loopback port (see tests/servers.py);
+``HIMBEERE_TEST_SERVER=couchdb`` starts Apache CouchDB 3.5.2 instead.  Set
+``HIMBEERE_TEST_COUCH_URL`` to the admin URL of a running server
+(``http://admin:secret@127.0.0.1:5984``) to test against that; tests that
+restart the server are skipped then.  Where the servers differ, a test asks
+``server_kind`` and asserts what the server it runs on does.
 """
 
 from __future__ import annotations
@@ -23,7 +26,15 @@ from himbeere import defaults, security
 from himbeere.couch import Couch, Database
 from tests.helpers import AS_NODE_ENV
 from tests.nodes import Node
-from tests.servers import PouchServer, create_database, delete_database
+from tests.servers import (
+    Server,
+    ServerError,
+    create_database,
+    delete_database,
+    ensure_couchdb,
+    make_server,
+    selected_kind,
+)
 from tests.tls import TLSProxy
 from uploader import install, users
 from uploader.fleet import Fleet
@@ -31,13 +42,27 @@ from uploader.fleet import Fleet
 COUCH_URL_ENV = "HIMBEERE_TEST_COUCH_URL"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """An unknown ``HIMBEERE_TEST_SERVER``, or no CouchDB release for ``couchdb``, is
+    one clear error before any test runs."""
+    try:
+        if selected_kind() == "couchdb" and not os.environ.get(COUCH_URL_ENV):
+            ensure_couchdb()  # once, before xdist starts its workers
+    except ServerError as error:
+        raise pytest.UsageError(str(error)) from None
+    if os.environ.get(COUCH_URL_ENV) and getattr(config.option, "numprocesses", None):
+        raise pytest.UsageError(f"{COUCH_URL_ENV} with -n: xdist workers would share one "
+                                "server's node users; run without -n")
+
+
 @pytest.fixture(scope="session")
-def pouch_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Optional[PouchServer]]:
-    """The session's in-memory pouchdb-server, or None with an external CouchDB."""
+def session_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Optional[Server]]:
+    """The session's own server (``HIMBEERE_TEST_SERVER``), or None with an external one."""
     if os.environ.get(COUCH_URL_ENV):
         yield None
         return
-    server = PouchServer(tmp_path_factory.mktemp("pouchdb"), in_memory=True)
+    kind = selected_kind()
+    server = make_server(kind, tmp_path_factory.mktemp(kind), in_memory=True)
     server.start()
     try:
         yield server
@@ -46,11 +71,21 @@ def pouch_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Optional[
 
 
 @pytest.fixture(scope="session")
-def couch_url(pouch_server: Optional[PouchServer]) -> str:
+def couch_url(session_server: Optional[Server]) -> str:
     """Admin URL of the session's server (credentials included, no slash at the end)."""
-    if pouch_server is None:
+    if session_server is None:
         return os.environ[COUCH_URL_ENV].rstrip("/")
-    return pouch_server.url
+    return session_server.url
+
+
+@pytest.fixture(scope="session")
+def server_kind(couch_url: str) -> str:
+    """``pouchdb`` or ``couchdb``: what the session's server is (asked, for an external one).
+
+    Where the two differ, a test asserts what this one does, so it never
+    quietly passes on either.
+    """
+    return "pouchdb" if "express-pouchdb" in Couch(couch_url).info() else "couchdb"
 
 
 @pytest.fixture
@@ -74,7 +109,7 @@ DbnameFactory = Callable[..., str]
 
 @pytest.fixture
 def dbname_factory(
-    request: pytest.FixtureRequest, couch_url: str, pouch_server: Optional[PouchServer]
+    request: pytest.FixtureRequest, couch_url: str, session_server: Optional[Server]
 ) -> Iterator[DbnameFactory]:
     """Make fresh databases: ``dbname_factory(suffix="")`` returns a new name.
 
@@ -98,9 +133,9 @@ def dbname_factory(
             for doomed in (name, name + defaults.STATUS_SUFFIX):
                 delete_database(couch_url, doomed)
         except requests.ConnectionError:
-            if pouch_server is not None and not pouch_server.running:
-                pytest.fail(f"pouchdb-server died during this test; its output:\n"
-                            f"{pouch_server.log()}")
+            if session_server is not None and not session_server.running:
+                pytest.fail(f"the {session_server.kind} server died during this test; its "
+                            f"output:\n{session_server.log()}")
             raise
 
 
@@ -111,15 +146,16 @@ def dbname(dbname_factory: DbnameFactory) -> str:
 
 
 @pytest.fixture
-def restartable_server(tmp_path: Path) -> Iterator[PouchServer]:
-    """A pouchdb-server of this test's own, on disk, that the test may restart.
+def restartable_server(tmp_path: Path) -> Iterator[Server]:
+    """A server of this test's own (``HIMBEERE_TEST_SERVER``), on disk, to restart.
 
-    ``.url`` (admin), ``.stop()``, ``.start()`` (same port and data),
-    ``.pause()``/``.resume()`` (SIGSTOP/SIGCONT), ``.log()``.
+    ``.url`` (admin), ``.stop()``, ``.kill()`` (-9), ``.start()`` (same port
+    and data), ``.pause()``/``.resume()`` (SIGSTOP/SIGCONT), ``.log()``.
     """
     if os.environ.get(COUCH_URL_ENV):
-        pytest.skip(f"needs a pouchdb-server of its own to restart; {COUCH_URL_ENV} is set")
-    server = PouchServer(tmp_path / "pouchdb", in_memory=False)
+        pytest.skip(f"needs a server of its own to restart; {COUCH_URL_ENV} is set")
+    kind = selected_kind()
+    server = make_server(kind, tmp_path / kind)
     server.start()
     try:
         yield server

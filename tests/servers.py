@@ -1,4 +1,10 @@
-"""pouchdb-server processes for the tests, each with a server admin.
+"""Test servers: pouchdb-server or Apache CouchDB processes, each with a server admin.
+
+``HIMBEERE_TEST_SERVER`` picks the kind (:func:`selected_kind`): ``pouchdb``
+(the default, :class:`PouchServer`) or ``couchdb`` (:class:`CouchServer`,
+Apache CouchDB 3.5.2 unpacked from ``../shared/couchdb`` into ``.cache/``).
+Both classes have the same interface: start/stop/kill/pause/resume, url,
+plain_url, log(), running, pid.
 
 pouchdb-server (https://github.com/pouchdb/pouchdb-server) is installed into
 ``.cache/pouchdb`` by scripts/install-pouchdb-server.  Quirks the tests and
@@ -26,14 +32,16 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 from pathlib import Path
-from typing import IO, Any, Optional
+from typing import IO, Any, Optional, Union
 
 import requests
 
@@ -41,9 +49,64 @@ ROOT = Path(__file__).resolve().parent.parent
 POUCHDB_SERVER = ROOT / ".cache" / "pouchdb" / "node_modules" / ".bin" / "pouchdb-server"
 START_TIMEOUT = 30.0
 
+#: Which server the test session starts: ``pouchdb`` (default) or ``couchdb``.
+SERVER_ENV = "HIMBEERE_TEST_SERVER"
+SERVER_KINDS = ("pouchdb", "couchdb")
+
+COUCHDB_VERSION = "3.5.2"
+#: The shared folder with the relocatable CouchDB release, beside the clone (read-only in CI).
+COUCHDB_RELEASES = ROOT.parent / "shared" / "couchdb"
+COUCHDB_TARBALL = (COUCHDB_RELEASES
+                   / f"apache-couchdb-{COUCHDB_VERSION}-quickjs-bookworm-amd64.tar.gz")
+#: Where the tarball is unpacked (git-ignored); holds start.sh, stop.sh, release/.
+COUCHDB_HOME = ROOT / ".cache" / f"couchdb-{COUCHDB_VERSION}"
+COUCHDB_START_TIMEOUT = 120.0
+
+#: The fixture admin's password on both servers: not an English word, long
+#: enough that a test can assert it never shows up in output.
+ADMIN_PASSWORD = "pw-q7x2vk"
+
 
 class ServerError(RuntimeError):
-    """A test pouchdb-server did not start, or would not make its admin."""
+    """A test server did not start, or would not make its admin."""
+
+
+def selected_kind() -> str:
+    """``pouchdb`` or ``couchdb`` from ``HIMBEERE_TEST_SERVER``; ServerError otherwise."""
+    kind = os.environ.get(SERVER_ENV, "").strip().lower() or "pouchdb"
+    if kind not in SERVER_KINDS:
+        raise ServerError(f"{SERVER_ENV}={os.environ[SERVER_ENV]!r}: must be one of "
+                          f"{', '.join(SERVER_KINDS)}")
+    return kind
+
+
+def ensure_couchdb() -> Path:
+    """The unpacked CouchDB release (``.cache/couchdb-3.5.2``), unpacking it if needed.
+
+    Safe when several processes (xdist workers) race: each unpacks into a
+    temporary directory beside the target and renames it into place; the
+    losers throw theirs away.
+    """
+    if (COUCHDB_HOME / "start.sh").exists():
+        return COUCHDB_HOME
+    if not COUCHDB_TARBALL.exists():
+        raise ServerError(f"no CouchDB release: {COUCHDB_TARBALL} is missing")
+    COUCHDB_HOME.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".unpack-couchdb-", dir=COUCHDB_HOME.parent))
+    try:
+        subprocess.run(["tar", "xzf", str(COUCHDB_TARBALL), "-C", str(scratch)], check=True,
+                       stdin=subprocess.DEVNULL, capture_output=True)
+        try:
+            os.rename(scratch / COUCHDB_HOME.name, COUCHDB_HOME)
+        except OSError:
+            if not (COUCHDB_HOME / "start.sh").exists():
+                raise
+    except subprocess.CalledProcessError as error:
+        raise ServerError(f"cannot unpack {COUCHDB_TARBALL}: "
+                          f"{error.stderr.decode(errors='replace').strip()}") from None
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return COUCHDB_HOME
 
 
 def free_port() -> int:
@@ -90,8 +153,10 @@ class PouchServer:
     same directory) is a server restart as a Pi would see it.
     """
 
+    kind = "pouchdb"
+
     def __init__(self, workdir: Path, *, in_memory: bool, user: str = "admin",
-                 password: str = "pw") -> None:
+                 password: str = ADMIN_PASSWORD) -> None:
         self.workdir = Path(workdir)
         self.in_memory = in_memory
         self.user = user
@@ -162,6 +227,15 @@ class PouchServer:
 
     def stop(self) -> None:
         """Terminate the server (by its PID) and wait for it to exit."""
+        self._kill()
+
+    def kill(self) -> None:
+        """``kill -9`` the server, as a power cut would; :meth:`start` brings it back."""
+        if self.process is not None:
+            try:
+                self.process.kill()
+            except ProcessLookupError:
+                pass
         self._kill()
 
     def pause(self) -> None:
@@ -250,3 +324,222 @@ class PouchServer:
                 f"cannot make server admin {self.user!r}: PUT /_config/admins answered "
                 f"{response.status_code} {response.text}; server output:\n{self.log()}"
             )
+
+
+def _process_state(pid: int) -> Optional[tuple[str, int]]:
+    """(state letter, start time in clock ticks) of ``pid``; None if there is no such process.
+
+    A zombie is as good as gone: a server started through ``start.sh`` is not
+    our child, and whoever inherits it may be slow to reap it.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (fields[0], int(fields[19])) if fields[0] not in ("Z", "X") else None
+
+
+class CouchServer:
+    """One Apache CouchDB 3.5.2 single-node server on 127.0.0.1 with data in ``workdir``.
+
+    Started by the release's ``start.sh PORT DATADIR`` (which makes admin
+    ``admin``/``password``, waits until it answers and prints the PID);
+    :meth:`start` after :meth:`stop` or :meth:`kill` runs it again on the same
+    port and data directory: a server restart as a Pi would see it.  The
+    fixture's own admin ``user`` (a password that is no English word) is
+    added through ``/_node/_local/_config/admins`` after every start, since
+    ``start.sh`` rewrites ``local.ini``.
+    """
+
+    kind = "couchdb"
+
+    def __init__(self, workdir: Path, *, user: str = "tester",
+                 password: str = ADMIN_PASSWORD) -> None:
+        self.workdir = Path(workdir)
+        self.user = user
+        self.password = password
+        self.port: Optional[int] = None
+        self._pid: Optional[int] = None
+        self._started: Optional[int] = None  # the PID's start time: PIDs get reused
+        self._watchdog: Optional[subprocess.Popen[bytes]] = None
+        self._paused = False
+
+    def __repr__(self) -> str:
+        return f"<CouchServer {self.plain_url} pid={self.pid} dir={self.workdir}>"
+
+    @property
+    def datadir(self) -> Path:
+        return self.workdir / "data"
+
+    @property
+    def plain_url(self) -> str:
+        """The server's URL without credentials (an anonymous client)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The server's URL with the fixture admin's credentials."""
+        user, password = (urllib.parse.quote(part, safe="") for part in (self.user, self.password))
+        return f"http://{user}:{password}@127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self._pid if self.running else None
+
+    @property
+    def running(self) -> bool:
+        if self._pid is None:
+            return False
+        state = _process_state(self._pid)
+        return state is not None and state[1] == self._started
+
+    def log(self, limit: int = 6000) -> str:
+        """The end of the server's log (``DATADIR/couch.log``) and of start.sh's output."""
+        parts = []
+        for path in (self.datadir / "couch.log", self.workdir / "start.out"):
+            try:
+                parts.append(path.read_text(encoding="utf-8", errors="replace")[-limit:])
+            except FileNotFoundError:
+                pass
+        return "\n".join(parts) or "(no output)"
+
+    # -- life cycle -------------------------------------------------------
+    def start(self) -> None:
+        """Start the server (on its old port and data after a stop) and add the admin."""
+        if self.running:
+            raise ServerError(f"{self!r} is already running")
+        home = ensure_couchdb()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        fresh = self.port is None
+        result: Optional[subprocess.CompletedProcess[str]] = None
+        for _ in range(3 if fresh else 1):
+            if fresh:
+                self.port = free_port()
+            result = subprocess.run(
+                [str(home / "start.sh"), str(self.port), str(self.datadir)],
+                stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                timeout=COUCHDB_START_TIMEOUT + 30,
+                env=dict(os.environ, COUCHDB_START_TIMEOUT=str(int(COUCHDB_START_TIMEOUT))),
+            )
+            with open(self.workdir / "start.out", "a", encoding="utf-8") as out:
+                out.write(result.stdout + result.stderr)
+            if result.returncode == 0 or "already in use" not in result.stderr:
+                break
+        assert result is not None
+        if result.returncode != 0:
+            self._forget_pidfile()
+            raise ServerError(f"CouchDB start.sh {self.port} {self.datadir} failed "
+                              f"({result.returncode}): {result.stderr.strip()}\n{self.log()}")
+        self._pid = int(result.stdout.split()[-1])
+        state = _process_state(self._pid)
+        self._started = state[1] if state else None
+        self._guard()
+        self._ensure_admin()
+
+    def stop(self) -> None:
+        """Terminate the server (SIGTERM by its PID, SIGKILL after 30 s) and wait for it."""
+        self._end(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """``kill -9`` the server, as a power cut would; :meth:`start` brings it back."""
+        self._end(signal.SIGKILL)
+
+    def pause(self) -> None:
+        """Freeze the process (SIGSTOP): connections stay open but fall silent."""
+        assert self._pid is not None
+        os.kill(self._pid, signal.SIGSTOP)
+        self._paused = True
+
+    def resume(self) -> None:
+        assert self._pid is not None
+        os.kill(self._pid, signal.SIGCONT)
+        self._paused = False
+
+    # -- internals --------------------------------------------------------
+    def _guard(self) -> None:
+        """A watchdog that ``kill -9``s the server should pytest itself die.
+
+        ``start.sh`` detaches CouchDB (setsid), so the server would outlive
+        an interrupted test run; the watchdog is our child and gets SIGTERM
+        when we die (PR_SET_PDEATHSIG).
+        """
+        if not sys.platform.startswith("linux"):
+            return
+        self._watchdog = subprocess.Popen(
+            ["sh", "-c", 'trap \'kill -KILL "$0" 2>/dev/null; exit 0\' TERM; '
+                         'tail --pid="$0" -f /dev/null & wait', str(self._pid)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
+
+    def _end(self, sig: Union[int, signal.Signals]) -> None:
+        pid = self._pid
+        if pid is not None and self.running:
+            try:
+                os.kill(pid, sig)
+                if self._paused:
+                    os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+            deadline = time.monotonic() + 30
+            while self.running and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.running:
+                os.kill(pid, signal.SIGKILL)
+                while self.running:
+                    time.sleep(0.05)
+        self._pid = self._started = None
+        self._paused = False
+        self._forget_pidfile()
+        watchdog, self._watchdog = self._watchdog, None
+        if watchdog is not None:
+            try:
+                watchdog.kill()  # not TERM: its trap would kill -9 a reused PID
+            except ProcessLookupError:
+                pass
+            watchdog.wait(timeout=10)
+
+    def _forget_pidfile(self) -> None:
+        try:
+            (self.datadir / "couchdb.pid").unlink()
+        except FileNotFoundError:
+            pass
+
+    def _is_admin(self) -> bool:
+        try:
+            response = requests.get(f"{self.url}/_session", timeout=10)
+        except requests.RequestException:
+            return False
+        roles: Any = response.json().get("userCtx", {}).get("roles", []) if response.ok else []
+        return "_admin" in roles
+
+    def _ensure_admin(self) -> None:
+        """Add the fixture admin (start.sh made only admin/password)."""
+        if self._is_admin():
+            return
+        response = requests.put(
+            f"{self.plain_url}/_node/_local/_config/admins/"
+            f"{urllib.parse.quote(self.user, safe='')}",
+            json=self.password, auth=("admin", "password"), timeout=30,
+        )
+        # The password is hashed asynchronously; wait until the login works.
+        deadline = time.monotonic() + 30
+        while response.ok and not self._is_admin() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not response.ok or not self._is_admin():
+            raise ServerError(
+                f"cannot make server admin {self.user!r}: PUT /_node/_local/_config/admins "
+                f"answered {response.status_code} {response.text}; server log:\n{self.log()}"
+            )
+
+
+#: Either kind of test server.
+Server = Union[PouchServer, CouchServer]
+
+
+def make_server(kind: str, workdir: Path, *, in_memory: bool = False) -> Server:
+    """A (not yet started) server of ``kind``; CouchDB always keeps its data on disk."""
+    if kind == "couchdb":
+        return CouchServer(workdir)
+    return PouchServer(workdir, in_memory=in_memory)

@@ -8,14 +8,14 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import pytest
 import requests
 
 from himbeere.couch import Couch, Database, FeedFilter, doc_path, quote
 from himbeere.exceptions import Conflict, NotFound, Unauthorized, Unreachable
-from tests.servers import PouchServer, free_port
+from tests.servers import SERVER_ENV, Server, ServerError, free_port, selected_kind
 from tests.tls import TLSProxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,14 +84,14 @@ def test_supports_selector_decides_from_the_root_document(
 
 # -- the server --------------------------------------------------------------
 
-def test_supports_selector_is_false_on_pouchdb_server(
-    couch: Couch, pouch_server: Optional[PouchServer]
-) -> None:
+def test_supports_selector_only_on_couchdb(couch: Couch, server_kind: str) -> None:
     """Regression: asking pouchdb-server for filter=_selector kills it."""
-    if pouch_server is None:
-        pytest.skip("runs against an external CouchDB")
-    assert "express-pouchdb" in couch.info()
-    assert couch.supports_selector() is False
+    if server_kind == "pouchdb":
+        assert "express-pouchdb" in couch.info()
+        assert couch.supports_selector() is False
+    else:
+        assert couch.info()["couchdb"] == "Welcome"
+        assert couch.supports_selector() is True
 
 
 def test_session_is_the_admin(couch: Couch) -> None:
@@ -328,7 +328,7 @@ def test_follow_returns_on_stop_at_the_next_heartbeat(couch: Couch, dbname: str)
 # -- a server that goes away -------------------------------------------------
 
 def test_follow_a_stopped_server_is_unreachable(
-    restartable_server: PouchServer, transport: str
+    restartable_server: Server, transport: str
 ) -> None:
     db = Couch(restartable_server.url, transport=transport).database("gone")
     restartable_server.stop()
@@ -337,7 +337,7 @@ def test_follow_a_stopped_server_is_unreachable(
 
 
 def test_follow_raises_unreachable_when_the_server_stops_mid_feed(
-    restartable_server: PouchServer, transport: str
+    restartable_server: Server, transport: str
 ) -> None:
     couch = Couch(restartable_server.url, transport=transport)
     couch.create_database("feed")
@@ -351,7 +351,7 @@ def test_follow_raises_unreachable_when_the_server_stops_mid_feed(
 
 
 def test_follow_raises_unreachable_when_the_server_falls_silent(
-    restartable_server: PouchServer, transport: str
+    restartable_server: Server, transport: str
 ) -> None:
     """A frozen server (SIGSTOP) sends no heartbeat: dead after ``timeout``."""
     couch = Couch(restartable_server.url, transport=transport)
@@ -369,7 +369,7 @@ def test_follow_raises_unreachable_when_the_server_falls_silent(
 
 
 def test_a_frozen_server_is_unreachable_after_the_timeout(
-    restartable_server: PouchServer, transport: str
+    restartable_server: Server, transport: str
 ) -> None:
     couch = Couch(restartable_server.url, timeout=1, transport=transport)
     assert couch.info(refresh=True)
@@ -383,7 +383,7 @@ def test_a_frozen_server_is_unreachable_after_the_timeout(
 
 
 def test_restart_keeps_data_admin_and_port(
-    restartable_server: PouchServer, transport: str
+    restartable_server: Server, transport: str
 ) -> None:
     couch = Couch(restartable_server.url, transport=transport)
     couch.create_database("kept")
@@ -404,8 +404,36 @@ def test_restart_keeps_data_admin_and_port(
     assert "_admin" not in anonymous["userCtx"]["roles"]
 
 
+def test_kill_9_then_start_keeps_what_the_server_acknowledged(
+    restartable_server: Server, server_kind: str
+) -> None:
+    """The fault fixtures: ``kill()`` is a power cut, ``start()`` the same server again."""
+    assert restartable_server.kind == server_kind
+    couch = Couch(restartable_server.url)
+    couch.create_database("durable")
+    couch.database("durable").save({"_id": "doc", "v": 1})
+    pid = restartable_server.pid
+    restartable_server.kill()
+    assert not restartable_server.running and restartable_server.pid is None
+    with pytest.raises(Unreachable):
+        couch.info(refresh=True)
+    restartable_server.start()
+    assert restartable_server.pid not in (None, pid)
+    got = couch.database("durable").get("doc")
+    assert got is not None and got["v"] == 1
+
+
+def test_an_unknown_test_server_is_one_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SERVER_ENV, "mongodb")
+    with pytest.raises(ServerError, match="HIMBEERE_TEST_SERVER='mongodb': must be one of "
+                                          "pouchdb, couchdb"):
+        selected_kind()
+    monkeypatch.setenv(SERVER_ENV, "")
+    assert selected_kind() == "pouchdb"
+
+
 def test_a_keep_alive_connection_the_server_closed_is_not_reused(
-    restartable_server: PouchServer, transport: str
+    restartable_server: Server, transport: str
 ) -> None:
     """Regression: a request on an idle connection that the server had
     closed (a restart, or its keep-alive timeout) failed as Unreachable."""

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from typing import Any, Callable, Optional
 
 import pytest
+import requests
 
 pytest.importorskip("flask", reason="the dashboard needs Flask (pip install '.[dashboard]')")
 
@@ -465,11 +466,22 @@ def test_dashboard_subcommand_is_registered() -> None:
     assert (args.port, args.host) == (9999, "127.0.0.1")
 
 
-def test_a_public_database_is_shown_without_signing_in(couch: Couch, dbname: str) -> None:
-    """No ``_security`` (pouchdb-server's default): CouchDB lets anyone read, and so do we."""
+def test_a_public_database_is_shown_without_signing_in(couch: Couch, dbname: str,
+                                                      server_kind: str) -> None:
+    """A public database (empty ``_security``): anyone may read, and so do we."""
     admin_fleet = Fleet(couch.url, dbname)
     couch.create_database(admin_fleet.status.name)
     admin_fleet.status.save(status_doc(1001))
+    anonymous = requests.get(f"{couch.base}/{admin_fleet.status.name}", timeout=30)
+    if server_kind == "couchdb":
+        # CouchDB 3 makes a new database admin-only; the admin opens it up.
+        assert anonymous.status_code == 401
+        for name in (dbname, admin_fleet.status.name):
+            response = requests.put(f"{couch.url}/{name}/_security", timeout=30, json={
+                "admins": {"names": [], "roles": []}, "members": {"names": [], "roles": []}})
+            assert response.ok, response.text
+    else:
+        assert anonymous.status_code == 200  # pouchdb-server: no _security means public
     app = create_app(couch.base, dbname, secret_key="x")
     client = app.test_client()
     assert client.get("/").status_code == 200

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -128,6 +129,21 @@ def wait_until(browser: Any, condition: Callable[[], Any], what: str,
                              ) from None
 
 
+def unstale(action: Callable[[], Any], attempts: int = 50) -> Any:
+    """``action()``, again on a fresh lookup while live updates replace the element."""
+    for _ in range(attempts - 1):
+        try:
+            return action()
+        except StaleElementReferenceException:
+            time.sleep(0.1)
+    return action()
+
+
+def text_of(browser: Any, element_id: str) -> str:
+    """The text of the element with ``element_id``, looked up afresh (no stale element)."""
+    return str(unstale(lambda: browser.find_element(By.ID, element_id).text))
+
+
 def shot(browser: Any, name: str) -> Path:
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / f"dashboard-{name}.png"
@@ -136,8 +152,10 @@ def shot(browser: Any, name: str) -> Path:
 
 
 def node_state(browser: Any, mac: int) -> str:
-    cells = browser.find_elements(By.CSS_SELECTOR, f'tr[data-node="{mac}"] td.state-cell')
-    return str(cells[0].text) if cells else ""
+    def look() -> str:
+        cells = browser.find_elements(By.CSS_SELECTOR, f'tr[data-node="{mac}"] td.state-cell')
+        return str(cells[0].text) if cells else ""
+    return str(unstale(look))
 
 
 def sign_in(browser: Any, url: str, user: tuple[str, str]) -> None:
@@ -165,49 +183,50 @@ def test_fleet_command_and_traceback_in_the_browser(
     sign_in(browser, dashboard_url, deployer)
     for mac in (NODE_A, NODE_B):
         wait_until(browser, lambda m=mac: node_state(browser, m) == "alive", f"node {mac} alive")
-    assert "garden" in browser.find_element(By.ID, "nodes").text
-    wait_until(browser, lambda: "crasher" in browser.find_element(By.ID, "nodes").text,
+    wait_until(browser, lambda: "garden" in text_of(browser, "nodes"), "the node's name")
+    wait_until(browser, lambda: "crasher" in text_of(browser, "nodes"),
                "the crashing program in the fleet table")
     shot(browser, "fleet")
 
     # Run a command on both: one command document, both results arrive live.
     for mac in (NODE_A, NODE_B):
-        browser.find_element(By.CSS_SELECTOR, f'tr[data-node="{mac}"] input.select').click()
-    assert browser.find_element(By.ID, "selected-count").text == "2"
+        unstale(lambda m=mac: browser.find_element(
+            By.CSS_SELECTOR, f'tr[data-node="{m}"] input.select').click())
+    assert text_of(browser, "selected-count") == "2"
     browser.find_element(By.ID, "cmd").send_keys("echo 'hello from' a pi")
     browser.find_element(By.ID, "run-button").click()
     wait_until(browser, lambda: "/commands/cmd-" in browser.current_url, "the command page")
-    wait_until(browser, lambda: "2/2 answered" in browser.find_element(By.ID, "progress").text,
-               "both results")
-    outputs = browser.find_elements(By.CSS_SELECTOR, "#results pre.stdout")
-    assert [o.text for o in outputs] == ["hello from a pi", "hello from a pi"]
-    codes = browser.find_elements(By.CSS_SELECTOR, "#results td.returncode")
-    assert [c.text for c in codes] == ["0", "0"]
+    wait_until(browser, lambda: "2/2 answered" in text_of(browser, "progress"), "both results")
+    outputs = unstale(lambda: [o.text for o in browser.find_elements(
+        By.CSS_SELECTOR, "#results pre.stdout")])
+    assert outputs == ["hello from a pi", "hello from a pi"]
+    codes = unstale(lambda: [c.text for c in browser.find_elements(
+        By.CSS_SELECTOR, "#results td.returncode")])
+    assert codes == ["0", "0"]
     shot(browser, "command")
     commands = ops.list_commands(fleet)
     assert len(commands) == 1 and commands[0]["created_by"] == deployer[0]
     browser.get(f"{dashboard_url}/commands")
-    wait_until(browser, lambda: "2/2" in browser.find_element(By.ID, "commands").text,
-               "the command in the list")
+    wait_until(browser, lambda: "2/2" in text_of(browser, "commands"), "the command in the list")
     shot(browser, "commands")
 
     # The crashed program's traceback, and the other node's live log.
     browser.get(f"{dashboard_url}/nodes/{NODE_A}")
     traceback = wait_until(
-        browser, lambda: [e for e in browser.find_elements(By.CSS_SELECTOR, "pre.traceback")
+        browser, lambda: [e.text for e in browser.find_elements(By.CSS_SELECTOR, "pre.traceback")
                           if "ZeroDivisionError" in e.text],
         "the traceback")[0]
-    assert "ratio = 1 / 0" in traceback.text or "line 3" in traceback.text
-    wait_until(browser, lambda: "about to divide" in browser.find_element(By.ID, "log").text,
+    assert "ratio = 1 / 0" in traceback or "line 3" in traceback
+    wait_until(browser, lambda: "about to divide" in text_of(browser, "log"),
                "the crasher's log line")
-    assert "hello from a pi" in browser.find_element(By.ID, "history").text
+    wait_until(browser, lambda: "hello from a pi" in text_of(browser, "history"),
+               "the command in the node's history")
     shot(browser, "node")
 
     browser.get(f"{dashboard_url}/nodes/garden")
-    wait_until(browser, lambda: "tick 2" in browser.find_element(By.ID, "log").text,
-               "the ticker's log")
-    seen = browser.find_element(By.ID, "log").text.count("tick")
-    wait_until(browser, lambda: browser.find_element(By.ID, "log").text.count("tick") > seen + 1,
+    wait_until(browser, lambda: "tick 2" in text_of(browser, "log"), "the ticker's log")
+    seen = text_of(browser, "log").count("tick")
+    wait_until(browser, lambda: text_of(browser, "log").count("tick") > seen + 1,
                "new log lines without a reload")
 
     # A node that stops cleanly turns "stopped" on the fleet page, live.

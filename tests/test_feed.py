@@ -156,19 +156,28 @@ def test_database_name_with_a_slash_works_end_to_end(node_factory, dbname_factor
 
 
 @needs_admin_daemon("only an admin may write design documents")
-def test_daemon_installs_its_design_document_as_admin(node_factory, code_db: Database) -> None:
+def test_daemon_installs_its_design_document_as_admin(node_factory, code_db: Database,
+                                                      server_kind: str) -> None:
+    """pouchdb-server needs the JavaScript filter; CouchDB filters with a _selector."""
     assert code_db.get(design.DESIGN_ID) is None
     node = node_factory(mac_id=1000)
-    installed = wait_for(lambda: code_db.get(design.DESIGN_ID), message="no design document")
-    assert installed["filters"]["node"] == design.NODE_FILTER
-    assert installed["himbeere_version"] == design.VERSION
-    node.wait_log(f"installed {design.DESIGN_ID}")
+    if server_kind == "pouchdb":
+        installed = wait_for(lambda: code_db.get(design.DESIGN_ID), message="no design document")
+        assert installed["filters"]["node"] == design.NODE_FILTER
+        assert installed["himbeere_version"] == design.VERSION
+        node.wait_log(f"installed {design.DESIGN_ID}")
     command(code_db, "cmd", ["echo", "filtered"])
     assert wait_doc(code_db, "cmd")["ret"] == ["filtered\n", ""]
+    if server_kind == "couchdb":
+        assert code_db.get(design.DESIGN_ID) is None
+        assert f"installed {design.DESIGN_ID}" not in node.log()
 
 
 def test_node_without_admin_rights_explains_the_missing_design_document(
-        restartable_server, node_factory) -> None:
+        restartable_server, node_factory, server_kind: str) -> None:
+    """On pouchdb-server the node needs the design document only an admin may
+    write; on CouchDB it filters with a _selector, but the new databases are
+    admin-only until the admin opens them to nodes."""
     # A server of its own: pouchdb-server dies when a non-admin creates a
     # database, which the daemon tries for a missing status database.
     server = restartable_server
@@ -180,9 +189,19 @@ def test_node_without_admin_rights_explains_the_missing_design_document(
     db = Couch(server.url).database("raspberries")
     node_url = server.url.replace(f"{server.user}:{server.password}@", "1000:nodepw@")
     node = node_factory(mac_id=1000, url=node_url, database="raspberries")
-    node.wait_log("may not write it: run `himbeere-upload setup URL` as an admin")
-    assert db.get(design.DESIGN_ID) is None
-    design.ensure_design(db)  # the admin fixes it; the node recovers by itself
+    if server_kind == "couchdb":
+        node.wait_log("403 forbidden: You are not allowed to access this db")
+        for name in ("raspberries", "raspberries_status"):  # the admin fixes it
+            response = requests.put(f"{server.url}/{name}/_security", timeout=30, json={
+                "admins": {"names": [], "roles": []},
+                "members": {"names": [], "roles": ["himbeere-node"]}})
+            assert response.ok, response.text
+    else:
+        node.wait_log("may not write it: run `himbeere-upload setup URL` as an admin")
+        assert db.get(design.DESIGN_ID) is None
+        design.ensure_design(db)  # the admin fixes it; the node recovers by itself
     command(db, "cmd", ["echo", "as node"])
     assert wait_doc(db, "cmd")["ret"] == ["as node\n", ""]
     assert server.running
+    if server_kind == "couchdb":
+        assert db.get(design.DESIGN_ID) is None  # a _selector needs none

@@ -185,7 +185,9 @@ def test_multi_module_program_and_its_own_module_shadowing_a_global(
     save(code_db, {"_id": "lib", "global_modules": {"util": "WHO = 'new global util'\n"}})
     wait_pid(global_pid, other_than=old_global)
     assert wait_file(global_seen, contains="new") == "new global util"
-    assert node.program("own")["pid"] == own == read_pid(own_pid)
+    # The heartbeat may not have shown "own" yet: wait for it, then the same PID.
+    node.wait_program("own", state="running", pid=own)
+    assert own == read_pid(own_pid)
     assert pid_alive(own)
 
 

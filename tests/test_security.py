@@ -273,16 +273,22 @@ def test_node_may_not_touch_another_nodes_command(fleet: Fleet, admin: Client,
 
 
 def test_node_that_gives_itself_the_deployer_role_still_cannot_push(
-        fleet: Fleet, couch: Couch, node: tuple[int, Client]) -> None:
+        fleet: Fleet, couch: Couch, node: tuple[int, Client], server_kind: str) -> None:
     """pouchdb-server 4.2.0 lets a user edit the roles of its own _users document
     (CouchDB answers 403); the rules treat a MAC-id name as a node whatever its roles."""
     mac, client = node
     response = client.request("GET", "_users", security.user_id(mac))
-    assert response.status_code == 200
-    me = response.json()
+    if server_kind == "couchdb":
+        # _users is admin-only there (CouchDB 3's default _security): not even readable.
+        assert response.status_code == 403
+        me = couch.database("_users").get(security.user_id(mac))
+        assert me is not None
+    else:
+        assert response.status_code == 200
+        me = response.json()
     me["roles"] = [security.DEPLOYER_ROLE]
     escalated = client.put("_users", me)
-    assert escalated in (201, 403)
+    assert escalated == (403 if server_kind == "couchdb" else 201)
     if escalated == 201:
         session = couch.as_user(*client.auth).session_info()  # type: ignore[misc]
         assert security.DEPLOYER_ROLE in session["userCtx"]["roles"]
@@ -351,7 +357,8 @@ def test_node_may_not_write_other_documents_in_the_status_database(
 
 # -- what pouchdb-server 4.2.0 does (evidence for tests/servers.py) -----------------------------
 
-def test_pouchdb_server_dies_when_a_non_admin_creates_a_database(restartable_server) -> None:
+def test_a_non_admin_creating_a_database_kills_pouchdb_server(restartable_server,
+                                                              server_kind: str) -> None:
     """Pins the crash tests/servers.py warns about: it is database *creation*.
 
     ``PUT /<new db>`` by anyone but a server admin makes express-pouchdb call
@@ -359,17 +366,27 @@ def test_pouchdb_server_dies_when_a_non_admin_creates_a_database(restartable_ser
     an uncaught TypeError ends the process.  Anonymous *document* writes do
     not crash it.  So nothing but a server admin may ever create a database
     on pouchdb-server -- which is why the daemon must not create the status
-    database with a node's credentials.
+    database with a node's credentials.  CouchDB refuses with 401 and lives on.
     """
     server = restartable_server
     admin = Client(server.plain_url, server.user, server.password)
     anonymous = Client(server.plain_url)
     assert admin.request("PUT", "open").status_code == 201
-    assert anonymous.put("open", {"_id": "anonymous-write"}) == 201  # no security: allowed
     users_db = Couch(server.url).database("_users")
     users_db.save({"_id": security.user_id(1000), "name": "1000", "type": "user",
                    "roles": [security.NODE_ROLE], "password": "pw"})
     node = Client(server.plain_url, "1000", "pw")
+    if server_kind == "couchdb":
+        # A new database is admin-only there; creating one needs a server admin.
+        assert anonymous.put("open", {"_id": "anonymous-write"}) == 401
+        assert node.put("open", {"_id": "node-write"}) == 403
+        assert node.request("PUT", "open").status_code == 401
+        refused = node.request("PUT", "brand-new")
+        assert refused.status_code == 401 and "not a server admin" in refused.text
+        assert admin.request("GET", "brand-new").status_code == 404
+        assert server.running
+        return
+    assert anonymous.put("open", {"_id": "anonymous-write"}) == 201  # no security: allowed
     assert node.request("PUT", "open").status_code == 412  # exists: answered before the bug
     with pytest.raises(requests.ConnectionError):
         node.request("PUT", "brand-new")
