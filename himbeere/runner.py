@@ -1,6 +1,8 @@
 """One command's runner: it outlives the daemon and leaves the result on disk.
 
-The daemon starts it for each command, in a session of its own::
+The daemon starts it for each command, in a session of its own, as
+``runner.main([_, DIR, LOCK_FD, TIMEOUT, LIMIT, CMD, ARG...])`` in
+``python -I -S`` (see :data:`himbeere.commands.RUNNER`), or by hand::
 
     python -I -S runner.py DIR LOCK_FD TIMEOUT LIMIT CMD [ARG ...]
 
@@ -30,9 +32,10 @@ packages), so that it starts in about 10 ms on a laptop: it is on the way
 of every command.
 """
 
+# The C module: ``signal`` imports ``enum``, which would double the start-up time.
+import _signal as signal  # type: ignore[import-not-found]
 import os
 import select
-import signal
 import sys
 import time
 

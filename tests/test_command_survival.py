@@ -80,7 +80,7 @@ def test_fifty_commands_each_run_once_with_their_result_across_a_kill_9(
              message=lambda: node.log()[-3000:])
     old = node.pid
     old_children = children(old)
-    assert any("runner.py" in line for line in old_children.values()), old_children
+    assert any("import runner" in line for line in old_children.values()), old_children
     node.kill()
     node.start()
     for i, doc_id in enumerate(ids):
