@@ -101,8 +101,10 @@ QUEUED, STARTED = "queued", "started"
 
 #: Longest wait between two looks at a command's deadline and the stop flag.
 SLICE = 0.2
-#: Seconds to wait for a SIGKILLed command to be reaped.
+#: Seconds to wait for a runner to end after SIGTERM.
 KILL_WAIT = 5.0
+#: Seconds between two looks at a runner's lock where there is no pidfd.
+POLL = 0.01
 
 #: ``fdatasync`` where there is one (Linux); macOS has only ``fsync``.
 _fdatasync = getattr(os, "fdatasync", os.fsync)
@@ -111,13 +113,16 @@ INTERRUPTED = ("the daemon and this command's runner stopped while it ran (a pow
                "it may have run; its result is unknown; it is not run again")
 KILLED = "the daemon stopped while this command ran; it was killed"
 
-#: How the per-command runner starts: ``-I -S`` skip the site packages,
-#: which would double its start-up time; imported (not run as a script)
-#: so that its compiled bytecode is cached.
-RUNNER = ["-I", "-S", "-c", "import sys; sys.path.append(sys.argv[1]); import runner; "
-          "sys.exit(runner.main(sys.argv[1:]))", str(Path(__file__).parent)]
+#: How the runner server starts (see :class:`Launcher`): ``-I -S`` skip the
+#: site packages, which would double its start-up time; imported (not run
+#: as a script) so that its compiled bytecode is cached.
+RUNNER_SERVER = ["-I", "-S", "-c", "import sys; sys.path.append(sys.argv[1]); import runner; "
+                 "sys.exit(runner.serve(sys.argv[1:]))", str(Path(__file__).parent)]
+#: Seconds without a command after which the runner server ends (started again on demand).
+RUNNER_IDLE = 120.0
 #: Files a runner leaves in its directory (``commands/<id>/``).
-RUNNER_FILES = ("stdout", "stderr", "exit.json", "exit.json.tmp", "lock", "pid", "runner.log")
+RUNNER_FILES = ("stdout", "stderr", "exit.json", "exit.json.tmp", "lock", "pid", "runner.log",
+                "boot")
 #: Output budgets (bytes per stream) tried in turn when the server refuses a result as too large.
 SHORTER = (64 * 1024, 4 * 1024, 0)
 
@@ -355,6 +360,76 @@ class FirstStart:
         return self.time
 
 
+class Launcher:
+    """The runner server (:func:`himbeere.runner.serve`), started on demand.
+
+    Forking it costs about a millisecond where a new interpreter for each
+    runner costs ten (on a laptop; far more on a Pi), and a command's round
+    trip is about twenty.  It runs in a session of its own, and so do the
+    runners it forks: they outlive it and the daemon.  It ends when the
+    daemon does (EOF on its stdin) or after :data:`RUNNER_IDLE` idle seconds.
+    """
+
+    def __init__(self, idle: float = RUNNER_IDLE) -> None:
+        self.idle = idle
+        self.process: Optional[subprocess.Popen[bytes]] = None
+        self._lock = threading.Lock()
+
+    def start(self, directory: Path, timeout: float, limit: int,
+              cmd: list[str]) -> Optional[int]:
+        """Have a runner start ``cmd`` in ``directory``; its pid (None: started, pid unknown).
+
+        Raises OSError if no runner could be started.
+        """
+        request = (json.dumps([str(directory), timeout, limit, cmd]) + "\n").encode()
+        with self._lock:
+            for _ in range(2):
+                if self.process is None or self.process.poll() is not None:
+                    self._launch()
+                assert self.process is not None and self.process.stdin is not None
+                assert self.process.stdout is not None
+                try:
+                    self.process.stdin.write(request)
+                    self.process.stdin.flush()
+                    answer = self.process.stdout.readline()
+                except OSError:
+                    answer = b""
+                if answer.strip().isdigit():
+                    return int(answer)
+                # It ended (idle, or killed) before it answered.
+                self._close()
+                if _runner_alive(directory) or (directory / "exit.json").exists():
+                    return None  # it forked the runner first: never start a second one
+            raise OSError(f"the runner server does not start runners: {answer!r}")
+
+    def _launch(self) -> None:
+        self._close()
+        self.process = subprocess.Popen(
+            [sys.executable, *RUNNER_SERVER, repr(self.idle)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+        )
+
+    def _close(self) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        for stream in (process.stdin, process.stdout):
+            try:
+                if stream is not None:
+                    stream.close()
+            except OSError:
+                pass
+        try:
+            process.wait(KILL_WAIT)  # EOF on its stdin ends it
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._close()
+
+
 class Commands:
     """Runs a node's commands in a thread pool and writes the results back.
 
@@ -403,6 +478,8 @@ class Commands:
         self._pause = threading.Event()
         #: Where runners keep each command's output and exit status.
         self.work_dir = state_dir / "commands"
+        self.launcher = Launcher()
+        self.boot_id = _boot_id()
         self._anonymous = itertools.count()
         self._sweep()
 
@@ -430,7 +507,7 @@ class Commands:
                 continue
             result = doc if command_id is None else self._result_doc(key)
             if phase == STARTED and not (result and has_result(result)) \
-                    and self._runner_lost(key):
+                    and self._left_state(key) == "lost":
                 interrupted += 1
             self.submit(doc)
         return interrupted
@@ -458,7 +535,7 @@ class Commands:
                 self.journal.set(doc_id, earlier or QUEUED)
                 return
             self.inflight.add(doc_id)
-        if earlier == STARTED or "started" in doc:
+        if (earlier == STARTED or "started" in doc) and self._left_state(doc_id) != "never":
             # Started by an earlier daemon that did not write the result.
             self.journal.set(doc_id, STARTED)
             self.pool.submit(self._collect_left, doc_id, doc)
@@ -519,7 +596,7 @@ class Commands:
             if has_result(result):
                 self._forget(key)
                 return
-            if earlier == STARTED or "started" in result:
+            if (earlier == STARTED or "started" in result) and self._left_state(key) != "never":
                 self._collect_left(key, result)
                 return
             try:
@@ -570,6 +647,7 @@ class Commands:
                             ", ".join(sorted(self.running)))
         self.stop.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.launcher.stop()
 
     # -- running ----------------------------------------------------------------
     def _finish_without_running(self, doc_id: str, fields: Doc, known: Doc) -> None:
@@ -588,6 +666,9 @@ class Commands:
                 if self.closed:
                     return  # not started: the journal keeps it queued
                 self.running.add(doc_id)
+            # The directory (with the boot id) is there before the journal
+            # says "started": see _left_state().
+            self._prepare(self._dir(doc_id))
             self.journal.set(doc_id, STARTED)
             result = self.execute(cmd, timeout, key=doc_id,
                                   on_slow=lambda started: self._mark_running(doc_id, started))
@@ -656,7 +737,9 @@ class Commands:
                               if key is None else key)
         started_at, started = time.monotonic(), now_iso()
         try:
-            process = self._spawn(directory, cmd, timeout)
+            if anonymous:
+                self._prepare(directory)
+            pid = self._spawn(directory, cmd, timeout)
         except (OSError, ValueError) as exc:
             error = f"cmd: cannot run {cmd[0]!r}: {getattr(exc, 'strerror', None) or exc}"
             return {"started": started, "node": self.node, "state": "error", "error": error,
@@ -670,7 +753,7 @@ class Commands:
             timer.daemon = True
             timer.start()
         try:
-            if not self._wait(directory, process):
+            if not self._wait(directory, pid):
                 return None
         finally:
             if timer is not None:
@@ -689,61 +772,41 @@ class Commands:
             name = name[:100] + "-" + hashlib.sha256(key.encode()).hexdigest()
         return self.work_dir / name
 
-    def _spawn(self, directory: Path, cmd: list[str], timeout: float,
-               ) -> subprocess.Popen[bytes]:
-        """Start the runner of ``cmd``, detached: its own session, no pipe to us.
-
-        The daemon takes the runner's lock before the runner exists and
-        hands it over, so that the lock is held for the runner's whole life.
-        """
+    def _prepare(self, directory: Path) -> None:
+        """An empty runner directory that records this boot's id."""
         _remove_dir(directory)  # left by a runner that never started
         directory.mkdir(parents=True)
-        lock = os.open(directory / "lock", os.O_WRONLY | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            errors = os.open(directory / "runner.log", os.O_WRONLY | os.O_CREAT, 0o600)
-            try:
-                return subprocess.Popen(
-                    [sys.executable, *RUNNER, str(directory), str(lock),
-                     repr(float(timeout)), str(self.output_limit), *cmd],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors,
-                    pass_fds=(lock,), start_new_session=True,
-                )
-            finally:
-                os.close(errors)
-        finally:
-            os.close(lock)
+        if self.boot_id:
+            (directory / "boot").write_text(self.boot_id, encoding="utf-8")
 
-    def _wait(self, directory: Path, process: Optional[subprocess.Popen[bytes]] = None,
-              ) -> bool:
-        """Wait until the runner in ``directory`` (our child ``process``, if it is) ends.
+    def _spawn(self, directory: Path, cmd: list[str], timeout: float) -> Optional[int]:
+        """Start the runner of ``cmd``; its pid (None: it started, its pid is unknown)."""
+        return self.launcher.start(directory, timeout, self.output_limit, cmd)
+
+    def _wait(self, directory: Path, pid: Optional[int] = None) -> bool:
+        """Wait until the runner in ``directory`` (with ``pid``, if known) ends.
 
         Once the daemon stops, the runner is asked (SIGTERM) to kill its
         command; returns False if it has not ended ``KILL_WAIT`` s later.
         """
-        exited = _pidfd(process.pid) if process is not None else None
+        exited = _pidfd(pid) if pid is not None else None
         asked: Optional[float] = None
         try:
-            while True:
+            # The lock tells whether the pidfd is the runner's: a pid that
+            # ended before pidfd_open may belong to another process since.
+            while _runner_alive(directory):
                 if exited is not None:
                     if select.select([exited], [], [], SLICE)[0]:
                         break
-                elif process is not None:
-                    try:
-                        process.wait(SLICE)
-                        break
-                    except subprocess.TimeoutExpired:
-                        pass
-                elif not _runner_alive(directory):
-                    break
                 else:
-                    # Not our child: its lock is all we can watch.
-                    (self._pause if self.stop.is_set() else self.stop).wait(SLICE)
+                    # No pidfd (Linux < 5.3): look at the lock now and then.
+                    (self._pause if self.stop.is_set() else self.stop).wait(
+                        POLL if pid is not None else SLICE)
                 if not self.stop.is_set():
                     continue
                 if asked is None:
                     asked = time.monotonic()
-                    _signal_runner(directory, process)
+                    _signal_runner(directory)
                 elif time.monotonic() - asked > KILL_WAIT:
                     log.warning("runner %s did not end %s s after SIGTERM; "
                                 "the next start collects its result", directory, KILL_WAIT)
@@ -751,8 +814,6 @@ class Commands:
         finally:
             if exited is not None:
                 os.close(exited)
-        if process is not None:
-            process.wait()
         return True
 
     def _result_of(self, directory: Path) -> Doc:
@@ -804,10 +865,27 @@ class Commands:
             texts.append(text)
         result["ret"] = texts
 
-    def _runner_lost(self, key: str) -> bool:
-        """True if the command ``key`` has neither a runner at work nor its result."""
+    def _left_state(self, key: str) -> str:
+        """What became of a command an earlier daemon marked ``started``.
+
+        ``running`` (its runner holds the lock), ``finished`` (the runner
+        left ``exit.json``), ``never`` (no runner ever started: the runner
+        server creates ``lock`` before it forks one; trusted only in the
+        same boot, as a power cut may lose a file not yet on disk) or
+        ``lost`` (it may have run; its result is unknown).
+        """
         directory = self._dir(key)
-        return not (directory / "exit.json").exists() and not _runner_alive(directory)
+        if _runner_alive(directory):
+            return "running"
+        if (directory / "exit.json").exists():
+            return "finished"
+        try:
+            boot = (directory / "boot").read_text(encoding="utf-8")
+        except OSError:
+            boot = None
+        if boot and boot == self.boot_id and not (directory / "lock").exists():
+            return "never"
+        return "lost"
 
     def _sweep(self) -> None:
         """Remove runner directories that no command in the journal owns."""
@@ -921,6 +999,14 @@ def _shortened(fields: Doc, budget: int, reason: str) -> Doc:
     return shorter
 
 
+def _boot_id() -> Optional[str]:
+    """This boot's id (Linux), to tell a daemon restart from a reboot."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+
+
 def _iso(epoch: Any) -> Optional[str]:
     if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
         return None
@@ -943,12 +1029,8 @@ def _runner_alive(directory: Path) -> bool:
         os.close(fd)
 
 
-def _signal_runner(directory: Path, process: Optional[subprocess.Popen[bytes]]) -> None:
+def _signal_runner(directory: Path) -> None:
     """Ask a runner to kill its command (SIGTERM), if it still runs."""
-    if process is not None:
-        if process.poll() is None:
-            process.terminate()
-        return
     try:
         pid = int((directory / "pid").read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -217,5 +217,57 @@ def main(argv: list) -> int:
     return 0
 
 
+def serve(argv: list) -> int:
+    """Start runners on request, warm: fork this process instead of a new interpreter.
+
+    A request is one JSON line on stdin, ``[DIR, TIMEOUT, LIMIT, CMD]``; the
+    answer is the runner's pid on a line of its own on stdout.  Each runner
+    is forked holding the lock on ``DIR/lock``, in a session of its own, and
+    outlives this server.  It ends at EOF on stdin (the daemon ended) or
+    after ``argv[1]`` seconds without a request (the daemon starts it again).
+    """
+    import fcntl
+    import json
+
+    idle = float(argv[1])
+    # Runners report through their directory: nobody here waits for them.
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    pending = b""
+    while True:
+        while b"\n" not in pending:
+            if not select.select([0], [], [], idle)[0]:
+                return 0
+            chunk = os.read(0, 65536)
+            if not chunk:
+                return 0
+            pending += chunk
+        line, pending = pending.split(b"\n", 1)
+        directory, timeout, limit, cmd = json.loads(line)
+        lock = os.open(os.path.join(directory, "lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held from before the runner exists
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the runner waits for its command
+                os.setsid()
+                null = os.open(os.devnull, os.O_RDWR)
+                errors = os.open(os.path.join(directory, "runner.log"),
+                                 os.O_WRONLY | os.O_CREAT, 0o600)
+                os.dup2(null, 0)
+                os.dup2(null, 1)
+                os.dup2(errors, 2)
+                os.close(null)
+                os.close(errors)
+                code = main(["runner", directory, str(lock), repr(float(timeout)), str(limit),
+                             *cmd])
+            except BaseException as exc:
+                os.write(2, f"runner failed: {exc!r}\n".encode())
+            finally:
+                os._exit(code)
+        os.close(lock)
+        os.write(1, f"{pid}\n".encode())
+
+
 if __name__ == "__main__":
     sys.exit(main(sys.argv))
