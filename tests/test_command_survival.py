@@ -82,6 +82,8 @@ def test_fifty_commands_each_run_once_with_their_result_across_a_kill_9(
     old_children = children(old)
     assert any("import runner" in line for line in old_children.values()), old_children
     node.kill()
+    left = Journal(node.state_dir / "commands.json").read()
+    assert "started" in left.values(), f"no command was running at the kill: {left}"
     node.start()
     for i, doc_id in enumerate(ids):
         doc = wait_doc(code_db, doc_id, timeout=90)
