@@ -78,42 +78,19 @@ def write_exit(directory: str, fields: dict) -> None:
 
 
 def start(cmd: list, out: int, err: int) -> int:
-    """Fork and exec ``cmd`` in a new session; return its pid, or raise OSError."""
-    ready_r, ready_w = os.pipe()  # both close-on-exec: EOF means exec worked
-    pid = os.fork()
-    if pid == 0:  # the child
-        try:
-            os.close(ready_r)
-            os.setsid()
-            for sig in ("SIGPIPE", "SIGXFZ", "SIGXFSZ"):  # as subprocess restores them
-                if hasattr(signal, sig):
-                    signal.signal(getattr(signal, sig), signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, 0)
-            os.dup2(out, 1)
-            os.dup2(err, 2)
-            os.execvp(cmd[0], cmd)
-        except OSError as exc:
-            os.write(ready_w, str(exc.errno or 0).encode())
-        except BaseException:
-            os.write(ready_w, b"0")
-        os._exit(127)
-    os.close(ready_w)
-    try:
-        report = b""
-        while True:
-            chunk = os.read(ready_r, 64)
-            if not chunk:
-                break
-            report += chunk
-    finally:
-        os.close(ready_r)
-    if report:
-        os.waitpid(pid, 0)
-        number = int(report or b"0")
-        raise OSError(number, os.strerror(number) if number else "exec failed")
-    return pid
+    """Start ``cmd`` in a new session; return its pid, or raise OSError.
+
+    ``posix_spawnp`` (vfork and exec): forking this process instead would
+    copy every page Python touches before the exec.
+    """
+    defaults = [getattr(signal, name) for name in ("SIGPIPE", "SIGXFZ", "SIGXFSZ", "SIGCHLD")
+                if hasattr(signal, name)]  # as subprocess restores them
+    return os.posix_spawnp(
+        cmd[0], cmd, dict(os.environ),
+        file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                      (os.POSIX_SPAWN_DUP2, out, 1), (os.POSIX_SPAWN_DUP2, err, 2)],
+        setsid=True, setsigdef=defaults,
+    )
 
 
 def main(argv: list) -> int:
