@@ -225,3 +225,36 @@ def test_a_result_too_large_for_the_server_is_shortened_not_lost(
     assert "refused the whole result as too large" in doc["error"]
     assert "at most 65536 bytes" in doc["error"]
     wait_for(lambda: commands.journal.read() == {}, message="journal never emptied")
+
+
+def boot_id() -> str:
+    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+@pytest.mark.parametrize("boot, expected", [("same", "done"), ("other", "interrupted")])
+def test_a_command_whose_runner_never_started_runs_after_a_crash_of_the_same_boot(
+        commands_factory: Callable[..., Commands], code_db: Database, tmp_path: Path,
+        boot: str, expected: str) -> None:
+    """The daemon died between "started" in the journal and the runner's start.
+
+    In the same boot, no ``lock`` file means no runner ever ran it: it runs
+    now.  After a reboot (a power cut), a file not yet on disk may be lost:
+    it may have run, and is marked interrupted.
+    """
+    ledger = tmp_path / "ledger.txt"
+    command(code_db, "pending", ["sh", "-c", f"echo ran >> {ledger}; echo hi"])
+    state = tmp_path / "state"
+    Journal(state / "commands.json").set("pending", "started")
+    directory = state / "commands" / "pending"
+    directory.mkdir(parents=True)
+    (directory / "boot").write_text(boot_id() if boot == "same" else "another-boot")
+    commands = commands_factory()
+    assert commands.recover() == (0 if expected == "done" else 1)
+    doc = wait_doc(code_db, "pending")
+    assert doc["state"] == expected, doc
+    if expected == "done":
+        assert doc["ret"] == ["hi\n", ""] and ledger.read_text() == "ran\n"
+    else:
+        assert "may have run" in doc["error"] and not ledger.exists()
+    wait_for(lambda: commands.journal.read() == {}, message="journal never emptied")
+    assert not directory.exists()
