@@ -27,7 +27,8 @@ command the daemon takes on is kept in a journal in the state directory
 ``queued`` one (it never started).
 
 A command's outcome does not depend on the daemon's life: each runs under a
-runner of its own (:mod:`himbeere.runner`, in its own session), which keeps
+runner of its own (:mod:`himbeere.runner`, in its own session, forked by a
+warm runner server, :class:`Launcher`), which keeps
 the output in ``commands/<id>/`` in the state directory, kills the command
 at its timeout and writes the exit status there.  A daemon killed with -9
 leaves the runner at work; the next daemon waits for it (for a ``started``
@@ -699,9 +700,8 @@ class Commands:
                 result = self._result_of(directory)
             else:
                 result = {"state": "interrupted", "error": INTERRUPTED}
-            log.info("command %s, started by an earlier daemon: %s -> %s (%s)", key,
-                     (known.get("cmd") or ["?"])[0] if isinstance(known.get("cmd"), list)
-                     else "?", result.get("returncode"), result["state"])
+            log.info("command %s, started by an earlier daemon: -> %s (%s)", key,
+                     result.get("returncode"), result["state"])
             self._settle(key, result, known=known)
             self._forget(key)
         except Exception:

@@ -1,8 +1,8 @@
 """One command's runner: it outlives the daemon and leaves the result on disk.
 
-The daemon starts it for each command, in a session of its own, as
-``runner.main([_, DIR, LOCK_FD, TIMEOUT, LIMIT, CMD, ARG...])`` in
-``python -I -S`` (see :data:`himbeere.commands.RUNNER`), or by hand::
+The runner server (:func:`serve`, started by the daemon, see
+:class:`himbeere.commands.Launcher`) forks one for each command, in a
+session of its own; or by hand::
 
     python -I -S runner.py DIR LOCK_FD TIMEOUT LIMIT CMD [ARG ...]
 
@@ -18,18 +18,18 @@ writes ``DIR/exit.json`` (atomically, by rename)::
 ``ending`` is null, ``"timeout"`` or ``"interrupted"`` (the daemon asked it,
 with SIGTERM, to stop the command); ``error`` says why ``CMD`` could not
 start (``returncode`` is then null).  While it runs it holds an exclusive
-``flock`` on ``DIR/lock`` (taken by the daemon, passed on as ``LOCK_FD``) and
-its pid is in ``DIR/pid``: a daemon started
-after a crash tells a runner still at work (the lock is held) from one that
-died, for example in a power cut (no lock, no ``exit.json``).
+``flock`` on ``DIR/lock`` (taken before it started, passed on as
+``LOCK_FD``) and its pid is in ``DIR/pid``: a daemon started after a crash
+tells a runner still at work (the lock is held) from one that died, for
+example in a power cut (no lock, no ``exit.json``).
 
 Why a process of its own: a command must not depend on the daemon's life.
 If the daemon is killed (``kill -9``, the OOM killer), the runner goes on,
 keeps the deadline and records the result; the next daemon writes it back.
 
-It imports nothing but built-in modules, and runs with ``-I -S`` (no site
-packages), so that it starts in about 10 ms on a laptop: it is on the way
-of every command.
+It imports nothing but built-in modules, and the server runs with ``-I -S``
+(no site packages): forking it costs about a millisecond, and it starts the
+command with ``posix_spawnp`` (vfork): it is on the way of every command.
 """
 
 # The C module: ``signal`` imports ``enum``, which would double the start-up time.
@@ -96,7 +96,8 @@ def start(cmd: list, out: int, err: int) -> int:
 def main(argv: list) -> int:
     directory, lock, cmd = argv[1], int(argv[2]), argv[5:]
     timeout, limit = float(argv[3]), int(argv[4])
-    # The daemon took the lock on DIR/lock and passed it on: it is held from
+    # The runner server took the lock on DIR/lock before it forked this
+    # process (or whoever started it by hand passed it on): it is held from
     # before this process existed until it ends.  The command must not
     # inherit it, or a background child of the command would hold it on.
     os.set_inheritable(lock, False)
