@@ -197,7 +197,8 @@ def test_exactly_once_across_daemon_restarts_and_replays(fleet: Fleet, node_fact
     marker = ops.create_command(fleet, ["true"], [1001])
     wait_result(fleet, marker, 1001, node=node)  # the replay is past the first command
     assert ran.read_text() == "ran\n"
-    assert Journal(node.state_dir / "commands.json").read() == {}
+    # The journal entry goes just after the result is written.
+    wait_for(lambda: Journal(node.state_dir / "commands.json").read() == {})
 
 
 @pytest.mark.slow
