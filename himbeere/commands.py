@@ -28,7 +28,7 @@ command the daemon takes on is kept in a journal in the state directory
 
 A command's outcome does not depend on the daemon's life: each runs under a
 runner of its own (:mod:`himbeere.runner`, in its own session, forked by a
-warm runner server, :class:`Launcher`), which keeps
+warm runner server, :mod:`himbeere.launcher`), which keeps
 the output in ``commands/<id>/`` in the state directory, kills the command
 at its timeout and writes the exit status there.  A daemon killed with -9
 leaves the runner at work; the next daemon waits for it (for a ``started``
@@ -71,16 +71,12 @@ unknown).
 from __future__ import annotations
 
 import datetime
-import fcntl
 import itertools
 import json
 import logging
 import math
 import os
 import select
-import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
@@ -91,6 +87,7 @@ from typing import Any, Callable, Optional
 from . import defaults
 from .couch import Database, Doc
 from .exceptions import CommandError, CouchError, Unreachable
+from .launcher import Launcher, boot_id, remove_dir, runner_alive, signal_runner
 
 log = logging.getLogger(__name__)
 
@@ -114,16 +111,6 @@ INTERRUPTED = ("the daemon and this command's runner stopped while it ran (a pow
                "it may have run; its result is unknown; it is not run again")
 KILLED = "the daemon stopped while this command ran; it was killed"
 
-#: How the runner server starts (see :class:`Launcher`): ``-I -S`` skip the
-#: site packages, which would double its start-up time; imported (not run
-#: as a script) so that its compiled bytecode is cached.
-RUNNER_SERVER = ["-I", "-S", "-c", "import sys; sys.path.append(sys.argv[1]); import runner; "
-                 "sys.exit(runner.serve(sys.argv[1:]))", str(Path(__file__).parent)]
-#: Seconds without a command after which the runner server ends (started again on demand).
-RUNNER_IDLE = 120.0
-#: Files a runner leaves in its directory (``commands/<id>/``).
-RUNNER_FILES = ("stdout", "stderr", "exit.json", "exit.json.tmp", "lock", "pid", "runner.log",
-                "boot")
 #: Output budgets (bytes per stream) tried in turn when the server refuses a result as too large.
 SHORTER = (64 * 1024, 4 * 1024, 0)
 
@@ -361,76 +348,6 @@ class FirstStart:
         return self.time
 
 
-class Launcher:
-    """The runner server (:func:`himbeere.runner.serve`), started on demand.
-
-    Forking it costs about a millisecond where a new interpreter for each
-    runner costs ten (on a laptop; far more on a Pi), and a command's round
-    trip is about twenty.  It runs in a session of its own, and so do the
-    runners it forks: they outlive it and the daemon.  It ends when the
-    daemon does (EOF on its stdin) or after :data:`RUNNER_IDLE` idle seconds.
-    """
-
-    def __init__(self, idle: float = RUNNER_IDLE) -> None:
-        self.idle = idle
-        self.process: Optional[subprocess.Popen[bytes]] = None
-        self._lock = threading.Lock()
-
-    def start(self, directory: Path, timeout: float, limit: int,
-              cmd: list[str]) -> Optional[int]:
-        """Have a runner start ``cmd`` in ``directory``; its pid (None: started, pid unknown).
-
-        Raises OSError if no runner could be started.
-        """
-        request = (json.dumps([str(directory), timeout, limit, cmd]) + "\n").encode()
-        with self._lock:
-            for _ in range(2):
-                if self.process is None or self.process.poll() is not None:
-                    self._launch()
-                assert self.process is not None and self.process.stdin is not None
-                assert self.process.stdout is not None
-                try:
-                    self.process.stdin.write(request)
-                    self.process.stdin.flush()
-                    answer = self.process.stdout.readline()
-                except OSError:
-                    answer = b""
-                if answer.strip().isdigit():
-                    return int(answer)
-                # It ended (idle, or killed) before it answered.
-                self._close()
-                if _runner_alive(directory) or (directory / "exit.json").exists():
-                    return None  # it forked the runner first: never start a second one
-            raise OSError(f"the runner server does not start runners: {answer!r}")
-
-    def _launch(self) -> None:
-        self._close()
-        self.process = subprocess.Popen(
-            [sys.executable, *RUNNER_SERVER, repr(self.idle)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
-        )
-
-    def _close(self) -> None:
-        process, self.process = self.process, None
-        if process is None:
-            return
-        for stream in (process.stdin, process.stdout):
-            try:
-                if stream is not None:
-                    stream.close()
-            except OSError:
-                pass
-        try:
-            process.wait(KILL_WAIT)  # EOF on its stdin ends it
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def stop(self) -> None:
-        with self._lock:
-            self._close()
-
-
 class Commands:
     """Runs a node's commands in a thread pool and writes the results back.
 
@@ -480,7 +397,7 @@ class Commands:
         #: Where runners keep each command's output and exit status.
         self.work_dir = state_dir / "commands"
         self.launcher = Launcher()
-        self.boot_id = _boot_id()
+        self.boot_id = boot_id()
         self._anonymous = itertools.count()
         self._sweep()
 
@@ -718,7 +635,7 @@ class Commands:
 
     def _forget(self, key: str) -> None:
         """The result is written: drop the runner's files, then the journal entry."""
-        _remove_dir(self._dir(key))
+        remove_dir(self._dir(key))
         self.journal.remove(key)
 
     def execute(self, cmd: list[str], timeout: float,
@@ -761,7 +678,7 @@ class Commands:
         result = self._result_of(directory)
         result["started"] = started  # as in the ``running`` mark
         if anonymous:
-            _remove_dir(directory)
+            remove_dir(directory)
         return result
 
     def _dir(self, key: str) -> Path:
@@ -774,7 +691,7 @@ class Commands:
 
     def _prepare(self, directory: Path) -> None:
         """An empty runner directory that records this boot's id."""
-        _remove_dir(directory)  # left by a runner that never started
+        remove_dir(directory)  # left by a runner that never started
         directory.mkdir(parents=True)
         if self.boot_id:
             (directory / "boot").write_text(self.boot_id, encoding="utf-8")
@@ -794,7 +711,7 @@ class Commands:
         try:
             # The lock tells whether the pidfd is the runner's: a pid that
             # ended before pidfd_open may belong to another process since.
-            while _runner_alive(directory):
+            while runner_alive(directory):
                 if exited is not None:
                     if select.select([exited], [], [], SLICE)[0]:
                         break
@@ -806,7 +723,7 @@ class Commands:
                     continue
                 if asked is None:
                     asked = time.monotonic()
-                    _signal_runner(directory)
+                    signal_runner(directory)
                 elif time.monotonic() - asked > KILL_WAIT:
                     log.warning("runner %s did not end %s s after SIGTERM; "
                                 "the next start collects its result", directory, KILL_WAIT)
@@ -875,7 +792,7 @@ class Commands:
         ``lost`` (it may have run; its result is unknown).
         """
         directory = self._dir(key)
-        if _runner_alive(directory):
+        if runner_alive(directory):
             return "running"
         if (directory / "exit.json").exists():
             return "finished"
@@ -895,8 +812,8 @@ class Commands:
         except OSError:
             return
         for entry in entries:
-            if entry.name not in owned and not _runner_alive(entry):
-                _remove_dir(entry)
+            if entry.name not in owned and not runner_alive(entry):
+                remove_dir(entry)
 
     # -- writing back -----------------------------------------------------------
     def _mark_running(self, doc_id: str, started: str) -> None:
@@ -999,59 +916,8 @@ def _shortened(fields: Doc, budget: int, reason: str) -> Doc:
     return shorter
 
 
-def _boot_id() -> Optional[str]:
-    """This boot's id (Linux), to tell a daemon restart from a reboot."""
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="utf-8").strip()
-    except OSError:
-        return None
-
-
 def _iso(epoch: Any) -> Optional[str]:
     if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
         return None
     moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
     return moment.isoformat(timespec="milliseconds")
-
-
-def _runner_alive(directory: Path) -> bool:
-    """True while a runner holds the lock in ``directory``."""
-    try:
-        fd = os.open(directory / "lock", os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except OSError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def _signal_runner(directory: Path) -> None:
-    """Ask a runner to kill its command (SIGTERM), if it still runs."""
-    try:
-        pid = int((directory / "pid").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return
-    if pid > 0 and _runner_alive(directory):  # the lock is held: the pid is the runner's
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-
-
-def _remove_dir(directory: Path) -> None:
-    """Remove a runner directory (only the files a runner writes there)."""
-    for name in RUNNER_FILES:
-        try:
-            (directory / name).unlink()
-        except FileNotFoundError:
-            pass
-    try:
-        directory.rmdir()
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("cannot remove %s: %s", directory, exc)

@@ -1,7 +1,7 @@
 """One command's runner: it outlives the daemon and leaves the result on disk.
 
 The runner server (:func:`serve`, started by the daemon, see
-:class:`himbeere.commands.Launcher`) forks one for each command, in a
+:class:`himbeere.launcher.Launcher`) forks one for each command, in a
 session of its own; or by hand::
 
     python -I -S runner.py DIR LOCK_FD TIMEOUT LIMIT CMD [ARG ...]
