@@ -18,6 +18,8 @@ The map (one module per noun):
 ``progstate``  a program's persistent ``state``, kept in the status database
 ``leadership`` ``leader(group)``, ``on_leadership``: elections among programs
 ``commands``   running commands exactly once (``<macid>_cmd``, fleet commands)
+``launcher``   the runner server, and what a runner's directory tells
+``runner``     one command's runner: outlives the daemon, leaves the result on disk
 ``status``     the node's status document and heartbeat
 ``health``     health figures; alive, suspect, dead
 ``lease``      leases in CouchDB, one holder at a time (CAS on ``_rev``)

@@ -12,8 +12,9 @@ into the same document::
 
 ``state`` is ``done``, ``timeout`` (killed, with everything it started),
 ``error`` (it could not run: a missing binary, a ``cmd`` that is not a list
-of strings) or ``interrupted`` (the daemon stopped or died while it ran; it
-is not run again).  A command still running after a second is marked
+of strings) or ``interrupted`` (the daemon was stopped while it ran and
+killed it; or its runner died too, in a power cut say: it may have run, its
+result is unknown; it is not run again).  A command still running after a second is marked
 ``"state": "running"``.  Each of stdout and stderr keeps its first
 ``output_limit`` bytes; ``truncated`` says how many bytes were cut, and
 ``not_utf8`` names a stream that was not UTF-8 (its bytes >= 0x80 that do
@@ -22,11 +23,26 @@ not decode appear as ``\\xNN``).
 Exactly once: a document that has a result is never run again, and every
 command the daemon takes on is kept in a journal in the state directory
 (``commands.json``) until its result is written: ``queued``, then
-``started`` just before the process starts.  The next daemon marks a
-``started`` one ``interrupted`` and runs a ``queued`` one (it never started).
+``started`` just before the process starts.  The next daemon runs a
+``queued`` one (it never started).
+
+A command's outcome does not depend on the daemon's life: each runs under a
+runner of its own (:mod:`himbeere.runner`, in its own session, forked by a
+warm runner server, :mod:`himbeere.launcher`), which keeps
+the output in ``commands/<id>/`` in the state directory, kills the command
+at its timeout and writes the exit status there.  A daemon killed with -9
+leaves the runner at work; the next daemon waits for it (for a ``started``
+command whose runner still holds its lock), or writes the result the runner
+left, and only then forgets the command.  Only a ``started`` command whose
+runner died without a result (a power cut) is marked ``interrupted``.  A
+result the server could not take when the daemon stopped stays on disk and
+is written after the next start.
+
 The result is written with the revision the feed delivered, without reading
 the document again; a write-back conflict (409) is resolved by re-reading
-it, never by dropping the result.
+it, never by dropping the result.  A result the server refuses as too large
+(413, CouchDB's ``max_document_size``) is written again with its output
+shortened, and ``error`` says so.
 
 A **fleet command** is one document for many nodes (created by ``himbeere
 cmd``, see :mod:`uploader.ops`)::
@@ -55,15 +71,15 @@ unknown).
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import logging
 import math
 import os
-import selectors
-import signal
-import subprocess
+import select
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -71,6 +87,7 @@ from typing import Any, Callable, Optional
 from . import defaults
 from .couch import Database, Doc
 from .exceptions import CommandError, CouchError, Unreachable
+from .launcher import Launcher, boot_id, remove_dir, runner_alive, signal_runner
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +99,20 @@ QUEUED, STARTED = "queued", "started"
 
 #: Longest wait between two looks at a command's deadline and the stop flag.
 SLICE = 0.2
-#: Seconds to wait for a SIGKILLed command to be reaped.
+#: Seconds to wait for a runner to end after SIGTERM.
 KILL_WAIT = 5.0
+#: Seconds between two looks at a runner's lock where there is no pidfd.
+POLL = 0.01
 
 #: ``fdatasync`` where there is one (Linux); macOS has only ``fsync``.
 _fdatasync = getattr(os, "fdatasync", os.fsync)
 
-INTERRUPTED = "the daemon stopped while this command ran; it is not run again"
+INTERRUPTED = ("the daemon and this command's runner stopped while it ran (a power cut?): "
+               "it may have run; its result is unknown; it is not run again")
+KILLED = "the daemon stopped while this command ran; it was killed"
+
+#: Output budgets (bytes per stream) tried in turn when the server refuses a result as too large.
+SHORTER = (64 * 1024, 4 * 1024, 0)
 
 #: Seconds an ``"all"`` command may predate a node's first start and still run
 #: there: both times are our estimates of the server's clock (from whole-second
@@ -142,6 +166,12 @@ def parse_command(doc: Doc, default_timeout: float) -> tuple[list[str], float]:
         raise CommandError(
             f"cmd: {_preview(cmd)} is not allowed; allowed: a non-empty list of strings, "
             'for example ["uname", "-a"]'
+        )
+    if any("\x00" in a for a in cmd):
+        # The operating system cannot pass one: exec would raise ValueError.
+        raise CommandError(
+            f"cmd: {_preview(cmd)} is not allowed: it holds a NUL byte; "
+            "allowed: strings without NUL bytes"
         )
     timeout = doc.get("timeout", default_timeout)
     if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
@@ -362,14 +392,24 @@ class Commands:
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
         self.stop = threading.Event()
+        #: Never set: a wait in slices once ``stop`` is set.
+        self._pause = threading.Event()
+        #: Where runners keep each command's output and exit status.
+        self.work_dir = state_dir / "commands"
+        self.launcher = Launcher()
+        self.boot_id = boot_id()
+        self._anonymous = itertools.count()
+        self._sweep()
 
     # -- entry points ----------------------------------------------------------
     def recover(self) -> int:
         """Settle what an earlier daemon left in the journal.
 
-        A command it had started is marked ``interrupted``; one it had only
-        queued runs now.  Returns the number marked interrupted.  Raises
-        :class:`CouchError` when the server cannot be asked; call it again.
+        A command it had started gets the result its runner left (waiting
+        for a runner still at work); one whose runner died without a result
+        is marked ``interrupted``; one it had only queued runs now.  Returns
+        the number marked interrupted.  Raises :class:`CouchError` when the
+        server cannot be asked; call it again.
         """
         self.first_start.record(self.server_time())
         with self._lock:
@@ -384,7 +424,8 @@ class Commands:
                 self.journal.remove(key)
                 continue
             result = doc if command_id is None else self._result_doc(key)
-            if phase == STARTED and not (result and has_result(result)):
+            if phase == STARTED and not (result and has_result(result)) \
+                    and self._left_state(key) == "lost":
                 interrupted += 1
             self.submit(doc)
         return interrupted
@@ -405,18 +446,17 @@ class Commands:
             earlier = self.leftover.pop(doc_id, None)
             if has_result(doc):
                 if earlier is not None:
-                    self.journal.remove(doc_id)
+                    self._forget(doc_id)
                 return
             if self.closed:
                 # Stopping: the next start runs it (a feed may deliver late).
                 self.journal.set(doc_id, earlier or QUEUED)
                 return
             self.inflight.add(doc_id)
-        if earlier == STARTED or "started" in doc:
-            # Started by an earlier daemon that did not finish it.
+        if (earlier == STARTED or "started" in doc) and self._left_state(doc_id) != "never":
+            # Started by an earlier daemon that did not write the result.
             self.journal.set(doc_id, STARTED)
-            self.pool.submit(self._finish_without_running, doc_id,
-                             {"state": "interrupted", "error": INTERRUPTED}, doc)
+            self.pool.submit(self._collect_left, doc_id, doc)
             return
         self.journal.set(doc_id, QUEUED)
         try:
@@ -472,11 +512,10 @@ class Commands:
             if result is None:
                 return  # stopping: the journal keeps it for the next start
             if has_result(result):
-                self.journal.remove(key)
+                self._forget(key)
                 return
-            if earlier == STARTED or "started" in result:
-                self._settle(key, {"state": "interrupted", "error": INTERRUPTED}, known=result)
-                self.journal.remove(key)
+            if (earlier == STARTED or "started" in result) and self._left_state(key) != "never":
+                self._collect_left(key, result)
                 return
             try:
                 cmd, timeout = parse_command(doc, self.default_timeout)
@@ -510,9 +549,10 @@ class Commands:
         """Stop taking commands.
 
         With ``wait``, running commands get ``grace_period`` seconds to end;
-        then (or at once without ``wait``) they are killed and marked
-        ``interrupted``.  Commands not started yet stay in the journal and
-        run after the next start.
+        then (or at once without ``wait``) their runners kill them, and
+        they are marked ``interrupted``.  Commands not started yet stay in
+        the journal and run after the next start; so does a result the
+        server cannot take now (the next start writes it).
         """
         with self._lock:
             self.closed = True
@@ -525,6 +565,7 @@ class Commands:
                             ", ".join(sorted(self.running)))
         self.stop.set()
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.launcher.stop()
 
     # -- running ----------------------------------------------------------------
     def _finish_without_running(self, doc_id: str, fields: Doc, known: Doc) -> None:
@@ -543,17 +584,47 @@ class Commands:
                 if self.closed:
                     return  # not started: the journal keeps it queued
                 self.running.add(doc_id)
+            # The directory (with the boot id) is there before the journal
+            # says "started": see _left_state().
+            self._prepare(self._dir(doc_id))
             self.journal.set(doc_id, STARTED)
-            result = self.execute(cmd, timeout,
+            result = self.execute(cmd, timeout, key=doc_id,
                                   on_slow=lambda started: self._mark_running(doc_id, started))
+            if result is None:
+                return  # stopping: the next daemon writes what the runner leaves
             log.info("command %s: %s -> %s (%s)", doc_id, cmd[0], result.get("returncode"),
                      result["state"])
             self._settle(doc_id, result, known=known)
-            self.journal.remove(doc_id)
+            self._forget(doc_id)
         except Exception:
             log.exception("command %s failed", doc_id)
         finally:
             self._done(doc_id)
+
+    def _collect_left(self, key: str, known: Doc) -> None:
+        """Write the result of a command an earlier daemon started (``known``: its document).
+
+        Its runner may still be at work (wait for it), may have left the
+        result (write it), or may have died without one (``interrupted``).
+        """
+        directory = self._dir(key)
+        try:
+            with self._lock:
+                self.running.add(key)
+            if directory.is_dir():
+                if not self._wait(directory):
+                    return  # stopping: the next daemon waits on
+                result = self._result_of(directory)
+            else:
+                result = {"state": "interrupted", "error": INTERRUPTED}
+            log.info("command %s, started by an earlier daemon: -> %s (%s)", key,
+                     result.get("returncode"), result["state"])
+            self._settle(key, result, known=known)
+            self._forget(key)
+        except Exception:
+            log.exception("command %s failed", key)
+        finally:
+            self._done(key)
 
     def _done(self, doc_id: str) -> None:
         with self._lock:
@@ -562,42 +633,144 @@ class Commands:
             self.fleet.pop(doc_id, None)
             self._idle.notify_all()
 
-    def execute(self, cmd: list[str], timeout: float,
-                on_slow: Optional[Callable[[str], None]] = None) -> Doc:
-        """Run ``cmd`` and return the result fields (no database involved).
+    def _forget(self, key: str) -> None:
+        """The result is written: drop the runner's files, then the journal entry."""
+        remove_dir(self._dir(key))
+        self.journal.remove(key)
 
-        ``on_slow(started)`` is called from another thread if the command
-        still runs after ``running_mark`` seconds.
+    def execute(self, cmd: list[str], timeout: float,
+                on_slow: Optional[Callable[[str], None]] = None,
+                key: Optional[str] = None) -> Optional[Doc]:
+        """Run ``cmd`` under a runner and return the result fields (no database involved).
+
+        ``key`` names the runner's directory (the journal key); without it
+        the directory is removed afterwards.  ``on_slow(started)`` is called
+        from another thread if the command still runs after ``running_mark``
+        seconds.  Returns None when the daemon stops and the runner does not
+        end in time: its directory keeps the result for the next daemon.
         """
+        anonymous = key is None
+        directory = self._dir(f"execute:{os.getpid()}:{next(self._anonymous)}"
+                              if key is None else key)
         started_at, started = time.monotonic(), now_iso()
-        base = {"started": started, "node": self.node}
         try:
-            process = subprocess.Popen(
-                cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, start_new_session=True,
-            )
-        except OSError as exc:
-            if isinstance(exc, FileNotFoundError):
-                error = f"cmd: no such program: {cmd[0]!r}"
-            else:
-                error = f"cmd: cannot run {cmd[0]!r}: {exc.strerror or exc}"
-            return dict(base, state="error", error=error, ret=["", error], returncode=None,
-                        finished=now_iso(), duration=round(time.monotonic() - started_at, 6))
+            if anonymous:
+                self._prepare(directory)
+            pid = self._spawn(directory, cmd, timeout)
+        except (OSError, ValueError) as exc:
+            error = f"cmd: cannot run {cmd[0]!r}: {getattr(exc, 'strerror', None) or exc}"
+            return {"started": started, "node": self.node, "state": "error", "error": error,
+                    "ret": ["", error], "returncode": None, "finished": now_iso(),
+                    "duration": round(time.monotonic() - started_at, 6)}
         timer = None
         if on_slow is not None:
-            # A timer, not a step of the read loop: writing the mark can take
-            # a while, and the command's output and deadline must not wait.
+            # A timer, not a step of the wait: writing the mark can take a
+            # while, and the end of the command must not wait for it.
             timer = threading.Timer(self.running_mark, _quietly, (on_slow, started))
             timer.daemon = True
             timer.start()
         try:
-            outputs, dropped, ending = self._collect(process, started_at + timeout)
+            if not self._wait(directory, pid):
+                return None
         finally:
             if timer is not None:
                 timer.cancel()
-        result: Doc = dict(base, state=ending or "done", returncode=process.returncode)
+        result = self._result_of(directory)
+        result["started"] = started  # as in the ``running`` mark
+        if anonymous:
+            remove_dir(directory)
+        return result
+
+    def _dir(self, key: str) -> Path:
+        """The runner directory of the command (or fleet result) ``key``."""
+        name = urllib.parse.quote(key, safe="")
+        if len(name) > 200:  # a file name has at most 255 bytes
+            import hashlib
+            name = name[:100] + "-" + hashlib.sha256(key.encode()).hexdigest()
+        return self.work_dir / name
+
+    def _prepare(self, directory: Path) -> None:
+        """An empty runner directory that records this boot's id."""
+        remove_dir(directory)  # left by a runner that never started
+        directory.mkdir(parents=True)
+        if self.boot_id:
+            (directory / "boot").write_text(self.boot_id, encoding="utf-8")
+
+    def _spawn(self, directory: Path, cmd: list[str], timeout: float) -> Optional[int]:
+        """Start the runner of ``cmd``; its pid (None: it started, its pid is unknown)."""
+        return self.launcher.start(directory, timeout, self.output_limit, cmd)
+
+    def _wait(self, directory: Path, pid: Optional[int] = None) -> bool:
+        """Wait until the runner in ``directory`` (with ``pid``, if known) ends.
+
+        Once the daemon stops, the runner is asked (SIGTERM) to kill its
+        command; returns False if it has not ended ``KILL_WAIT`` s later.
+        """
+        exited = _pidfd(pid) if pid is not None else None
+        asked: Optional[float] = None
+        try:
+            # The lock tells whether the pidfd is the runner's: a pid that
+            # ended before pidfd_open may belong to another process since.
+            while runner_alive(directory):
+                if exited is not None:
+                    if select.select([exited], [], [], SLICE)[0]:
+                        break
+                else:
+                    # No pidfd (Linux < 5.3): look at the lock now and then.
+                    (self._pause if self.stop.is_set() else self.stop).wait(
+                        POLL if pid is not None else SLICE)
+                if not self.stop.is_set():
+                    continue
+                if asked is None:
+                    asked = time.monotonic()
+                    signal_runner(directory)
+                elif time.monotonic() - asked > KILL_WAIT:
+                    log.warning("runner %s did not end %s s after SIGTERM; "
+                                "the next start collects its result", directory, KILL_WAIT)
+                    return False
+        finally:
+            if exited is not None:
+                os.close(exited)
+        return True
+
+    def _result_of(self, directory: Path) -> Doc:
+        """The result fields from what the runner in ``directory`` left."""
+        try:
+            ending = json.loads((directory / "exit.json").read_text(encoding="utf-8"))
+            if not isinstance(ending, dict):
+                raise ValueError("not an object")
+        except (OSError, ValueError):
+            ending = None
+        if ending is None:
+            # The runner died (a power cut, SIGKILL) and left no exit status.
+            result: Doc = {"state": "interrupted", "error": INTERRUPTED, "returncode": None,
+                           "node": self.node}
+            self._add_output(result, directory, [0, 0])
+            return result
+        result = {"started": _iso(ending.get("started")), "node": self.node}
+        if ending.get("error"):
+            error = str(ending["error"])
+            result.update(state="error", error=error, ret=["", error], returncode=None)
+        else:
+            state = ending.get("ending") or "done"
+            result.update(state=state, returncode=ending.get("returncode"))
+            self._add_output(result, directory, ending.get("dropped") or [0, 0])
+            if state == "timeout":
+                result["error"] = f"timed out after {ending.get('timeout', 0):g} s and was killed"
+            elif state == "interrupted":
+                result["error"] = KILLED
+        result["finished"] = _iso(ending.get("finished"))
+        result["duration"] = ending.get("duration")
+        return result
+
+    def _add_output(self, result: Doc, directory: Path, dropped: list[int]) -> None:
         texts = []
-        for name, data, cut in zip(STREAMS, outputs, dropped):
+        for name, cut in zip(STREAMS, dropped):
+            try:
+                with open(directory / name, "rb") as handle:
+                    data = handle.read(self.output_limit)
+            except OSError:
+                data = b""
             if cut:
                 whole = _cut_partial_character(data)
                 cut, data = cut + len(data) - len(whole), whole
@@ -608,78 +781,39 @@ class Commands:
                 result.setdefault("truncated", {})[name] = cut + more
             texts.append(text)
         result["ret"] = texts
-        if ending == "timeout":
-            result["error"] = f"timed out after {timeout:g} s and was killed"
-        elif ending == "interrupted":
-            result["error"] = "the daemon stopped while this command ran; it was killed"
-        result["finished"] = now_iso()
-        result["duration"] = round(time.monotonic() - started_at, 6)
-        return result
 
-    def _collect(self, process: subprocess.Popen[bytes], deadline: float,
-                 ) -> tuple[list[bytes], list[int], Optional[str]]:
-        """Read stdout and stderr up to the cap until the command ends.
+    def _left_state(self, key: str) -> str:
+        """What became of a command an earlier daemon marked ``started``.
 
-        Returns both outputs, the bytes cut from each, and ``None``,
-        ``"timeout"`` or ``"interrupted"`` (the daemon is stopping); in the
-        last two cases the command's process group was killed.
+        ``running`` (its runner holds the lock), ``finished`` (the runner
+        left ``exit.json``), ``never`` (no runner ever started: the runner
+        server creates ``lock`` before it forks one; trusted only in the
+        same boot, as a power cut may lose a file not yet on disk) or
+        ``lost`` (it may have run; its result is unknown).
         """
-        assert process.stdout is not None and process.stderr is not None
-        buffers = {process.stdout.fileno(): bytearray(), process.stderr.fileno(): bytearray()}
-        dropped = {fd: 0 for fd in buffers}
-        order = list(buffers)
-        ending = None
-        # Readable when the process has ended.  Popen.wait(timeout) polls
-        # instead, and its first sleep (1 ms) is a third of running `true`.
-        exited = _pidfd(process.pid)
+        directory = self._dir(key)
+        if runner_alive(directory):
+            return "running"
+        if (directory / "exit.json").exists():
+            return "finished"
         try:
-            with selectors.DefaultSelector() as selector:
-                for stream in (process.stdout, process.stderr):
-                    selector.register(stream, selectors.EVENT_READ)
-                if exited is not None:
-                    selector.register(exited, selectors.EVENT_READ)
-                while selector.get_map():
-                    ending = self._ending(deadline)
-                    if ending:
-                        break
-                    for key, _ in selector.select(_slice(deadline)):
-                        if key.fd == exited:
-                            selector.unregister(exited)
-                            continue
-                        chunk = os.read(key.fd, 65536)
-                        if not chunk:
-                            selector.unregister(key.fileobj)
-                            continue
-                        buffer = buffers[key.fd]
-                        room = max(0, self.output_limit - len(buffer))
-                        buffer += chunk[:room]
-                        dropped[key.fd] += len(chunk) - min(room, len(chunk))
-        finally:
-            if exited is not None:
-                os.close(exited)
-        # Both pipes are closed, but (without a pidfd) the command may live on.
-        while ending is None:
-            try:
-                process.wait(_slice(deadline))
-                break
-            except subprocess.TimeoutExpired:
-                ending = self._ending(deadline)
-        if ending is not None:
-            _kill_group(process.pid)
-            try:
-                process.wait(KILL_WAIT)
-            except subprocess.TimeoutExpired:
-                log.warning("command pid %s did not die after SIGKILL", process.pid)
-        process.stdout.close()
-        process.stderr.close()
-        return [bytes(buffers[fd]) for fd in order], [dropped[fd] for fd in order], ending
+            boot = (directory / "boot").read_text(encoding="utf-8")
+        except OSError:
+            boot = None
+        if boot and boot == self.boot_id and not (directory / "lock").exists():
+            return "never"
+        return "lost"
 
-    def _ending(self, deadline: float) -> Optional[str]:
-        if time.monotonic() >= deadline:
-            return "timeout"
-        if self.stop.is_set():
-            return "interrupted"
-        return None
+    def _sweep(self) -> None:
+        """Remove runner directories that no command in the journal owns."""
+        owned = {self._dir(key).name for key in self.leftover}
+        try:
+            entries = list(self.work_dir.iterdir())
+        except OSError:
+            return
+        for entry in entries:
+            if entry.name not in owned and not runner_alive(entry):
+                remove_dir(entry)
 
     # -- writing back -----------------------------------------------------------
     def _mark_running(self, doc_id: str, started: str) -> None:
@@ -717,6 +851,7 @@ class Commands:
             return True
 
         delay = 0.5
+        shorter = iter(SHORTER)
         while True:
             try:
                 saved = db.update(doc_id, change, known=known)
@@ -731,14 +866,18 @@ class Commands:
                 self.stop.wait(delay)
                 delay = min(delay * 2, 30.0)
             except CouchError as exc:
-                log.error("command %s: cannot write the result: %s", doc_id, exc)
-                raise
+                budget = next(shorter, None) if exc.status == 413 and final \
+                    and isinstance(fields.get("ret"), list) else None
+                if budget is None:
+                    log.error("command %s: cannot write the result: %s", doc_id, exc)
+                    raise
+                # The server refuses the document as too large (CouchDB's
+                # max_document_size, 8 MB by default): keep less output.
+                log.warning("command %s: the server refused the result as too large; "
+                            "writing it with at most %d bytes of each output", doc_id, budget)
+                fields = _shortened(fields, budget, str(exc))
         if saved is not None and final:
             self.on_result(doc_id, fields)
-
-
-def _slice(deadline: float) -> float:
-    return max(0.0, min(SLICE, deadline - time.monotonic()))
 
 
 def _pidfd(pid: int) -> Optional[int]:
@@ -757,8 +896,28 @@ def _quietly(on_slow: Callable[[str], None], started: str) -> None:
         log.warning("could not mark a command running: %s", exc)
 
 
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+def _shortened(fields: Doc, budget: int, reason: str) -> Doc:
+    """``fields`` with each output cut to ``budget`` bytes, and ``error`` saying why."""
+    shorter = dict(fields)
+    truncated = dict(fields.get("truncated") or {})
+    texts = []
+    for name, text in zip(STREAMS, fields["ret"]):
+        data = str(text).encode("utf-8")
+        kept, _, more = render(data, budget)
+        if more:
+            truncated[name] = truncated.get(name, 0) + more
+        texts.append(kept)
+    shorter["ret"] = texts
+    if truncated:
+        shorter["truncated"] = truncated
+    note = (f"the server refused the whole result as too large ({reason}); "
+            f"each output is cut to at most {budget} bytes")
+    shorter["error"] = f"{fields['error']}; {note}" if fields.get("error") else note
+    return shorter
+
+
+def _iso(epoch: Any) -> Optional[str]:
+    if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
+        return None
+    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
+    return moment.isoformat(timespec="milliseconds")

@@ -110,6 +110,24 @@ def test_missing_binary_and_malformed_documents(node_factory, code_db: Database)
     assert "Traceback" not in node.log()
 
 
+def test_an_argv_with_a_nul_byte_gets_an_error_result_at_once(node_factory,
+                                                               code_db: Database) -> None:
+    """Regression: exec raised ValueError; no result, later mislabelled interrupted."""
+    node = node_factory(mac_id=1000)
+    command(code_db, "nul", ["echo", "a\u0000b"])
+    doc = wait_doc(code_db, "nul")
+    assert doc["state"] == "error", doc
+    assert "NUL byte" in doc["error"] and "allowed:" in doc["error"]
+    assert doc["ret"] == ["", doc["error"]] and doc["returncode"] is None
+    wait_for(lambda: settled(node), message="journal never emptied")
+    assert node.stop() == 0
+    node.start()
+    command(code_db, "marker", ["echo", "after"])
+    wait_doc(code_db, "marker")
+    assert code_db.get("nul")["_rev"] == doc["_rev"]  # not touched again
+    assert "Traceback" not in node.log()
+
+
 def test_big_output_is_capped_at_one_mib(node_factory, code_db: Database) -> None:
     node_factory(mac_id=1000)
     code = ("import sys; sys.stdout.write('x' * 1500000); sys.stderr.write('e' * 10)")
@@ -176,20 +194,23 @@ def test_command_for_another_node_is_not_run(node_factory, code_db: Database,
 
 
 # -- exactly once --------------------------------------------------------------------------
-def test_kill_9_mid_command_marks_it_interrupted_and_never_reruns(
+def test_kill_9_mid_command_writes_its_real_result_once(
         node_factory, code_db: Database, tmp_path: Path) -> None:
+    """Regression: a command running at a kill -9 ran on, but was marked interrupted."""
     runs, ended = tmp_path / "runs.txt", tmp_path / "ended.txt"
     node = node_factory(mac_id=1000)
-    command(code_db, "once", ["sh", "-c", f"echo x >> {runs}; sleep 3; echo end > {ended}"])
+    command(code_db, "once", ["sh", "-c",
+                              f"echo x >> {runs}; sleep 3; echo end > {ended}; echo out; exit 7"])
     wait_file(runs, contains="x")
     node.kill()
     node.start()
-    doc = wait_doc(code_db, "once", lambda d: d.get("state") == "interrupted")
-    assert "not run again" in doc["error"]
-    assert doc["cmd"][0] == "sh"
-    node.wait_log("marked 1 command(s) interrupted")
-    wait_file(ended, contains="end")  # the orphaned command ran to its end
+    doc = wait_doc(code_db, "once")
+    assert doc["state"] == "done", doc
+    assert doc["returncode"] == 7 and doc["ret"] == ["out\n", ""]
+    assert "error" not in doc
+    assert ended.read_text() == "end\n"
     wait_for(lambda: settled(node), message="journal never emptied")
+    assert not (node.state_dir / "commands" / "once").exists()
     assert runs.read_text() == "x\n"
     # Even a full replay (no seq.json) does not run it again.
     assert node.stop() == 0
@@ -199,7 +220,7 @@ def test_kill_9_mid_command_marks_it_interrupted_and_never_reruns(
     wait_doc(code_db, "marker")
     wait_for(lambda: settled(node), message="journal never emptied")
     assert runs.read_text() == "x\n"
-    assert code_db.get("once")["state"] == "interrupted"
+    assert code_db.get("once")["_rev"] == doc["_rev"]
 
 
 def test_full_replay_does_not_rerun_finished_commands(node_factory, code_db: Database,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -196,24 +197,37 @@ def test_exactly_once_across_daemon_restarts_and_replays(fleet: Fleet, node_fact
     marker = ops.create_command(fleet, ["true"], [1001])
     wait_result(fleet, marker, 1001, node=node)  # the replay is past the first command
     assert ran.read_text() == "ran\n"
-    assert Journal(node.state_dir / "commands.json").read() == {}
+    # The journal entry goes just after the result is written.
+    wait_for(lambda: Journal(node.state_dir / "commands.json").read() == {})
 
 
 @pytest.mark.slow
-def test_kill_9_mid_command_is_interrupted_not_rerun(fleet: Fleet, node_factory: NodeFactory,
-                                                     tmp_path: Path) -> None:
+def test_kill_9_mid_command_writes_its_real_result_once(fleet: Fleet, node_factory: NodeFactory,
+                                                        tmp_path: Path) -> None:
+    """Regression: a fleet command running at a kill -9 ran on, but was marked interrupted."""
     ran = tmp_path / "ran.txt"
     node = start_nodes(node_factory, 1001)[0]
-    code = f"open({str(ran)!r}, 'a').write('ran\\n'); import time; time.sleep(60)"
+    code = (f"open({str(ran)!r}, 'a').write('ran\\n'); import time, sys; time.sleep(3); "
+            "print('slept'); sys.exit(4)")
     command_id = ops.create_command(fleet, py(code), [1001], timeout=120)
-    wait_for(lambda: ran.exists() and (result(fleet, command_id, 1001) or {}).get("state")
-             == "running", 30, message=lambda: node.log()[-3000:])
-    node.kill()
-    node.kill_programs()
-    node.start()
-    doc = wait_result(fleet, command_id, 1001, node=node)
-    assert doc["state"] == "interrupted" and "not run again" in doc["error"]
-    assert ran.read_text() == "ran\n"
+    try:
+        wait_for(lambda: ran.exists() and (result(fleet, command_id, 1001) or {}).get("state")
+                 == "running", 30, message=lambda: node.log()[-3000:])
+        node.kill()
+        node.kill_programs()
+        node.start()
+        doc = wait_result(fleet, command_id, 1001, node=node)
+        assert doc["state"] == "done", doc
+        assert doc["returncode"] == 4 and doc["ret"] == ["slept\n", ""]
+        assert doc["command"] == command_id and doc["node"] == 1001
+        wait_for(lambda: Journal(node.state_dir / "commands.json").read() == {})
+        assert ran.read_text() == "ran\n"
+    finally:
+        for pid_file in (node.state_dir / "commands").glob("*/pid"):
+            try:
+                os.kill(int(pid_file.read_text()), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
 
 
 @pytest.mark.slow
