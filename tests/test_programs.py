@@ -578,8 +578,9 @@ def test_code_that_makes_compile_raise_memoryerror_is_invalid(
                    "code": "x = " + "-" * 100000 + "1\n" + looping(pidfile)})
     program = node.wait_program("deep", state="invalid")
     assert program["rev"].startswith("2-")
-    assert program["last_error"] == (
-        "module 'main' cannot be compiled: MemoryError (nested too deeply?)")
+    # Python 3.13 says why ("Parser stack overflowed ..."); older ones do not.
+    assert program["last_error"].startswith("module 'main' cannot be compiled: MemoryError")
+    assert program["last_error"].endswith("(nested too deeply?)")
     node.wait_log("deep: module 'main' cannot be compiled: MemoryError")
     wait_dead(old)
     assert "could not handle" not in node.log()

@@ -831,8 +831,9 @@ def test_code_the_compiler_cannot_take_is_invalid_and_stops_the_old_version(
     harness.step()
     status = harness.status("m")
     assert (status["state"], status["rev"]) == ("invalid", "2-x")
-    assert status["last_error"] == (
-        "module 'main' cannot be compiled: MemoryError (nested too deeply?)")
+    # Python 3.13 says why ("Parser stack overflowed ..."); older ones do not.
+    assert status["last_error"].startswith("module 'main' cannot be compiled: MemoryError")
+    assert status["last_error"].endswith("(nested too deeply?)")
     assert "m: module 'main' cannot be compiled: MemoryError" in caplog.text
     assert harness.server.started("m") == [old]
     harness.doc("n", code=GOOD)
