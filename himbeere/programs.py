@@ -55,6 +55,8 @@ class Program:
         self.fetched: Optional[tuple[str, tuple[str, str]]] = None
         self.fetching: Optional[str] = None
         self.pid: Optional[int] = None
+        #: The kernel's start time of ``pid`` (see :func:`_start_time`), read once.
+        self.pid_start: Optional[str] = None
         self.started: Optional[float] = None
         self.started_mono: Optional[float] = None
         self.restarts = 0
@@ -441,12 +443,15 @@ class Supervisor:
             self._crashed(program, f"could not start: {exc}", time.monotonic())
             return
         program.pid, program.conn, program.eof = pid, conn, False
+        program.pid_start = _start_time(pid)
+        # Recorded first: a daemon killed from here on leaves nothing that
+        # the next one cannot find and kill.
+        self._record_pids()
         program.started = time.time()
         program.started_mono = time.monotonic()
         program.outcome = None
         program.exit_code = None
         self._set(program, "running", error=program.last_error)
-        self._record_pids()
         log.info("%s: started (pid %s, rev %s)", program.name, pid, printable(doc.rev))
 
     def _slot_free(self, program: Program) -> bool:
@@ -670,7 +675,7 @@ class Supervisor:
         if program.conn is not None:
             program.conn.close()
         program.conn = None
-        program.pid = None
+        program.pid = program.pid_start = None
         self._record_pids()
 
     def _exited(self, program: Program, code: Optional[int], now: float) -> None:
@@ -747,7 +752,9 @@ class Supervisor:
         """Remember live pids, so a daemon killed with -9 can clean up next time."""
         if self.state_dir is None:
             return
-        live = {p.doc.doc_id: [p.pid, _start_time(p.pid)]
+        # Each start time was read once, at the start: not one /proc read
+        # per running program at every start and stop.
+        live = {p.doc.doc_id: [p.pid, p.pid_start]
                 for p in self.programs.values() if p.alive and p.pid}
         path = self.state_dir / "programs.json"
         tmp = path.with_suffix(".tmp")
