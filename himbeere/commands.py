@@ -88,8 +88,11 @@ from . import defaults
 from .couch import Database, Doc
 from .exceptions import CommandError, CouchError, Unreachable
 from .launcher import Launcher, boot_id, remove_dir, runner_alive, signal_runner
+from .logtext import EscapedArguments
 
 log = logging.getLogger(__name__)
+# Document ids come from users: none may forge a line of the daemon's log.
+log.addFilter(EscapedArguments())
 
 FINAL_STATES = ("done", "timeout", "error", "interrupted")
 STREAMS = ("stdout", "stderr")

@@ -108,8 +108,11 @@ from .codedoc import PLACED_TYPE
 from .couch import Database, Doc
 from .exceptions import CouchError, ProgramError
 from .lease import Lease, is_free
+from .logtext import EscapedArguments
 
 log = logging.getLogger(__name__)
+# Document ids come from users: none may forge a line of the daemon's log.
+log.addFilter(EscapedArguments())
 
 __all__ = ["PLACED_TYPE", "LEASE_NAME", "assign", "Placement", "NodeInfo", "Wanted"]
 

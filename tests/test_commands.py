@@ -110,6 +110,18 @@ def test_missing_binary_and_malformed_documents(node_factory, code_db: Database)
     assert "Traceback" not in node.log()
 
 
+def test_a_command_id_cannot_forge_a_line_of_the_daemon_log(node_factory,
+                                                           code_db: Database) -> None:
+    """Regression: ids went raw into log lines, so an id holding a newline
+    wrote what looked like an entry of the daemon's own log."""
+    command(code_db, "c1\nFAKE LOG LINE", ["true"])
+    node = node_factory(mac_id=1000)
+    wait_doc(code_db, "c1\nFAKE LOG LINE")
+    wait_for(lambda: "command c1\\nFAKE LOG LINE: true -> 0 (done)" in node.log(),
+             message=lambda: node.log()[-2000:])
+    assert not any(line.startswith("FAKE LOG LINE") for line in node.log().splitlines())
+
+
 def test_an_argv_with_a_nul_byte_gets_an_error_result_at_once(node_factory,
                                                                code_db: Database) -> None:
     """Regression: exec raised ValueError; no result, later mislabelled interrupted."""
