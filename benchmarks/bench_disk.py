@@ -182,7 +182,10 @@ class TracedDaemon:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             for pid in children(self.process.pid):
-                if "himbeere" in cmdline(pid):
+                # strace forks short-lived children of its own, with its own
+                # command line, to probe the kernel: only the exec'd daemon counts
+                parts = cmdline(pid)
+                if parts[:1] == [sys.executable] and "himbeere" in parts:
                     return pid
             time.sleep(0.05)
         raise BenchError("the daemon did not start under strace")
@@ -198,18 +201,39 @@ class TracedDaemon:
         except OSError:
             return "(no log)"
 
+    def alive(self) -> bool:
+        """The daemon itself still runs (a zombie counts as gone)."""
+        if self.pid is None:
+            return False
+        try:
+            with open(f"/proc/{self.pid}/stat") as handle:
+                return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except (OSError, IndexError):
+            return False
+
+    def _signal(self, sig: int) -> bool:
+        try:
+            os.kill(self.pid or 0, sig)
+        except ProcessLookupError:
+            return False
+        return True
+
     def stop(self, timeout: float = 30.0) -> Optional[int]:
         """SIGTERM to the daemon (strace blocks it); SIGKILL past ``timeout``."""
         if self.process is None:
             return None
         try:
             if self.process.poll() is None and self.pid:
-                os.kill(self.pid, signal.SIGTERM)
+                # Under strace the daemon is strace's child and may be gone
+                # already while strace still waits for its other tracees.
+                if not self._signal(signal.SIGTERM):
+                    print(f"bench: daemon {self.pid} had exited before it was stopped; "
+                          f"its log ends:\n{self.log_tail()}", file=sys.stderr)
                 try:
                     self.process.wait(timeout)
                 except subprocess.TimeoutExpired:
                     print(f"bench: daemon {self.pid} ignored SIGTERM; SIGKILL", file=sys.stderr)
-                    os.kill(self.pid, signal.SIGKILL)
+                    self._signal(signal.SIGKILL)
                     self.process.kill()
                     self.process.wait(10)
         finally:
@@ -287,6 +311,9 @@ class Scenario:
     def _wait_running(self, count: int) -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
+            if not self.daemon.alive():
+                raise BenchError(f"{self.name}: the daemon exited before its programs ran; "
+                                 f"log:\n{self.daemon.log_tail()}")
             if count == 0 and "himbeere node" in self.daemon.log_tail(100000):
                 return
             if count and len(self.daemon.processes()) >= count + 2:
@@ -311,6 +338,9 @@ class Scenario:
         seconds = time.monotonic() - mono0
         wall1 = time.time()
         after = {pid: read_io(pid) for pid in self.daemon.processes()}
+        if not self.daemon.alive():
+            raise BenchError(f"{self.name}: the daemon exited during the window; "
+                             f"log:\n{self.daemon.log_tail()}")
         size1 = tree_size(self.daemon.state_dir, self.daemon.log_path)
         lines1 = self._flood_lines()
         forkserver = next((pid for pid in children(self.daemon.pid or 0)
