@@ -1,0 +1,160 @@
+"""Document types, ids, states and timestamps: the conventions every part shares.
+
+A leaf module: it imports nothing of the project, so the daemon, a program's
+process and the laptop tools all import it at no cost.  Whatever names a
+document, a state or a moment on the wire is defined here and nowhere else.
+
+The databases, and the documents each holds (``<mac>`` is a node's MAC id as
+a decimal integer)::
+
+    code database                     status database (``<code>_status``)
+    -------------                     -----------------------------------
+    <any id>   type: <mac>  program   status:<mac>       heartbeat
+    placed:<name>           placed    result:<cmd>:<mac> fleet command result
+    global:<name>           module    log:<mac>:<prog>   program log
+    <mac>_cmd               commands  state:<prog>:<key> program state
+    cmd-<stamp>-<random>    fleet cmd lease:<name>       lease (scheduler, groups)
+    node:<mac>              node info placement:<name>   placement of a program
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import time
+from typing import Any, Optional
+
+# -- document types -----------------------------------------------------------
+
+#: ``type`` of a fleet command (code database): one document for many nodes.
+COMMAND_TYPE = "himbeere-command"
+#: ``type`` of a node's result of a fleet command (status database).
+RESULT_TYPE = "himbeere-result"
+
+# -- id prefixes and builders -------------------------------------------------
+
+STATUS_PREFIX = "status:"
+NODE_PREFIX = "node:"
+RESULT_PREFIX = "result:"
+LOG_PREFIX = "log:"
+STATE_PREFIX = "state:"
+LEASE_PREFIX = "lease:"
+PLACEMENT_PREFIX = "placement:"
+PLACED_PREFIX = "placed:"
+GLOBAL_PREFIX = "global:"
+COMMAND_PREFIX = "cmd-"
+COMMANDS_SUFFIX = "_cmd"
+
+
+def commands_id(node: int) -> str:
+    """The node's own commands document, ``<mac>_cmd`` (the original format)."""
+    return f"{node}{COMMANDS_SUFFIX}"
+
+
+def status_id(node: int) -> str:
+    return f"{STATUS_PREFIX}{node}"
+
+
+def node_id(node: int) -> str:
+    return f"{NODE_PREFIX}{node}"
+
+
+def result_id(command_id: str, node: int) -> str:
+    """Id of a node's result document of fleet command ``command_id``."""
+    return f"{RESULT_PREFIX}{command_id}:{node}"
+
+
+def lease_id(name: str) -> str:
+    return f"{LEASE_PREFIX}{name}"
+
+
+def placement_id(name: str) -> str:
+    return f"{PLACEMENT_PREFIX}{name}"
+
+
+def placed_id(name: str) -> str:
+    return f"{PLACED_PREFIX}{name}"
+
+
+def global_id(name: str) -> str:
+    return f"{GLOBAL_PREFIX}{name}"
+
+
+def mac_of(doc_id: str, prefix: str) -> Optional[int]:
+    """The MAC id in ``<prefix><mac>`` (``status:12``, ``node:12``), or None."""
+    if not doc_id.startswith(prefix):
+        return None
+    rest = doc_id[len(prefix):]
+    return int(rest) if rest.isdigit() else None
+
+
+def targets_node(doc: dict[str, Any], node: int) -> bool:
+    """True if the fleet command ``doc`` is for ``node``: ``"all"``, or listed (int or str).
+
+    The same rule is written in JavaScript (the filter) and as a Mango
+    selector in :mod:`himbeere.design`; a test holds the three together.
+    """
+    targets = doc.get("targets")
+    if targets == "all":
+        return True
+    return isinstance(targets, list) and str(node) in {str(t) for t in targets}
+
+
+# -- states -------------------------------------------------------------------
+
+class ProgramState(str, enum.Enum):
+    """Where a program is, as ``programs.<id>.state`` of a node's status shows it."""
+
+    STARTING = "starting"        #: its document arrived; not yet started
+    FETCHING = "fetching"        #: its git source is being fetched
+    RUNNING = "running"          #: its process runs
+    BACKING_OFF = "backing-off"  #: it crashed and waits before the next start
+    STOPPING = "stopping"        #: it was asked to stop and has not ended yet
+    STOPPED = "stopped"          #: disabled, or stopped by hand
+    FINISHED = "finished"        #: it ended by itself with exit code 0
+    CRASHED = "crashed"          #: it ended with an error and will not restart
+    INVALID = "invalid"          #: its document cannot run (see ``last_error``)
+    REJECTED = "rejected"        #: more programs than ``max_programs``
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class CommandState(str, enum.Enum):
+    """Where a command is, as its result's ``state`` shows it."""
+
+    RUNNING = "running"          #: started; the result is not in yet
+    DONE = "done"                #: it ended; ``returncode`` says how
+    ERROR = "error"              #: it could not start (see ``error``)
+    TIMEOUT = "timeout"          #: it ran past its timeout and was killed
+    INTERRUPTED = "interrupted"  #: killed, or its node died while it ran
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# -- timestamps ---------------------------------------------------------------
+
+def iso(when: Optional[float] = None) -> str:
+    """``when`` (seconds since the epoch; default now) as ISO 8601 UTC, ms and ``Z``.
+
+    The one format of every timestamp the project writes into a document:
+    ``2026-11-29T09:30:00.123Z``.  It sorts as text in time order.
+    """
+    when = time.time() if when is None else when
+    moment = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+
+
+def parse_iso(text: str) -> float:
+    """Seconds since the epoch of a timestamp in any of the formats ever written.
+
+    Accepts ``...Z`` and ``...+00:00``, with or without fractions, so documents
+    written by older versions still read.  Raises ValueError otherwise.
+    """
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    moment = datetime.datetime.fromisoformat(text)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
