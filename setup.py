@@ -25,8 +25,8 @@ def read_version() -> str:
 
 
 def read_readme() -> str:
-    readme = HERE / "README.md"
-    return readme.read_text(encoding="utf-8") if readme.exists() else ""
+    """README.rst, PyPI's description of the package (``twine check`` in CI)."""
+    return (HERE / "README.rst").read_text(encoding="utf-8")
 
 
 setup(
@@ -34,7 +34,7 @@ setup(
     version=read_version(),
     description="Run Python code stored in CouchDB on Raspberry Pis",
     long_description=read_readme(),
-    long_description_content_type="text/markdown",
+    long_description_content_type="text/x-rst",
     python_requires=">=3.9",
     packages=find_packages(include=["himbeere", "himbeere.*", "himbeerecouch", "uploader",
                                     "uploader.*"]),
@@ -47,7 +47,10 @@ setup(
         # selenium drives Debian's chromium/chromedriver in the dashboard's browser tests;
         # pytest-xdist runs the suite on several cores (.ci/run: -n 2).
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "flask>=2.2", "selenium>=4.11"],
-        "dev": ["ruff", "mypy", "types-requests", "docutils"],
+        # build and twine: CI builds the sdist and wheel and checks their description.
+        "dev": ["ruff", "mypy", "types-requests", "docutils", "build", "twine"],
+        # The documentation (docs/, sphinx-build -W); 7.2 still runs on Python 3.9.
+        "docs": ["sphinx>=7.2,<10"],
     },
     entry_points={
         "console_scripts": [
