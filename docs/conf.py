@@ -53,3 +53,5 @@ html_title = f"himbeere {release}"
 # Sections are referred to as "page:Title" (:ref:`programs:Persistent state`).
 extensions.append("sphinx.ext.autosectionlabel")
 autosectionlabel_prefix_document = True
+# Only pages and their sections: the changelog repeats "Added" in every release.
+autosectionlabel_maxdepth = 2
