@@ -26,7 +26,7 @@ def read_version() -> str:
 
 project = "himbeere"
 author = "the himbeere authors"
-copyright = "the himbeere authors"  # noqa: A001 (Sphinx's name for it)
+copyright = "the himbeere authors"
 release = read_version()
 version = ".".join(release.split(".")[:2])
 
