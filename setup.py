@@ -54,7 +54,7 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "himbeere=himbeere.cli:main",
+            "himbeere=uploader.main:main",
             "himbeere-upload=uploader.cli:main",
         ],
     },

@@ -1,9 +1,14 @@
-"""The ``himbeere`` command.
+"""The node's commands of ``himbeere``: ``daemon`` and ``pair``.
 
 ``himbeere daemon`` runs a node in the foreground (for systemd and
 supervisord); ``himbeere daemon start|stop|restart|reload|status`` runs it in
 the background with a pidfile (for sysvinit and ``init_scripts/rspby``).
 Errors print as one line; ``--debug`` shows the traceback.
+
+The ``himbeere`` console script is the laptop's (:mod:`uploader.main`): it
+adds the fleet, dashboard and upload commands to :func:`build_parser` and
+hands a node's command straight to :func:`main`, so that a Pi never loads
+the laptop side.  This package never imports it.
 """
 
 from __future__ import annotations
@@ -149,16 +154,27 @@ def rotating_log(path: os.PathLike[str], max_bytes: int, backups: int) -> loggin
                        encoding="utf-8")
 
 
-#: Commands that run on a node: they skip importing the laptop tools.
+#: Commands that run on a node; the laptop's ``himbeere`` (uploader/main.py) hands
+#: them to :func:`main` before it imports anything of its own.
 NODE_COMMANDS = ("daemon", "pair")
 
+#: Adds commands to the parser's ``add_subparsers()`` object.
+AddCommands = Callable[[Any], None]
 
-def build_parser(laptop_commands: bool = True) -> argparse.ArgumentParser:
-    """All commands; without ``laptop_commands``, only those of a node.
 
-    The daemon parses its flags with the node-only parser: the fleet and
-    dashboard commands import the uploader (and requests) for their flags,
-    megabytes of RAM the daemon would carry for nothing.
+def is_node_command(argv: Sequence[str]) -> bool:
+    """Whether ``argv`` asks for a node's command (its first word that is no flag)."""
+    command = next((word for word in argv if not word.startswith("-")), None)
+    return command in NODE_COMMANDS
+
+
+def build_parser(add_commands: Sequence[AddCommands] = ()) -> argparse.ArgumentParser:
+    """The node's commands, then those that each of ``add_commands`` adds.
+
+    The laptop's commands come in through ``add_commands``: the node
+    package never imports the laptop side, and the daemon parses its flags
+    without the fleet and dashboard commands (they import requests for
+    their flags, megabytes of RAM the daemon would carry for nothing).
     """
     parser = argparse.ArgumentParser(
         prog="himbeere", description="Run Python code stored in CouchDB on Raspberry Pis.")
@@ -175,32 +191,13 @@ def build_parser(laptop_commands: bool = True) -> argparse.ArgumentParser:
     pair.add_argument("--close", action="store_true", help="close pairing now")
     add_config_flags(pair)
     pair.set_defaults(func=cmd_pair)
-    upload = sub.add_parser("upload", add_help=False, help="the uploader (himbeere-upload)",
-                            description="Same as himbeere-upload; see himbeere upload --help.")
-    upload.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    upload.set_defaults(func=cmd_upload)
-    if not laptop_commands:
-        return parser
-    from uploader.opscli import register as add_fleet_commands  # nodes, status, logs, cmd...
-    add_fleet_commands(sub)
-    from uploader.dashboard import register as add_dashboard  # Flask: only when it runs
-    add_dashboard(sub)
+    for add in add_commands:
+        add(sub)
     return parser
 
 
-def cmd_upload(args: argparse.Namespace) -> int:
-    """``himbeere upload ...`` is ``himbeere-upload ...``."""
-    from uploader.cli import main as upload_main
-
-    return upload_main(args.rest)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["upload"]:
-        return cmd_upload(argparse.Namespace(rest=argv[1:]))  # its own --help and flags
-    command = next((word for word in argv if not word.startswith("-")), None)
-    parser = build_parser(laptop_commands=command not in NODE_COMMANDS)
+def run(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:
+    """Parse ``argv`` and run its command: the exit code; an error is one line."""
     args = parser.parse_args(argv)
     func: Optional[Callable[[argparse.Namespace], Any]] = getattr(args, "func", None)
     if func is None:
@@ -215,6 +212,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The node's ``himbeere``: ``daemon`` and ``pair`` (the laptop's is uploader.main)."""
+    return run(build_parser(), list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":

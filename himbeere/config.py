@@ -114,20 +114,28 @@ def redact(url: Optional[str]) -> str:
     """``url`` (or a list of them) with any password as ``***``, for logs and errors."""
     if not url:
         return str(url)
-    return ",".join(_redact_one(one) for one in couch.split_servers(url))
+    try:
+        urls = couch.split_servers(url)
+    except ValueError:  # an unbalanced "[" of IPv6: no list to split; redact the whole
+        urls = [url]
+    return ",".join(_redact_one(one) for one in urls)
 
 
 def _redact_one(url: str) -> str:
-    parts = urllib.parse.urlsplit(url)
+    """One URL with its password as ``***``; the host part is kept as written.
+
+    Rebuilding the host from ``hostname`` and ``port`` lost an IPv6
+    address's brackets: ``http://u:p@[::1]:5984`` became ``::1:5984``.
+    """
     try:
-        if parts.password is None:
-            return url
-        netloc = f"{parts.username}:***@{parts.hostname}"
-        if parts.port:
-            netloc += f":{parts.port}"
-    except ValueError:  # a bad port
-        return url.split("@", 1)[-1] if "@" in url else url
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:  # "http://u:p@[::1": no URL, yet its password stays unprinted
+        return url.rpartition("@")[2]
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    user = userinfo.split(":", 1)[0]
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

@@ -102,6 +102,32 @@ def test_password_is_redacted_in_errors_and_logs() -> None:
     assert "secret" not in str(info.value)
 
 
+@pytest.mark.parametrize("url, shown", [
+    # Regression: the host was rebuilt from hostname and port, which lost an
+    # IPv6 address's brackets: "http://u:p@[::1]:5984" was shown as "::1:5984".
+    ("http://u:p@[::1]:5984", "http://u:***@[::1]:5984"),
+    ("http://u:p@[::1]", "http://u:***@[::1]"),
+    ("https://u:p@[fe80::1%25eth0]:6984/db", "https://u:***@[fe80::1%25eth0]:6984/db"),
+    ("http://[::1]:5984", "http://[::1]:5984"),
+    ("http://[2001:db8::7]", "http://[2001:db8::7]"),
+    ("http://u:p@192.168.1.5:5984", "http://u:***@192.168.1.5:5984"),
+    ("http://192.168.1.5", "http://192.168.1.5"),
+    ("http://u:p@couch.example", "http://u:***@couch.example"),
+    ("http://couch.example:5984/x", "http://couch.example:5984/x"),
+    ("http://u@couch.example", "http://u@couch.example"),  # a user, no password
+    ("http://u:p@ss@couch.example", "http://u:***@couch.example"),  # "@" in the password
+    ("http://u:p@host:99999", "http://u:***@host:99999"),  # a bad port: still no password
+    ("http://u:p@[::1", "[::1"),  # no URL at all: no password either
+    # A list: the later URLs inherit the first one's credentials.
+    ("http://u:p@[::1]:5984,http://10.0.0.2:5984,http://n3",
+     "http://u:***@[::1]:5984,http://u:***@10.0.0.2:5984,http://u:***@n3"),
+    ("http://[::1]:5984,http://[::2]:5984", "http://[::1]:5984,http://[::2]:5984"),
+])
+def test_redact_keeps_the_host_as_written(url: str, shown: str) -> None:
+    assert config.redact(url) == shown
+    assert ":p@" not in shown
+
+
 def test_original_server_file_is_honoured(tmp_path: Path) -> None:
     server_file = tmp_path / "server"
     server_file.write_text("http://legacy.example:5984\n")

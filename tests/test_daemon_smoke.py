@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+import pytest
 
 from tests.helpers import wait_for
 from tests.nodes import wait_file
@@ -35,16 +38,34 @@ HEAVY = ("requests", "urllib3", "couchdb", "pkg_resources", "flask", "uploader",
          "hashlib", "tarfile")
 
 
-def test_a_node_loads_none_of_the_heavy_modules(node_factory, code_db, tmp_path: Path) -> None:
+#: What the ``himbeere`` console script (uploader/main.py) loads of the laptop
+#: side before it hands ``daemon`` to himbeere.cli: two small modules, no more.
+CONSOLE_SCRIPT_MODULES = ["uploader", "uploader.main"]
+
+
+@pytest.mark.parametrize("launcher", ["python -m himbeere", "console script"])
+def test_a_node_loads_none_of_the_heavy_modules(node_factory, code_db, tmp_path: Path,
+                                                launcher: str) -> None:
     """Regression: the daemon imported requests, OpenSSL and the whole laptop
     CLI, and its fork server couchdb: 62 MB RSS for an idle node.  The
-    daemon's budget is 25 MB."""
+    daemon's budget is 25 MB.  Init scripts start the daemon both ways:
+    ``bin/himbeere daemon`` (systemd, supervisord) and ``python -m himbeere``."""
     marker = tmp_path / "ran.txt"
     code_db.save({"_id": "p", "type": 1000, "code": (
         "def main():\n"
         f"    open({str(marker)!r}, 'w').write('ran')\n"
     )})
-    node = node_factory(mac_id=1000, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    node = node_factory(mac_id=1000, env={"PYTHONPROFILEIMPORTTIME": "1"}, start=False)
+    allowed: list[str] = []
+    if launcher == "console script":
+        # The script pip made from setup.py's entry_points, next to the venv's python.
+        script = Path(sys.executable).with_name("himbeere")
+        assert "from uploader.main import main" in script.read_text()
+        argv = node.command()
+        assert argv[:3] == [sys.executable, "-m", "himbeere"]
+        node.command = lambda: [str(script), *argv[3:]]  # type: ignore[method-assign]
+        allowed = CONSOLE_SCRIPT_MODULES
+    node.start()
     wait_file(marker, contains="ran")
     code_db.save({"_id": "c1", "type": "1000_cmd", "cmd": ["echo", "hi"]})
     wait_for(lambda: (code_db.get("c1") or {}).get("finished"))
@@ -53,7 +74,8 @@ def test_a_node_loads_none_of_the_heavy_modules(node_factory, code_db, tmp_path:
     imported = {line.rsplit("|", 1)[-1].strip() for line in node.log().splitlines()
                 if line.startswith("import time:")}
     assert "himbeere.daemon" in imported and "himbeere.forkserver" in imported
-    assert sorted(name for name in imported if name.split(".")[0] in HEAVY) == []
+    heavy = sorted(name for name in imported if name.split(".")[0] in HEAVY)
+    assert heavy == allowed
 
 
 def test_a_node_behind_tls(node_factory, code_db, tls_proxy, couch_url: str) -> None:

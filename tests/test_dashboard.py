@@ -457,10 +457,10 @@ def test_unreachable_server_is_a_clear_error(deployer: tuple[str, str]) -> None:
 
 
 def test_dashboard_subcommand_is_registered() -> None:
-    from himbeere import cli
     from uploader.dashboard import serve
+    from uploader.main import build_parser
 
-    args = cli.build_parser().parse_args(["dashboard", "--port", "9999", "--server",
+    args = build_parser().parse_args(["dashboard", "--port", "9999", "--server",
                                           "http://127.0.0.1:5984"])
     assert args.func is serve
     assert (args.port, args.host) == (9999, "127.0.0.1")

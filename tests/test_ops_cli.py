@@ -1,6 +1,6 @@
 """The laptop's fleet commands: ``himbeere nodes|status|logs|stop|start|restart|label``.
 
-They run in-process through ``himbeere.cli.main`` (the real parser, the real
+They run in-process through ``uploader.main.main`` (the real parser, the real
 server); nodes are real daemons where a test needs states a daemon reports.
 ``himbeere cmd`` is tested in test_fleet_commands.py.
 """
@@ -17,13 +17,13 @@ from typing import Any, Callable
 
 import pytest
 
-from himbeere.cli import main
 from himbeere.logship import LogShipper
 from himbeere.status import status_id
 from tests.helpers import wait_for
 from tests.nodes import ROOT, Node, pid_alive
 from uploader import install, ops
 from uploader.fleet import Fleet
+from uploader.main import main
 
 NodeFactory = Callable[..., Node]
 

@@ -15,7 +15,6 @@ from typing import Any, Callable
 
 import pytest
 
-from himbeere.cli import main
 from himbeere.couch import Couch, Database
 from himbeere.progstate import STATE_TYPE, ProgramState, state_id
 from tests.conftest import NodeUserFactory
@@ -23,6 +22,7 @@ from tests.helpers import wait_for
 from tests.nodes import Node, wait_file
 from uploader import install
 from uploader.fleet import Fleet
+from uploader.main import main
 
 NodeFactory = Callable[..., Node]
 

@@ -15,7 +15,6 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from himbeere import cli as himbeere_cli
 from himbeere import design, security
 from himbeere.couch import Couch
 from himbeere.exceptions import ProgramError
@@ -24,6 +23,7 @@ from tests.test_security import delete_users, random_mac
 from uploader import push, users
 from uploader.cli import main
 from uploader.fleet import Fleet, parse_mac
+from uploader.main import main as himbeere
 
 Run = Callable[..., tuple[int, str, str]]
 
@@ -602,9 +602,9 @@ def test_himbeere_upload_alias(ready: Run, couch_url: str, dbname: str,
                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HIMBEERE_SERVER", couch_url)
     capsys.readouterr()
-    assert himbeere_cli.main(["upload", "ls", "--database", dbname, "--json"]) == 0
+    assert himbeere(["upload", "ls", "--database", dbname, "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == {"ok": True, "programs": []}
     with pytest.raises(SystemExit):
-        himbeere_cli.main(["upload", "--help"])
+        himbeere(["upload", "--help"])
     assert "himbeere-upload" in capsys.readouterr().out
 

@@ -1,6 +1,7 @@
 """himbeere-upload: the laptop side that takes a fleet from nothing to running code.
 
 ============= ==============================================================
+``main``      the ``himbeere`` command: the node's (himbeere.cli) and the laptop's
 ``cli``       the ``himbeere-upload`` command (also ``himbeere upload``)
 ``fleet``     the server and its two databases; node MAC ids and names
 ``install``   ``setup``: databases, design documents, ``_security``

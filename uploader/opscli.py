@@ -3,7 +3,7 @@
 ``nodes``, ``status``, ``logs``, ``cmd``, ``stop``, ``start``, ``restart``
 (of a node's program, or of a placed program wherever it runs),
 ``label``, ``state`` and ``placements``; :func:`register` adds them to
-``himbeere``'s subcommands.  The work is done by :mod:`uploader.ops`, which
+``himbeere``'s subcommands (uploader/main.py).  The work is done by :mod:`uploader.ops`, which
 the dashboard uses too.
 
 The server comes from ``--server URL`` or ``HIMBEERE_SERVER``, the
@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
 from typing import IO, Any, Callable, Optional
 
 from himbeere.exceptions import ConfigError, HimbeereError
@@ -554,11 +553,5 @@ def run(args: argparse.Namespace, handler: Handler) -> int:
         if args.json and not getattr(args, "debug", False):
             emit(args, {"ok": False, "error": str(exc)})
             return 1
-        raise  # himbeere's main prints it as one line
+        raise  # himbeere.cli.run prints it as one line
 
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Run the fleet subcommands alone (tests); ``himbeere`` is the real entry point."""
-    from himbeere.cli import main as himbeere_main
-
-    return himbeere_main(argv)

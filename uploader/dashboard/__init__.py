@@ -3,10 +3,13 @@
 A Flask app that shows the fleet, one node, and fleet commands, live.
 
 ============== ==============================================================
-``app``        the Flask app: who is asking, CSRF, errors, security headers
+``app``        the Flask app factory: settings, hooks, error handlers, blueprints
+``context``    who is asking (session, basic auth), CSRF, error answers
+``errors``     error handlers: sign in (again), 403, 404, 502, 503
 ``sessions``   signing in with CouchDB credentials; server-side sessions
 ``pages``      the HTML pages, signing in and out
 ``api``        the JSON API (``/api/...``) and the event stream
+``payloads``   what a page embeds and the API answers: nodes, a node, a command
 ``live``       the status database's ``_changes``, fanned out to browsers
 ``templates/`` Jinja templates; ``static/`` plain JavaScript and CSS (no build
                step and nothing fetched from elsewhere: a Pi lab has no internet)

@@ -17,8 +17,8 @@ from himbeere import health
 from himbeere.exceptions import Unauthorized, Unreachable
 
 from .. import ops
-from . import api, sessions
-from .app import csrf_token, dashboard, safe_next
+from . import payloads, sessions
+from .context import csrf_token, dashboard, safe_next
 
 blueprint = Blueprint("pages", __name__)
 
@@ -34,12 +34,12 @@ def render_page(template: str, page: str, data: Any, **context: Any) -> str:
 
 @blueprint.route("/")
 def fleet() -> Any:
-    return render_page("fleet.html", "fleet", api.nodes_payload(g.fleet))
+    return render_page("fleet.html", "fleet", payloads.nodes_payload(g.fleet))
 
 
 @blueprint.route("/nodes/<node>")
 def node(node: str) -> Any:
-    detail = api.node_payload(g.fleet, node)
+    detail = payloads.node_payload(g.fleet, node)
     return render_page("node.html", "node", detail, node=detail["node"],
                        title=detail.get("name") or str(detail["node"]))
 
@@ -52,7 +52,7 @@ def commands() -> Any:
 
 @blueprint.route("/commands/<command_id>")
 def command(command_id: str) -> Any:
-    return render_page("command.html", "command", api.command_payload(g.fleet, command_id),
+    return render_page("command.html", "command", payloads.command_payload(g.fleet, command_id),
                        command_id=command_id)
 
 

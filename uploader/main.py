@@ -1,0 +1,67 @@
+"""The ``himbeere`` command (the console script; also ``python -m himbeere``).
+
+One parser for the node's commands and the laptop's: ``daemon`` and
+``pair`` (:mod:`himbeere.cli`), ``upload`` (``himbeere-upload``), the fleet
+commands (:mod:`uploader.opscli`) and ``dashboard``.
+
+A node's command goes straight to :func:`himbeere.cli.main`, before anything
+else of the laptop side is imported: a Pi runs ``himbeere daemon`` through
+this module, and must not carry requests, Flask or the rest of the
+uploader (tests/test_daemon_smoke.py checks it).  So this module imports
+only the standard library and :mod:`himbeere.cli` at the top.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Any, Optional
+
+from himbeere import cli as node_cli
+
+
+def add_upload(sub: Any) -> None:
+    """``himbeere upload ...``, which :func:`main` runs as ``himbeere-upload ...``."""
+    upload = sub.add_parser("upload", add_help=False, help="the uploader (himbeere-upload)",
+                            description="Same as himbeere-upload; see himbeere upload --help.")
+    upload.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    upload.set_defaults(func=lambda args: upload_main(args.rest))
+
+
+def add_fleet_commands(sub: Any) -> None:
+    """nodes, status, logs, cmd, stop, start, restart, placements, label, state."""
+    from .opscli import register
+
+    register(sub)
+
+
+def add_dashboard(sub: Any) -> None:
+    """``dashboard``; Flask is imported only when it runs."""
+    from .dashboard import register
+
+    register(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every command of ``himbeere``."""
+    return node_cli.build_parser((add_upload, add_fleet_commands, add_dashboard))
+
+
+def upload_main(argv: Sequence[str]) -> int:
+    from .cli import main
+
+    return main(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if node_cli.is_node_command(argv):
+        return node_cli.main(argv)  # the fast path of a node: nothing more to import
+    if argv[:1] == ["upload"]:
+        return upload_main(argv[1:])  # its own --help and flags
+    return node_cli.run(build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
