@@ -17,14 +17,15 @@ import secrets
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 import requests
 
 from himbeere import defaults, security
+from himbeere.commands import Commands
 from himbeere.couch import Couch, Database
-from tests.helpers import AS_NODE_ENV
+from tests.helpers import AS_NODE_ENV, USER_PASSWORD, random_mac
 from tests.nodes import Node
 from tests.servers import (
     Server,
@@ -236,15 +237,100 @@ def node_user(couch: Couch, couch_url: str, dbname: str) -> Iterator[NodeUserFac
     made: list[int] = []
 
     def make() -> tuple[int, str]:
-        mac = 10**14 + secrets.randbelow(10**14)
+        mac = random_mac()
         password = secrets.token_hex(8)
         made.append(mac)
         users.provision(fleet, mac, password=password)
         return mac, couch.as_user(str(mac), password).url
 
     yield make
+    delete_users(couch, made)
+
+
+# -- the fleet as the laptop tools see it, and real CouchDB users ---------------
+
+#: ``make_user(roles, name=None, password=None)`` -> ``(name, password)``
+UserFactory = Callable[..., "tuple[str, str]"]
+
+
+@pytest.fixture
+def fleet(couch_url: str, dbname: str) -> Fleet:
+    """The test's databases, set up as ``himbeere-upload setup`` does (as the admin)."""
+    fleet = Fleet(couch_url, dbname)
+    install.setup(fleet)
+    return fleet
+
+
+@pytest.fixture
+def cli_env(couch_url: str, dbname: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``himbeere`` subcommands find the test's server and databases."""
+    monkeypatch.setenv("HIMBEERE_SERVER", couch_url)
+    monkeypatch.setenv("HIMBEERE_DATABASE", dbname)
+    monkeypatch.delenv("HIMBEERE_STATUS_DATABASE", raising=False)
+
+
+def delete_users(couch: Couch, macs: list[int]) -> None:
+    """Remove the ``_users`` documents of ``macs`` (provisioned by a test)."""
     users_db = couch.database("_users")
-    for mac in made:
+    for mac in macs:
         doc = users_db.get(security.user_id(mac))
         if doc:
             users_db.delete(doc)
+
+
+@pytest.fixture
+def make_user(couch: Couch) -> Iterator[UserFactory]:
+    """``make_user(roles, name=None, password=None)``: a real CouchDB user, deleted after the test.
+
+    Returns ``(name, password)``; an existing user of that name is replaced.
+    """
+    users_db = couch.database("_users")
+    made: list[str] = []
+
+    def make(roles: list[str], name: Optional[str] = None,
+             password: Optional[str] = None) -> tuple[str, str]:
+        name = name or f"user-{secrets.token_hex(4)}"
+        password = password or USER_PASSWORD
+        doc_id = security.USER_PREFIX + name
+        doc = {"_id": doc_id, "name": name, "type": "user", "roles": roles,
+               "password": password}
+        old = users_db.get(doc_id)
+        if old:
+            doc["_rev"] = old["_rev"]
+        users_db.save(doc)
+        made.append(doc_id)
+        return name, password
+
+    yield make
+    for doc_id in made:
+        doc = users_db.get(doc_id)
+        if doc:
+            users_db.delete(doc)
+
+
+@pytest.fixture
+def deployer(make_user: UserFactory) -> tuple[str, str]:
+    """A user with the deployer role: ``(name, password)``."""
+    return make_user([security.DEPLOYER_ROLE], f"deployer-{secrets.token_hex(4)}")
+
+
+@pytest.fixture
+def provisioned(couch: Couch) -> Iterator[list[int]]:
+    """Append the MAC ids a test provisions; their users are deleted afterwards."""
+    macs: list[int] = []
+    yield macs
+    delete_users(couch, macs)
+
+
+@pytest.fixture
+def commands_factory(code_db: Database, tmp_path: Path) -> Iterator[Callable[..., Commands]]:
+    """``commands_factory(db=None, **options)``: the command runner in-process, as node 1000."""
+    made: list[Commands] = []
+
+    def make(db: Optional[Database] = None, **options: Any) -> Commands:
+        made.append(Commands(db or code_db, 1000, tmp_path / "state", **options))
+        return made[-1]
+
+    yield make
+    for commands in made:
+        commands.shutdown(wait=False)

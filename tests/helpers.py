@@ -7,6 +7,7 @@ to a generous deadline with :func:`wait_for` and fail only when it never holds.
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from typing import Any, Callable, TypeVar, Union
 
@@ -48,3 +49,22 @@ def needs_admin_daemon(reason: str) -> Any:
     return pytest.mark.skipif(AS_NODE_ENV in os.environ,
                               reason=f"{AS_NODE_ENV} is set (daemons run as node users): "
                                      f"{reason}")
+
+
+#: The password of users made by the ``make_user`` fixture unless a test gives one.
+USER_PASSWORD = "correct horse battery"
+
+
+def random_mac() -> int:
+    """A MAC id no other test uses: users are server-wide, databases are not."""
+    return 10**14 + secrets.randbelow(10**14)
+
+
+def himbeere(capsys: Any, *argv: str) -> tuple[int, str, str]:
+    """Run ``himbeere ARGV`` in-process: exit code, stdout, stderr."""
+    from himbeere.cli import main
+
+    capsys.readouterr()
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err

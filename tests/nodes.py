@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from himbeere.couch import Couch
 from himbeere.programs import kill_recorded_programs
@@ -164,3 +164,12 @@ def pid_alive(pid: int) -> bool:
 
 def until(seconds: float) -> float:
     return time.monotonic() + seconds
+
+
+def start_nodes(node_factory: Callable[..., Node], *macs: int,
+                flags: Optional[list[str]] = None) -> list[Node]:
+    """Start daemons and wait until each has sent a heartbeat (so it is "known")."""
+    nodes = [node_factory(mac_id=mac, flags=flags) for mac in macs]
+    for node in nodes:
+        wait_for(node.status, 30, message=lambda n=node: f"no heartbeat:\n{n.log()[-3000:]}")
+    return nodes

@@ -145,7 +145,34 @@ def delete_database(server_url: str, name: str) -> None:
         raise ServerError(f"DELETE {name}: {response.status_code} {response.text}")
 
 
-class PouchServer:
+class _LoopbackServer:
+    """What both test servers share: a port on loopback and an admin."""
+
+    port: Optional[int]
+    user: str
+    password: str
+    workdir: Path
+
+    @property
+    def pid(self) -> Optional[int]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.plain_url} pid={self.pid} dir={self.workdir}>"
+
+    @property
+    def plain_url(self) -> str:
+        """The server's URL without credentials (an anonymous client)."""
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The server's URL with the admin's credentials."""
+        user, password = (urllib.parse.quote(part, safe="") for part in (self.user, self.password))
+        return f"http://{user}:{password}@127.0.0.1:{self.port}"
+
+
+class PouchServer(_LoopbackServer):
     """One pouchdb-server process on 127.0.0.1 with server admin ``user``.
 
     ``in_memory`` servers forget their databases when stopped; the others keep
@@ -165,20 +192,6 @@ class PouchServer:
         self.process: Optional[subprocess.Popen[bytes]] = None
         self._output: Optional[IO[bytes]] = None
         self._paused = False
-
-    def __repr__(self) -> str:
-        return f"<PouchServer {self.plain_url} pid={self.pid} dir={self.workdir}>"
-
-    @property
-    def plain_url(self) -> str:
-        """The server's URL without credentials (an anonymous client)."""
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        """The server's URL with the admin's credentials."""
-        user, password = (urllib.parse.quote(part, safe="") for part in (self.user, self.password))
-        return f"http://{user}:{password}@127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> Optional[int]:
@@ -340,7 +353,7 @@ def _process_state(pid: int) -> Optional[tuple[str, int]]:
     return (fields[0], int(fields[19])) if fields[0] not in ("Z", "X") else None
 
 
-class CouchServer:
+class CouchServer(_LoopbackServer):
     """One Apache CouchDB 3.5.2 single-node server on 127.0.0.1 with data in ``workdir``.
 
     Started by the release's ``start.sh PORT DATADIR`` (which makes admin
@@ -365,23 +378,9 @@ class CouchServer:
         self._watchdog: Optional[subprocess.Popen[bytes]] = None
         self._paused = False
 
-    def __repr__(self) -> str:
-        return f"<CouchServer {self.plain_url} pid={self.pid} dir={self.workdir}>"
-
     @property
     def datadir(self) -> Path:
         return self.workdir / "data"
-
-    @property
-    def plain_url(self) -> str:
-        """The server's URL without credentials (an anonymous client)."""
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        """The server's URL with the fixture admin's credentials."""
-        user, password = (urllib.parse.quote(part, safe="") for part in (self.user, self.password))
-        return f"http://{user}:{password}@127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> Optional[int]:

@@ -14,7 +14,7 @@ import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import pytest
 import requests
@@ -147,19 +147,6 @@ def test_a_command_whose_runner_died_is_interrupted_honestly(
 
 
 # -- in-process: Commands against the real server ------------------------------------------
-@pytest.fixture
-def commands_factory(code_db: Database, tmp_path: Path) -> Iterator[Callable[..., Commands]]:
-    made: list[Commands] = []
-
-    def make(db: Optional[Database] = None, **options: Any) -> Commands:
-        made.append(Commands(db or code_db, 1000, tmp_path / "state", **options))
-        return made[-1]
-
-    yield make
-    for commands in made:
-        commands.shutdown(wait=False)
-
-
 def unreachable(db: Database) -> Database:
     """``db`` on a loopback port where no server listens."""
     with socket.socket() as sock:

@@ -10,11 +10,8 @@ from __future__ import annotations
 import json
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
-
-import pytest
 
 from himbeere.commands import Commands, Journal
 from himbeere.couch import Couch, Database, Doc
@@ -268,19 +265,6 @@ def test_edit_while_running_keeps_both_the_edit_and_the_result(
 
 
 # -- in-process: Commands against the real server ------------------------------------------
-@pytest.fixture
-def commands_factory(code_db: Database, tmp_path: Path) -> Iterator[Callable[..., Commands]]:
-    made: list[Commands] = []
-
-    def make(db: Optional[Database] = None, **options: Any) -> Commands:
-        made.append(Commands(db or code_db, 1000, tmp_path / "state", **options))
-        return made[-1]
-
-    yield make
-    for commands in made:
-        commands.shutdown(wait=False)
-
-
 def run_in_process(commands: Commands, db: Database, doc_id: str, cmd: list[str],
                    **fields: Any) -> Doc:
     commands.submit(command(db, doc_id, cmd, **fields))

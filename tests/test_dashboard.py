@@ -27,56 +27,20 @@ from flask.testing import FlaskClient  # noqa: E402
 
 from himbeere import security  # noqa: E402
 from himbeere.couch import Couch, Doc  # noqa: E402
+from tests.conftest import UserFactory  # noqa: E402
+from tests.helpers import USER_PASSWORD as PASSWORD  # noqa: E402
 from tests.helpers import wait_for  # noqa: E402
-from uploader import install, ops  # noqa: E402
+from uploader import ops  # noqa: E402
 from uploader.dashboard import create_app  # noqa: E402
 from uploader.fleet import Fleet  # noqa: E402
 
-PASSWORD = "correct horse battery"
 TRACEBACK = ('Traceback (most recent call last):\n  File "main", line 3, in main\n'
              '    1 / 0\nZeroDivisionError: division by zero\n')
 
 #: A MAC id no port number or random name contains: its absence means something.
 SECRET_MAC = 202481596941066
 
-UserFactory = Callable[..., tuple[str, str]]
-
-
 # -- fixtures (the browser tests use them too) -------------------------------------------
-@pytest.fixture
-def fleet(couch_url: str, dbname: str) -> Fleet:
-    """The test's databases, set up as `himbeere-upload setup` does (as the admin)."""
-    fleet = Fleet(couch_url, dbname)
-    install.setup(fleet)
-    return fleet
-
-
-@pytest.fixture
-def make_user(couch: Couch) -> Iterator[UserFactory]:
-    """``make_user(roles)``: a real CouchDB user ``(name, password)``, deleted afterwards."""
-    users = couch.database("_users")
-    made: list[str] = []
-
-    def make(roles: list[str], name: Optional[str] = None) -> tuple[str, str]:
-        name = name or f"user-{secrets.token_hex(4)}"
-        doc_id = security.USER_PREFIX + name
-        users.save({"_id": doc_id, "name": name, "type": "user", "roles": roles,
-                    "password": PASSWORD})
-        made.append(doc_id)
-        return name, PASSWORD
-
-    yield make
-    for doc_id in made:
-        doc = users.get(doc_id)
-        if doc:
-            users.delete(doc)
-
-
-@pytest.fixture
-def deployer(make_user: UserFactory) -> tuple[str, str]:
-    return make_user([security.DEPLOYER_ROLE], f"deployer-{secrets.token_hex(4)}")
-
-
 @pytest.fixture
 def app(couch: Couch, fleet: Fleet) -> Iterator[Flask]:
     """The dashboard for the test's databases; the server URL carries no credentials."""

@@ -30,9 +30,9 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
 from himbeere.couch import Couch  # noqa: E402
+from tests.helpers import USER_PASSWORD as PASSWORD  # noqa: E402
 from tests.nodes import ROOT, Node  # noqa: E402
 from tests.servers import free_port  # noqa: E402
-from tests.test_dashboard import PASSWORD, deployer, fleet, make_user  # noqa: E402,F401
 from uploader import ops  # noqa: E402
 from uploader.dashboard import create_app  # noqa: E402
 from uploader.fleet import Fleet  # noqa: E402
@@ -96,7 +96,7 @@ def browser(tmp_path: Path) -> Iterator[Any]:
 
 
 @pytest.fixture
-def dashboard_url(couch: Couch, fleet: Fleet) -> Iterator[str]:  # noqa: F811
+def dashboard_url(couch: Couch, fleet: Fleet) -> Iterator[str]:
     """The dashboard served by a real HTTP server in a thread, on a free loopback port."""
     app = create_app(couch.base, fleet.code.name, secret_key="browser test")
     server = make_server("127.0.0.1", free_port(), app, threaded=True)
@@ -167,9 +167,10 @@ def sign_in(browser: Any, url: str, user: tuple[str, str]) -> None:
     wait_until(browser, lambda: browser.find_elements(By.ID, "nodes"), "the fleet page")
 
 
-def test_fleet_command_and_traceback_in_the_browser(
-        browser: Any, dashboard_url: str, fleet: Fleet, deployer: tuple[str, str],  # noqa: F811
-        node_factory: Callable[..., Node]) -> None:
+@pytest.fixture
+def two_nodes(browser: Any, dashboard_url: str, fleet: Fleet, deployer: tuple[str, str],
+              node_factory: Callable[..., Node]) -> list[Node]:
+    """Node A runs a program that crashes, node B ("garden") one that logs; signed in."""
     fleet.code.save({"_id": f"{NODE_A}:crasher", "type": NODE_A, "name": "crasher",
                      "code": CRASHING})
     fleet.code.save({"_id": f"{NODE_B}:ticker", "type": NODE_B, "name": "ticker",
@@ -178,17 +179,24 @@ def test_fleet_command_and_traceback_in_the_browser(
     nodes[0].wait_program(f"{NODE_A}:crasher", 40, restarts=1)
     nodes[1].wait_program(f"{NODE_B}:ticker", 40, state="running")
     fleet.set_name(NODE_B, "garden")
-
-    # Sign in; both nodes are alive.
     sign_in(browser, dashboard_url, deployer)
     for mac in (NODE_A, NODE_B):
         wait_until(browser, lambda m=mac: node_state(browser, m) == "alive", f"node {mac} alive")
+    return nodes
+
+
+def test_the_fleet_page_shows_nodes_names_and_programs(browser: Any,
+                                                       two_nodes: list[Node]) -> None:
     wait_until(browser, lambda: "garden" in text_of(browser, "nodes"), "the node's name")
     wait_until(browser, lambda: "crasher" in text_of(browser, "nodes"),
                "the crashing program in the fleet table")
     shot(browser, "fleet")
 
-    # Run a command on both: one command document, both results arrive live.
+
+def test_a_fleet_command_from_the_browser(browser: Any, dashboard_url: str, fleet: Fleet,
+                                          deployer: tuple[str, str],
+                                          two_nodes: list[Node]) -> None:
+    # One command document for both nodes; both results arrive live.
     for mac in (NODE_A, NODE_B):
         unstale(lambda m=mac: browser.find_element(
             By.CSS_SELECTOR, f'tr[data-node="{m}"] input.select').click())
@@ -210,7 +218,14 @@ def test_fleet_command_and_traceback_in_the_browser(
     wait_until(browser, lambda: "2/2" in text_of(browser, "commands"), "the command in the list")
     shot(browser, "commands")
 
-    # The crashed program's traceback, and the other node's live log.
+    # The node page lists it in the node's history.
+    browser.get(f"{dashboard_url}/nodes/{NODE_A}")
+    wait_until(browser, lambda: "hello from a pi" in text_of(browser, "history"),
+               "the command in the node's history")
+
+
+def test_a_traceback_and_a_live_log_in_the_browser(browser: Any, dashboard_url: str,
+                                                   two_nodes: list[Node]) -> None:
     browser.get(f"{dashboard_url}/nodes/{NODE_A}")
     traceback = wait_until(
         browser, lambda: [e.text for e in browser.find_elements(By.CSS_SELECTOR, "pre.traceback")
@@ -219,8 +234,6 @@ def test_fleet_command_and_traceback_in_the_browser(
     assert "ratio = 1 / 0" in traceback or "line 3" in traceback
     wait_until(browser, lambda: "about to divide" in text_of(browser, "log"),
                "the crasher's log line")
-    wait_until(browser, lambda: "hello from a pi" in text_of(browser, "history"),
-               "the command in the node's history")
     shot(browser, "node")
 
     browser.get(f"{dashboard_url}/nodes/garden")
@@ -229,11 +242,10 @@ def test_fleet_command_and_traceback_in_the_browser(
     wait_until(browser, lambda: text_of(browser, "log").count("tick") > seen + 1,
                "new log lines without a reload")
 
-    # A node that stops cleanly turns "stopped" on the fleet page, live.
-    browser.get(dashboard_url + "/")
-    wait_until(browser, lambda: node_state(browser, NODE_B) == "alive", "the fleet again")
+
+def test_a_node_that_stops_turns_stopped_live(browser: Any, two_nodes: list[Node]) -> None:
     page_id = browser.execute_script("return window.__pageId = Math.random();")
-    nodes[1].stop()
+    two_nodes[1].stop()
     wait_until(browser, lambda: node_state(browser, NODE_B) == "stopped", "node B stopped")
     assert browser.execute_script("return window.__pageId;") == page_id  # no reload
     assert node_state(browser, NODE_A) == "alive"
@@ -241,7 +253,7 @@ def test_fleet_command_and_traceback_in_the_browser(
 
 
 def test_signing_in_wrong_and_out(browser: Any, dashboard_url: str,
-                                  deployer: tuple[str, str]) -> None:  # noqa: F811
+                                  deployer: tuple[str, str]) -> None:
     browser.get(dashboard_url + "/")
     browser.find_element(By.ID, "name").send_keys(deployer[0])
     browser.find_element(By.ID, "password").send_keys("not " + PASSWORD)

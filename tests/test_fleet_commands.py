@@ -24,28 +24,12 @@ from himbeere.couch import Couch, Doc
 from himbeere.exceptions import ConfigError, NotFound, Unauthorized
 from himbeere.status import status_id
 from tests.helpers import wait_for
-from tests.nodes import ROOT, Node
+from tests.nodes import ROOT, Node, start_nodes
 from uploader import install, ops, users
 from uploader.fleet import Fleet
 
 PY = sys.executable
 NodeFactory = Callable[..., Node]
-
-
-@pytest.fixture
-def fleet(couch_url: str, dbname: str) -> Fleet:
-    """The test's databases, set up as `himbeere-upload setup` does."""
-    fleet = Fleet(couch_url, dbname)
-    install.setup(fleet)
-    return fleet
-
-
-def start_nodes(node_factory: NodeFactory, *macs: int) -> list[Node]:
-    """Start daemons and wait until each has sent a heartbeat (so it is "known")."""
-    nodes = [node_factory(mac_id=mac) for mac in macs]
-    for node in nodes:
-        wait_for(node.status, 30, message=lambda n=node: f"no heartbeat:\n{n.log()[-3000:]}")
-    return nodes
 
 
 def result(fleet: Fleet, command_id: str, mac: int) -> Optional[Doc]:

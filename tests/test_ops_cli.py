@@ -19,32 +19,16 @@ import pytest
 
 from himbeere.logship import LogShipper
 from himbeere.status import status_id
-from tests.helpers import wait_for
+from tests.helpers import himbeere, wait_for
 from tests.nodes import ROOT, Node, pid_alive
-from uploader import install, ops
+from uploader import ops
 from uploader.fleet import Fleet
 from uploader.main import main
 
 NodeFactory = Callable[..., Node]
 
-
-@pytest.fixture
-def fleet(couch_url: str, dbname: str, monkeypatch: pytest.MonkeyPatch) -> Fleet:
-    """The test's databases, set up; ``HIMBEERE_SERVER``/``_DATABASE`` point at them."""
-    fleet = Fleet(couch_url, dbname)
-    install.setup(fleet)
-    monkeypatch.setenv("HIMBEERE_SERVER", couch_url)
-    monkeypatch.setenv("HIMBEERE_DATABASE", dbname)
-    monkeypatch.delenv("HIMBEERE_STATUS_DATABASE", raising=False)
-    return fleet
-
-
-def himbeere(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run ``himbeere ARGV`` in-process: exit code, stdout, stderr."""
-    capsys.readouterr()
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
+#: Every ``himbeere`` command here finds the test's server and databases.
+pytestmark = pytest.mark.usefixtures("cli_env")
 
 
 def program(fleet: Fleet, mac: int, name: str, code: str, **fields: Any) -> str:

@@ -27,7 +27,7 @@ from himbeere.couch import Couch, Database, Doc
 from himbeere.lease import lease_id
 from himbeere.placement import NodeInfo, Placement, assign
 from tests.helpers import wait_for
-from tests.nodes import ROOT, Node, pid_alive
+from tests.nodes import ROOT, Node, pid_alive, start_nodes
 from uploader import install, ops
 from uploader.fleet import Fleet
 
@@ -278,14 +278,6 @@ def test_couchdb_gets_placed_documents_by_selector(couch: Couch,
 
 
 # -- real nodes ----------------------------------------------------------------------------
-@pytest.fixture
-def fleet(couch_url: str, dbname: str) -> Fleet:
-    """The test's databases, set up as `himbeere-upload setup` does."""
-    fleet = Fleet(couch_url, dbname)
-    install.setup(fleet)
-    return fleet
-
-
 def program(events: Path, lock: Path, stubborn: bool = False) -> str:
     """A placed program that logs ``node pid start|stop`` and holds ``lock`` while it runs."""
     return (
@@ -330,14 +322,6 @@ def assert_never_twice(path: Path) -> None:
             unstopped.add(pid)
         else:
             unstopped.discard(pid)
-
-
-def start_nodes(node_factory: NodeFactory, *macs: int, flags: Optional[list[str]] = None,
-                ) -> dict[int, Node]:
-    nodes = {mac: node_factory(mac_id=mac, flags=flags) for mac in macs}
-    for n in nodes.values():
-        wait_for(n.status, 30, message=lambda n=n: f"no heartbeat:\n{n.log()[-3000:]}")
-    return nodes
 
 
 def lease(fleet: Fleet) -> Doc:
@@ -385,7 +369,7 @@ def test_placed_on_the_least_busy_matching_node_and_moved_when_labels_change(
         fleet.code.save({"_id": f"busy{i}", "type": 1001,
                          "code": "import time\ndef main():\n    while not should_quit():\n"
                                  "        time.sleep(0.05)\n"})
-    nodes = start_nodes(node_factory, 1001, 1002, 1003)
+    nodes = {n.mac_id: n for n in start_nodes(node_factory, 1001, 1002, 1003)}
     for i in range(4):
         nodes[1001].wait_program(f"busy{i}", state="running")
     events_file, lock = tmp_path / "events", tmp_path / "lock"
@@ -426,7 +410,7 @@ def test_placed_on_the_least_busy_matching_node_and_moved_when_labels_change(
 @pytest.mark.slow
 def test_failover_when_the_node_daemon_is_killed(
         fleet: Fleet, node_factory: NodeFactory, tmp_path: Path) -> None:
-    nodes = start_nodes(node_factory, 2001, 2002, 2003)
+    nodes = {n.mac_id: n for n in start_nodes(node_factory, 2001, 2002, 2003)}
     events_file, lock = tmp_path / "events", tmp_path / "lock"
     fleet.code.save(placed("mover", code=program(events_file, lock)))
     first, pid = wait_running(fleet, nodes, "mover", events_file)
@@ -446,7 +430,7 @@ def test_program_of_a_frozen_daemon_fences_itself_before_it_moves(
         fleet: Fleet, node_factory: NodeFactory, tmp_path: Path) -> None:
     """SIGSTOP: the connection stays open, so only the missing "alive" messages tell
     the child; this one even ignores should_quit()."""
-    nodes = start_nodes(node_factory, 3001, 3002)
+    nodes = {n.mac_id: n for n in start_nodes(node_factory, 3001, 3002)}
     events_file, lock = tmp_path / "events", tmp_path / "lock"
     fleet.code.save(placed("stubborn", code=program(events_file, lock, stubborn=True)))
     first, pid = wait_running(fleet, nodes, "stubborn", events_file)
@@ -471,7 +455,7 @@ def test_program_of_a_frozen_daemon_fences_itself_before_it_moves(
 @pytest.mark.slow
 def test_another_node_takes_over_scheduling_when_the_leader_is_killed(
         fleet: Fleet, node_factory: NodeFactory, tmp_path: Path) -> None:
-    nodes = start_nodes(node_factory, 4001, 4002, 4003)
+    nodes = {n.mac_id: n for n in start_nodes(node_factory, 4001, 4002, 4003)}
     wait_for(lambda: str(lease(fleet).get("holder") or "").isdigit(), 30,
              message=lambda: f"nobody took the lease: {lease(fleet)}")
     before = lease(fleet)

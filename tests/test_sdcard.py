@@ -147,14 +147,17 @@ def runs_of(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def test_finished_never_program_stays_finished_until_reboot_or_code_change(
-        node_factory: NodeFactory, code_db: Database, tmp_path: Path, couch_url: str,
-        dbname: str) -> None:
-    """Regression: a finished ``restart: never`` program ran again on every daemon start."""
+def finished_once(node_factory: NodeFactory, code_db: Database,
+                  tmp_path: Path) -> tuple[Node, Path, Callable[[], int], str]:
+    """A ``restart: never`` program that has run once and finished, beside one that runs on.
+
+    Returns the node, the file each run of it appends to, a count of the
+    marker program's starts (once it starts again, the daemon has handled
+    both documents) and when the program ended.
+    """
     runs, marker = tmp_path / "once.runs", tmp_path / "marker.pid"
     code_db.save({"_id": "once", "type": 1000, "name": "once", "restart": "never",
                   "code": once_code(runs)})
-    # A second program that runs on: once it is back, the daemon has handled both documents.
     code_db.save({"_id": "marker", "type": 1000, "name": "marker", "code": (
         "import os, time\n"
         "def main():\n"
@@ -162,15 +165,18 @@ def test_finished_never_program_stays_finished_until_reboot_or_code_change(
         "    while not should_quit():\n"
         "        time.sleep(0.05)\n")})
     node = node_factory(mac_id=1000)
-
-    def marker_starts() -> int:
-        return runs_of(marker)
-
     program = node.wait_program("once", state="finished")
     assert runs_of(runs) == 1
     assert program["runs_again"] == RUNS_AGAIN and program["ended"]
-    ended = program["ended"]
-    wait_for(lambda: marker_starts() == 1)
+    wait_for(lambda: runs_of(marker) == 1)
+    return node, runs, lambda: runs_of(marker), program["ended"]
+
+
+def test_finished_never_program_stays_finished_across_reload_and_restart(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path, couch_url: str,
+        dbname: str) -> None:
+    """Regression: a finished ``restart: never`` program ran again on every daemon start."""
+    node, runs, marker_starts, ended = finished_once(node_factory, code_db, tmp_path)
 
     # A reload restarts every running program, but not this one.
     node.signal(signal.SIGHUP)
@@ -192,7 +198,10 @@ def test_finished_never_program_stays_finished_until_reboot_or_code_change(
     shown = "\n".join(format_detail(ops.node_detail(fleet, "1000")))
     assert f"once (once) finished at {ended}; runs again at next boot or code change" in shown
 
-    # A reboot: another boot id.
+
+def test_finished_never_program_runs_again_after_a_reboot(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    node, runs, _, _ = finished_once(node_factory, code_db, tmp_path)
     assert node.stop() == 0
     record_path = node.state_dir / "ended.json"
     record = json.loads(record_path.read_text())
@@ -202,10 +211,14 @@ def test_finished_never_program_stays_finished_until_reboot_or_code_change(
     wait_for(lambda: runs_of(runs) == 2, 30, message=lambda: node.log()[-3000:])
     node.wait_program("once", state="finished", runs_again=RUNS_AGAIN)
 
-    # Its code changes: it runs again at once.
+
+def test_finished_never_program_runs_again_when_its_code_changes(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path) -> None:
+    node, runs, _, _ = finished_once(node_factory, code_db, tmp_path)
     current = code_db.get("once")
+    assert current is not None
     changed = code_db.save(dict(current, code=once_code(runs, extra="  # changed")))
-    wait_for(lambda: runs_of(runs) == 3, 30, message=lambda: node.log()[-3000:])
+    wait_for(lambda: runs_of(runs) == 2, 30, message=lambda: node.log()[-3000:])
     node.wait_program("once", state="finished", rev=changed["_rev"], runs_again=RUNS_AGAIN)
 
 

@@ -14,7 +14,6 @@ The same tests run on pouchdb-server 4.2.0 (default) and on Apache CouchDB 3
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -25,17 +24,12 @@ from himbeere import design, security
 from himbeere.commands import Commands
 from himbeere.couch import Couch, doc_path, quote
 from himbeere.status import status_id
-from tests.helpers import wait_for
+from tests.helpers import random_mac, wait_for
 from tests.nodes import wait_file
-from uploader import install, push, users
+from uploader import push, users
 from uploader.fleet import Fleet
 
 REFUSED = (401, 403)
-
-
-def random_mac() -> int:
-    """A MAC id no other test uses: users are server-wide, databases are not."""
-    return 10**14 + secrets.randbelow(10**14)
 
 
 class Client:
@@ -75,70 +69,28 @@ UserFactory = Callable[..., Client]
 
 
 @pytest.fixture
-def fleet(couch_url: str, dbname: str) -> Fleet:
-    """A code database and its status database, set up as `himbeere-upload setup` does."""
-    fleet = Fleet(couch_url, dbname)
-    install.setup(fleet)
-    return fleet
+def node(fleet: Fleet, make_client: UserFactory) -> tuple[int, Client]:
+    mac = random_mac()
+    return mac, make_client(str(mac), [security.NODE_ROLE])
 
 
 @pytest.fixture
-def make_user(couch: Couch) -> Iterator[UserFactory]:
-    """``make_user(name, roles)``: a real CouchDB user, deleted after the test."""
-    made: list[str] = []
-    users_db = couch.database("_users")
+def other_node(fleet: Fleet, make_client: UserFactory) -> tuple[int, Client]:
+    mac = random_mac()
+    return mac, make_client(str(mac), [security.NODE_ROLE])
 
+
+@pytest.fixture
+def make_client(couch: Couch, make_user: Callable[..., tuple[str, str]]) -> UserFactory:
+    """``make_client(name, roles, password=None)``: a new real user, as a :class:`Client`."""
     def make(name: str, roles: list[str], password: Optional[str] = None) -> Client:
-        password = password or secrets.token_hex(8)
-        doc_id = security.USER_PREFIX + name
-        old = users_db.get(doc_id)
-        doc = {"_id": doc_id, "name": name, "type": "user", "roles": roles,
-               "password": password}
-        if old:
-            doc["_rev"] = old["_rev"]
-        users_db.save(doc)
-        made.append(doc_id)
-        return Client(couch.base, name, password)
-
-    yield make
-    for doc_id in made:
-        doc = users_db.get(doc_id)
-        if doc:
-            users_db.delete(doc)
-
-
-def delete_users(couch: Couch, macs: list[int]) -> None:
-    """Remove the ``_users`` documents of ``macs`` (provisioned by a test)."""
-    users_db = couch.database("_users")
-    for mac in macs:
-        doc = users_db.get(security.user_id(mac))
-        if doc:
-            users_db.delete(doc)
+        return Client(couch.base, *make_user(roles, name, password or secrets.token_hex(8)))
+    return make
 
 
 @pytest.fixture
-def provisioned(couch: Couch) -> Iterator[list[int]]:
-    """Append the MAC ids a test provisions; their users are deleted afterwards."""
-    macs: list[int] = []
-    yield macs
-    delete_users(couch, macs)
-
-
-@pytest.fixture
-def node(fleet: Fleet, make_user: UserFactory) -> tuple[int, Client]:
-    mac = random_mac()
-    return mac, make_user(str(mac), [security.NODE_ROLE])
-
-
-@pytest.fixture
-def other_node(fleet: Fleet, make_user: UserFactory) -> tuple[int, Client]:
-    mac = random_mac()
-    return mac, make_user(str(mac), [security.NODE_ROLE])
-
-
-@pytest.fixture
-def deployer(make_user: UserFactory) -> Client:
-    return make_user(f"deployer-{secrets.token_hex(4)}", [security.DEPLOYER_ROLE])
+def deployer(make_client: UserFactory) -> Client:
+    return make_client(f"deployer-{secrets.token_hex(4)}", [security.DEPLOYER_ROLE])
 
 
 @pytest.fixture
@@ -172,8 +124,8 @@ def test_anonymous_gets_401_on_both_databases(fleet: Fleet, admin: Client) -> No
     assert anonymous.delete(fleet.code.name, doc) == 401
 
 
-def test_signed_up_user_without_a_role_is_refused(fleet: Fleet, make_user: UserFactory) -> None:
-    stranger = make_user(f"stranger-{secrets.token_hex(4)}", [])
+def test_signed_up_user_without_a_role_is_refused(fleet: Fleet, make_client: UserFactory) -> None:
+    stranger = make_client(f"stranger-{secrets.token_hex(4)}", [])
     for db in (fleet.code.name, fleet.status.name):
         assert stranger.get(db) in REFUSED
         assert stranger.put(db, {"_id": "stranger-was-here"}) in REFUSED

@@ -18,29 +18,13 @@ import pytest
 from himbeere.couch import Couch, Database
 from himbeere.progstate import STATE_TYPE, ProgramState, state_id
 from tests.conftest import NodeUserFactory
-from tests.helpers import wait_for
+from tests.helpers import himbeere, wait_for
 from tests.nodes import Node, wait_file
 from uploader import install
 from uploader.fleet import Fleet
 from uploader.main import main
 
 NodeFactory = Callable[..., Node]
-
-
-def himbeere(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    """Run ``himbeere ARGV`` in-process: exit code, stdout, stderr."""
-    capsys.readouterr()
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-@pytest.fixture
-def cli_env(couch_url: str, dbname: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """``himbeere`` subcommands find the test's server and databases."""
-    monkeypatch.setenv("HIMBEERE_SERVER", couch_url)
-    monkeypatch.setenv("HIMBEERE_DATABASE", dbname)
-    monkeypatch.delenv("HIMBEERE_STATUS_DATABASE", raising=False)
 
 
 def state_of(db: Database, program: str, node: int = 1) -> ProgramState:

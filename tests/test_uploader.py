@@ -9,7 +9,6 @@ tested with himbeere.discovery.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -18,21 +17,14 @@ import pytest
 from himbeere import design, security
 from himbeere.couch import Couch
 from himbeere.exceptions import ProgramError
+from tests.helpers import random_mac
 from tests.servers import free_port
-from tests.test_security import delete_users, random_mac
 from uploader import push, users
 from uploader.cli import main
 from uploader.fleet import Fleet, parse_mac
 from uploader.main import main as himbeere
 
 Run = Callable[..., tuple[int, str, str]]
-
-
-@pytest.fixture
-def provisioned(couch: Couch) -> Iterator[list[int]]:
-    macs: list[int] = []
-    yield macs
-    delete_users(couch, macs)
 
 
 @pytest.fixture
