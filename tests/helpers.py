@@ -62,7 +62,7 @@ def random_mac() -> int:
 
 def himbeere(capsys: Any, *argv: str) -> tuple[int, str, str]:
     """Run ``himbeere ARGV`` in-process: exit code, stdout, stderr."""
-    from himbeere.cli import main
+    from uploader.main import main
 
     capsys.readouterr()
     code = main(list(argv))

@@ -23,7 +23,6 @@ from tests.helpers import himbeere, wait_for
 from tests.nodes import ROOT, Node, pid_alive
 from uploader import ops
 from uploader.fleet import Fleet
-from uploader.main import main
 
 NodeFactory = Callable[..., Node]
 

@@ -22,7 +22,6 @@ from tests.helpers import himbeere, wait_for
 from tests.nodes import Node, wait_file
 from uploader import install
 from uploader.fleet import Fleet
-from uploader.main import main
 
 NodeFactory = Callable[..., Node]
 
