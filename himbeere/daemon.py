@@ -259,9 +259,9 @@ class Daemon:
     def shutdown(self, force: bool = False) -> None:
         log.info("stopping%s", " now" if force else "")
         self.pairing.stop()
-        self.feed.stop.set()
+        self.feed.stop()
         # Another node schedules from now on; ours move once "stopped" is written.
-        self.placement.shutdown()
+        self.placement.stop()
         self.supervisor.stop_all(force=force)
         deadline = time.monotonic() + self.config.grace_period + 30
         while self.supervisor.busy() and time.monotonic() < deadline:
@@ -269,21 +269,10 @@ class Daemon:
                 force = True
                 self.supervisor.stop_all(force=True)
             self.supervisor.loop(0.2)
-        self.commands.shutdown(wait=not force)
+        self.commands.stop(0.0 if force else None)
         self.output.flush()
-        self.logs.stop.set()
-        self.logs.flush()
-        self.status.stop.set()
-        self.status.poke()
-        if self.status.thread is not None:
-            # A heartbeat still in flight would otherwise overwrite "stopped".
-            self.status.thread.join(10)
-        if self.feed.thread is not None:
-            self.feed.thread.join(1)
-        try:
-            self.status.write("stopped")
-        except CouchError as exc:
-            log.warning("could not write the final status: %s", exc)
+        self.logs.stop()
+        self.status.stop()  # writes "stopped"
         self.supervisor.close()
         self._stopped.set()
 

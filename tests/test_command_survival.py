@@ -157,7 +157,7 @@ def commands_factory(code_db: Database, tmp_path: Path) -> Iterator[Callable[...
 
     yield make
     for commands in made:
-        commands.shutdown(wait=False)
+        commands.stop(0)
 
 
 def unreachable(db: Database) -> Database:
@@ -177,7 +177,7 @@ def test_a_finished_result_survives_a_stop_while_the_server_is_unreachable(
                                                           "exit 5"]))
     wait_file(ended)
     wait_for(lambda: commands.journal.read() == {"kept": "started"})
-    commands.shutdown()
+    commands.stop()
     assert "state" not in code_db.get("kept")
     assert Journal(tmp_path / "state" / "commands.json").read() == {"kept": "started"}
     # The next start, with the server back, writes the real result.
