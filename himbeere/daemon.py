@@ -89,8 +89,7 @@ class Daemon:
         self.output = OutputLog()
         self.commands = Commands(self.db, self.node, config.state_path,
                                  status_db=self.status_db,
-                                 server_time=lambda: time.time() + (self.couch.clock_offset
-                                                                    or 0.0))
+                                 server_time=self.couch.server_time)
         self.feed = Feed(
             self.couch, self.db, self.node,
             # Keyed by the whole list, in any order: a cluster's seq is valid
@@ -105,7 +104,7 @@ class Daemon:
         self.placement = Placement(
             self.status_db, self.db, self.node, config.heartbeat_interval,
             on_assigned=lambda mine, hurry: self.supervisor.request("assigned", (mine, hurry)),
-            clock=lambda: time.time() + (self.couch.clock_offset or 0.0),
+            clock=self.couch.server_time,
             last_heartbeat=lambda: self.status.last_write,
             resources=self._resources)
         self.status = Status(self.status_db, self.node, config.heartbeat_interval,
