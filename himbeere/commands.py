@@ -85,7 +85,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import defaults
-from .component import Component
+from .component import Backoff, Component
 from .couch import Database, Doc
 from .exceptions import CommandError, CouchError, Unreachable
 from .launcher import Launcher, boot_id, remove_dir, runner_alive, signal_runner
@@ -540,15 +540,15 @@ class Commands(Component):
     def _read_result(self, key: str) -> Optional[Doc]:
         """The result document so far (``{}`` if none), retried while unreachable."""
         assert self.status_db is not None
-        delay = 0.5
+        backoff = Backoff()
         while not self.stopping.is_set():
             try:
                 return self.status_db.get(key) or {}
             except Unreachable as exc:
+                delay = backoff.next()
                 log.warning("command %s: server unreachable (%s); retrying in %.1f s",
                             key, exc, delay)
                 self.stopping.wait(delay)
-                delay = min(delay * 2, 30.0)
         return None
 
     def start(self) -> Commands:
@@ -724,7 +724,7 @@ class Commands(Component):
             # ended before pidfd_open may belong to another process since.
             while runner_alive(directory):
                 if exited is not None:
-                    if select.select([exited], [], [], SLICE)[0]:
+                    if _readable(exited, SLICE):
                         break
                 else:
                     # No pidfd (Linux < 5.3): look at the lock now and then.
@@ -861,7 +861,7 @@ class Commands(Component):
             doc.update(fields)
             return True
 
-        delay = 0.5
+        backoff = Backoff()
         shorter = iter(SHORTER)
         while True:
             try:
@@ -872,10 +872,10 @@ class Commands(Component):
                 # Keep the result until the server is back: it must not be lost.
                 if not final or self.stopping.is_set():
                     raise
+                delay = backoff.next()
                 log.warning("command %s: server unreachable (%s); retrying in %.1f s",
                             doc_id, exc, delay)
                 self.stopping.wait(delay)
-                delay = min(delay * 2, 30.0)
             except CouchError as exc:
                 budget = next(shorter, None) if exc.status == 413 and final \
                     and isinstance(fields.get("ret"), list) else None
@@ -889,6 +889,13 @@ class Commands(Component):
                 fields = _shortened(fields, budget, str(exc))
         if saved is not None and final:
             self.on_result(doc_id, fields)
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """True if ``fd`` is readable within ``timeout`` s (poll: safe for fd >= 1024)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def _pidfd(pid: int) -> Optional[int]:
