@@ -158,7 +158,7 @@ class Bench:
     def alive(self, mac: int, since: float) -> bool:
         """True once ``mac`` is alive with a heartbeat from a daemon started after ``since``."""
         status = self.status_db.get(f"status:{mac}") or {}
-        now = time.time() + (self.couch.clock_offset or 0.0)
+        now = self.couch.server_time()
         return (health.node_state(status, now) == "alive"
                 and float(status.get("uptime") or 1e9) < time.time() - since + 1.0)
 

@@ -191,9 +191,7 @@ class Helpers:
 
     def server_time(self) -> float:
         """Now on the server's clock, as far as the answers' ``Date`` headers tell."""
-        couch = self._couch
-        offset = couch.clock_offset if couch is not None else None
-        return time.time() + (offset or 0.0)
+        return self._couch.server_time() if self._couch is not None else time.time()
 
     def save_state(self, when: str) -> None:
         """Autosave ``state`` if the program touched it; a failure is logged."""

@@ -85,6 +85,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from . import defaults
+from .component import Backoff, Component
 from .couch import Database, Doc
 from .exceptions import CommandError, CouchError, Unreachable
 from .launcher import Launcher, boot_id, remove_dir, runner_alive, signal_runner
@@ -351,13 +352,15 @@ class FirstStart:
         return self.time
 
 
-class Commands:
+class Commands(Component):
     """Runs a node's commands in a thread pool and writes the results back.
 
     ``status_db`` receives fleet commands' result documents (without it,
     fleet commands are ignored); ``server_time()`` is now on the server's
-    clock.
+    clock.  No thread of its own: the pool's threads start with the commands.
     """
+
+    name = "commands"
 
     def __init__(
         self,
@@ -373,6 +376,7 @@ class Commands:
         status_db: Optional[Database] = None,
         server_time: Callable[[], float] = time.time,
     ) -> None:
+        super().__init__()
         self.db = db
         self.status_db = status_db
         self.server_time = server_time
@@ -394,8 +398,7 @@ class Commands:
         self.closed = False
         self._lock = threading.Lock()
         self._idle = threading.Condition(self._lock)
-        self.stop = threading.Event()
-        #: Never set: a wait in slices once ``stop`` is set.
+        #: Never set: a wait in slices once ``stopping`` is set.
         self._pause = threading.Event()
         #: Where runners keep each command's output and exit status.
         self.work_dir = state_dir / "commands"
@@ -537,36 +540,41 @@ class Commands:
     def _read_result(self, key: str) -> Optional[Doc]:
         """The result document so far (``{}`` if none), retried while unreachable."""
         assert self.status_db is not None
-        delay = 0.5
-        while not self.stop.is_set():
+        backoff = Backoff()
+        while not self.stopping.is_set():
             try:
                 return self.status_db.get(key) or {}
             except Unreachable as exc:
+                delay = backoff.next()
                 log.warning("command %s: server unreachable (%s); retrying in %.1f s",
                             key, exc, delay)
-                self.stop.wait(delay)
-                delay = min(delay * 2, 30.0)
+                self.stopping.wait(delay)
         return None
 
-    def shutdown(self, wait: bool = True) -> None:
+    def start(self) -> Commands:
+        return self  # the pool's threads start with the first commands
+
+    def stop(self, timeout: Optional[float] = None) -> bool:
         """Stop taking commands.
 
-        With ``wait``, running commands get ``grace_period`` seconds to end;
-        then (or at once without ``wait``) their runners kill them, and
-        they are marked ``interrupted``.  Commands not started yet stay in
-        the journal and run after the next start; so does a result the
-        server cannot take now (the next start writes it).
+        Running commands get ``timeout`` seconds (default ``grace_period``)
+        to end; then their runners kill them, and they are marked
+        ``interrupted``.  Commands not started yet stay in the journal and
+        run after the next start; so does a result the server cannot take
+        now (the next start writes it).
         """
+        grace = self.grace_period if timeout is None else timeout
         with self._lock:
             self.closed = True
-            if wait:
-                deadline = time.monotonic() + self.grace_period
-                while self.running and time.monotonic() < deadline:
-                    self._idle.wait(min(SLICE, max(0.0, deadline - time.monotonic())))
-            if self.running:
+            deadline = time.monotonic() + grace
+            while self.running and time.monotonic() < deadline:
+                self._idle.wait(min(SLICE, max(0.0, deadline - time.monotonic())))
+            if self.running and not self.stopping.is_set():
                 log.warning("killing %d command(s) still running: %s", len(self.running),
                             ", ".join(sorted(self.running)))
-        self.stop.set()
+        return super().stop(timeout)
+
+    def after_stop(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         self.launcher.stop()
 
@@ -716,13 +724,13 @@ class Commands:
             # ended before pidfd_open may belong to another process since.
             while runner_alive(directory):
                 if exited is not None:
-                    if select.select([exited], [], [], SLICE)[0]:
+                    if _readable(exited, SLICE):
                         break
                 else:
                     # No pidfd (Linux < 5.3): look at the lock now and then.
-                    (self._pause if self.stop.is_set() else self.stop).wait(
+                    (self._pause if self.stopping.is_set() else self.stopping).wait(
                         POLL if pid is not None else SLICE)
-                if not self.stop.is_set():
+                if not self.stopping.is_set():
                     continue
                 if asked is None:
                     asked = time.monotonic()
@@ -853,7 +861,7 @@ class Commands:
             doc.update(fields)
             return True
 
-        delay = 0.5
+        backoff = Backoff()
         shorter = iter(SHORTER)
         while True:
             try:
@@ -862,12 +870,12 @@ class Commands:
             except Unreachable as exc:
                 known = None  # the write may have gone through: read what is there
                 # Keep the result until the server is back: it must not be lost.
-                if not final or self.stop.is_set():
+                if not final or self.stopping.is_set():
                     raise
+                delay = backoff.next()
                 log.warning("command %s: server unreachable (%s); retrying in %.1f s",
                             doc_id, exc, delay)
-                self.stop.wait(delay)
-                delay = min(delay * 2, 30.0)
+                self.stopping.wait(delay)
             except CouchError as exc:
                 budget = next(shorter, None) if exc.status == 413 and final \
                     and isinstance(fields.get("ret"), list) else None
@@ -881,6 +889,13 @@ class Commands:
                 fields = _shortened(fields, budget, str(exc))
         if saved is not None and final:
             self.on_result(doc_id, fields)
+
+
+def _readable(fd: int, timeout: float) -> bool:
+    """True if ``fd`` is readable within ``timeout`` s (poll: safe for fd >= 1024)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def _pidfd(pid: int) -> Optional[int]:

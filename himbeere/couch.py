@@ -271,6 +271,10 @@ class Couch:
         median = offsets[middle] if len(offsets) % 2 else sum(offsets[middle - 1:middle + 1]) / 2
         return round(median, 3)
 
+    def server_time(self) -> float:
+        """Now on the server's clock, as far as the answers' ``Date`` headers tell."""
+        return time.time() + (self.clock_offset or 0.0)
+
     # -- server -----------------------------------------------------------
     def info(self, refresh: bool = False) -> Doc:
         """The server's root document (vendor and version), cached."""

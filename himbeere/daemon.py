@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 
 from . import discovery, identity, statelock, transport
 from .commands import COMMAND_TYPE, Commands
+from .component import Component
 from .config import Config, redact
 from .couch import Couch, Doc, split_servers
 from .exceptions import ConfigError, CouchError, HimbeereError
@@ -81,19 +82,14 @@ class Daemon:
         self.status_db = self.couch.database(config.status_db)
         self.supervisor = Supervisor(
             node=self.node, couch_url=self.couch.rotated_url, database=config.database,
-            grace_period=config.grace_period, default_restart=config.restart_policy,
             state_dir=config.state_path, on_change=self._program_changed,
             on_log=self._program_output, status_database=config.status_db,
-            fence=CHILD_FENCE * config.heartbeat_interval,
-            max_programs=config.max_programs,
         )
         self.logs = LogShipper(self.status_db, self.node)
-        self.output = OutputLog(config.program_log_rate)
+        self.output = OutputLog()
         self.commands = Commands(self.db, self.node, config.state_path,
-                                 default_timeout=config.command_timeout,
-                                 grace_period=config.grace_period, status_db=self.status_db,
-                                 server_time=lambda: time.time() + (self.couch.clock_offset
-                                                                    or 0.0))
+                                 status_db=self.status_db,
+                                 server_time=self.couch.server_time)
         self.feed = Feed(
             self.couch, self.db, self.node,
             # Keyed by the whole list, in any order: a cluster's seq is valid
@@ -108,7 +104,7 @@ class Daemon:
         self.placement = Placement(
             self.status_db, self.db, self.node, config.heartbeat_interval,
             on_assigned=lambda mine, hurry: self.supervisor.request("assigned", (mine, hurry)),
-            clock=lambda: time.time() + (self.couch.clock_offset or 0.0),
+            clock=self.couch.server_time,
             last_heartbeat=lambda: self.status.last_write,
             resources=self._resources)
         self.status = Status(self.status_db, self.node, config.heartbeat_interval,
@@ -116,7 +112,26 @@ class Daemon:
                              extra=lambda: dict(self.health.collect(),
                                                 **self.placement.describe()),
                              clock_offset=lambda: self.couch.clock_offset)
+        #: Started in this order, stopped in reverse: what writes results out
+        #: starts first; what brings work in (placement, feed, pairing) stops first.
+        self.components: list[Component] = [self.status, self.logs, self.commands,
+                                             self.placement, self.feed, self.pairing]
+        self.apply(config)
         self.couch.on_move = self._server_moved
+
+    def apply(self, config: Config) -> None:
+        """Hand the settings a reload may change to the components (at setup, too)."""
+        self.config = config
+        self.supervisor.grace_period = config.grace_period
+        self.supervisor.default_restart = config.restart_policy
+        self.supervisor.fence = CHILD_FENCE * config.heartbeat_interval
+        self.supervisor.max_programs = config.max_programs  # a higher one admits at once
+        self.status.interval = config.heartbeat_interval
+        self.placement.interval = config.heartbeat_interval
+        self.placement.lease.ttl = LEASE_TTL * config.heartbeat_interval
+        self.commands.default_timeout = config.command_timeout
+        self.commands.grace_period = config.grace_period
+        self.output.rate = config.program_log_rate
 
     def _server_moved(self) -> None:
         """Every component follows the shared :class:`Couch`; programs start there too."""
@@ -191,11 +206,8 @@ class Daemon:
         if killed:
             log.warning("killed %d program(s) left running by a previous daemon", killed)
         self.supervisor.fork_server.start()  # before any thread exists
-        self.feed.start()
-        self.status.start()
-        self.placement.start()
-        self.logs.start()
-        self.pairing.start()
+        for component in self.components:
+            component.start()
         try:
             while not self.stop_requested:
                 self.placement.check_fence()
@@ -224,23 +236,14 @@ class Daemon:
             self.reload_requested = False
             return
         core_changed = any(getattr(new, key) != getattr(self.config, key) for key in CORE)
-        self.config = new
         if core_changed:
+            self.config = new
             log.info("reload: server, database or identity changed; restarting the daemon")
             self.stop_requested = 1  # run() sees reload_requested and starts again
             return
         self.reload_requested = False
         log.info("reload: restarting all programs")
-        self.supervisor.grace_period = new.grace_period
-        self.supervisor.default_restart = new.restart_policy
-        self.status.interval = new.heartbeat_interval
-        self.placement.interval = new.heartbeat_interval
-        self.placement.lease.ttl = LEASE_TTL * new.heartbeat_interval
-        self.supervisor.fence = CHILD_FENCE * new.heartbeat_interval
-        self.supervisor.max_programs = new.max_programs  # a higher one admits at once
-        self.commands.default_timeout = new.command_timeout
-        self.commands.grace_period = new.grace_period
-        self.output.rate = new.program_log_rate
+        self.apply(new)
         self.supervisor.request("restart_all")
 
     def dump_stacks(self) -> None:
@@ -257,11 +260,21 @@ class Daemon:
                     pass
 
     def shutdown(self, force: bool = False) -> None:
+        """Stop the components in reverse order; programs stop before the commands do."""
         log.info("stopping%s", " now" if force else "")
-        self.pairing.stop()
-        self.feed.stop.set()
-        # Another node schedules from now on; ours move once "stopped" is written.
-        self.placement.shutdown()
+        for component in reversed(self.components):
+            if component is self.commands:
+                # Placement stopped first: another node schedules from now on,
+                # and ours move once "stopped" is written.
+                force = self._stop_programs(force)
+                component.stop(0.0 if force else None)  # forced: no grace for commands
+            else:
+                component.stop()
+        self.supervisor.close()
+        self._stopped.set()
+
+    def _stop_programs(self, force: bool) -> bool:
+        """Stop every program; a second stop signal forces.  True if forced."""
         self.supervisor.stop_all(force=force)
         deadline = time.monotonic() + self.config.grace_period + 30
         while self.supervisor.busy() and time.monotonic() < deadline:
@@ -269,23 +282,8 @@ class Daemon:
                 force = True
                 self.supervisor.stop_all(force=True)
             self.supervisor.loop(0.2)
-        self.commands.shutdown(wait=not force)
         self.output.flush()
-        self.logs.stop.set()
-        self.logs.flush()
-        self.status.stop.set()
-        self.status.poke()
-        if self.status.thread is not None:
-            # A heartbeat still in flight would otherwise overwrite "stopped".
-            self.status.thread.join(10)
-        if self.feed.thread is not None:
-            self.feed.thread.join(1)
-        try:
-            self.status.write("stopped")
-        except CouchError as exc:
-            log.warning("could not write the final status: %s", exc)
-        self.supervisor.close()
-        self._stopped.set()
+        return force
 
     # -- signals -----------------------------------------------------------------------
     def _install_signals(self) -> None:

@@ -47,6 +47,7 @@ from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from . import config as configuration
 from . import defaults, identity
+from .component import Component
 from .config import Config, redact
 from .couch import split_servers
 from .exceptions import ConfigError, HimbeereError
@@ -418,7 +419,7 @@ def receive_broadcast_message(config: Optional[Config] = None, timeout: Optional
     return None
 
 
-class Listener:
+class Listener(Component):
     """Answers pairing requests from a thread while the daemon runs.
 
     The window opens only through ``himbeere pair``; ``on_server(url)`` is
@@ -426,13 +427,15 @@ class Listener:
     file missing) are logged: the daemon runs on without pairing.
     """
 
+    name = "himbeere-pairing"
+    stop_timeout = 2.0
+
     def __init__(self, config: Config, on_server: Optional[Callable[[str], None]] = None) -> None:
+        super().__init__()
         self.config = config
         self.on_server = on_server
         self.pairing: Optional[Pairing] = None
         self.sock: Optional[socket.socket] = None
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
 
     def start(self) -> Listener:
         try:
@@ -441,23 +444,12 @@ class Listener:
         except HimbeereError as exc:
             log.error("pairing is off: %s", exc)
             return self
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="himbeere-pairing", daemon=True)
-        self._thread.start()
-        return self
+        return super().start()
 
     def loop(self, wait: float = 0.5) -> None:
         """One step: answer at most one request."""
         if self.sock is not None and self.pairing is not None:
             serve_once(self.sock, self.pairing, wait)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.loop()
-            except Exception:
-                log.exception("pairing listener step failed")
-                self._stop.wait(1.0)
 
     def _saved(self, server: str) -> None:
         if self.on_server is not None:
@@ -467,11 +459,7 @@ class Listener:
                         "config file, HIMBEERE_SERVER or --server names one)",
                         redact(self.config.server))
 
-    def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
+    def after_stop(self) -> None:
         if self.sock is not None:
             self.sock.close()
             self.sock = None

@@ -47,7 +47,3 @@ class CommandError(HimbeereError, ValueError):
 
 class AlreadyRunning(HimbeereError, RuntimeError):
     """Another daemon already runs on this state directory."""
-
-
-class StopDaemon(BaseException):
-    """Raised to leave the daemon loop; not an Exception so nothing swallows it."""

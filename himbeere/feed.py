@@ -17,12 +17,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
 import threading
 from pathlib import Path
 from typing import Callable, Optional
 
 from . import defaults, design
+from .component import Backoff, Component
 from .couch import Couch, Database, Doc, Seq
 from .exceptions import CouchError, HimbeereError
 
@@ -53,32 +53,13 @@ class SeqStore:
         os.replace(tmp, self.path)
 
 
-class Backoff:
-    """Capped, jittered exponential delays: 0.5 s, 1 s, 2 s ... up to the cap.
-
-    Each delay is drawn from the upper half of its step, so a fleet of nodes
-    that lost the server together does not come back in one wave.
-    """
-
-    def __init__(self, first: float = defaults.RECONNECT_MIN,
-                 cap: float = defaults.RECONNECT_MAX) -> None:
-        self.first, self.cap = first, cap
-        self.attempt = 0
-
-    def next(self) -> float:
-        delay = min(self.cap, self.first * (2 ** self.attempt))
-        if delay < self.cap:
-            # Stop counting at the cap: 2 ** 1024 does not fit a float, and
-            # a server gone for a night used to end the feed for good.
-            self.attempt += 1
-        return delay * random.uniform(0.5, 1.0)
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
-class Feed:
+class Feed(Component):
     """Delivers a node's changes to ``on_change``; runs in its own thread."""
+
+    name = "feed"
+    # A feed notices ``stopping`` only at its next line (a heartbeat comes every
+    # ``timeout / 3`` s); it delivers nothing once stopping, so stop() need not wait.
+    stop_timeout = 0.0
 
     def __init__(
         self,
@@ -91,6 +72,7 @@ class Feed:
         on_connect: Optional[Callable[[], None]] = None,
         backoff: Optional[Backoff] = None,
     ) -> None:
+        super().__init__()
         self.couch = couch
         self.db = db
         self.node = node
@@ -99,17 +81,11 @@ class Feed:
         self.on_connect = on_connect or (lambda: None)
         self.timeout = timeout
         self.backoff = backoff or Backoff()
-        self.stop = threading.Event()
         self.connected = threading.Event()
         self.last_error: Optional[str] = None
-        self.thread: Optional[threading.Thread] = None
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self.run, name="feed", daemon=True)
-        self.thread.start()
 
     def run(self) -> None:
-        while not self.stop.is_set():
+        while not self.stopping.is_set():
             try:
                 self.follow_once()
             except (CouchError, HimbeereError) as exc:
@@ -120,7 +96,7 @@ class Feed:
 
     def _lost(self, exc: BaseException) -> None:
         self.connected.clear()
-        if self.stop.is_set():
+        if self.stopping.is_set():
             return
         delay = self.backoff.next()
         message = str(exc) or type(exc).__name__
@@ -129,7 +105,7 @@ class Feed:
         else:
             log.debug("feed: %s; reconnecting in %.1f s", message, delay)
         self.last_error = message
-        self.stop.wait(delay)
+        self.stopping.wait(delay)
 
     def follow_once(self) -> None:
         """Connect, catch up on code documents, then follow until it breaks."""
@@ -142,7 +118,7 @@ class Feed:
             since = saved
             self.catch_up()
         feed_filter = design.node_filter(self.couch, self.node)
-        changes = self.db.follow(since, feed_filter, timeout=self.timeout, stop=self.stop,
+        changes = self.db.follow(since, feed_filter, timeout=self.timeout, stop=self.stopping,
                                  on_open=self._opened)
         for change in changes:
             self.handle(change)
@@ -167,7 +143,7 @@ class Feed:
             self._deliver(change)
 
     def handle(self, change: Doc) -> None:
-        if self.stop.is_set():
+        if self.stopping.is_set():
             return  # not delivered, so its seq must not be saved either
         self._deliver(change)
         if "seq" in change:

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import importlib
 import logging
-import threading
 from types import TracebackType
 from typing import Any, Optional
+
+from .component import Component
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def load_backend() -> Optional[Any]:
         return None
 
 
-class Blinker:
+class Blinker(Component):
     """Blink the LED on BCM pin ``pin`` from a thread until :meth:`stop`.
 
     ``pin=None`` means no LED.  ``backend=None`` loads RPi.GPIO when
@@ -45,17 +46,19 @@ class Blinker:
             wait_for_something()
     """
 
+    name = "himbeere-led"
+    stop_timeout = 2.0
+
     def __init__(self, pin: Optional[int], backend: Any = None,
                  interval: float = BLINK_INTERVAL) -> None:
+        super().__init__()
         self.pin = pin
         self.backend = backend
         self.interval = interval
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
 
     @property
     def blinking(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self.thread is not None and self.thread.is_alive()
 
     def start(self) -> Blinker:
         if self.pin is None or self.blinking:
@@ -64,19 +67,9 @@ class Blinker:
             self.backend = load_backend()
             if self.backend is None:
                 return self
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="himbeere-led", daemon=True)
-        self._thread.start()
-        return self
+        return super().start()
 
-    def stop(self, timeout: float = 2.0) -> None:
-        """Stop blinking, turn the LED off and release the pin."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            self._thread = None
-
-    def _run(self) -> None:
+    def run(self) -> None:
         gpio, pin = self.backend, self.pin
         try:
             gpio.setwarnings(False)
@@ -87,10 +80,10 @@ class Blinker:
             return
         try:
             state = False
-            while not self._stop.is_set():
+            while not self.stopping.is_set():
                 state = not state
                 gpio.output(pin, gpio.HIGH if state else gpio.LOW)
-                self._stop.wait(self.interval)
+                self.stopping.wait(self.interval)
             gpio.output(pin, gpio.LOW)
         except Exception as exc:
             log.warning("LED on GPIO %s stopped blinking: %s", pin, exc)

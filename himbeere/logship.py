@@ -28,6 +28,7 @@ import time
 from typing import Any, Callable, Optional
 
 from . import defaults
+from .component import Component
 from .couch import Database, Doc
 from .exceptions import Conflict, CouchError
 from .logtext import printable
@@ -54,11 +55,14 @@ class _Pending:
         self.rev: Optional[str] = None
 
 
-class LogShipper:
-    """Collects lines per program and writes them in batches."""
+class LogShipper(Component):
+    """Collects lines per program and writes them in batches; all of them at the stop."""
+
+    name = "logs"
 
     def __init__(self, db: Database, node: int, ring: int = RING,
                  interval: float = BATCH_SECONDS) -> None:
+        super().__init__()
         self.db = db
         self.node = node
         self.ring = ring
@@ -66,12 +70,6 @@ class LogShipper:
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self.stop = threading.Event()
-        self.thread: Optional[threading.Thread] = None
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self.run, name="logs", daemon=True)
-        self.thread.start()
 
     def add(self, program: str, name: str, lines: list[Line], dropped: int = 0) -> None:
         """Queue ``lines`` of ``program``; never blocks on the server."""
@@ -88,12 +86,18 @@ class LogShipper:
         self._wake.set()
 
     def run(self) -> None:
-        while not self.stop.is_set():
+        while not self.stopping.is_set():
             self._wake.wait(5.0)
             self._wake.clear()
             self.flush()
-            self.stop.wait(self.interval)
+            self.stopping.wait(self.interval)
         self.flush()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def after_stop(self) -> None:
+        self.flush()  # lines added while the thread wrote its last batch
 
     def flush(self) -> int:
         """Write every program's pending lines; return how many were written."""

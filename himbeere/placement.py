@@ -105,6 +105,7 @@ from typing import Any, Callable, Optional, Union
 
 from . import codedoc, health
 from .codedoc import PLACED_TYPE
+from .component import Component
 from .couch import Database, Doc
 from .exceptions import CouchError, ProgramError
 from .lease import Lease, is_free
@@ -436,20 +437,24 @@ def assigned_to(assignments: Any, node: int) -> frozenset[str]:
 
 
 # -- the node's part --------------------------------------------------------------------
-class Placement:
+class Placement(Component):
     """Reads this node's assignment every heartbeat; schedules while holding the lease.
 
     ``loop()`` is one heartbeat (huey's pattern; tests call it directly);
     ``start()`` runs it in a thread.  ``on_assigned(programs, hurry)`` hands
     the supervisor the set of placed program ids this node must run;
     ``hurry`` (seconds) is set when they must stop quickly (fencing).
+    ``stop()`` releases the lease, so that the next node schedules at once.
     """
+
+    name = "placement"
 
     def __init__(self, status_db: Database, code_db: Database, node: int, interval: float,
                  on_assigned: Callable[[frozenset[str], Optional[float]], None],
                  clock: Optional[Callable[[], float]] = None,
                  last_heartbeat: Optional[Callable[[], Optional[float]]] = None,
                  resources: Optional[Callable[[], Mapping[str, Any]]] = None) -> None:
+        super().__init__()
         self.status_db = status_db
         self.code_db = code_db
         self.node = node
@@ -474,8 +479,6 @@ class Placement:
         self.last_error: Optional[str] = None
         self._lock = threading.Lock()
         self._poke = threading.Event()
-        self.stop = threading.Event()
-        self.thread: Optional[threading.Thread] = None
 
     # -- from other threads -------------------------------------------------------------
     def note(self, doc: Doc) -> None:
@@ -518,12 +521,8 @@ class Placement:
                               "refused": dict(self.refused)}}
 
     # -- running ------------------------------------------------------------------------
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self.run, name="placement", daemon=True)
-        self.thread.start()
-
     def run(self) -> None:
-        while not self.stop.is_set():
+        while not self.stopping.is_set():
             self.loop()
             self._poke.wait(self.interval)
             self._poke.clear()
@@ -694,12 +693,10 @@ class Placement:
         info.disk_free_mb = _number(figures.get("disk_free_mb"))
         return info
 
-    def shutdown(self) -> None:
-        """Stop the thread; let the next node schedule at once."""
-        self.stop.set()
+    def wake(self) -> None:
         self._poke.set()
-        if self.thread is not None:
-            self.thread.join(5)
+
+    def after_stop(self) -> None:
         if self.leader:
             self.lease.release()
             self.leader = False

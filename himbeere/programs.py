@@ -600,7 +600,9 @@ class Supervisor:
         self._next_ping = now + self.fence / 6 if placed else None
         for program in placed:
             try:
-                if select.select([], [program.conn.fileno()], [], 0)[1]:
+                poller = select.poll()  # not select(): safe for fd >= 1024
+                poller.register(program.conn.fileno(), select.POLLOUT)
+                if poller.poll(0):
                     program.conn.send("alive")
             except (OSError, ValueError):
                 pass

@@ -149,7 +149,10 @@ def main(argv: list) -> int:
             ending = "timeout"
             break
         wait = min(SLICE, deadline - now) if exited is not None else min(0.05, deadline - now)
-        ready, _, _ = select.select(watched, [], [], wait)
+        poller = select.poll()  # not select(): safe for fd >= 1024
+        for fd in watched:
+            poller.register(fd, select.POLLIN)
+        ready = [fd for fd, _ in poller.poll(wait * 1000)]
         for fd in ready:
             if fd == wake_r:
                 os.read(wake_r, 512)
@@ -213,7 +216,9 @@ def serve(argv: list) -> int:
     pending = b""
     while True:
         while b"\n" not in pending:
-            if not select.select([0], [], [], idle)[0]:
+            poller = select.poll()  # not select(): safe for fd >= 1024
+            poller.register(0, select.POLLIN)
+            if not poller.poll(idle * 1000):
                 return 0
             chunk = os.read(0, 65536)
             if not chunk:

@@ -257,7 +257,9 @@ def _read_report(fd: int) -> Optional[str]:
     deadline = time.monotonic() + START_TIMEOUT
     while b"\n" not in data:
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+        poller = select.poll()  # not select(): safe for fd >= 1024
+        poller.register(fd, select.POLLIN)
+        if remaining <= 0 or not poller.poll(remaining * 1000):
             return None
         chunk = os.read(fd, 4096)
         if not chunk:

@@ -19,6 +19,7 @@ import time
 from typing import Any, Callable, Optional
 
 from . import __version__, identity
+from .component import Component
 from .couch import Database, Doc
 from .exceptions import Conflict, CouchError
 
@@ -32,8 +33,12 @@ def status_id(node: int) -> str:
     return f"status:{node}"
 
 
-class Status:
-    """Writes the status document from its own thread."""
+class Status(Component):
+    """Writes the status document from its own thread; "stopped" once stopped."""
+
+    name = "status"
+    # A heartbeat still in flight would overwrite "stopped": wait for it.
+    stop_timeout = 10.0
 
     def __init__(
         self,
@@ -45,6 +50,7 @@ class Status:
         extra: Optional[Callable[[], dict[str, Any]]] = None,
         clock_offset: Optional[Callable[[], Optional[float]]] = None,
     ) -> None:
+        super().__init__()
         self.clock_offset = clock_offset or (lambda: None)
         self.db = db
         self.node = node
@@ -56,27 +62,30 @@ class Status:
         self.state = "running"
         self._rev: Optional[str] = None
         self._poke = threading.Event()
-        self.stop = threading.Event()
-        self.thread: Optional[threading.Thread] = None
         self.writes = 0
         #: time.monotonic() of the last successful write (placement fencing).
         self.last_write: Optional[float] = None
-
-    def start(self) -> None:
-        self.thread = threading.Thread(target=self.run, name="status", daemon=True)
-        self.thread.start()
 
     def poke(self) -> None:
         """Write soon: a program changed state."""
         self._poke.set()
 
     def run(self) -> None:
-        while not self.stop.is_set():
+        while not self.stopping.is_set():
             self.loop()
             self._poke.wait(self.interval)
             if self._poke.is_set():
-                self.stop.wait(MIN_GAP)  # gather a burst of changes into one write
+                self.stopping.wait(MIN_GAP)  # gather a burst of changes into one write
             self._poke.clear()
+
+    def wake(self) -> None:
+        self.poke()
+
+    def after_stop(self) -> None:
+        try:
+            self.write("stopped")
+        except CouchError as exc:
+            log.warning("could not write the final status: %s", exc)
 
     def loop(self) -> None:
         try:

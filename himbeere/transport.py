@@ -289,7 +289,9 @@ def _still_open(conn: http.client.HTTPConnection) -> bool:
     if sock is None:
         return False
     try:
-        readable, _, _ = select.select([sock], [], [], 0)
+        poller = select.poll()  # not select(): safe for fd >= 1024
+        poller.register(sock, select.POLLIN)
+        readable = poller.poll(0)
     except (OSError, ValueError):
         return False
     return not readable

@@ -333,4 +333,4 @@ def commands_factory(code_db: Database, tmp_path: Path) -> Iterator[Callable[...
 
     yield make
     for commands in made:
-        commands.shutdown(wait=False)
+        commands.stop(0)

@@ -164,7 +164,7 @@ def test_a_finished_result_survives_a_stop_while_the_server_is_unreachable(
                                                           "exit 5"]))
     wait_file(ended)
     wait_for(lambda: commands.journal.read() == {"kept": "started"})
-    commands.shutdown()
+    commands.stop()
     assert "state" not in code_db.get("kept")
     assert Journal(tmp_path / "state" / "commands.json").read() == {"kept": "started"}
     # The next start, with the server back, writes the real result.

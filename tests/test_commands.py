@@ -418,7 +418,7 @@ def test_recover_marks_started_and_runs_queued_commands(commands_factory, code_d
     wait_for(lambda: commands.journal.read() == {}, message="journal never emptied")
 
 
-def test_shutdown_kills_running_commands_and_keeps_queued_ones(
+def test_stop_kills_running_commands_and_keeps_queued_ones(
         commands_factory, code_db: Database, tmp_path: Path) -> None:
     pid_file = tmp_path / "sleeper.pid"
     commands = commands_factory(max_workers=1, grace_period=0.5)
@@ -427,10 +427,10 @@ def test_shutdown_kills_running_commands_and_keeps_queued_ones(
     commands.submit(code_db.get("long"))
     commands.submit(code_db.get("waiting"))
     pid = int(wait_file(pid_file).strip())
-    stopper = threading.Thread(target=commands.shutdown)
+    stopper = threading.Thread(target=commands.stop)
     stopper.start()
     stopper.join(30)
-    assert not stopper.is_alive(), "shutdown waited for a sleep 60"
+    assert not stopper.is_alive(), "stop waited for a sleep 60"
     doc = code_db.get("long")
     assert doc["state"] == "interrupted" and doc["returncode"] == -9
     assert "daemon stopped" in doc["error"]

@@ -247,7 +247,7 @@ def test_journal_keys_of_fleet_commands_survive_a_restart(fleet: Fleet, tmp_path
         doc = wait_result(fleet, command_id, 1001)
         assert doc["ret"] == ["late\n", ""]
     finally:
-        runner.shutdown()
+        runner.stop()
     assert Journal(tmp_path / "commands.json").read() == {}
 
 
@@ -261,7 +261,7 @@ def test_a_started_fleet_command_in_the_journal_is_marked_interrupted(fleet: Fle
         doc = wait_result(fleet, command_id, 1001)
         assert doc["state"] == "interrupted" and "ret" not in doc
     finally:
-        runner.shutdown()
+        runner.stop()
 
 
 @pytest.mark.slow

@@ -32,7 +32,7 @@ def contender(db: Database, holder: str, reports: Optional[list[str]] = None,
     couch = db.couch
     node, _, program = holder.partition(":")
     return Leadership(lambda: db, holder, int(node), program,
-                      clock=lambda: time.time() + (couch.clock_offset or 0.0),
+                      clock=couch.server_time,
                       report=(reports if reports is not None else []).append,
                       ttl=ttl, retry=0.3)
 

@@ -187,7 +187,7 @@ def test_node_adds_the_results_the_daemon_writes_to_its_own_command(
     try:
         result = runner.execute(["echo", "hi"], 5)
     finally:
-        runner.shutdown()
+        runner.stop()
     saved = as_node.update(command["_id"], lambda doc: doc.update(result))
     assert saved is not None
     doc = fleet.code.get(command["_id"])
@@ -358,7 +358,7 @@ def test_result_fields_cover_everything_commands_write(tmp_path: Path) -> None:
                              (["sleep", "5"], 0.2)):
             written |= set(runner.execute(cmd, timeout))
     finally:
-        runner.shutdown()
+        runner.stop()
     assert {"truncated", "not_utf8", "error"} <= written
     assert written <= set(security.RESULT_FIELDS)
 

@@ -78,7 +78,7 @@ NodeRef = Union[int, str]
 # -- small helpers -----------------------------------------------------------------------
 def server_now(fleet: Fleet) -> float:
     """Now on the server's clock, as far as the HTTP ``Date`` headers tell."""
-    return time.time() + (fleet.couch.clock_offset or 0.0)
+    return fleet.couch.server_time()
 
 
 def node_id(fleet: Fleet, node: NodeRef) -> int:

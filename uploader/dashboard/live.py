@@ -25,12 +25,11 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import random
 import threading
 from collections.abc import Iterator
 from typing import Any, Callable, Hashable
 
-from himbeere import defaults
+from himbeere.component import Backoff
 from himbeere.couch import Database, Seq
 from himbeere.exceptions import CouchError, Unauthorized
 
@@ -119,11 +118,11 @@ class UserFeed:
             subscriber.put(event)
 
     def run(self) -> None:
-        delay = defaults.RECONNECT_MIN
+        backoff = Backoff()  # capped and jittered, as the node's feed does
         while not self.stop.is_set():
             try:
                 self.follow()
-                delay = defaults.RECONNECT_MIN
+                backoff.reset()
             except Unauthorized as exc:
                 log.info("live feed of %s refused: %s", self.db.name, exc)
                 self.broadcast({"type": "unauthorized", "error": str(exc)})
@@ -131,16 +130,13 @@ class UserFeed:
             except CouchError as exc:
                 self.connected = False
                 self.broadcast({"type": "offline", "error": str(exc)})
-                # Capped, jittered exponential backoff, as the node's feed does.
-                wait = delay * random.uniform(0.5, 1.0)
+                wait = backoff.next()
                 log.info("live feed of %s broke (%s); reconnecting in %.1f s",
                          self.db.name, exc, wait)
                 self.stop.wait(wait)
-                delay = min(defaults.RECONNECT_MAX, delay * 2)
             except Exception:
                 log.exception("live feed of %s failed", self.db.name)
-                self.stop.wait(delay)
-                delay = min(defaults.RECONNECT_MAX, delay * 2)
+                self.stop.wait(backoff.next())
             if self.idle():
                 break
         self.stop.set()
