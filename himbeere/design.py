@@ -33,6 +33,7 @@ from typing import Any, Optional
 from . import codedoc, defaults, security
 from .couch import Couch, Database, Doc, FeedFilter
 from .exceptions import CouchError, NotFound, Unauthorized
+from .schema import commands_id
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def node_filter(couch: Couch, node: int, code_only: bool = False) -> FeedFilter:
     if couch.supports_selector():
         types: list[Any] = [node, str(node)]
         if not code_only:
-            types.append(f"{node}_cmd")
+            types.append(commands_id(node))
         either: list[Doc] = [
             {"_deleted": True},
             {"type": {"$in": types}},

@@ -31,6 +31,7 @@ from . import defaults
 from .couch import Database, Doc
 from .exceptions import Conflict, CouchError
 from .logtext import printable
+from .schema import log_id
 
 log = logging.getLogger(__name__)
 #: Program output in the daemon's log comes from this logger.
@@ -40,10 +41,6 @@ RING = 1000
 BATCH_SECONDS = 1.0
 
 Line = tuple[float, str]
-
-
-def log_id(node: int, program: str) -> str:
-    return f"log:{node}:{program}"
 
 
 class _Pending:

@@ -100,6 +100,40 @@ def targets_node(doc: dict[str, Any], node: int) -> bool:
     return isinstance(targets, list) and str(node) in {str(t) for t in targets}
 
 
+#: A group's lease is ``lease:group:<group>`` (:mod:`himbeere.leadership`).
+GROUP_PREFIX = "group:"
+
+
+def program_id(node: int, name: str) -> str:
+    """Id the uploader gives program ``name`` of one node: ``<mac>:<name>``."""
+    return f"{node}:{name}"
+
+
+def results_prefix(command_id: str) -> str:
+    """Start of the ids of every node's result of fleet command ``command_id``."""
+    return f"{RESULT_PREFIX}{command_id}:"
+
+
+def logs_prefix(node: int) -> str:
+    """Start of the ids of every log document of ``node``."""
+    return f"{LOG_PREFIX}{node}:"
+
+
+def log_id(node: int, program: str) -> str:
+    """The ring of the last lines of ``program`` (a program's doc id) on ``node``."""
+    return f"{logs_prefix(node)}{program}"
+
+
+def state_id(program: str) -> str:
+    """The persistent state of program ``program`` (a doc id), shared by every node."""
+    return f"{STATE_PREFIX}{program}"
+
+
+def group_lease_name(group: str) -> str:
+    """The name of ``group``'s lease; its document is ``lease_id(group_lease_name(group))``."""
+    return f"{GROUP_PREFIX}{group}"
+
+
 # -- states -------------------------------------------------------------------
 
 class ProgramState(str, enum.Enum):

@@ -21,15 +21,12 @@ from typing import Any, Callable, Optional
 from . import __version__, identity
 from .couch import Database, Doc
 from .exceptions import Conflict, CouchError
+from .schema import status_id
 
 log = logging.getLogger(__name__)
 
 #: Soonest a program state change is written after the previous write.
 MIN_GAP = 0.05
-
-
-def status_id(node: int) -> str:
-    return f"status:{node}"
 
 
 class Status:

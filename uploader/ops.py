@@ -50,20 +50,15 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
-from himbeere import codedoc, defaults, health, placement
+from himbeere import codedoc, defaults, health, placement, schema
 from himbeere.couch import Database, Doc
 from himbeere.exceptions import ConfigError, Conflict, NotFound
-from himbeere.lease import lease_id
-from himbeere.logship import log_id
-from himbeere.progstate import state_id
-from himbeere.status import status_id
 
 from . import push
-from .fleet import NODE_DOC_TYPE, Fleet, check_name, node_doc_id, parse_labels
+from .fleet import NODE_DOC_TYPE, Fleet, check_name, parse_labels
 
 COMMAND_TYPE = "himbeere-command"
 RESULT_TYPE = "himbeere-result"
-COMMAND_PREFIX = "cmd-"
 #: A command's result is final in one of these states (``running`` is not).
 FINAL_STATES = ("done", "timeout", "error", "interrupted")
 #: States of a program that count as crashed in the node summaries.
@@ -94,17 +89,11 @@ def _prefixed(db: Database, prefix: str, **params: Any) -> list[Doc]:
     return [row["doc"] for row in rows if row.get("doc")]
 
 
-def _mac_of(doc_id: str, prefix: str) -> Optional[int]:
-    """``1234`` of ``status:1234`` (not of ``status:1234:extra``)."""
-    rest = doc_id[len(prefix):]
-    return int(rest) if rest.isdigit() else None
-
-
 # -- nodes -------------------------------------------------------------------------------
 def _node_docs(fleet: Fleet) -> dict[int, Doc]:
     docs = {}
-    for doc in _prefixed(fleet.status, "node:"):
-        mac = _mac_of(doc["_id"], "node:")
+    for doc in _prefixed(fleet.status, schema.NODE_PREFIX):
+        mac = schema.mac_of(doc["_id"], schema.NODE_PREFIX)
         if mac is not None:
             docs[mac] = doc
     return docs
@@ -112,8 +101,8 @@ def _node_docs(fleet: Fleet) -> dict[int, Doc]:
 
 def _status_docs(fleet: Fleet) -> dict[int, Doc]:
     docs = {}
-    for doc in _prefixed(fleet.status, "status:"):
-        mac = _mac_of(doc["_id"], "status:")
+    for doc in _prefixed(fleet.status, schema.STATUS_PREFIX):
+        mac = schema.mac_of(doc["_id"], schema.STATUS_PREFIX)
         if mac is not None:
             docs[mac] = doc
     return docs
@@ -193,8 +182,8 @@ def node_detail(fleet: Fleet, node: NodeRef, commands: int = 20) -> Doc:
     """
     fleet.require_databases()
     mac = node_id(fleet, node)
-    status = fleet.status.get(status_id(mac))
-    node_doc = fleet.status.get(node_doc_id(mac))
+    status = fleet.status.get(schema.status_id(mac))
+    node_doc = fleet.status.get(schema.node_id(mac))
     if status is None and node_doc is None:
         raise _unknown_node(fleet, mac)
     detail = summarize(mac, status, node_doc, server_now(fleet))
@@ -247,7 +236,7 @@ def set_labels(fleet: Fleet, node: NodeRef, **labels: str) -> dict[str, str]:
         doc.update(type=NODE_DOC_TYPE, node=mac, labels=current)
         return True
 
-    fleet.status.update(node_doc_id(mac), change)
+    fleet.status.update(schema.node_id(mac), change)
     return after
 
 
@@ -294,7 +283,7 @@ def new_command_id(now: Optional[float] = None) -> str:
     """``cmd-YYYYMMDD-HHMMSS-mmm-<random>``: sorts by creation time."""
     now = time.time() if now is None else now
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
-    return f"{COMMAND_PREFIX}{stamp}-{int(now * 1000) % 1000:03d}-{secrets.token_hex(3)}"
+    return f"{schema.COMMAND_PREFIX}{stamp}-{int(now * 1000) % 1000:03d}-{secrets.token_hex(3)}"
 
 
 def _iso(when: float) -> str:
@@ -360,9 +349,9 @@ def command_results(fleet: Fleet, command_id: str) -> Doc:
         raise NotFound(f"no command {command_id!r} in database {fleet.code.name!r}; "
                        "`himbeere cmd --list` shows the latest")
     results: dict[int, Doc] = {}
-    prefix = f"result:{command_id}:"
+    prefix = schema.results_prefix(command_id)
     for doc in _prefixed(fleet.status, prefix):
-        mac = _mac_of(doc["_id"], prefix)
+        mac = schema.mac_of(doc["_id"], prefix)
         if mac is not None:
             results[mac] = doc
     expected = _expected(fleet, command)
@@ -395,14 +384,15 @@ def list_commands(fleet: Fleet, limit: int = 20) -> list[Doc]:
     ``cmd-...`` id (the ones :func:`create_command` makes) are listed.
     """
     fleet.require_databases()
-    rows = fleet.code.all_docs(startkey=COMMAND_PREFIX + "\ufff0", endkey=COMMAND_PREFIX,
-                               descending=True, include_docs=True, limit=limit)
+    prefix = schema.COMMAND_PREFIX
+    rows = fleet.code.all_docs(startkey=prefix + "\ufff0", endkey=prefix, descending=True,
+                               include_docs=True, limit=limit)
     listing = []
     for row in rows:
         doc = row.get("doc") or {}
         if doc.get("type") != COMMAND_TYPE:
             continue
-        results = [d for d in _prefixed(fleet.status, f"result:{doc['_id']}:")
+        results = [d for d in _prefixed(fleet.status, schema.results_prefix(doc["_id"]))
                    if d.get("state") in FINAL_STATES]
         listing.append({
             "id": doc["_id"], "cmd": doc.get("cmd"), "targets": doc.get("targets"),
@@ -415,8 +405,9 @@ def list_commands(fleet: Fleet, limit: int = 20) -> list[Doc]:
 
 def node_commands(fleet: Fleet, node: int, limit: int = 20) -> list[Doc]:
     """The node's part of the latest ``limit`` fleet commands that target it."""
-    rows = fleet.code.all_docs(startkey=COMMAND_PREFIX + "\ufff0", endkey=COMMAND_PREFIX,
-                               descending=True, include_docs=True, limit=limit)
+    prefix = schema.COMMAND_PREFIX
+    rows = fleet.code.all_docs(startkey=prefix + "\ufff0", endkey=prefix, descending=True,
+                               include_docs=True, limit=limit)
     commands = [row["doc"] for row in rows if (row.get("doc") or {}).get("type") == COMMAND_TYPE
                 and _targets_node(row["doc"], node)]
     if not commands:
@@ -512,7 +503,7 @@ def placed_doc(fleet: Fleet, program: str) -> Doc:
 
 def _assigned(fleet: Fleet, doc_id: str) -> list[int]:
     """The nodes the scheduler placed ``doc_id`` on, from ``lease:scheduler``."""
-    lease = fleet.status.get(lease_id(placement.LEASE_NAME)) or {}
+    lease = fleet.status.get(schema.lease_id(placement.LEASE_NAME)) or {}
     assignments = lease.get("assignments")
     entry = assignments.get(doc_id) if isinstance(assignments, dict) else None
     macs = entry.get("nodes") if isinstance(entry, dict) else None
@@ -594,7 +585,7 @@ def placements(fleet: Fleet) -> Doc:
     except NotFound:
         raise NotFound(f"database {fleet.code.name!r} has no placed view: run "
                        f"`himbeere-upload setup {fleet.server}`") from None
-    lease = fleet.status.get(lease_id(placement.LEASE_NAME)) or {}
+    lease = fleet.status.get(schema.lease_id(placement.LEASE_NAME)) or {}
     assignments = lease.get("assignments") if isinstance(lease.get("assignments"), dict) else {}
     assert isinstance(assignments, dict)
     statuses = _status_docs(fleet)
@@ -646,10 +637,10 @@ def logs(fleet: Fleet, node: NodeRef, program: Optional[str] = None) -> list[Doc
     """
     fleet.require_database(fleet.status)
     mac = node_id(fleet, node)
-    docs = _prefixed(fleet.status, f"log:{mac}:")
+    docs = _prefixed(fleet.status, schema.logs_prefix(mac))
     if program is not None:
         docs = [d for d in docs if program in (d.get("program"), d.get("name"))
-                or d["_id"] == log_id(mac, program)]
+                or d["_id"] == schema.log_id(mac, program)]
     return docs
 
 
@@ -700,17 +691,17 @@ def state_program(fleet: Fleet, program: str, node: Optional[NodeRef] = None) ->
         where = ", ".join(f"{row['id']} on node {row['key'][0]}" for row in rows)
         raise ConfigError(f"several nodes have a program {program!r} ({where}); say which "
                           "with --node NODE or give the program's id")
-    if fleet.status.get(state_id(program)) is not None:
+    if fleet.status.get(schema.state_id(program)) is not None:
         return {"id": program, "name": program}
-    kept = sorted(str(doc.get("program") or doc["_id"][len("state:"):])
-                  for doc in _prefixed(fleet.status, "state:"))
+    kept = sorted(str(doc.get("program") or doc["_id"][len(schema.STATE_PREFIX):])
+                  for doc in _prefixed(fleet.status, schema.STATE_PREFIX))
     raise NotFound(f"no program {program!r} in database {fleet.code.name!r}; programs with "
                    f"state: {', '.join(kept) if kept else 'none'}")
 
 
 def _is_command(doc: Doc) -> bool:
     kind = str(doc.get("type"))
-    return kind == COMMAND_TYPE or kind.endswith("_cmd")
+    return kind == COMMAND_TYPE or kind.endswith(schema.COMMANDS_SUFFIX)
 
 
 def program_state(fleet: Fleet, program: str, node: Optional[NodeRef] = None) -> Doc:
@@ -722,10 +713,10 @@ def program_state(fleet: Fleet, program: str, node: Optional[NodeRef] = None) ->
     where it is running, stopping or about to restart)}``.
     """
     found = state_program(fleet, program, node)
-    doc = fleet.status.get(state_id(found["id"]))
+    doc = fleet.status.get(schema.state_id(found["id"]))
     values = (doc or {}).get("values")
     saved = (doc or {}).get("saved")
-    return dict(found, state_id=state_id(found["id"]), exists=doc is not None,
+    return dict(found, state_id=schema.state_id(found["id"]), exists=doc is not None,
                 values=values if isinstance(values, dict) else {},
                 saved=_iso(float(saved)) if isinstance(saved, (int, float)) else None,
                 node=(doc or {}).get("node"), running_on=_running_on(fleet, found["id"]))
