@@ -89,6 +89,7 @@ from .couch import Database, Doc
 from .exceptions import CommandError, CouchError, Unreachable
 from .launcher import Launcher, boot_id, remove_dir, runner_alive, signal_runner
 from .logtext import EscapedArguments
+from .schema import COMMAND_TYPE, RESULT_PREFIX, RESULT_TYPE, result_id, targets_node
 
 log = logging.getLogger(__name__)
 # Document ids come from users: none may forge a line of the daemon's log.
@@ -123,17 +124,6 @@ SHORTER = (64 * 1024, 4 * 1024, 0)
 #: while a node was starting up is meant for it.
 JOIN_GRACE = 10.0
 
-#: ``type`` of a fleet command (code database) and of a node's result (status database).
-COMMAND_TYPE = "himbeere-command"
-RESULT_TYPE = "himbeere-result"
-RESULT_PREFIX = "result:"
-
-
-def result_id(command_id: str, node: int) -> str:
-    """Id of a node's result document of fleet command ``command_id``."""
-    return f"{RESULT_PREFIX}{command_id}:{node}"
-
-
 def command_of(key: str) -> Optional[str]:
     """The fleet command id in a journal key ``result:<id>:<mac>`` (None: single-node)."""
     if not key.startswith(RESULT_PREFIX) or ":" not in key[len(RESULT_PREFIX):]:
@@ -143,14 +133,6 @@ def command_of(key: str) -> Optional[str]:
 
 def is_fleet_command(doc: Doc) -> bool:
     return doc.get("type") == COMMAND_TYPE
-
-
-def targets_node(doc: Doc, node: int) -> bool:
-    """True if the fleet command ``doc`` is for ``node`` (``"all"`` or listed, int or str)."""
-    targets = doc.get("targets")
-    if targets == "all":
-        return True
-    return isinstance(targets, list) and str(node) in {str(t) for t in targets}
 
 
 def now_iso() -> str:

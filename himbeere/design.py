@@ -33,7 +33,7 @@ from typing import Any, Optional
 from . import codedoc, defaults, security
 from .couch import Couch, Database, Doc, FeedFilter
 from .exceptions import CouchError, NotFound, Unauthorized
-from .schema import commands_id
+from .schema import COMMAND_TYPE, commands_id
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,6 @@ FLEET_COMMANDS_SINCE = 3
 #: The first version whose filter lets placed programs (``himbeere-placed``) through.
 PLACED_SINCE = 5
 
-#: ``type`` of a fleet command (also spelled out in :data:`NODE_FILTER`).
-COMMAND_TYPE = "himbeere-command"
 #: ``type`` of a placed program (also spelled out in :data:`NODE_FILTER`).
 PLACED_TYPE = codedoc.PLACED_TYPE
 

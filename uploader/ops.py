@@ -57,8 +57,6 @@ from himbeere.exceptions import ConfigError, Conflict, NotFound
 from . import push
 from .fleet import NODE_DOC_TYPE, Fleet, check_name, parse_labels
 
-COMMAND_TYPE = "himbeere-command"
-RESULT_TYPE = "himbeere-result"
 #: A command's result is final in one of these states (``running`` is not).
 FINAL_STATES = ("done", "timeout", "error", "interrupted")
 #: States of a program that count as crashed in the node summaries.
@@ -316,7 +314,7 @@ def create_command(fleet: Fleet, argv: list[str], targets: Targets,
     doc: Doc = {
         # Our own clock for the id: the server-clock estimate moves as headers come in.
         "_id": new_command_id(),
-        "type": COMMAND_TYPE,
+        "type": schema.COMMAND_TYPE,
         "targets": "all" if targets == "all" else expected,
         "cmd": list(argv),
         "created": _iso(now),
@@ -330,10 +328,6 @@ def create_command(fleet: Fleet, argv: list[str], targets: Targets,
     return str(doc["_id"])
 
 
-def result_id(command_id: str, node: int) -> str:
-    return f"result:{command_id}:{node}"
-
-
 def command_results(fleet: Fleet, command_id: str) -> Doc:
     """A command and its results so far.
 
@@ -345,7 +339,7 @@ def command_results(fleet: Fleet, command_id: str) -> Doc:
     explicitly, see :mod:`himbeere.commands`).
     """
     command = fleet.code.get(command_id)
-    if command is None or command.get("type") != COMMAND_TYPE:
+    if command is None or command.get("type") != schema.COMMAND_TYPE:
         raise NotFound(f"no command {command_id!r} in database {fleet.code.name!r}; "
                        "`himbeere cmd --list` shows the latest")
     results: dict[int, Doc] = {}
@@ -390,7 +384,7 @@ def list_commands(fleet: Fleet, limit: int = 20) -> list[Doc]:
     listing = []
     for row in rows:
         doc = row.get("doc") or {}
-        if doc.get("type") != COMMAND_TYPE:
+        if doc.get("type") != schema.COMMAND_TYPE:
             continue
         results = [d for d in _prefixed(fleet.status, schema.results_prefix(doc["_id"]))
                    if d.get("state") in FINAL_STATES]
@@ -408,22 +402,16 @@ def node_commands(fleet: Fleet, node: int, limit: int = 20) -> list[Doc]:
     prefix = schema.COMMAND_PREFIX
     rows = fleet.code.all_docs(startkey=prefix + "\ufff0", endkey=prefix, descending=True,
                                include_docs=True, limit=limit)
-    commands = [row["doc"] for row in rows if (row.get("doc") or {}).get("type") == COMMAND_TYPE
-                and _targets_node(row["doc"], node)]
+    docs = [row["doc"] for row in rows if row.get("doc")]
+    commands = [doc for doc in docs
+                if doc.get("type") == schema.COMMAND_TYPE and schema.targets_node(doc, node)]
     if not commands:
         return []
-    keys = [result_id(doc["_id"], node) for doc in commands]
+    keys = [schema.result_id(doc["_id"], node) for doc in commands]
     found = {row["key"]: row.get("doc") for row in fleet.status.all_docs(
         keys=keys, include_docs=True)}
     return [{"command": doc["_id"], "cmd": doc.get("cmd"), "created": doc.get("created"),
-             "result": found.get(result_id(doc["_id"], node))} for doc in commands]
-
-
-def _targets_node(command: Doc, node: int) -> bool:
-    targets = command.get("targets")
-    if targets == "all":
-        return True
-    return isinstance(targets, list) and str(node) in {str(t) for t in targets}
+             "result": found.get(schema.result_id(doc["_id"], node))} for doc in commands]
 
 
 def wait_for_results(fleet: Fleet, command_id: str, wait: float, interval: float = 0.25,
@@ -701,7 +689,7 @@ def state_program(fleet: Fleet, program: str, node: Optional[NodeRef] = None) ->
 
 def _is_command(doc: Doc) -> bool:
     kind = str(doc.get("type"))
-    return kind == COMMAND_TYPE or kind.endswith(schema.COMMANDS_SUFFIX)
+    return kind == schema.COMMAND_TYPE or kind.endswith(schema.COMMANDS_SUFFIX)
 
 
 def program_state(fleet: Fleet, program: str, node: Optional[NodeRef] = None) -> Doc:
