@@ -31,7 +31,7 @@ from . import defaults
 from .couch import Database, Doc
 from .exceptions import Conflict, CouchError
 from .logtext import printable
-from .schema import log_id
+from .schema import iso, log_id
 
 log = logging.getLogger(__name__)
 #: Program output in the daemon's log comes from this logger.
@@ -133,7 +133,7 @@ class LogShipper:
                 "type": "himbeere-log", "node": self.node, "program": program, "name": name,
                 "lines": ring[-self.ring:],
                 "dropped": int(doc.get("dropped") or 0) + dropped,
-                "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "updated": iso(),
             })
 
         try:

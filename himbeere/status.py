@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 from . import __version__, identity
 from .couch import Database, Doc
 from .exceptions import Conflict, CouchError
-from .schema import status_id
+from .schema import iso, status_id
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,9 @@ class Status:
             "ip": identity.getipaddr(self.interface),
             "daemon_version": __version__,
             "python": platform.python_version(),
-            "started": _iso(self.started),
+            "started": iso(self.started),
             "uptime": round(now - self.started, 3),
-            "heartbeat": _iso(now),
+            "heartbeat": iso(now),
             "heartbeat_time": now,
             "heartbeat_server_time": now + (offset or 0.0),
             "clock_offset": offset,
@@ -128,7 +128,3 @@ class Status:
         self.writes += 1
         self.last_write = time.monotonic()
         return saved
-
-
-def _iso(when: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))

@@ -44,7 +44,6 @@ shows it and :func:`reset_state` deletes it.
 
 from __future__ import annotations
 
-import datetime
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -284,11 +283,6 @@ def new_command_id(now: Optional[float] = None) -> str:
     return f"{schema.COMMAND_PREFIX}{stamp}-{int(now * 1000) % 1000:03d}-{secrets.token_hex(3)}"
 
 
-def _iso(when: float) -> str:
-    moment = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
 def create_command(fleet: Fleet, argv: list[str], targets: Targets,
                    timeout: Optional[float] = None) -> str:
     """Save ONE command document for ``targets``; returns its id.
@@ -317,7 +311,7 @@ def create_command(fleet: Fleet, argv: list[str], targets: Targets,
         "type": schema.COMMAND_TYPE,
         "targets": "all" if targets == "all" else expected,
         "cmd": list(argv),
-        "created": _iso(now),
+        "created": schema.iso(now),
         "created_time": round(now, 3),
         "created_by": fleet.user,
         "expected": expected,
@@ -706,7 +700,7 @@ def program_state(fleet: Fleet, program: str, node: Optional[NodeRef] = None) ->
     saved = (doc or {}).get("saved")
     return dict(found, state_id=schema.state_id(found["id"]), exists=doc is not None,
                 values=values if isinstance(values, dict) else {},
-                saved=_iso(float(saved)) if isinstance(saved, (int, float)) else None,
+                saved=schema.iso(float(saved)) if isinstance(saved, (int, float)) else None,
                 node=(doc or {}).get("node"), running_on=_running_on(fleet, found["id"]))
 
 
