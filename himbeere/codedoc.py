@@ -23,10 +23,9 @@ from typing import Any, Optional
 
 from . import defaults, gitsource
 from .exceptions import ProgramError
+from .schema import PLACED_TYPE, names_node
 
 MAIN = "main"
-#: ``type`` of a placed program: the scheduler picks its nodes.
-PLACED_TYPE = "himbeere-placed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,18 +89,8 @@ def imported_names(source: str) -> set[str]:
 
 
 def matches_node(doc: dict[str, Any], node: int) -> bool:
-    """True when ``doc['type']`` names this node (int or digit string).
-
-    A whole float counts too: CouchDB keeps ``1000.0`` as written, and the
-    feed filter (JavaScript ``String(1000.0)`` is ``"1000"``, a ``_selector``
-    compares numbers by value) lets it through.
-    """
-    kind = doc.get("type")
-    if isinstance(kind, bool):
-        return False
-    if isinstance(kind, float) and kind.is_integer():
-        kind = int(kind)
-    return str(kind) == str(node)
+    """True when ``doc['type']`` names this node (see :func:`~himbeere.schema.names_node`)."""
+    return names_node(doc.get("type"), node)
 
 
 def is_placed(doc: dict[str, Any]) -> bool:

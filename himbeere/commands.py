@@ -70,7 +70,6 @@ unknown).
 
 from __future__ import annotations
 
-import datetime
 import itertools
 import json
 import logging
@@ -90,6 +89,7 @@ from .couch import Database, Doc
 from .exceptions import CommandError, CouchError, Unreachable
 from .launcher import Launcher, boot_id, remove_dir, runner_alive, signal_runner
 from .logtext import EscapedArguments
+from .schema import COMMAND_TYPE, RESULT_PREFIX, RESULT_TYPE, iso, result_id, targets_node
 
 log = logging.getLogger(__name__)
 # Document ids come from users: none may forge a line of the daemon's log.
@@ -124,17 +124,6 @@ SHORTER = (64 * 1024, 4 * 1024, 0)
 #: while a node was starting up is meant for it.
 JOIN_GRACE = 10.0
 
-#: ``type`` of a fleet command (code database) and of a node's result (status database).
-COMMAND_TYPE = "himbeere-command"
-RESULT_TYPE = "himbeere-result"
-RESULT_PREFIX = "result:"
-
-
-def result_id(command_id: str, node: int) -> str:
-    """Id of a node's result document of fleet command ``command_id``."""
-    return f"{RESULT_PREFIX}{command_id}:{node}"
-
-
 def command_of(key: str) -> Optional[str]:
     """The fleet command id in a journal key ``result:<id>:<mac>`` (None: single-node)."""
     if not key.startswith(RESULT_PREFIX) or ":" not in key[len(RESULT_PREFIX):]:
@@ -144,18 +133,6 @@ def command_of(key: str) -> Optional[str]:
 
 def is_fleet_command(doc: Doc) -> bool:
     return doc.get("type") == COMMAND_TYPE
-
-
-def targets_node(doc: Doc, node: int) -> bool:
-    """True if the fleet command ``doc`` is for ``node`` (``"all"`` or listed, int or str)."""
-    targets = doc.get("targets")
-    if targets == "all":
-        return True
-    return isinstance(targets, list) and str(node) in {str(t) for t in targets}
-
-
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
 
 
 def has_result(doc: Doc) -> bool:
@@ -663,7 +640,7 @@ class Commands(Component):
         anonymous = key is None
         directory = self._dir(f"execute:{os.getpid()}:{next(self._anonymous)}"
                               if key is None else key)
-        started_at, started = time.monotonic(), now_iso()
+        started_at, started = time.monotonic(), iso()
         try:
             if anonymous:
                 self._prepare(directory)
@@ -671,7 +648,7 @@ class Commands(Component):
         except (OSError, ValueError) as exc:
             error = f"cmd: cannot run {cmd[0]!r}: {getattr(exc, 'strerror', None) or exc}"
             return {"started": started, "node": self.node, "state": "error", "error": error,
-                    "ret": ["", error], "returncode": None, "finished": now_iso(),
+                    "ret": ["", error], "returncode": None, "finished": iso(),
                     "duration": round(time.monotonic() - started_at, 6)}
         timer = None
         if on_slow is not None:
@@ -842,7 +819,7 @@ class Commands(Component):
         since makes it stale; the server answers 409 and the document is read.
         """
         if final:
-            fields.setdefault("finished", now_iso())
+            fields.setdefault("finished", iso())
             fields.setdefault("node", self.node)
         with self._lock:
             base = self.fleet.get(doc_id)
@@ -937,5 +914,4 @@ def _shortened(fields: Doc, budget: int, reason: str) -> Doc:
 def _iso(epoch: Any) -> Optional[str]:
     if isinstance(epoch, bool) or not isinstance(epoch, (int, float)):
         return None
-    moment = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc)
-    return moment.isoformat(timespec="milliseconds")
+    return iso(epoch)

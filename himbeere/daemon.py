@@ -28,7 +28,7 @@ import time
 from typing import Any, Callable, Optional
 
 from . import discovery, identity, statelock, transport
-from .commands import COMMAND_TYPE, Commands
+from .commands import Commands
 from .component import Component
 from .config import Config, redact
 from .couch import Couch, Doc, split_servers
@@ -38,6 +38,7 @@ from .health import Health
 from .logship import LogShipper, OutputLog
 from .placement import CHILD_FENCE, LEASE_TTL, Placement
 from .programs import Supervisor
+from .schema import COMMAND_TYPE, commands_id
 from .status import Status
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,7 @@ class Daemon:
     def dispatch(self, doc: Doc) -> None:
         """Route a document from the feed to the programs or the commands."""
         kind = str(doc.get("type"))
-        if kind in (f"{self.node}_cmd", COMMAND_TYPE) and not doc.get("_deleted"):
+        if kind in (commands_id(self.node), COMMAND_TYPE) and not doc.get("_deleted"):
             self.commands.submit(doc)
         else:
             self.placement.note(doc)

@@ -30,16 +30,17 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from . import codedoc, defaults, security
+from . import defaults, security
 from .couch import Couch, Database, Doc, FeedFilter
 from .exceptions import CouchError, NotFound, Unauthorized
+from .schema import COMMAND_TYPE, PLACED_TYPE, commands_id
 
 log = logging.getLogger(__name__)
 
 DESIGN_ID = f"_design/{defaults.DESIGN}"
 #: Bumped whenever the design document changes, so daemons and the
 #: uploader know an installed copy is outdated.
-VERSION = 5
+VERSION = 6
 #: The oldest version whose ``node`` filter this daemon can follow: code and
 #: ``<macid>_cmd`` documents pass every version's filter (version 2 added
 #: views and rules).  An older filter is used with a warning rather than
@@ -49,24 +50,28 @@ FILTER_SINCE = 1
 FLEET_COMMANDS_SINCE = 3
 #: The first version whose filter lets placed programs (``himbeere-placed``) through.
 PLACED_SINCE = 5
-
-#: ``type`` of a fleet command (also spelled out in :data:`NODE_FILTER`).
-COMMAND_TYPE = "himbeere-command"
-#: ``type`` of a placed program (also spelled out in :data:`NODE_FILTER`).
-PLACED_TYPE = codedoc.PLACED_TYPE
+#: Version 6: the filter takes a ``type`` or target only as a number or a
+#: string (``[1000]`` was taken), and any ``global_modules`` (``null`` too,
+#: so a node drops the modules), as the selector and the daemon do.
 
 NODE_FILTER = """function (doc, req) {
   if (doc._deleted) { return true; }
   var mac = String(req.query.mac);
-  var type = String(doc.type);
-  if (type === mac || type === 'himbeere-placed' || doc.global_modules) { return true; }
+  // Only a number or a string names a node: String([1000]) is '1000' too.
+  function names(value) {
+    return (typeof value === 'number' || typeof value === 'string') && String(value) === mac;
+  }
+  var type = doc.type;
+  if (names(type) || type === 'himbeere-placed' || doc.global_modules !== undefined) {
+    return true;
+  }
   if (String(req.query.kind) === 'code') { return false; }
   if (type === 'himbeere-command') {
     var targets = doc.targets;
     if (targets === 'all') { return true; }
     if (Object.prototype.toString.call(targets) !== '[object Array]') { return false; }
     for (var i = 0; i < targets.length; i++) {
-      if (String(targets[i]) === mac) { return true; }
+      if (names(targets[i])) { return true; }
     }
     return false;
   }
@@ -186,25 +191,33 @@ def design_usable(db: Database) -> bool:
 def node_filter(couch: Couch, node: int, code_only: bool = False) -> FeedFilter:
     """The ``_changes`` filter for ``node``: selector or JavaScript by server."""
     if couch.supports_selector():
-        types: list[Any] = [node, str(node)]
-        if not code_only:
-            types.append(f"{node}_cmd")
-        either: list[Doc] = [
-            {"_deleted": True},
-            {"type": {"$in": types}},
-            {"type": PLACED_TYPE},
-            {"global_modules": {"$exists": True}},
-        ]
-        if not code_only:
-            either += [
-                {"type": COMMAND_TYPE, "targets": "all"},
-                {"type": COMMAND_TYPE, "targets": {"$elemMatch": {"$in": [node, str(node)]}}},
-            ]
-        return FeedFilter(selector={"$or": either})
+        return selector_filter(node, code_only)
+    return javascript_filter(node, code_only)
+
+
+def javascript_filter(node: int, code_only: bool = False) -> FeedFilter:
+    """:data:`NODE_FILTER` of the installed design document, for ``node``."""
     params: dict[str, Any] = {"filter": f"{defaults.DESIGN}/node", "mac": str(node)}
     if code_only:
         params["kind"] = "code"
     return FeedFilter(params=params)
+
+
+def selector_filter(node: int, code_only: bool = False) -> FeedFilter:
+    """The rule of :data:`NODE_FILTER` as a ``_selector`` (Apache CouchDB >= 2 only)."""
+    # One $eq each, not "$in": a selector's $in also matches an array holding
+    # the value (type [1000]), which neither the JavaScript nor the daemon take.
+    types: list[Any] = [node, str(node)]
+    if not code_only:
+        types.append(commands_id(node))
+    either: list[Doc] = [{"_deleted": True}]
+    either += [{"type": {"$eq": kind}} for kind in types]
+    either += [{"type": PLACED_TYPE}, {"global_modules": {"$exists": True}}]
+    if not code_only:
+        either.append({"type": COMMAND_TYPE, "targets": "all"})
+        either += [{"type": COMMAND_TYPE, "targets": {"$elemMatch": {"$eq": mac}}}
+                   for mac in (node, str(node))]
+    return FeedFilter(selector={"$or": either})
 
 
 def prepare(db: Database, couch: Couch) -> None:

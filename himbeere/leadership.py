@@ -34,6 +34,7 @@ import traceback
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from . import defaults
+from .schema import group_lease_name
 
 if TYPE_CHECKING:  # lease.py imports http.client: a program that never elects skips it
     from .couch import Database
@@ -45,9 +46,8 @@ MIN_WAIT = 0.2
 JOIN_TIMEOUT = 5.0
 
 
-def lease_name(group: str) -> str:
-    """The lease of ``group``: document ``lease:group:<group>``."""
-    return f"group:{group}"
+#: The old name of :func:`~himbeere.schema.group_lease_name`; tests use it.
+lease_name = group_lease_name
 
 
 def margin(ttl: float) -> float:
@@ -165,7 +165,7 @@ class Leadership:
             if election is None:
                 from .lease import Lease
 
-                lease = Lease(self._db(), lease_name(group), self.holder,
+                lease = Lease(self._db(), group_lease_name(group), self.holder,
                               ttl or self.ttl, clock=self.clock)
                 election = self.elections[group] = Election(group, lease)
             elif ttl is not None:

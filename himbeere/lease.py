@@ -36,12 +36,9 @@ from typing import Any, Callable, Optional
 from . import defaults
 from .couch import Database, Doc
 from .exceptions import Conflict, CouchError, Unauthorized
+from .schema import lease_id
 
 log = logging.getLogger(__name__)
-
-
-def lease_id(name: str) -> str:
-    return f"lease:{name}"
 
 
 def expires(doc: Optional[Doc]) -> float:

@@ -32,6 +32,7 @@ from .component import Component
 from .couch import Database, Doc
 from .exceptions import Conflict, CouchError
 from .logtext import printable
+from .schema import iso, log_id
 
 log = logging.getLogger(__name__)
 #: Program output in the daemon's log comes from this logger.
@@ -41,10 +42,6 @@ RING = 1000
 BATCH_SECONDS = 1.0
 
 Line = tuple[float, str]
-
-
-def log_id(node: int, program: str) -> str:
-    return f"log:{node}:{program}"
 
 
 class _Pending:
@@ -140,7 +137,7 @@ class LogShipper(Component):
                 "type": "himbeere-log", "node": self.node, "program": program, "name": name,
                 "lines": ring[-self.ring:],
                 "dropped": int(doc.get("dropped") or 0) + dropped,
-                "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "updated": iso(),
             })
 
         try:

@@ -12,7 +12,7 @@ ends or starts again::
 
     {"boot_id": "<the kernel's boot id>",
      "programs": {"<doc id>": {"code": "<fingerprint>", "state": "finished",
-                               "ended": "2026-11-29T06:00:00Z", "exit_code": 0,
+                               "ended": "2026-11-29T06:00:00.000Z", "exit_code": 0,
                                "error": null}}}
 
 A different boot id (``/proc/sys/kernel/random/boot_id``) means the machine

@@ -110,6 +110,7 @@ from .couch import Database, Doc
 from .exceptions import CouchError, ProgramError
 from .lease import Lease, is_free
 from .logtext import EscapedArguments
+from .schema import NODE_PREFIX, STATUS_PREFIX, mac_of, node_id
 
 log = logging.getLogger(__name__)
 # Document ids come from users: none may forge a line of the daemon's log.
@@ -272,20 +273,15 @@ def nodes_from_docs(statuses: Iterable[Doc], node_docs: Iterable[Doc],
     """Every node with a status document, from ``status:<mac>`` and ``node:<mac>``."""
     labels = {}
     for doc in node_docs:
-        mac = _mac(str(doc.get("_id", "")), "node:")
+        mac = mac_of(str(doc.get("_id", "")), NODE_PREFIX)
         if mac is not None:
             labels[mac] = doc
     nodes = {}
     for doc in statuses:
-        mac = _mac(str(doc.get("_id", "")), "status:")
+        mac = mac_of(str(doc.get("_id", "")), STATUS_PREFIX)
         if mac is not None:
             nodes[mac] = node_info(mac, doc, labels.get(mac), now)
     return nodes
-
-
-def _mac(doc_id: str, prefix: str) -> Optional[int]:
-    rest = doc_id[len(prefix):] if doc_id.startswith(prefix) else ""
-    return int(rest) if rest.isdigit() else None
 
 
 def _gist(refusal: Optional[str]) -> Optional[str]:
@@ -567,8 +563,8 @@ class Placement(Component):
 
     def schedule(self, current: Mapping[str, Any], now: float) -> Assignments:
         """The leader's step: new assignments from every node's status."""
-        statuses = self._prefixed("status:")
-        node_docs = self._prefixed("node:")
+        statuses = self._prefixed(STATUS_PREFIX)
+        node_docs = self._prefixed(NODE_PREFIX)
         with self._lock:
             placed = dict(self.placed)
         unknown = [doc_id for doc_id in current if doc_id not in placed]
@@ -684,7 +680,7 @@ class Placement(Component):
 
     def _own_info(self, labels: bool) -> NodeInfo:
         """This node's labels (its ``node:`` document) and resources, as the scheduler sees them."""
-        node_doc = self.status_db.get(f"node:{self.node}") if labels else None
+        node_doc = self.status_db.get(node_id(self.node)) if labels else None
         info = node_info(self.node, None, node_doc)
         info.state = "alive"
         figures = self.resources() if self.resources is not None else {}

@@ -30,6 +30,7 @@ from . import child, codedoc, defaults, gitsource, oneshot
 from .codedoc import CodeDoc
 from .forkserver import ForkServer
 from .logtext import printable
+from .schema import iso
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ class Program:
 def _iso(when: Optional[float]) -> Optional[str]:
     if when is None:
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))
+    return iso(when)
 
 
 class Supervisor:
@@ -723,7 +724,7 @@ class Supervisor:
         if error is not ...:
             program.last_error = error
         if state in ("finished", "crashed") and program.doc.restart == "never":
-            program.runs_again, program.ended = oneshot.RUNS_AGAIN, _iso(time.time())
+            program.runs_again, program.ended = oneshot.RUNS_AGAIN, iso(time.time())
             if self.ended is not None:
                 self.ended.ended(program.doc.doc_id, program.doc.fingerprint({}), state,
                                  program.ended, program.exit_code, program.last_error)

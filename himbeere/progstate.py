@@ -37,6 +37,7 @@ from collections.abc import Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .exceptions import Conflict, CouchError
+from .schema import state_id
 
 if TYPE_CHECKING:  # couch.py imports http.client: a program that never uses state skips it
     from .couch import Database, Doc
@@ -44,11 +45,6 @@ if TYPE_CHECKING:  # couch.py imports http.client: a program that never uses sta
 STATE_TYPE = "himbeere-state"
 #: Times a save reads the document again after a conflict before it gives up.
 SAVE_TRIES = 10
-
-
-def state_id(program: str) -> str:
-    """The status database's document of the state of program ``program`` (a doc id)."""
-    return f"state:{program}"
 
 
 def canonical(value: Any) -> str:

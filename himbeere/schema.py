@@ -30,6 +30,8 @@ from typing import Any, Optional
 COMMAND_TYPE = "himbeere-command"
 #: ``type`` of a node's result of a fleet command (status database).
 RESULT_TYPE = "himbeere-result"
+#: ``type`` of a placed program (code database): the scheduler picks its nodes.
+PLACED_TYPE = "himbeere-placed"
 
 # -- id prefixes and builders -------------------------------------------------
 
@@ -97,7 +99,80 @@ def targets_node(doc: dict[str, Any], node: int) -> bool:
     targets = doc.get("targets")
     if targets == "all":
         return True
-    return isinstance(targets, list) and str(node) in {str(t) for t in targets}
+    return isinstance(targets, list) and any(names_node(target, node) for target in targets)
+
+
+#: A group's lease is ``lease:group:<group>`` (:mod:`himbeere.leadership`).
+GROUP_PREFIX = "group:"
+
+
+def program_id(node: int, name: str) -> str:
+    """Id the uploader gives program ``name`` of one node: ``<mac>:<name>``."""
+    return f"{node}:{name}"
+
+
+def results_prefix(command_id: str) -> str:
+    """Start of the ids of every node's result of fleet command ``command_id``."""
+    return f"{RESULT_PREFIX}{command_id}:"
+
+
+def logs_prefix(node: int) -> str:
+    """Start of the ids of every log document of ``node``."""
+    return f"{LOG_PREFIX}{node}:"
+
+
+def log_id(node: int, program: str) -> str:
+    """The ring of the last lines of ``program`` (a program's doc id) on ``node``."""
+    return f"{logs_prefix(node)}{program}"
+
+
+def state_id(program: str) -> str:
+    """The persistent state of program ``program`` (a doc id), shared by every node."""
+    return f"{STATE_PREFIX}{program}"
+
+
+def group_lease_name(group: str) -> str:
+    """The name of ``group``'s lease; its document is ``lease_id(group_lease_name(group))``."""
+    return f"{GROUP_PREFIX}{group}"
+
+
+def names_node(value: Any, node: int) -> bool:
+    """True when ``value`` (a ``type``, a fleet command's target) is ``node``'s MAC id.
+
+    An int, a digit string or a whole float (CouchDB keeps ``1000.0`` as
+    written); never a bool, and never a list, although JavaScript's
+    ``String([1000])`` is ``"1000"`` too.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return False
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value) == str(node)
+
+
+def for_node(doc: dict[str, Any], node: int, code_only: bool = False) -> bool:
+    """True if ``node`` follows ``doc``: the rule of the feed filter, in Python.
+
+    :mod:`himbeere.design` writes the same rule in JavaScript (the design
+    document's filter) and as a ``_selector``; ``tests/test_schema.py``
+    holds the three together.  A node follows its programs, placed
+    programs, documents with ``global_modules`` and (unless ``code_only``)
+    its commands.  A deletion is followed by every node: its body is gone,
+    and a node that ran the program stops it.  Design documents are not
+    followed (the feed drops them, whatever the server passes).
+    """
+    if str(doc.get("_id", "")).startswith("_design/"):
+        return False
+    if doc.get("_deleted"):
+        return True
+    kind = doc.get("type")
+    if names_node(kind, node) or kind == PLACED_TYPE or "global_modules" in doc:
+        return True
+    if code_only:
+        return False
+    if kind == COMMAND_TYPE:
+        return targets_node(doc, node)
+    return kind == commands_id(node)
 
 
 # -- states -------------------------------------------------------------------

@@ -22,15 +22,12 @@ from . import __version__, identity
 from .component import Component
 from .couch import Database, Doc
 from .exceptions import Conflict, CouchError
+from .schema import iso, status_id
 
 log = logging.getLogger(__name__)
 
 #: Soonest a program state change is written after the previous write.
 MIN_GAP = 0.05
-
-
-def status_id(node: int) -> str:
-    return f"status:{node}"
 
 
 class Status(Component):
@@ -107,9 +104,9 @@ class Status(Component):
             "ip": identity.getipaddr(self.interface),
             "daemon_version": __version__,
             "python": platform.python_version(),
-            "started": _iso(self.started),
+            "started": iso(self.started),
             "uptime": round(now - self.started, 3),
-            "heartbeat": _iso(now),
+            "heartbeat": iso(now),
             "heartbeat_time": now,
             "heartbeat_server_time": now + (offset or 0.0),
             "clock_offset": offset,
@@ -140,7 +137,3 @@ class Status(Component):
         self.writes += 1
         self.last_write = time.monotonic()
         return saved
-
-
-def _iso(when: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when))

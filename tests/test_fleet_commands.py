@@ -101,8 +101,8 @@ def test_couchdb_gets_the_same_rule_as_a_selector(couch: Couch,
     monkeypatch.setattr(couch, "supports_selector", lambda: True)
     either = design.node_filter(couch, 1000).selector["$or"]  # type: ignore[index]
     assert {"type": COMMAND_TYPE, "targets": "all"} in either
-    assert {"type": COMMAND_TYPE,
-            "targets": {"$elemMatch": {"$in": [1000, "1000"]}}} in either
+    assert {"type": COMMAND_TYPE, "targets": {"$elemMatch": {"$eq": 1000}}} in either
+    assert {"type": COMMAND_TYPE, "targets": {"$elemMatch": {"$eq": "1000"}}} in either
     code_only = design.node_filter(couch, 1000, code_only=True).selector
     assert COMMAND_TYPE not in json.dumps(code_only)
 

@@ -22,14 +22,11 @@ from typing import Any, Optional, Union
 from himbeere import defaults
 from himbeere.couch import Couch, Database, Doc
 from himbeere.exceptions import ConfigError, CouchError, NotFound, Unauthorized, Unreachable
+from himbeere.schema import node_id
 
 NAME_RULE = re.compile(r"^[A-Za-z][A-Za-z0-9._-]{0,62}$")
 MAC_ADDRESS = re.compile(r"^[0-9A-Fa-f]{2}([:-][0-9A-Fa-f]{2}){5}$")
 NODE_DOC_TYPE = "himbeere-node"
-
-
-def node_doc_id(node: int) -> str:
-    return f"node:{node}"
 
 
 def parse_mac(text: str) -> Optional[int]:
@@ -203,7 +200,7 @@ class Fleet:
         return {int(row["value"]): str(row["key"]) for row in self._names_view()}
 
     def name_of(self, node: int) -> Optional[str]:
-        doc = self.status.get(node_doc_id(node))
+        doc = self.status.get(node_id(node))
         return doc.get("name") if doc else None
 
     def set_name(self, node: int, name: str) -> str:
@@ -223,7 +220,7 @@ class Fleet:
             doc.update(type=NODE_DOC_TYPE, node=node, name=name)
             return True
 
-        self.status.update(node_doc_id(node), change)
+        self.status.update(node_id(node), change)
         return outcome["value"]
 
     def _names_view(self, **params: Any) -> list[Doc]:

@@ -44,26 +44,18 @@ shows it and :func:`reset_state` deletes it.
 
 from __future__ import annotations
 
-import datetime
 import secrets
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
-from himbeere import codedoc, defaults, health, placement
+from himbeere import codedoc, defaults, health, placement, schema
 from himbeere.couch import Database, Doc
 from himbeere.exceptions import ConfigError, Conflict, NotFound
-from himbeere.lease import lease_id
-from himbeere.logship import log_id
-from himbeere.progstate import state_id
-from himbeere.status import status_id
 
 from . import push
-from .fleet import NODE_DOC_TYPE, Fleet, check_name, node_doc_id, parse_labels
+from .fleet import NODE_DOC_TYPE, Fleet, check_name, parse_labels
 
-COMMAND_TYPE = "himbeere-command"
-RESULT_TYPE = "himbeere-result"
-COMMAND_PREFIX = "cmd-"
 #: A command's result is final in one of these states (``running`` is not).
 FINAL_STATES = ("done", "timeout", "error", "interrupted")
 #: States of a program that count as crashed in the node summaries.
@@ -94,17 +86,11 @@ def _prefixed(db: Database, prefix: str, **params: Any) -> list[Doc]:
     return [row["doc"] for row in rows if row.get("doc")]
 
 
-def _mac_of(doc_id: str, prefix: str) -> Optional[int]:
-    """``1234`` of ``status:1234`` (not of ``status:1234:extra``)."""
-    rest = doc_id[len(prefix):]
-    return int(rest) if rest.isdigit() else None
-
-
 # -- nodes -------------------------------------------------------------------------------
 def _node_docs(fleet: Fleet) -> dict[int, Doc]:
     docs = {}
-    for doc in _prefixed(fleet.status, "node:"):
-        mac = _mac_of(doc["_id"], "node:")
+    for doc in _prefixed(fleet.status, schema.NODE_PREFIX):
+        mac = schema.mac_of(doc["_id"], schema.NODE_PREFIX)
         if mac is not None:
             docs[mac] = doc
     return docs
@@ -112,8 +98,8 @@ def _node_docs(fleet: Fleet) -> dict[int, Doc]:
 
 def _status_docs(fleet: Fleet) -> dict[int, Doc]:
     docs = {}
-    for doc in _prefixed(fleet.status, "status:"):
-        mac = _mac_of(doc["_id"], "status:")
+    for doc in _prefixed(fleet.status, schema.STATUS_PREFIX):
+        mac = schema.mac_of(doc["_id"], schema.STATUS_PREFIX)
         if mac is not None:
             docs[mac] = doc
     return docs
@@ -193,8 +179,8 @@ def node_detail(fleet: Fleet, node: NodeRef, commands: int = 20) -> Doc:
     """
     fleet.require_databases()
     mac = node_id(fleet, node)
-    status = fleet.status.get(status_id(mac))
-    node_doc = fleet.status.get(node_doc_id(mac))
+    status = fleet.status.get(schema.status_id(mac))
+    node_doc = fleet.status.get(schema.node_id(mac))
     if status is None and node_doc is None:
         raise _unknown_node(fleet, mac)
     detail = summarize(mac, status, node_doc, server_now(fleet))
@@ -247,7 +233,7 @@ def set_labels(fleet: Fleet, node: NodeRef, **labels: str) -> dict[str, str]:
         doc.update(type=NODE_DOC_TYPE, node=mac, labels=current)
         return True
 
-    fleet.status.update(node_doc_id(mac), change)
+    fleet.status.update(schema.node_id(mac), change)
     return after
 
 
@@ -294,12 +280,7 @@ def new_command_id(now: Optional[float] = None) -> str:
     """``cmd-YYYYMMDD-HHMMSS-mmm-<random>``: sorts by creation time."""
     now = time.time() if now is None else now
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
-    return f"{COMMAND_PREFIX}{stamp}-{int(now * 1000) % 1000:03d}-{secrets.token_hex(3)}"
-
-
-def _iso(when: float) -> str:
-    moment = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return f"{schema.COMMAND_PREFIX}{stamp}-{int(now * 1000) % 1000:03d}-{secrets.token_hex(3)}"
 
 
 def create_command(fleet: Fleet, argv: list[str], targets: Targets,
@@ -327,10 +308,10 @@ def create_command(fleet: Fleet, argv: list[str], targets: Targets,
     doc: Doc = {
         # Our own clock for the id: the server-clock estimate moves as headers come in.
         "_id": new_command_id(),
-        "type": COMMAND_TYPE,
+        "type": schema.COMMAND_TYPE,
         "targets": "all" if targets == "all" else expected,
         "cmd": list(argv),
-        "created": _iso(now),
+        "created": schema.iso(now),
         "created_time": round(now, 3),
         "created_by": fleet.user,
         "expected": expected,
@@ -339,10 +320,6 @@ def create_command(fleet: Fleet, argv: list[str], targets: Targets,
         doc["timeout"] = timeout
     fleet.code.save(doc)
     return str(doc["_id"])
-
-
-def result_id(command_id: str, node: int) -> str:
-    return f"result:{command_id}:{node}"
 
 
 def command_results(fleet: Fleet, command_id: str) -> Doc:
@@ -356,13 +333,13 @@ def command_results(fleet: Fleet, command_id: str) -> Doc:
     explicitly, see :mod:`himbeere.commands`).
     """
     command = fleet.code.get(command_id)
-    if command is None or command.get("type") != COMMAND_TYPE:
+    if command is None or command.get("type") != schema.COMMAND_TYPE:
         raise NotFound(f"no command {command_id!r} in database {fleet.code.name!r}; "
                        "`himbeere cmd --list` shows the latest")
     results: dict[int, Doc] = {}
-    prefix = f"result:{command_id}:"
+    prefix = schema.results_prefix(command_id)
     for doc in _prefixed(fleet.status, prefix):
-        mac = _mac_of(doc["_id"], prefix)
+        mac = schema.mac_of(doc["_id"], prefix)
         if mac is not None:
             results[mac] = doc
     expected = _expected(fleet, command)
@@ -395,14 +372,15 @@ def list_commands(fleet: Fleet, limit: int = 20) -> list[Doc]:
     ``cmd-...`` id (the ones :func:`create_command` makes) are listed.
     """
     fleet.require_databases()
-    rows = fleet.code.all_docs(startkey=COMMAND_PREFIX + "\ufff0", endkey=COMMAND_PREFIX,
-                               descending=True, include_docs=True, limit=limit)
+    prefix = schema.COMMAND_PREFIX
+    rows = fleet.code.all_docs(startkey=prefix + "\ufff0", endkey=prefix, descending=True,
+                               include_docs=True, limit=limit)
     listing = []
     for row in rows:
         doc = row.get("doc") or {}
-        if doc.get("type") != COMMAND_TYPE:
+        if doc.get("type") != schema.COMMAND_TYPE:
             continue
-        results = [d for d in _prefixed(fleet.status, f"result:{doc['_id']}:")
+        results = [d for d in _prefixed(fleet.status, schema.results_prefix(doc["_id"]))
                    if d.get("state") in FINAL_STATES]
         listing.append({
             "id": doc["_id"], "cmd": doc.get("cmd"), "targets": doc.get("targets"),
@@ -415,24 +393,19 @@ def list_commands(fleet: Fleet, limit: int = 20) -> list[Doc]:
 
 def node_commands(fleet: Fleet, node: int, limit: int = 20) -> list[Doc]:
     """The node's part of the latest ``limit`` fleet commands that target it."""
-    rows = fleet.code.all_docs(startkey=COMMAND_PREFIX + "\ufff0", endkey=COMMAND_PREFIX,
-                               descending=True, include_docs=True, limit=limit)
-    commands = [row["doc"] for row in rows if (row.get("doc") or {}).get("type") == COMMAND_TYPE
-                and _targets_node(row["doc"], node)]
+    prefix = schema.COMMAND_PREFIX
+    rows = fleet.code.all_docs(startkey=prefix + "\ufff0", endkey=prefix, descending=True,
+                               include_docs=True, limit=limit)
+    docs = [row["doc"] for row in rows if row.get("doc")]
+    commands = [doc for doc in docs
+                if doc.get("type") == schema.COMMAND_TYPE and schema.targets_node(doc, node)]
     if not commands:
         return []
-    keys = [result_id(doc["_id"], node) for doc in commands]
+    keys = [schema.result_id(doc["_id"], node) for doc in commands]
     found = {row["key"]: row.get("doc") for row in fleet.status.all_docs(
         keys=keys, include_docs=True)}
     return [{"command": doc["_id"], "cmd": doc.get("cmd"), "created": doc.get("created"),
-             "result": found.get(result_id(doc["_id"], node))} for doc in commands]
-
-
-def _targets_node(command: Doc, node: int) -> bool:
-    targets = command.get("targets")
-    if targets == "all":
-        return True
-    return isinstance(targets, list) and str(node) in {str(t) for t in targets}
+             "result": found.get(schema.result_id(doc["_id"], node))} for doc in commands]
 
 
 def wait_for_results(fleet: Fleet, command_id: str, wait: float, interval: float = 0.25,
@@ -512,7 +485,7 @@ def placed_doc(fleet: Fleet, program: str) -> Doc:
 
 def _assigned(fleet: Fleet, doc_id: str) -> list[int]:
     """The nodes the scheduler placed ``doc_id`` on, from ``lease:scheduler``."""
-    lease = fleet.status.get(lease_id(placement.LEASE_NAME)) or {}
+    lease = fleet.status.get(schema.lease_id(placement.LEASE_NAME)) or {}
     assignments = lease.get("assignments")
     entry = assignments.get(doc_id) if isinstance(assignments, dict) else None
     macs = entry.get("nodes") if isinstance(entry, dict) else None
@@ -594,7 +567,7 @@ def placements(fleet: Fleet) -> Doc:
     except NotFound:
         raise NotFound(f"database {fleet.code.name!r} has no placed view: run "
                        f"`himbeere-upload setup {fleet.server}`") from None
-    lease = fleet.status.get(lease_id(placement.LEASE_NAME)) or {}
+    lease = fleet.status.get(schema.lease_id(placement.LEASE_NAME)) or {}
     assignments = lease.get("assignments") if isinstance(lease.get("assignments"), dict) else {}
     assert isinstance(assignments, dict)
     statuses = _status_docs(fleet)
@@ -646,10 +619,10 @@ def logs(fleet: Fleet, node: NodeRef, program: Optional[str] = None) -> list[Doc
     """
     fleet.require_database(fleet.status)
     mac = node_id(fleet, node)
-    docs = _prefixed(fleet.status, f"log:{mac}:")
+    docs = _prefixed(fleet.status, schema.logs_prefix(mac))
     if program is not None:
         docs = [d for d in docs if program in (d.get("program"), d.get("name"))
-                or d["_id"] == log_id(mac, program)]
+                or d["_id"] == schema.log_id(mac, program)]
     return docs
 
 
@@ -700,17 +673,17 @@ def state_program(fleet: Fleet, program: str, node: Optional[NodeRef] = None) ->
         where = ", ".join(f"{row['id']} on node {row['key'][0]}" for row in rows)
         raise ConfigError(f"several nodes have a program {program!r} ({where}); say which "
                           "with --node NODE or give the program's id")
-    if fleet.status.get(state_id(program)) is not None:
+    if fleet.status.get(schema.state_id(program)) is not None:
         return {"id": program, "name": program}
-    kept = sorted(str(doc.get("program") or doc["_id"][len("state:"):])
-                  for doc in _prefixed(fleet.status, "state:"))
+    kept = sorted(str(doc.get("program") or doc["_id"][len(schema.STATE_PREFIX):])
+                  for doc in _prefixed(fleet.status, schema.STATE_PREFIX))
     raise NotFound(f"no program {program!r} in database {fleet.code.name!r}; programs with "
                    f"state: {', '.join(kept) if kept else 'none'}")
 
 
 def _is_command(doc: Doc) -> bool:
     kind = str(doc.get("type"))
-    return kind == COMMAND_TYPE or kind.endswith("_cmd")
+    return kind == schema.COMMAND_TYPE or kind.endswith(schema.COMMANDS_SUFFIX)
 
 
 def program_state(fleet: Fleet, program: str, node: Optional[NodeRef] = None) -> Doc:
@@ -722,12 +695,12 @@ def program_state(fleet: Fleet, program: str, node: Optional[NodeRef] = None) ->
     where it is running, stopping or about to restart)}``.
     """
     found = state_program(fleet, program, node)
-    doc = fleet.status.get(state_id(found["id"]))
+    doc = fleet.status.get(schema.state_id(found["id"]))
     values = (doc or {}).get("values")
     saved = (doc or {}).get("saved")
-    return dict(found, state_id=state_id(found["id"]), exists=doc is not None,
+    return dict(found, state_id=schema.state_id(found["id"]), exists=doc is not None,
                 values=values if isinstance(values, dict) else {},
-                saved=_iso(float(saved)) if isinstance(saved, (int, float)) else None,
+                saved=schema.iso(float(saved)) if isinstance(saved, (int, float)) else None,
                 node=(doc or {}).get("node"), running_on=_running_on(fleet, found["id"]))
 
 

@@ -30,8 +30,7 @@ from himbeere import defaults, placement
 from himbeere.codedoc import MAIN, PLACED_TYPE
 from himbeere.couch import Doc
 from himbeere.exceptions import ConfigError, NotFound, ProgramError
-from himbeere.lease import lease_id
-from himbeere.status import status_id
+from himbeere.schema import global_id, lease_id, placed_id, program_id, status_id
 
 from .fleet import Fleet, parse_labels
 
@@ -141,8 +140,8 @@ def parse_requires(items: Iterable[str]) -> dict[str, Optional[float]]:
 
 def doc_id(node: Optional[int], name: str, placed: bool = False) -> str:
     if placed:
-        return f"placed:{name}"
-    return f"global:{name}" if node is None else f"{node}:{name}"
+        return placed_id(name)
+    return global_id(name) if node is None else program_id(node, name)
 
 
 def check_program_name(name: str) -> str:
