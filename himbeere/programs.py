@@ -9,6 +9,10 @@ everything it started, and whatever it started ends when it ends.
 The :class:`Supervisor` is driven by :meth:`Supervisor.loop`, one iteration
 at a time (huey's pattern); only the thread calling ``loop`` touches the
 programs.  Other threads hand it documents with :meth:`Supervisor.submit`.
+
+A program's state (:class:`~himbeere.schema.ProgramState`) changes only in
+:meth:`Program.transition`, along the edges listed in :data:`TRANSITIONS`
+(the model: supervisor's ``states.py`` and ``Subprocess.transition``).
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from typing import Any, Callable, Optional
 
 from . import child, codedoc, defaults, gitsource, oneshot
 from .codedoc import CodeDoc
+from .exceptions import HimbeereError
 from .forkserver import ForkServer
 from .logtext import printable
+from .schema import ProgramState
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +43,53 @@ log = logging.getLogger(__name__)
 ABANDON_AFTER = 5.0
 #: Seconds to wait at startup for the SIGKILLed programs of a previous daemon.
 ORPHAN_WAIT = 5.0
+#: Set to 1 (the test suite does) to raise :class:`TransitionError` on a
+#: transition TRANSITIONS does not list; otherwise it is logged as an error.
+STRICT_ENV = "HIMBEERE_STRICT_STATES"
+
+_S = ProgramState
+#: What starting a program that has no process can lead to: it is fetched
+#: first (git), runs, fails to fork (BACKING_OFF, or CRASHED for ``restart:
+#: never``), has an error in its document (INVALID), or stays STOPPED
+#: (disabled, or the node is going down).
+_START = frozenset({_S.FETCHING, _S.RUNNING, _S.BACKING_OFF, _S.CRASHED, _S.INVALID,
+                    _S.STOPPED})
+#: The only edges a program's state may take; every other one is a bug.
+#: A program without a process may be stopped (STOPPED) or (re)started at
+#: any time; only a RUNNING one has a process to stop or to end by itself.
+TRANSITIONS: dict[ProgramState, frozenset[ProgramState]] = {
+    # a new document: started, or restored as it ended since boot (oneshot.py);
+    # REJECTED: no free slot (max_programs)
+    _S.STARTING: _START | {_S.REJECTED, _S.FINISHED},
+    # fetched: the start goes on; a git error: INVALID, BACKING_OFF or CRASHED;
+    # FETCHING -> FETCHING: started again while its fetch is under way
+    _S.FETCHING: _START,
+    # asked to stop; or it ended: FINISHED, CRASHED, BACKING_OFF (restarts), INVALID
+    _S.RUNNING: frozenset({_S.STOPPING, _S.FINISHED, _S.CRASHED, _S.BACKING_OFF,
+                           _S.INVALID}),
+    # the delay is over: started again
+    _S.BACKING_OFF: _START,
+    # it ended (or was given up on): started with its new code, or STOPPED;
+    # a stop that removes it leaves no state at all
+    _S.STOPPING: _START,
+    # enabled, changed, restarted by hand, or admitted; REJECTED: no free slot
+    _S.STOPPED: _START | {_S.REJECTED},
+    _S.FINISHED: _START | {_S.REJECTED},
+    _S.CRASHED: _START | {_S.REJECTED},
+    _S.INVALID: _START | {_S.REJECTED},
+    _S.REJECTED: _START | {_S.REJECTED},
+}
 #: States in which a program holds one of the node's ``max_programs`` slots:
 #: it has a process, or will have one without anybody asking.
-HOLDS_SLOT = ("starting", "fetching", "running", "backing-off", "stopping")
+HOLDS_SLOT = frozenset({_S.STARTING, _S.FETCHING, _S.RUNNING, _S.BACKING_OFF, _S.STOPPING})
+#: States from which a start must find a free slot first.  A new program
+#: (STARTING) holds one in the count of the others, yet must find one itself.
+NEEDS_SLOT = frozenset({_S.STARTING, _S.STOPPED, _S.FINISHED, _S.CRASHED, _S.INVALID,
+                        _S.REJECTED})
+
+
+class TransitionError(HimbeereError, RuntimeError):
+    """A program's state was to take an edge that TRANSITIONS does not list."""
 
 
 class Program:
@@ -48,7 +98,7 @@ class Program:
     def __init__(self, doc: CodeDoc, fingerprint: str) -> None:
         self.doc = doc
         self.fingerprint = fingerprint
-        self.state = "starting"
+        self.state = ProgramState.STARTING
         self.conn: Any = None
         self.eof = False
         #: For git programs: (fingerprint, (checkout path, commit)) once fetched.
@@ -94,11 +144,29 @@ class Program:
     def alive(self) -> bool:
         return self.pid is not None
 
+    def transition(self, new: ProgramState) -> None:
+        """Change the state to ``new``, along an edge TRANSITIONS lists.
+
+        Any other edge is a bug in himbeere.  Under the test suite
+        (``HIMBEERE_STRICT_STATES=1``) it raises :class:`TransitionError`.
+        On a node it is logged as an error and the state changes anyway: the
+        callers have already forgotten the process or sent the signal, so
+        refusing would leave the bookkeeping half done, and an exception here
+        would end the daemon's loop and every program of the node with it.
+        """
+        if new not in TRANSITIONS[self.state]:
+            message = (f"{self.name}: {self.state.value} -> {new.value} is not an allowed "
+                       "transition (programs.TRANSITIONS)")
+            if os.environ.get(STRICT_ENV) == "1":
+                raise TransitionError(message)
+            log.error("%s; going on, please report this bug", message, stack_info=True)
+        self.state = new
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.doc.name,
             "rev": self.doc.rev,
-            "state": self.state,
+            "state": self.state.value,
             "pid": self.pid,
             "started": _iso(self.started),
             "restarts": self.restarts,
@@ -112,7 +180,7 @@ class Program:
             "git": self.doc.git.describe() if self.doc.git else None,
             "commit": self.checkout[1] if self.doc.git and self.checkout else None,
             "next_start": _iso(time.time() + self.next_start - time.monotonic())
-            if self.state == "backing-off" and self.next_start is not None else None,
+            if self.state is ProgramState.BACKING_OFF and self.next_start is not None else None,
         }
 
 
@@ -318,7 +386,7 @@ class Supervisor:
             if not self._ended_in_this_boot(program):
                 self._start_or_rest(program)
             return
-        if program.state == "stopping":
+        if program.state is ProgramState.STOPPING:
             program.pending = parsed
             program.after_stop = "start"
             return
@@ -348,7 +416,7 @@ class Supervisor:
                 merged[name] = source
         self.global_sources = merged
         for program in list(self.programs.values()):
-            if program.state == "stopping":
+            if program.state is ProgramState.STOPPING:
                 continue
             fingerprint = program.doc.fingerprint(merged)
             if program.runs_again and not program.alive:
@@ -368,7 +436,7 @@ class Supervisor:
 
     def _restart_all(self) -> None:
         for program in list(self.programs.values()):
-            if program.state == "stopping":
+            if program.state is ProgramState.STOPPING:
                 continue  # it starts again, or goes away, as already decided
             if program.alive:
                 program.pending = program.doc
@@ -396,22 +464,21 @@ class Supervisor:
         if program.doc.error:
             # Deployed as it is: the same code as before the error starts again.
             program.fingerprint = program.doc.fingerprint(self.global_sources)
-            self._set(program, "invalid", error=program.doc.error)
+            self._set(program, ProgramState.INVALID, error=program.doc.error)
             log.error("%s: %s", program.name, printable(program.doc.error, multiline=True))
         elif not program.doc.enabled:
-            self._set(program, "stopped", error=None)
+            self._set(program, ProgramState.STOPPED, error=None)
         else:
             self._start(program)
 
     def _start(self, program: Program) -> None:
         program.next_start = None
         if self.closing:
-            self._set(program, "stopped")
+            self._set(program, ProgramState.STOPPED)
             return
         # One that already holds a slot keeps it (a restart); a new one
         # ("starting") or one that had ended must find a free one.
-        if program.state in ("starting", "stopped", "finished", "crashed", "invalid",
-                             "rejected") and not self._slot_free(program):
+        if program.state in NEEDS_SLOT and not self._slot_free(program):
             self._reject(program)
             return
         program.queued = None
@@ -451,7 +518,7 @@ class Supervisor:
         program.started_mono = time.monotonic()
         program.outcome = None
         program.exit_code = None
-        self._set(program, "running", error=program.last_error)
+        self._set(program, ProgramState.RUNNING, error=program.last_error)
         log.info("%s: started (pid %s, rev %s)", program.name, pid, printable(doc.rev))
 
     def _slot_free(self, program: Program) -> bool:
@@ -465,13 +532,13 @@ class Supervisor:
             program.queued = self._queue_counter
             log.warning("%s: not started: this node runs its ceiling of %d programs "
                         "(max_programs)", program.name, self.max_programs)
-        self._set(program, "rejected",
+        self._set(program, ProgramState.REJECTED,
                   error=f"not started: this node runs its ceiling of {self.max_programs} "
                         "programs (max_programs); it starts when one of them ends")
 
     def _admit(self) -> None:
         """Start rejected programs, first come first served, while slots are free."""
-        waiting = [p for p in self.programs.values() if p.state == "rejected"]
+        waiting = [p for p in self.programs.values() if p.state is ProgramState.REJECTED]
         if not waiting or self.closing:
             return
         waiting.sort(key=lambda p: p.queued or 0)
@@ -484,13 +551,13 @@ class Supervisor:
     def _fetch(self, program: Program, fingerprint: str) -> None:
         """Fetch a git program in a thread; :meth:`_fetched` starts it after."""
         if program.fetching == fingerprint:
-            self._set(program, "fetching")  # the fetch under way will start it
+            self._set(program, ProgramState.FETCHING)  # the fetch under way will start it
             return
         program.fetching = fingerprint
         doc = program.doc
         assert doc.git is not None
         root = gitsource.checkout_root(self.state_dir or Path("."), doc.doc_id)
-        self._set(program, "fetching")
+        self._set(program, ProgramState.FETCHING)
         log.info("%s: fetching %s", program.name, printable(doc.git.describe()))
 
         def work() -> None:
@@ -511,14 +578,14 @@ class Supervisor:
         if program is None or program.fetching != fingerprint:
             return  # deleted or changed again meanwhile
         program.fetching = None
-        if program.state != "fetching":
+        if program.state is not ProgramState.FETCHING:
             return  # stopped or disabled while fetching
         if isinstance(result, gitsource.GitError):
             if result.transient:
                 self._crashed(program, str(result), time.monotonic())
             else:
                 log.error("%s: %s", program.name, printable(result, multiline=True))
-                self._set(program, "invalid", error=str(result))
+                self._set(program, ProgramState.INVALID, error=str(result))
             return
         program.fetched = (fingerprint, result)
         log.info("%s: fetched commit %s", program.name, result[1][:12])
@@ -541,14 +608,14 @@ class Supervisor:
             program.hurry = hurry
             if program.term_at is not None:
                 program.term_at = min(program.term_at, now + hurry)
-        if program.state != "stopping":
+        if program.state is not ProgramState.STOPPING:
             try:
                 program.conn.send("quit")
             except (OSError, ValueError):
                 pass
             grace = self.grace_period if hurry is None else min(self.grace_period, hurry)
             program.term_at = now + grace
-            self._set(program, "stopping")
+            self._set(program, ProgramState.STOPPING)
 
     def stop_all(self, force: bool = False) -> None:
         """Stop every program for good; ``force`` skips the grace period."""
@@ -596,7 +663,7 @@ class Supervisor:
         if self.fence is None or (self._next_ping is not None and now < self._next_ping):
             return
         placed = [p for p in self.programs.values() if p.doc.placed and p.alive
-                  and p.conn is not None and not p.eof and p.state != "stopping"]
+                  and p.conn is not None and not p.eof and p.state is not ProgramState.STOPPING]
         self._next_ping = now + self.fence / 6 if placed else None
         for program in placed:
             try:
@@ -620,7 +687,7 @@ class Supervisor:
             program.last_error = program.doc.error
             self._start_or_rest(program)
         else:
-            self._set(program, "stopped")
+            self._set(program, ProgramState.STOPPED)
 
     # -- reaping -----------------------------------------------------------------
     def _reap(self) -> None:
@@ -642,7 +709,7 @@ class Supervisor:
             # goes too: the rest of its tree is the fork server's now, which
             # kills it (reaper.py), setsid() or not.
             self._forget(program)
-            if program.state == "stopping":
+            if program.state is ProgramState.STOPPING:
                 log.info("%s: stopped", program.name)
                 self._after_stop(program)
                 continue
@@ -681,7 +748,7 @@ class Supervisor:
     def _exited(self, program: Program, code: Optional[int], now: float) -> None:
         status, detail = program.outcome or (None, None)
         if status == "invalid":
-            self._set(program, "invalid", error=detail)
+            self._set(program, ProgramState.INVALID, error=detail)
             log.error("%s: %s", program.name, printable(detail, multiline=True))
             return
         if status == "finished" or (status is None and code == 0):
@@ -689,7 +756,7 @@ class Supervisor:
             if program.doc.restart == "always":
                 self._back_off(program, now, "finished")
             else:
-                self._set(program, "finished", error=None)
+                self._set(program, ProgramState.FINISHED, error=None)
             return
         if detail is None:
             detail = _describe_exit(code)
@@ -699,7 +766,7 @@ class Supervisor:
         log.error("%s: crashed: %s", program.name, printable(error.rstrip(), multiline=True))
         program.last_error = error
         if program.doc.restart == "never":
-            self._set(program, "crashed", error=error)
+            self._set(program, ProgramState.CRASHED, error=error)
         else:
             self._back_off(program, now, "crashed", error)
 
@@ -714,20 +781,23 @@ class Supervisor:
         program.next_start = now + program.backoff
         log.info("%s: %s; restart %d in %.1f s", program.name, why, program.restarts,
                  program.backoff)
-        self._set(program, "backing-off", error=error if error is not None else program.last_error)
+        self._set(program, ProgramState.BACKING_OFF,
+                  error=error if error is not None else program.last_error)
 
-    def _set(self, program: Program, state: str, error: Any = ...) -> None:
-        program.state = state
+    def _set(self, program: Program, state: ProgramState, error: Any = ...) -> None:
+        """Move ``program`` to ``state`` (checked), keep ended.json, tell on_change."""
+        program.transition(state)
         if error is not ...:
             program.last_error = error
-        if state in ("finished", "crashed") and program.doc.restart == "never":
+        if state in (ProgramState.FINISHED, ProgramState.CRASHED) \
+                and program.doc.restart == "never":
             program.runs_again, program.ended = oneshot.RUNS_AGAIN, _iso(time.time())
             if self.ended is not None:
-                self.ended.ended(program.doc.doc_id, program.doc.fingerprint({}), state,
+                self.ended.ended(program.doc.doc_id, program.doc.fingerprint({}), state.value,
                                  program.ended, program.exit_code, program.last_error)
-        elif state != "stopping":
+        elif state is not ProgramState.STOPPING:
             program.runs_again = program.ended = None
-            if self.ended is not None and state == "running":
+            if self.ended is not None and state is ProgramState.RUNNING:
                 self.ended.forget(program.doc.doc_id)
         self.on_change()
 
@@ -739,7 +809,10 @@ class Supervisor:
         entry = self.ended.get(doc.doc_id, doc.fingerprint({}))
         if entry is None:
             return False
-        program.state = str(entry.get("state") or "finished")
+        # ended.json holds only these two (written by _set); anything else
+        # in a damaged file reads as finished.
+        program.transition(ProgramState.CRASHED if entry.get("state") == "crashed"
+                           else ProgramState.FINISHED)
         program.last_error, program.exit_code = entry.get("error"), entry.get("exit_code")
         program.runs_again, program.ended = oneshot.RUNS_AGAIN, entry.get("ended")
         log.info("%s: %s at %s, since this machine booted; it runs again at the next boot "
