@@ -17,6 +17,8 @@ A program's state (:class:`~himbeere.schema.ProgramState`) changes only in
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import json
 import logging
 import multiprocessing.connection
@@ -92,6 +94,58 @@ class TransitionError(HimbeereError, RuntimeError):
     """A program's state was to take an edge that TRANSITIONS does not list."""
 
 
+class AfterStop(enum.Enum):
+    """What becomes of a program once its process is gone."""
+
+    START = "start"    #: it starts again, with the document the stop carries
+    REMOVE = "remove"  #: it is forgotten: deleted, or no longer this node's
+    STAY = "stay"      #: it stays, STOPPED (the node is going down)
+
+
+class StopPhase(enum.Enum):
+    """What a stop does at its deadline; the phases follow in this order."""
+
+    TERM = "term"        #: "quit" went to the program: SIGTERM at the deadline
+    KILL = "kill"        #: SIGTERM went to its group: SIGKILL at the deadline
+    ABANDON = "abandon"  #: SIGKILL went to its group: given up on at the deadline
+
+
+@dataclasses.dataclass
+class Stop:
+    """Where the stop of one program has got to: a phase and one deadline.
+
+    The deadline (``time.monotonic()``) of TERM is the grace period after
+    "quit", of KILL ``kill_grace`` after SIGTERM, of ABANDON
+    :data:`ABANDON_AFTER` after SIGKILL.  A ``hurry`` (seconds; a fenced
+    placed program must be gone fast) caps the grace period at ``hurry`` and
+    the wait after SIGTERM at half of it.
+    """
+
+    then: AfterStop
+    deadline: float
+    kill_grace: float
+    #: The document to run once it is gone (``then`` START).
+    doc: Optional[CodeDoc] = None
+    hurry: Optional[float] = None
+    phase: StopPhase = StopPhase.TERM
+
+    def hurry_up(self, now: float, hurry: float) -> None:
+        """From now on stop within ``hurry`` seconds (a SIGKILL due keeps its time)."""
+        self.hurry = hurry
+        if self.phase is StopPhase.TERM:
+            self.deadline = min(self.deadline, now + hurry)
+
+    def escalate(self, now: float) -> None:
+        """The deadline's step was taken at ``now``: on to the next phase."""
+        if self.phase is StopPhase.TERM:
+            wait = self.kill_grace if self.hurry is None else min(self.kill_grace, self.hurry / 2)
+            self.phase, self.deadline = StopPhase.KILL, now + wait
+        elif self.phase is StopPhase.KILL:
+            self.phase, self.deadline = StopPhase.ABANDON, now + ABANDON_AFTER
+        else:
+            raise ValueError("nothing follows ABANDON: the stop is over")
+
+
 class Program:
     """One code document and the child process running it."""
 
@@ -114,15 +168,8 @@ class Program:
         self.exit_code: Optional[int] = None
         self.next_start: Optional[float] = None
         self.backoff = 0.0
-        #: While stopping: when SIGTERM and SIGKILL go out, and what follows.
-        self.term_at: Optional[float] = None
-        self.kill_at: Optional[float] = None
-        self.abandon_at: Optional[float] = None
-        self.after_stop: Optional[str] = None  # "start", "remove" or "stay"
-        #: Seconds for each of grace and SIGTERM when it must stop fast (fencing).
-        self.hurry: Optional[float] = None
-        #: The document to run once the old child is gone.
-        self.pending: Optional[CodeDoc] = None
+        #: While STOPPING (and only then): how far its stop has got.
+        self.stopping: Optional[Stop] = None
         self.outcome: Optional[tuple[str, Optional[str]]] = None
         #: A ``restart: never`` program that ended: when it runs again, and
         #: when it ended (maybe under an earlier daemon, see oneshot.py).
@@ -327,10 +374,10 @@ class Supervisor:
     def _next_deadline(self) -> Optional[float]:
         times = []
         for program in self.programs.values():
-            for when in (program.next_start, program.term_at, program.kill_at,
-                         program.abandon_at):
-                if when is not None:
-                    times.append(when)
+            if program.next_start is not None:
+                times.append(program.next_start)
+            if program.stopping is not None:
+                times.append(program.stopping.deadline)
         if self._next_ping is not None:
             times.append(self._next_ping)
         return min(times) if times else None
@@ -348,7 +395,7 @@ class Supervisor:
             program = self.programs.get(doc_id)
             if program is not None:
                 log.info("%s: document deleted, stopping", program.name)
-                self._stop(program, then="remove")
+                self._stop(program, AfterStop.REMOVE)
             return
         parsed = codedoc.parse(doc, self.default_restart)
         if parsed.global_modules or doc_id in self.providers:
@@ -370,7 +417,7 @@ class Supervisor:
         if not mine or not parsed.is_program:
             if program is not None:
                 log.info("%s: no longer a program of this node, stopping", program.name)
-                self._stop(program, then="remove")
+                self._stop(program, AfterStop.REMOVE)
             elif not mine:
                 log.debug("ignoring %s: for node %r, not %s", printable(doc_id), doc.get("type"),
                           self.node)
@@ -387,8 +434,7 @@ class Supervisor:
                 self._start_or_rest(program)
             return
         if program.state is ProgramState.STOPPING:
-            program.pending = parsed
-            program.after_stop = "start"
+            self._stop(program, AfterStop.START, parsed)  # starts with this once gone
             return
         changed = fingerprint != program.fingerprint or parsed.enabled != program.doc.enabled
         if not changed:
@@ -398,8 +444,7 @@ class Supervisor:
         if program.alive:
             log.info("%s: changed (rev %s), restarting", printable(parsed.name),
                      printable(parsed.rev))
-            program.pending = parsed
-            self._stop(program, then="start")
+            self._stop(program, AfterStop.START, parsed)
         else:
             program.doc, program.fingerprint = parsed, fingerprint
             program.restarts, program.backoff = 0, 0.0
@@ -428,8 +473,7 @@ class Supervisor:
 
     def _deploy_fingerprint(self, program: Program, fingerprint: str) -> None:
         if program.alive:
-            program.pending = program.doc
-            self._stop(program, then="start")
+            self._stop(program, AfterStop.START, program.doc)
         else:
             program.fingerprint = fingerprint
             self._start_or_rest(program)
@@ -439,8 +483,7 @@ class Supervisor:
             if program.state is ProgramState.STOPPING:
                 continue  # it starts again, or goes away, as already decided
             if program.alive:
-                program.pending = program.doc
-                self._stop(program, then="start")
+                self._stop(program, AfterStop.START, program.doc)
             elif program.doc.enabled and not program.doc.error and not program.runs_again:
                 self._start(program)
 
@@ -451,7 +494,7 @@ class Supervisor:
             program = self.programs.get(doc_id)
             if program is not None and program.doc.placed:
                 log.info("%s: no longer placed on this node, stopping", program.name)
-                self._stop(program, then="remove", hurry=hurry)
+                self._stop(program, AfterStop.REMOVE, hurry=hurry)
         for doc_id in sorted(self.assigned - before):
             doc = self.placed_docs.get(doc_id)
             if doc is not None:  # else the feed brings it later
@@ -592,40 +635,42 @@ class Supervisor:
         self._start(program)
 
     # -- stopping --------------------------------------------------------------
-    def _stop(self, program: Program, then: str, hurry: Optional[float] = None) -> None:
-        """Ask ``program`` to quit; ``then`` is start, remove or stay.
+    def _stop(self, program: Program, then: AfterStop, doc: Optional[CodeDoc] = None,
+              hurry: Optional[float] = None) -> None:
+        """Ask ``program`` to quit; ``then`` it starts ``doc``, goes, or stays.
 
-        ``hurry`` shortens the grace period and the wait after SIGTERM to at
-        most that many seconds each (a fenced placed program).
+        Stopping one already stopping changes only what follows (and the
+        deadline, if ``hurry``).  ``hurry`` shortens the grace period and the
+        wait after SIGTERM (a fenced placed program, see :class:`Stop`).
         """
-        program.after_stop = then
         program.next_start = None
         if not program.alive:
-            self._after_stop(program)
+            self._after_stop(program, then, doc)
             return
         now = time.monotonic()
-        if hurry is not None:
-            program.hurry = hurry
-            if program.term_at is not None:
-                program.term_at = min(program.term_at, now + hurry)
-        if program.state is not ProgramState.STOPPING:
-            try:
-                program.conn.send("quit")
-            except (OSError, ValueError):
-                pass
-            grace = self.grace_period if hurry is None else min(self.grace_period, hurry)
-            program.term_at = now + grace
-            self._set(program, ProgramState.STOPPING)
+        stop = program.stopping
+        if stop is not None:
+            stop.then, stop.doc = then, doc
+            if hurry is not None:
+                stop.hurry_up(now, hurry)
+            return
+        try:
+            program.conn.send("quit")
+        except (OSError, ValueError):
+            pass
+        grace = self.grace_period if hurry is None else min(self.grace_period, hurry)
+        program.stopping = Stop(then, now + grace, self.kill_grace, doc, hurry)
+        self._set(program, ProgramState.STOPPING)
 
     def stop_all(self, force: bool = False) -> None:
         """Stop every program for good; ``force`` skips the grace period."""
         self.closing = True
         for program in list(self.programs.values()):
-            self._stop(program, then="stay")
+            self._stop(program, AfterStop.STAY)
             # A SIGTERM already sent: leave the SIGKILL that follows it alone.
-            if force and program.alive and program.kill_at is None \
-                    and program.abandon_at is None:
-                program.term_at = time.monotonic()
+            stop = program.stopping
+            if force and stop is not None and stop.phase is StopPhase.TERM:
+                stop.deadline = time.monotonic()
 
     def busy(self) -> bool:
         """True while any program is still alive."""
@@ -636,23 +681,28 @@ class Supervisor:
             if program.next_start is not None and now >= program.next_start:
                 program.next_start = None
                 self._start(program)
-            if program.term_at is not None and now >= program.term_at and program.alive:
-                log.warning("%s: did not quit within the grace period; SIGTERM", program.name)
-                _kill_group(program.pid, signal.SIGTERM)
-                program.term_at = None
-                program.kill_at = now + (self.kill_grace if program.hurry is None
-                                         else min(self.kill_grace, program.hurry / 2))
-            if program.kill_at is not None and now >= program.kill_at and program.alive:
-                log.warning("%s: still alive after SIGTERM; SIGKILL", program.name)
-                _kill_group(program.pid, signal.SIGKILL)
-                program.kill_at = None
-                program.abandon_at = now + ABANDON_AFTER
-            if program.abandon_at is not None and now >= program.abandon_at and program.alive:
-                log.error("%s: pid %s survives SIGKILL; giving up on it", program.name,
-                          program.pid)
-                program.last_error = f"pid {program.pid} did not die after SIGKILL"
-                self._forget(program)
-                self._after_stop(program)
+            if program.stopping is not None and program.alive:
+                self._escalate(program, program.stopping, now)
+
+    def _escalate(self, program: Program, stop: Stop, now: float) -> None:
+        """Take the step of each phase whose deadline has passed, in order.
+
+        One after the other in the same call, so a wait of 0 costs no loop.
+        """
+        if stop.phase is StopPhase.TERM and now >= stop.deadline:
+            log.warning("%s: did not quit within the grace period; SIGTERM", program.name)
+            _kill_group(program.pid, signal.SIGTERM)
+            stop.escalate(now)
+        if stop.phase is StopPhase.KILL and now >= stop.deadline:
+            log.warning("%s: still alive after SIGTERM; SIGKILL", program.name)
+            _kill_group(program.pid, signal.SIGKILL)
+            stop.escalate(now)
+        if stop.phase is StopPhase.ABANDON and now >= stop.deadline:
+            log.error("%s: pid %s survives SIGKILL; giving up on it", program.name,
+                      program.pid)
+            program.last_error = f"pid {program.pid} did not die after SIGKILL"
+            self._forget(program)
+            self._after_stop(program, stop.then, stop.doc)
 
     def _ping(self, now: float) -> None:
         """Tell placed children we are alive: a frozen daemon's children stop.
@@ -672,17 +722,16 @@ class Supervisor:
             except (OSError, ValueError):
                 pass
 
-    def _after_stop(self, program: Program) -> None:
-        program.term_at = program.kill_at = program.abandon_at = None
-        program.hurry = None
-        then, program.after_stop = program.after_stop, None
-        if then == "remove":
+    def _after_stop(self, program: Program, then: AfterStop, doc: Optional[CodeDoc]) -> None:
+        """The process is gone: start ``doc``, forget the program, or keep it STOPPED."""
+        program.stopping = None
+        if then is AfterStop.REMOVE:
             self.programs.pop(program.doc.doc_id, None)
             if self.ended is not None:
                 self.ended.forget(program.doc.doc_id)
             self.on_change()
-        elif then == "start" and program.pending is not None:
-            program.doc, program.pending = program.pending, None
+        elif then is AfterStop.START and doc is not None:
+            program.doc = doc
             program.restarts, program.backoff = 0, 0.0
             program.last_error = program.doc.error
             self._start_or_rest(program)
@@ -709,9 +758,10 @@ class Supervisor:
             # goes too: the rest of its tree is the fork server's now, which
             # kills it (reaper.py), setsid() or not.
             self._forget(program)
-            if program.state is ProgramState.STOPPING:
+            stop = program.stopping
+            if stop is not None:
                 log.info("%s: stopped", program.name)
-                self._after_stop(program)
+                self._after_stop(program, stop.then, stop.doc)
                 continue
             self._exited(program, code, now)
 
