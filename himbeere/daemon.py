@@ -107,7 +107,7 @@ class Daemon:
         self.health = Health(config.state_dir)
         self.placement = Placement(
             self.status_db, self.db, self.node, config.heartbeat_interval,
-            on_assigned=lambda mine, hurry: self.supervisor.request("assigned", (mine, hurry)),
+            on_assigned=self.supervisor.assign,
             clock=lambda: time.time() + (self.couch.clock_offset or 0.0),
             last_heartbeat=lambda: self.status.last_write,
             resources=self._resources)
@@ -215,7 +215,7 @@ class Daemon:
     def _reload(self) -> None:
         if self.reload_config is None:
             self.reload_requested = False
-            self.supervisor.request("restart_all")
+            self.supervisor.restart_all()
             return
         try:
             new = self.reload_config()
@@ -241,7 +241,7 @@ class Daemon:
         self.commands.default_timeout = new.command_timeout
         self.commands.grace_period = new.grace_period
         self.output.rate = new.program_log_rate
-        self.supervisor.request("restart_all")
+        self.supervisor.restart_all()
 
     def dump_stacks(self) -> None:
         """Write every thread's stack, then ask every program for its own."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import logging
 import multiprocessing.connection
@@ -287,20 +288,33 @@ class Supervisor:
         #: doc id -> global modules it exports
         self.providers: dict[str, dict[str, str]] = {}
         self.global_sources: dict[str, str] = {}
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        #: Bound calls the loop thread makes for the other threads (see _queue).
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
 
     # -- talking to the supervisor thread --------------------------------
+    # Other threads call these; each queues a bound method that the loop
+    # thread calls next.  An operation that does not exist is an
+    # AttributeError where it is asked for, never a message nobody handles.
     def submit(self, doc: Mapping[str, Any]) -> None:
         """Hand over a code document (or a deletion) from any thread."""
-        self._inbox.put(("doc", dict(doc)))
-        self.wake()
+        self._queue(self._apply_or_fail, dict(doc))
 
-    def request(self, action: str, arg: Any = None) -> None:
-        """Queue ``restart_all`` or ``stop_all`` (with ``arg`` = force)."""
-        self._inbox.put((action, arg))
+    def assign(self, assigned: frozenset[str], hurry: Optional[float]) -> None:
+        """Run the placed programs in ``assigned``, and only those (placement.py).
+
+        ``hurry``: seconds within which the ones no longer assigned must stop.
+        """
+        self._queue(self._assign, frozenset(assigned), hurry)
+
+    def restart_all(self) -> None:
+        """Restart every program (a reload); one already stopping is left as it is."""
+        self._queue(self._restart_all)
+
+    def _queue(self, method: Callable[..., None], *args: Any) -> None:
+        self._inbox.put(functools.partial(method, *args))
         self.wake()
 
     def wake(self) -> None:
@@ -337,25 +351,20 @@ class Supervisor:
     def _drain_inbox(self) -> None:
         while True:
             try:
-                action, arg = self._inbox.get_nowait()
+                call = self._inbox.get_nowait()
             except queue.Empty:
                 return
             try:
-                if action == "doc":
-                    self._apply(arg)
-                elif action == "fetched":
-                    self._fetched(*arg)
-                elif action == "assigned":
-                    self._assign(*arg)
-                elif action == "restart_all":
-                    self._restart_all()
-                elif action == "stop_all":
-                    self.stop_all(force=bool(arg))
-            except Exception as exc:
-                if action == "doc":
-                    self._failed(arg, exc)
-                else:
-                    log.exception("could not handle %s", action)
+                call()
+            except Exception:
+                name = getattr(getattr(call, "func", call), "__name__", call)
+                log.exception("could not handle %s", name)
+
+    def _apply_or_fail(self, doc: dict[str, Any]) -> None:
+        try:
+            self._apply(doc)
+        except Exception as exc:
+            self._failed(doc, exc)
 
     def _failed(self, doc: dict[str, Any], exc: Exception) -> None:
         """Handling ``doc`` raised: show it ``invalid`` with the error, go on."""
@@ -488,7 +497,6 @@ class Supervisor:
                 self._start(program)
 
     def _assign(self, assigned: frozenset[str], hurry: Optional[float]) -> None:
-        """Run the placed programs in ``assigned``, and only those (placement.py)."""
         before, self.assigned = self.assigned, set(assigned)
         for doc_id in sorted(before - self.assigned):
             program = self.programs.get(doc_id)
@@ -611,8 +619,7 @@ class Supervisor:
                 result = exc
             except Exception as exc:  # noqa: BLE001 - reported in the status
                 result = gitsource.GitError(f"git: {exc}")
-            self._inbox.put(("fetched", (doc.doc_id, fingerprint, result)))
-            self.wake()
+            self._queue(self._fetched, doc.doc_id, fingerprint, result)
 
         threading.Thread(target=work, name=f"git-{doc.name}", daemon=True).start()
 
@@ -663,7 +670,11 @@ class Supervisor:
         self._set(program, ProgramState.STOPPING)
 
     def stop_all(self, force: bool = False) -> None:
-        """Stop every program for good; ``force`` skips the grace period."""
+        """Stop every program for good; ``force`` skips the grace period.
+
+        On the loop thread (the daemon's shutdown), which then loops until
+        :meth:`busy` is False.
+        """
         self.closing = True
         for program in list(self.programs.values()):
             self._stop(program, AfterStop.STAY)
