@@ -56,6 +56,7 @@ from himbeere.exceptions import ConfigError, Conflict, NotFound
 from himbeere.lease import lease_id
 from himbeere.logship import log_id
 from himbeere.progstate import state_id
+from himbeere.schema import ProgramState
 from himbeere.status import status_id
 
 from . import push
@@ -66,8 +67,9 @@ RESULT_TYPE = "himbeere-result"
 COMMAND_PREFIX = "cmd-"
 #: A command's result is final in one of these states (``running`` is not).
 FINAL_STATES = ("done", "timeout", "error", "interrupted")
-#: States of a program that count as crashed in the node summaries.
-CRASHED_STATES = ("crashed", "backing-off", "invalid")
+#: States of a program that count as crashed in the node summaries (and
+#: on the dashboard, which gets them from here).
+CRASHED_STATES = (ProgramState.CRASHED, ProgramState.BACKING_OFF, ProgramState.INVALID)
 #: A label key: like a friendly name (checked by :func:`~uploader.fleet.parse_labels`).
 LABEL_KEY = check_name
 
@@ -151,7 +153,7 @@ def summarize(node: int, status: Optional[Doc], node_doc: Optional[Doc],
         "throttled": status.get("throttled"),
         "clock_offset": status.get("clock_offset"),
         "programs": programs,
-        "running": states.count("running"),
+        "running": states.count(ProgramState.RUNNING),
         "crashed": sum(1 for s in states if s in CRASHED_STATES),
     }
 
@@ -674,7 +676,8 @@ def log_lines(docs: Iterable[Doc], after: Optional[float] = None) -> list[tuple[
 
 # -- program state -----------------------------------------------------------------------
 #: Program states in which a node may still write the program's state back.
-ACTIVE_STATES = ("running", "stopping", "backing-off", "fetching", "starting")
+ACTIVE_STATES = (ProgramState.RUNNING, ProgramState.STOPPING, ProgramState.BACKING_OFF,
+                 ProgramState.FETCHING, ProgramState.STARTING)
 
 
 def state_program(fleet: Fleet, program: str, node: Optional[NodeRef] = None) -> Doc:
