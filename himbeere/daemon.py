@@ -104,7 +104,7 @@ class Daemon:
         self.health = Health(config.state_dir)
         self.placement = Placement(
             self.status_db, self.db, self.node, config.heartbeat_interval,
-            on_assigned=lambda mine, hurry: self.supervisor.request("assigned", (mine, hurry)),
+            on_assigned=self.supervisor.assign,
             clock=self.couch.server_time,
             last_heartbeat=lambda: self.status.last_write,
             resources=self._resources)
@@ -228,7 +228,7 @@ class Daemon:
     def _reload(self) -> None:
         if self.reload_config is None:
             self.reload_requested = False
-            self.supervisor.request("restart_all")
+            self.supervisor.restart_all()
             return
         try:
             new = self.reload_config()
@@ -245,7 +245,7 @@ class Daemon:
         self.reload_requested = False
         log.info("reload: restarting all programs")
         self.apply(new)
-        self.supervisor.request("restart_all")
+        self.supervisor.restart_all()
 
     def dump_stacks(self) -> None:
         """Write every thread's stack, then ask every program for its own."""

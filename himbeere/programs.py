@@ -9,10 +9,17 @@ everything it started, and whatever it started ends when it ends.
 The :class:`Supervisor` is driven by :meth:`Supervisor.loop`, one iteration
 at a time (huey's pattern); only the thread calling ``loop`` touches the
 programs.  Other threads hand it documents with :meth:`Supervisor.submit`.
+
+A program's state (:class:`~himbeere.schema.ProgramState`) changes only in
+:meth:`Program.transition`, along the edges listed in :data:`TRANSITIONS`
+(the model: supervisor's ``states.py`` and ``Subprocess.transition``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import functools
 import json
 import logging
 import multiprocessing.connection
@@ -28,9 +35,10 @@ from typing import Any, Callable, Optional
 
 from . import child, codedoc, defaults, gitsource, oneshot
 from .codedoc import CodeDoc
+from .exceptions import HimbeereError
 from .forkserver import ForkServer
 from .logtext import printable
-from .schema import iso
+from .schema import ProgramState, iso
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +46,105 @@ log = logging.getLogger(__name__)
 ABANDON_AFTER = 5.0
 #: Seconds to wait at startup for the SIGKILLed programs of a previous daemon.
 ORPHAN_WAIT = 5.0
+#: Set to 1 (the test suite does) to raise :class:`TransitionError` on a
+#: transition TRANSITIONS does not list; otherwise it is logged as an error.
+STRICT_ENV = "HIMBEERE_STRICT_STATES"
+
+_S = ProgramState
+#: What starting a program that has no process can lead to: it is fetched
+#: first (git), runs, fails to fork (BACKING_OFF, or CRASHED for ``restart:
+#: never``), has an error in its document (INVALID), or stays STOPPED
+#: (disabled, or the node is going down).
+_START = frozenset({_S.FETCHING, _S.RUNNING, _S.BACKING_OFF, _S.CRASHED, _S.INVALID,
+                    _S.STOPPED})
+#: The only edges a program's state may take; every other one is a bug.
+#: A program without a process may be stopped (STOPPED) or (re)started at
+#: any time; only a RUNNING one has a process to stop or to end by itself.
+TRANSITIONS: dict[ProgramState, frozenset[ProgramState]] = {
+    # a new document: started, or restored as it ended since boot (oneshot.py);
+    # REJECTED: no free slot (max_programs)
+    _S.STARTING: _START | {_S.REJECTED, _S.FINISHED},
+    # fetched: the start goes on; a git error: INVALID, BACKING_OFF or CRASHED;
+    # FETCHING -> FETCHING: started again while its fetch is under way
+    _S.FETCHING: _START,
+    # asked to stop; or it ended: FINISHED, CRASHED, BACKING_OFF (restarts), INVALID
+    _S.RUNNING: frozenset({_S.STOPPING, _S.FINISHED, _S.CRASHED, _S.BACKING_OFF,
+                           _S.INVALID}),
+    # the delay is over: started again
+    _S.BACKING_OFF: _START,
+    # it ended (or was given up on): started with its new code, or STOPPED;
+    # a stop that removes it leaves no state at all
+    _S.STOPPING: _START,
+    # enabled, changed, restarted by hand, or admitted; REJECTED: no free slot
+    _S.STOPPED: _START | {_S.REJECTED},
+    _S.FINISHED: _START | {_S.REJECTED},
+    _S.CRASHED: _START | {_S.REJECTED},
+    _S.INVALID: _START | {_S.REJECTED},
+    _S.REJECTED: _START | {_S.REJECTED},
+}
 #: States in which a program holds one of the node's ``max_programs`` slots:
 #: it has a process, or will have one without anybody asking.
-HOLDS_SLOT = ("starting", "fetching", "running", "backing-off", "stopping")
+HOLDS_SLOT = frozenset({_S.STARTING, _S.FETCHING, _S.RUNNING, _S.BACKING_OFF, _S.STOPPING})
+#: States from which a start must find a free slot first.  A new program
+#: (STARTING) holds one in the count of the others, yet must find one itself.
+NEEDS_SLOT = frozenset({_S.STARTING, _S.STOPPED, _S.FINISHED, _S.CRASHED, _S.INVALID,
+                        _S.REJECTED})
+
+
+class TransitionError(HimbeereError, RuntimeError):
+    """A program's state was to take an edge that TRANSITIONS does not list."""
+
+
+class AfterStop(enum.Enum):
+    """What becomes of a program once its process is gone."""
+
+    START = "start"    #: it starts again, with the document the stop carries
+    REMOVE = "remove"  #: it is forgotten: deleted, or no longer this node's
+    STAY = "stay"      #: it stays, STOPPED (the node is going down)
+
+
+class StopPhase(enum.Enum):
+    """What a stop does at its deadline; the phases follow in this order."""
+
+    TERM = "term"        #: "quit" went to the program: SIGTERM at the deadline
+    KILL = "kill"        #: SIGTERM went to its group: SIGKILL at the deadline
+    ABANDON = "abandon"  #: SIGKILL went to its group: given up on at the deadline
+
+
+@dataclasses.dataclass
+class Stop:
+    """Where the stop of one program has got to: a phase and one deadline.
+
+    The deadline (``time.monotonic()``) of TERM is the grace period after
+    "quit", of KILL ``kill_grace`` after SIGTERM, of ABANDON
+    :data:`ABANDON_AFTER` after SIGKILL.  A ``hurry`` (seconds; a fenced
+    placed program must be gone fast) caps the grace period at ``hurry`` and
+    the wait after SIGTERM at half of it.
+    """
+
+    then: AfterStop
+    deadline: float
+    kill_grace: float
+    #: The document to run once it is gone (``then`` START).
+    doc: Optional[CodeDoc] = None
+    hurry: Optional[float] = None
+    phase: StopPhase = StopPhase.TERM
+
+    def hurry_up(self, now: float, hurry: float) -> None:
+        """From now on stop within ``hurry`` seconds (a SIGKILL due keeps its time)."""
+        self.hurry = hurry
+        if self.phase is StopPhase.TERM:
+            self.deadline = min(self.deadline, now + hurry)
+
+    def escalate(self, now: float) -> None:
+        """The deadline's step was taken at ``now``: on to the next phase."""
+        if self.phase is StopPhase.TERM:
+            wait = self.kill_grace if self.hurry is None else min(self.kill_grace, self.hurry / 2)
+            self.phase, self.deadline = StopPhase.KILL, now + wait
+        elif self.phase is StopPhase.KILL:
+            self.phase, self.deadline = StopPhase.ABANDON, now + ABANDON_AFTER
+        else:
+            raise ValueError("nothing follows ABANDON: the stop is over")
 
 
 class Program:
@@ -49,7 +153,7 @@ class Program:
     def __init__(self, doc: CodeDoc, fingerprint: str) -> None:
         self.doc = doc
         self.fingerprint = fingerprint
-        self.state = "starting"
+        self.state = ProgramState.STARTING
         self.conn: Any = None
         self.eof = False
         #: For git programs: (fingerprint, (checkout path, commit)) once fetched.
@@ -65,15 +169,8 @@ class Program:
         self.exit_code: Optional[int] = None
         self.next_start: Optional[float] = None
         self.backoff = 0.0
-        #: While stopping: when SIGTERM and SIGKILL go out, and what follows.
-        self.term_at: Optional[float] = None
-        self.kill_at: Optional[float] = None
-        self.abandon_at: Optional[float] = None
-        self.after_stop: Optional[str] = None  # "start", "remove" or "stay"
-        #: Seconds for each of grace and SIGTERM when it must stop fast (fencing).
-        self.hurry: Optional[float] = None
-        #: The document to run once the old child is gone.
-        self.pending: Optional[CodeDoc] = None
+        #: While STOPPING (and only then): how far its stop has got.
+        self.stopping: Optional[Stop] = None
         self.outcome: Optional[tuple[str, Optional[str]]] = None
         #: A ``restart: never`` program that ended: when it runs again, and
         #: when it ended (maybe under an earlier daemon, see oneshot.py).
@@ -95,11 +192,29 @@ class Program:
     def alive(self) -> bool:
         return self.pid is not None
 
+    def transition(self, new: ProgramState) -> None:
+        """Change the state to ``new``, along an edge TRANSITIONS lists.
+
+        Any other edge is a bug in himbeere.  Under the test suite
+        (``HIMBEERE_STRICT_STATES=1``) it raises :class:`TransitionError`.
+        On a node it is logged as an error and the state changes anyway: the
+        callers have already forgotten the process or sent the signal, so
+        refusing would leave the bookkeeping half done, and an exception here
+        would end the daemon's loop and every program of the node with it.
+        """
+        if new not in TRANSITIONS[self.state]:
+            message = (f"{self.name}: {self.state.value} -> {new.value} is not an allowed "
+                       "transition (programs.TRANSITIONS)")
+            if os.environ.get(STRICT_ENV) == "1":
+                raise TransitionError(message)
+            log.error("%s; going on, please report this bug", message, stack_info=True)
+        self.state = new
+
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.doc.name,
             "rev": self.doc.rev,
-            "state": self.state,
+            "state": self.state.value,
             "pid": self.pid,
             "started": _iso(self.started),
             "restarts": self.restarts,
@@ -113,7 +228,7 @@ class Program:
             "git": self.doc.git.describe() if self.doc.git else None,
             "commit": self.checkout[1] if self.doc.git and self.checkout else None,
             "next_start": _iso(time.time() + self.next_start - time.monotonic())
-            if self.state == "backing-off" and self.next_start is not None else None,
+            if self.state is ProgramState.BACKING_OFF and self.next_start is not None else None,
         }
 
 
@@ -173,20 +288,33 @@ class Supervisor:
         #: doc id -> global modules it exports
         self.providers: dict[str, dict[str, str]] = {}
         self.global_sources: dict[str, str] = {}
-        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        #: Bound calls the loop thread makes for the other threads (see _queue).
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
         os.set_blocking(self._wake_r, False)
 
     # -- talking to the supervisor thread --------------------------------
+    # Other threads call these; each queues a bound method that the loop
+    # thread calls next.  An operation that does not exist is an
+    # AttributeError where it is asked for, never a message nobody handles.
     def submit(self, doc: Mapping[str, Any]) -> None:
         """Hand over a code document (or a deletion) from any thread."""
-        self._inbox.put(("doc", dict(doc)))
-        self.wake()
+        self._queue(self._apply_or_fail, dict(doc))
 
-    def request(self, action: str, arg: Any = None) -> None:
-        """Queue ``restart_all`` or ``stop_all`` (with ``arg`` = force)."""
-        self._inbox.put((action, arg))
+    def assign(self, assigned: frozenset[str], hurry: Optional[float]) -> None:
+        """Run the placed programs in ``assigned``, and only those (placement.py).
+
+        ``hurry``: seconds within which the ones no longer assigned must stop.
+        """
+        self._queue(self._assign, frozenset(assigned), hurry)
+
+    def restart_all(self) -> None:
+        """Restart every program (a reload); one already stopping is left as it is."""
+        self._queue(self._restart_all)
+
+    def _queue(self, method: Callable[..., None], *args: Any) -> None:
+        self._inbox.put(functools.partial(method, *args))
         self.wake()
 
     def wake(self) -> None:
@@ -223,25 +351,20 @@ class Supervisor:
     def _drain_inbox(self) -> None:
         while True:
             try:
-                action, arg = self._inbox.get_nowait()
+                call = self._inbox.get_nowait()
             except queue.Empty:
                 return
             try:
-                if action == "doc":
-                    self._apply(arg)
-                elif action == "fetched":
-                    self._fetched(*arg)
-                elif action == "assigned":
-                    self._assign(*arg)
-                elif action == "restart_all":
-                    self._restart_all()
-                elif action == "stop_all":
-                    self.stop_all(force=bool(arg))
-            except Exception as exc:
-                if action == "doc":
-                    self._failed(arg, exc)
-                else:
-                    log.exception("could not handle %s", action)
+                call()
+            except Exception:
+                name = getattr(getattr(call, "func", call), "__name__", call)
+                log.exception("could not handle %s", name)
+
+    def _apply_or_fail(self, doc: dict[str, Any]) -> None:
+        try:
+            self._apply(doc)
+        except Exception as exc:
+            self._failed(doc, exc)
 
     def _failed(self, doc: dict[str, Any], exc: Exception) -> None:
         """Handling ``doc`` raised: show it ``invalid`` with the error, go on."""
@@ -260,10 +383,10 @@ class Supervisor:
     def _next_deadline(self) -> Optional[float]:
         times = []
         for program in self.programs.values():
-            for when in (program.next_start, program.term_at, program.kill_at,
-                         program.abandon_at):
-                if when is not None:
-                    times.append(when)
+            if program.next_start is not None:
+                times.append(program.next_start)
+            if program.stopping is not None:
+                times.append(program.stopping.deadline)
         if self._next_ping is not None:
             times.append(self._next_ping)
         return min(times) if times else None
@@ -281,7 +404,7 @@ class Supervisor:
             program = self.programs.get(doc_id)
             if program is not None:
                 log.info("%s: document deleted, stopping", program.name)
-                self._stop(program, then="remove")
+                self._stop(program, AfterStop.REMOVE)
             return
         parsed = codedoc.parse(doc, self.default_restart)
         if parsed.global_modules or doc_id in self.providers:
@@ -303,7 +426,7 @@ class Supervisor:
         if not mine or not parsed.is_program:
             if program is not None:
                 log.info("%s: no longer a program of this node, stopping", program.name)
-                self._stop(program, then="remove")
+                self._stop(program, AfterStop.REMOVE)
             elif not mine:
                 log.debug("ignoring %s: for node %r, not %s", printable(doc_id), doc.get("type"),
                           self.node)
@@ -319,9 +442,8 @@ class Supervisor:
             if not self._ended_in_this_boot(program):
                 self._start_or_rest(program)
             return
-        if program.state == "stopping":
-            program.pending = parsed
-            program.after_stop = "start"
+        if program.state is ProgramState.STOPPING:
+            self._stop(program, AfterStop.START, parsed)  # starts with this once gone
             return
         changed = fingerprint != program.fingerprint or parsed.enabled != program.doc.enabled
         if not changed:
@@ -331,8 +453,7 @@ class Supervisor:
         if program.alive:
             log.info("%s: changed (rev %s), restarting", printable(parsed.name),
                      printable(parsed.rev))
-            program.pending = parsed
-            self._stop(program, then="start")
+            self._stop(program, AfterStop.START, parsed)
         else:
             program.doc, program.fingerprint = parsed, fingerprint
             program.restarts, program.backoff = 0, 0.0
@@ -349,7 +470,7 @@ class Supervisor:
                 merged[name] = source
         self.global_sources = merged
         for program in list(self.programs.values()):
-            if program.state == "stopping":
+            if program.state is ProgramState.STOPPING:
                 continue
             fingerprint = program.doc.fingerprint(merged)
             if program.runs_again and not program.alive:
@@ -361,30 +482,27 @@ class Supervisor:
 
     def _deploy_fingerprint(self, program: Program, fingerprint: str) -> None:
         if program.alive:
-            program.pending = program.doc
-            self._stop(program, then="start")
+            self._stop(program, AfterStop.START, program.doc)
         else:
             program.fingerprint = fingerprint
             self._start_or_rest(program)
 
     def _restart_all(self) -> None:
         for program in list(self.programs.values()):
-            if program.state == "stopping":
+            if program.state is ProgramState.STOPPING:
                 continue  # it starts again, or goes away, as already decided
             if program.alive:
-                program.pending = program.doc
-                self._stop(program, then="start")
+                self._stop(program, AfterStop.START, program.doc)
             elif program.doc.enabled and not program.doc.error and not program.runs_again:
                 self._start(program)
 
     def _assign(self, assigned: frozenset[str], hurry: Optional[float]) -> None:
-        """Run the placed programs in ``assigned``, and only those (placement.py)."""
         before, self.assigned = self.assigned, set(assigned)
         for doc_id in sorted(before - self.assigned):
             program = self.programs.get(doc_id)
             if program is not None and program.doc.placed:
                 log.info("%s: no longer placed on this node, stopping", program.name)
-                self._stop(program, then="remove", hurry=hurry)
+                self._stop(program, AfterStop.REMOVE, hurry=hurry)
         for doc_id in sorted(self.assigned - before):
             doc = self.placed_docs.get(doc_id)
             if doc is not None:  # else the feed brings it later
@@ -397,22 +515,21 @@ class Supervisor:
         if program.doc.error:
             # Deployed as it is: the same code as before the error starts again.
             program.fingerprint = program.doc.fingerprint(self.global_sources)
-            self._set(program, "invalid", error=program.doc.error)
+            self._set(program, ProgramState.INVALID, error=program.doc.error)
             log.error("%s: %s", program.name, printable(program.doc.error, multiline=True))
         elif not program.doc.enabled:
-            self._set(program, "stopped", error=None)
+            self._set(program, ProgramState.STOPPED, error=None)
         else:
             self._start(program)
 
     def _start(self, program: Program) -> None:
         program.next_start = None
         if self.closing:
-            self._set(program, "stopped")
+            self._set(program, ProgramState.STOPPED)
             return
         # One that already holds a slot keeps it (a restart); a new one
         # ("starting") or one that had ended must find a free one.
-        if program.state in ("starting", "stopped", "finished", "crashed", "invalid",
-                             "rejected") and not self._slot_free(program):
+        if program.state in NEEDS_SLOT and not self._slot_free(program):
             self._reject(program)
             return
         program.queued = None
@@ -452,7 +569,7 @@ class Supervisor:
         program.started_mono = time.monotonic()
         program.outcome = None
         program.exit_code = None
-        self._set(program, "running", error=program.last_error)
+        self._set(program, ProgramState.RUNNING, error=program.last_error)
         log.info("%s: started (pid %s, rev %s)", program.name, pid, printable(doc.rev))
 
     def _slot_free(self, program: Program) -> bool:
@@ -466,13 +583,13 @@ class Supervisor:
             program.queued = self._queue_counter
             log.warning("%s: not started: this node runs its ceiling of %d programs "
                         "(max_programs)", program.name, self.max_programs)
-        self._set(program, "rejected",
+        self._set(program, ProgramState.REJECTED,
                   error=f"not started: this node runs its ceiling of {self.max_programs} "
                         "programs (max_programs); it starts when one of them ends")
 
     def _admit(self) -> None:
         """Start rejected programs, first come first served, while slots are free."""
-        waiting = [p for p in self.programs.values() if p.state == "rejected"]
+        waiting = [p for p in self.programs.values() if p.state is ProgramState.REJECTED]
         if not waiting or self.closing:
             return
         waiting.sort(key=lambda p: p.queued or 0)
@@ -485,13 +602,13 @@ class Supervisor:
     def _fetch(self, program: Program, fingerprint: str) -> None:
         """Fetch a git program in a thread; :meth:`_fetched` starts it after."""
         if program.fetching == fingerprint:
-            self._set(program, "fetching")  # the fetch under way will start it
+            self._set(program, ProgramState.FETCHING)  # the fetch under way will start it
             return
         program.fetching = fingerprint
         doc = program.doc
         assert doc.git is not None
         root = gitsource.checkout_root(self.state_dir or Path("."), doc.doc_id)
-        self._set(program, "fetching")
+        self._set(program, ProgramState.FETCHING)
         log.info("%s: fetching %s", program.name, printable(doc.git.describe()))
 
         def work() -> None:
@@ -502,8 +619,7 @@ class Supervisor:
                 result = exc
             except Exception as exc:  # noqa: BLE001 - reported in the status
                 result = gitsource.GitError(f"git: {exc}")
-            self._inbox.put(("fetched", (doc.doc_id, fingerprint, result)))
-            self.wake()
+            self._queue(self._fetched, doc.doc_id, fingerprint, result)
 
         threading.Thread(target=work, name=f"git-{doc.name}", daemon=True).start()
 
@@ -512,54 +628,60 @@ class Supervisor:
         if program is None or program.fetching != fingerprint:
             return  # deleted or changed again meanwhile
         program.fetching = None
-        if program.state != "fetching":
+        if program.state is not ProgramState.FETCHING:
             return  # stopped or disabled while fetching
         if isinstance(result, gitsource.GitError):
             if result.transient:
                 self._crashed(program, str(result), time.monotonic())
             else:
                 log.error("%s: %s", program.name, printable(result, multiline=True))
-                self._set(program, "invalid", error=str(result))
+                self._set(program, ProgramState.INVALID, error=str(result))
             return
         program.fetched = (fingerprint, result)
         log.info("%s: fetched commit %s", program.name, result[1][:12])
         self._start(program)
 
     # -- stopping --------------------------------------------------------------
-    def _stop(self, program: Program, then: str, hurry: Optional[float] = None) -> None:
-        """Ask ``program`` to quit; ``then`` is start, remove or stay.
+    def _stop(self, program: Program, then: AfterStop, doc: Optional[CodeDoc] = None,
+              hurry: Optional[float] = None) -> None:
+        """Ask ``program`` to quit; ``then`` it starts ``doc``, goes, or stays.
 
-        ``hurry`` shortens the grace period and the wait after SIGTERM to at
-        most that many seconds each (a fenced placed program).
+        Stopping one already stopping changes only what follows (and the
+        deadline, if ``hurry``).  ``hurry`` shortens the grace period and the
+        wait after SIGTERM (a fenced placed program, see :class:`Stop`).
         """
-        program.after_stop = then
         program.next_start = None
         if not program.alive:
-            self._after_stop(program)
+            self._after_stop(program, then, doc)
             return
         now = time.monotonic()
-        if hurry is not None:
-            program.hurry = hurry
-            if program.term_at is not None:
-                program.term_at = min(program.term_at, now + hurry)
-        if program.state != "stopping":
-            try:
-                program.conn.send("quit")
-            except (OSError, ValueError):
-                pass
-            grace = self.grace_period if hurry is None else min(self.grace_period, hurry)
-            program.term_at = now + grace
-            self._set(program, "stopping")
+        stop = program.stopping
+        if stop is not None:
+            stop.then, stop.doc = then, doc
+            if hurry is not None:
+                stop.hurry_up(now, hurry)
+            return
+        try:
+            program.conn.send("quit")
+        except (OSError, ValueError):
+            pass
+        grace = self.grace_period if hurry is None else min(self.grace_period, hurry)
+        program.stopping = Stop(then, now + grace, self.kill_grace, doc, hurry)
+        self._set(program, ProgramState.STOPPING)
 
     def stop_all(self, force: bool = False) -> None:
-        """Stop every program for good; ``force`` skips the grace period."""
+        """Stop every program for good; ``force`` skips the grace period.
+
+        On the loop thread (the daemon's shutdown), which then loops until
+        :meth:`busy` is False.
+        """
         self.closing = True
         for program in list(self.programs.values()):
-            self._stop(program, then="stay")
+            self._stop(program, AfterStop.STAY)
             # A SIGTERM already sent: leave the SIGKILL that follows it alone.
-            if force and program.alive and program.kill_at is None \
-                    and program.abandon_at is None:
-                program.term_at = time.monotonic()
+            stop = program.stopping
+            if force and stop is not None and stop.phase is StopPhase.TERM:
+                stop.deadline = time.monotonic()
 
     def busy(self) -> bool:
         """True while any program is still alive."""
@@ -570,23 +692,28 @@ class Supervisor:
             if program.next_start is not None and now >= program.next_start:
                 program.next_start = None
                 self._start(program)
-            if program.term_at is not None and now >= program.term_at and program.alive:
-                log.warning("%s: did not quit within the grace period; SIGTERM", program.name)
-                _kill_group(program.pid, signal.SIGTERM)
-                program.term_at = None
-                program.kill_at = now + (self.kill_grace if program.hurry is None
-                                         else min(self.kill_grace, program.hurry / 2))
-            if program.kill_at is not None and now >= program.kill_at and program.alive:
-                log.warning("%s: still alive after SIGTERM; SIGKILL", program.name)
-                _kill_group(program.pid, signal.SIGKILL)
-                program.kill_at = None
-                program.abandon_at = now + ABANDON_AFTER
-            if program.abandon_at is not None and now >= program.abandon_at and program.alive:
-                log.error("%s: pid %s survives SIGKILL; giving up on it", program.name,
-                          program.pid)
-                program.last_error = f"pid {program.pid} did not die after SIGKILL"
-                self._forget(program)
-                self._after_stop(program)
+            if program.stopping is not None and program.alive:
+                self._escalate(program, program.stopping, now)
+
+    def _escalate(self, program: Program, stop: Stop, now: float) -> None:
+        """Take the step of each phase whose deadline has passed, in order.
+
+        One after the other in the same call, so a wait of 0 costs no loop.
+        """
+        if stop.phase is StopPhase.TERM and now >= stop.deadline:
+            log.warning("%s: did not quit within the grace period; SIGTERM", program.name)
+            _kill_group(program.pid, signal.SIGTERM)
+            stop.escalate(now)
+        if stop.phase is StopPhase.KILL and now >= stop.deadline:
+            log.warning("%s: still alive after SIGTERM; SIGKILL", program.name)
+            _kill_group(program.pid, signal.SIGKILL)
+            stop.escalate(now)
+        if stop.phase is StopPhase.ABANDON and now >= stop.deadline:
+            log.error("%s: pid %s survives SIGKILL; giving up on it", program.name,
+                      program.pid)
+            program.last_error = f"pid {program.pid} did not die after SIGKILL"
+            self._forget(program)
+            self._after_stop(program, stop.then, stop.doc)
 
     def _ping(self, now: float) -> None:
         """Tell placed children we are alive: a frozen daemon's children stop.
@@ -597,7 +724,7 @@ class Supervisor:
         if self.fence is None or (self._next_ping is not None and now < self._next_ping):
             return
         placed = [p for p in self.programs.values() if p.doc.placed and p.alive
-                  and p.conn is not None and not p.eof and p.state != "stopping"]
+                  and p.conn is not None and not p.eof and p.state is not ProgramState.STOPPING]
         self._next_ping = now + self.fence / 6 if placed else None
         for program in placed:
             try:
@@ -608,22 +735,21 @@ class Supervisor:
             except (OSError, ValueError):
                 pass
 
-    def _after_stop(self, program: Program) -> None:
-        program.term_at = program.kill_at = program.abandon_at = None
-        program.hurry = None
-        then, program.after_stop = program.after_stop, None
-        if then == "remove":
+    def _after_stop(self, program: Program, then: AfterStop, doc: Optional[CodeDoc]) -> None:
+        """The process is gone: start ``doc``, forget the program, or keep it STOPPED."""
+        program.stopping = None
+        if then is AfterStop.REMOVE:
             self.programs.pop(program.doc.doc_id, None)
             if self.ended is not None:
                 self.ended.forget(program.doc.doc_id)
             self.on_change()
-        elif then == "start" and program.pending is not None:
-            program.doc, program.pending = program.pending, None
+        elif then is AfterStop.START and doc is not None:
+            program.doc = doc
             program.restarts, program.backoff = 0, 0.0
             program.last_error = program.doc.error
             self._start_or_rest(program)
         else:
-            self._set(program, "stopped")
+            self._set(program, ProgramState.STOPPED)
 
     # -- reaping -----------------------------------------------------------------
     def _reap(self) -> None:
@@ -645,9 +771,10 @@ class Supervisor:
             # goes too: the rest of its tree is the fork server's now, which
             # kills it (reaper.py), setsid() or not.
             self._forget(program)
-            if program.state == "stopping":
+            stop = program.stopping
+            if stop is not None:
                 log.info("%s: stopped", program.name)
-                self._after_stop(program)
+                self._after_stop(program, stop.then, stop.doc)
                 continue
             self._exited(program, code, now)
 
@@ -684,7 +811,7 @@ class Supervisor:
     def _exited(self, program: Program, code: Optional[int], now: float) -> None:
         status, detail = program.outcome or (None, None)
         if status == "invalid":
-            self._set(program, "invalid", error=detail)
+            self._set(program, ProgramState.INVALID, error=detail)
             log.error("%s: %s", program.name, printable(detail, multiline=True))
             return
         if status == "finished" or (status is None and code == 0):
@@ -692,7 +819,7 @@ class Supervisor:
             if program.doc.restart == "always":
                 self._back_off(program, now, "finished")
             else:
-                self._set(program, "finished", error=None)
+                self._set(program, ProgramState.FINISHED, error=None)
             return
         if detail is None:
             detail = _describe_exit(code)
@@ -702,7 +829,7 @@ class Supervisor:
         log.error("%s: crashed: %s", program.name, printable(error.rstrip(), multiline=True))
         program.last_error = error
         if program.doc.restart == "never":
-            self._set(program, "crashed", error=error)
+            self._set(program, ProgramState.CRASHED, error=error)
         else:
             self._back_off(program, now, "crashed", error)
 
@@ -717,20 +844,23 @@ class Supervisor:
         program.next_start = now + program.backoff
         log.info("%s: %s; restart %d in %.1f s", program.name, why, program.restarts,
                  program.backoff)
-        self._set(program, "backing-off", error=error if error is not None else program.last_error)
+        self._set(program, ProgramState.BACKING_OFF,
+                  error=error if error is not None else program.last_error)
 
-    def _set(self, program: Program, state: str, error: Any = ...) -> None:
-        program.state = state
+    def _set(self, program: Program, state: ProgramState, error: Any = ...) -> None:
+        """Move ``program`` to ``state`` (checked), keep ended.json, tell on_change."""
+        program.transition(state)
         if error is not ...:
             program.last_error = error
-        if state in ("finished", "crashed") and program.doc.restart == "never":
+        if state in (ProgramState.FINISHED, ProgramState.CRASHED) \
+                and program.doc.restart == "never":
             program.runs_again, program.ended = oneshot.RUNS_AGAIN, iso(time.time())
             if self.ended is not None:
-                self.ended.ended(program.doc.doc_id, program.doc.fingerprint({}), state,
+                self.ended.ended(program.doc.doc_id, program.doc.fingerprint({}), state.value,
                                  program.ended, program.exit_code, program.last_error)
-        elif state != "stopping":
+        elif state is not ProgramState.STOPPING:
             program.runs_again = program.ended = None
-            if self.ended is not None and state == "running":
+            if self.ended is not None and state is ProgramState.RUNNING:
                 self.ended.forget(program.doc.doc_id)
         self.on_change()
 
@@ -742,7 +872,10 @@ class Supervisor:
         entry = self.ended.get(doc.doc_id, doc.fingerprint({}))
         if entry is None:
             return False
-        program.state = str(entry.get("state") or "finished")
+        # ended.json holds only these two (written by _set); anything else
+        # in a damaged file reads as finished.
+        program.transition(ProgramState.CRASHED if entry.get("state") == "crashed"
+                           else ProgramState.FINISHED)
         program.last_error, program.exit_code = entry.get("error"), entry.get("exit_code")
         program.runs_again, program.ended = oneshot.RUNS_AGAIN, entry.get("ended")
         log.info("%s: %s at %s, since this machine booted; it runs again at the next boot "

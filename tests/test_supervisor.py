@@ -343,7 +343,7 @@ def test_restart_all_does_not_bring_back_a_deleted_program(harness: Harness) -> 
     harness.doc("gone", code=GOOD)
     child = harness.last("gone")
     harness.delete("gone")
-    harness.sup.request("restart_all")
+    harness.sup.restart_all()
     harness.step()
     child.exit(0, ("finished", None))
     harness.step()
@@ -356,7 +356,7 @@ def test_restart_all_restarts_running_and_finished_programs(harness: Harness) ->
     harness.doc("done", code=GOOD)
     harness.last("done").exit(0, ("finished", None))
     harness.step()
-    harness.sup.request("restart_all")
+    harness.sup.restart_all()
     harness.step()
     assert len(harness.server.started("done")) == 2
     harness.last("run").exit(0, ("finished", None))

@@ -52,14 +52,16 @@ from typing import Any, Optional, Union
 from himbeere import codedoc, defaults, health, placement, schema
 from himbeere.couch import Database, Doc
 from himbeere.exceptions import ConfigError, Conflict, NotFound
+from himbeere.schema import ProgramState
 
 from . import push
 from .fleet import NODE_DOC_TYPE, Fleet, check_name, parse_labels
 
 #: A command's result is final in one of these states (``running`` is not).
 FINAL_STATES = ("done", "timeout", "error", "interrupted")
-#: States of a program that count as crashed in the node summaries.
-CRASHED_STATES = ("crashed", "backing-off", "invalid")
+#: States of a program that count as crashed in the node summaries (and
+#: on the dashboard, which gets them from here).
+CRASHED_STATES = (ProgramState.CRASHED, ProgramState.BACKING_OFF, ProgramState.INVALID)
 #: A label key: like a friendly name (checked by :func:`~uploader.fleet.parse_labels`).
 LABEL_KEY = check_name
 
@@ -137,7 +139,7 @@ def summarize(node: int, status: Optional[Doc], node_doc: Optional[Doc],
         "throttled": status.get("throttled"),
         "clock_offset": status.get("clock_offset"),
         "programs": programs,
-        "running": states.count("running"),
+        "running": states.count(ProgramState.RUNNING),
         "crashed": sum(1 for s in states if s in CRASHED_STATES),
     }
 
@@ -647,7 +649,8 @@ def log_lines(docs: Iterable[Doc], after: Optional[float] = None) -> list[tuple[
 
 # -- program state -----------------------------------------------------------------------
 #: Program states in which a node may still write the program's state back.
-ACTIVE_STATES = ("running", "stopping", "backing-off", "fetching", "starting")
+ACTIVE_STATES = (ProgramState.RUNNING, ProgramState.STOPPING, ProgramState.BACKING_OFF,
+                 ProgramState.FETCHING, ProgramState.STARTING)
 
 
 def state_program(fleet: Fleet, program: str, node: Optional[NodeRef] = None) -> Doc:

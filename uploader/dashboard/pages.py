@@ -28,6 +28,7 @@ def render_page(template: str, page: str, data: Any, **context: Any) -> str:
         "page": page,
         "csrf": csrf_token(),
         "thresholds": {"suspect_after": health.SUSPECT_AFTER, "dead_after": health.DEAD_AFTER},
+        "crashed_states": [state.value for state in ops.CRASHED_STATES],
     }
     return render_template(template, page=page, data=data, page_config=config, **context)
 

@@ -7,7 +7,7 @@
 
 (function () {
   const config = JSON.parse(document.getElementById("config").textContent);
-  const CRASHED = ["crashed", "backing-off", "invalid"];
+  const CRASHED = config.crashed_states;  // ops.CRASHED_STATES, from the page
 
   // -- small helpers ---------------------------------------------------------------
   function h(tag, attrs, ...children) {
