@@ -27,10 +27,10 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from . import discovery, identity, statelock, transport
+from . import discovery, identity, statelock
 from .commands import COMMAND_TYPE, Commands
 from .config import Config, redact
-from .couch import Couch, Doc, split_servers
+from .couch import Couch, Doc, split_servers, transport
 from .exceptions import ConfigError, CouchError, HimbeereError
 from .feed import Feed, SeqStore
 from .health import Health

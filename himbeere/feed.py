@@ -22,8 +22,8 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import defaults, design
-from .couch import Couch, Database, Doc, Seq
+from . import defaults
+from .couch import Couch, Database, Doc, Seq, design
 from .exceptions import CouchError, HimbeereError
 
 log = logging.getLogger(__name__)

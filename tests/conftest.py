@@ -22,8 +22,8 @@ from typing import Callable, Optional
 import pytest
 import requests
 
-from himbeere import defaults, security
-from himbeere.couch import Couch, Database
+from himbeere import defaults
+from himbeere.couch import Couch, Database, security
 from tests.helpers import AS_NODE_ENV
 from tests.nodes import Node
 from tests.servers import (

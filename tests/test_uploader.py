@@ -16,8 +16,7 @@ from typing import Any, Callable, Optional
 import pytest
 
 from himbeere import cli as himbeere_cli
-from himbeere import design, security
-from himbeere.couch import Couch
+from himbeere.couch import Couch, design, security
 from himbeere.exceptions import ProgramError
 from tests.servers import free_port
 from tests.test_security import delete_users, random_mac

@@ -30,9 +30,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from . import codedoc, defaults, security
-from .couch import Couch, Database, Doc, FeedFilter
-from .exceptions import CouchError, NotFound, Unauthorized
+from .. import codedoc, defaults
+from ..exceptions import CouchError, NotFound, Unauthorized
+from . import security
+from .client import Couch, Database, Doc, FeedFilter
 
 log = logging.getLogger(__name__)
 
