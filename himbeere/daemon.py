@@ -27,11 +27,11 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from . import discovery, identity, statelock, transport
+from . import discovery, identity, statelock
 from .commands import Commands
 from .component import Component
 from .config import Config, redact
-from .couch import Couch, Doc, split_servers
+from .couch import Couch, Doc, split_servers, transport
 from .exceptions import ConfigError, CouchError, HimbeereError
 from .feed import Feed, SeqStore
 from .health import Health

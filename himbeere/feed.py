@@ -21,9 +21,9 @@ import threading
 from pathlib import Path
 from typing import Callable, Optional
 
-from . import defaults, design
+from . import defaults
 from .component import Backoff, Component
-from .couch import Couch, Database, Doc, Seq
+from .couch import Couch, Database, Doc, Seq, design
 from .exceptions import CouchError, HimbeereError
 
 log = logging.getLogger(__name__)

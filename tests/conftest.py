@@ -22,9 +22,9 @@ from typing import Any, Callable, Optional
 import pytest
 import requests
 
-from himbeere import defaults, security
+from himbeere import defaults
 from himbeere.commands import Commands
-from himbeere.couch import Couch, Database
+from himbeere.couch import Couch, Database, security
 from tests.helpers import AS_NODE_ENV, USER_PASSWORD, random_mac
 from tests.nodes import Node
 from tests.servers import (

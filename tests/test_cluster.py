@@ -21,8 +21,8 @@ from typing import Any, Optional
 
 import pytest
 
-from himbeere import config, security
-from himbeere.couch import Couch, Database, server_urls
+from himbeere import config
+from himbeere.couch import Couch, Database, security, server_urls
 from himbeere.exceptions import ConfigError, Unauthorized, Unreachable
 from tests.cluster import NO_RELEASE, CouchCluster, open_cluster, release, skip_reason
 from tests.helpers import wait_for

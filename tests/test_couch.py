@@ -476,7 +476,7 @@ def test_a_daemon_that_skipped_openssl_still_speaks_https(
     reload may bring an https:// one, which must still work."""
     script = (
         "import sys\n"
-        "from himbeere import transport\n"
+        "from himbeere.couch import transport\n"
         "transport.load_http_client(tls=False)\n"
         "print('ssl' in sys.modules, hasattr(sys.modules['http.client'], 'HTTPSConnection'))\n"
         "from himbeere.couch import Couch\n"

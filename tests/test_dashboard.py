@@ -25,8 +25,7 @@ pytest.importorskip("flask", reason="the dashboard needs Flask (pip install '.[d
 from flask import Flask  # noqa: E402
 from flask.testing import FlaskClient  # noqa: E402
 
-from himbeere import security  # noqa: E402
-from himbeere.couch import Couch, Doc  # noqa: E402
+from himbeere.couch import Couch, Doc, security  # noqa: E402
 from tests.conftest import UserFactory  # noqa: E402
 from tests.helpers import USER_PASSWORD as PASSWORD  # noqa: E402
 from tests.helpers import wait_for  # noqa: E402

@@ -13,8 +13,7 @@ from typing import Any
 
 import requests
 
-from himbeere import design
-from himbeere.couch import Couch, Database
+from himbeere.couch import Couch, Database, design
 from himbeere.feed import Backoff, SeqStore
 from tests.helpers import needs_admin_daemon, wait_for
 from tests.nodes import wait_file

@@ -18,9 +18,8 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from himbeere import design, security
 from himbeere.commands import COMMAND_TYPE, Commands, Journal, result_id
-from himbeere.couch import Couch, Doc
+from himbeere.couch import Couch, Doc, design, security
 from himbeere.exceptions import ConfigError, NotFound, Unauthorized
 from himbeere.status import status_id
 from tests.helpers import wait_for

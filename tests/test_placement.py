@@ -22,8 +22,8 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from himbeere import design, placement
-from himbeere.couch import Couch, Database, Doc
+from himbeere import placement
+from himbeere.couch import Couch, Database, Doc, design
 from himbeere.lease import lease_id
 from himbeere.placement import NodeInfo, Placement, assign
 from tests.helpers import wait_for

@@ -20,9 +20,8 @@ from typing import Any, Callable, Optional
 import pytest
 import requests
 
-from himbeere import design, security
 from himbeere.commands import Commands
-from himbeere.couch import Couch, doc_path, quote
+from himbeere.couch import Couch, design, doc_path, quote, security
 from himbeere.status import status_id
 from tests.helpers import random_mac, wait_for
 from tests.nodes import wait_file

@@ -14,8 +14,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from himbeere import design, security
-from himbeere.couch import Couch
+from himbeere.couch import Couch, design, security
 from himbeere.exceptions import ProgramError
 from tests.helpers import random_mac
 from tests.servers import free_port

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from himbeere import config as configuration
-from himbeere import defaults, security
-from himbeere.couch import Doc
+from himbeere import defaults
+from himbeere.couch import Doc, security
 from himbeere.exceptions import ConfigError, HimbeereError
 
 from . import discover as discovery

@@ -10,8 +10,7 @@ nothing and says so.
 
 from __future__ import annotations
 
-from himbeere import design, security
-from himbeere.couch import Database, Doc
+from himbeere.couch import Database, Doc, design, security
 
 from .fleet import Fleet
 

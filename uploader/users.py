@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from typing import Optional
 
-from himbeere import identity, security
-from himbeere.couch import Doc
+from himbeere import identity
+from himbeere.couch import Doc, security
 from himbeere.exceptions import ConfigError, Unauthorized
 
 from .fleet import Fleet

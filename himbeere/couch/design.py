@@ -30,10 +30,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Optional
 
-from . import defaults, security
-from .couch import Couch, Database, Doc, FeedFilter
-from .exceptions import CouchError, NotFound, Unauthorized
-from .schema import COMMAND_TYPE, PLACED_TYPE, commands_id
+from .. import defaults
+from ..exceptions import CouchError, NotFound, Unauthorized
+from ..schema import COMMAND_TYPE, PLACED_TYPE, commands_id
+from . import security
+from .client import Couch, Database, Doc, FeedFilter
 
 log = logging.getLogger(__name__)
 

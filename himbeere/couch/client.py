@@ -1,7 +1,7 @@
 """All CouchDB access: the only module that builds a URL.
 
 Everything else talks to :class:`Couch` (a server) and :class:`Database`.
-The bytes travel through :mod:`himbeere.transport` (``http.client`` on the
+The bytes travel through :mod:`himbeere.couch.transport` (``http.client`` on the
 Pi, ``requests`` in the laptop tools); programs get a CouchDB-Python
 ``couchdb.Database`` handle from :meth:`Database.client_handle`, because that
 is the API HimbeereCouch programs were written against.
@@ -28,8 +28,7 @@ import urllib.parse
 from collections.abc import Iterator, Mapping
 from typing import Any, Callable, Optional, Union
 
-from . import transport as transports
-from .exceptions import (
+from ..exceptions import (
     ConfigError,
     Conflict,
     CouchError,
@@ -37,6 +36,7 @@ from .exceptions import (
     Unauthorized,
     Unreachable,
 )
+from . import transport as transports
 
 log = logging.getLogger(__name__)
 

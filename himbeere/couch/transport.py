@@ -36,7 +36,7 @@ import urllib.parse
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Optional
 
-from .exceptions import Unreachable
+from ..exceptions import Unreachable
 
 if TYPE_CHECKING:
     import http.client

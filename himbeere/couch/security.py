@@ -58,7 +58,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from . import defaults
+from .. import defaults
 
 NODE_ROLE = "himbeere-node"
 DEPLOYER_ROLE = "himbeere-deployer"
