@@ -79,7 +79,7 @@ interval):
           placed programs' children watch for the daemon's ``"alive"``
           messages: after ``CHILD_FENCE / 2`` intervals of silence they quit,
           after ``CHILD_FENCE`` they kill their process group
-          (:mod:`himbeere.child`); a killed daemon's children quit at once
+          (:mod:`himbeere.runtime.child`); a killed daemon's children quit at once
 ``6 I``   the node is ``dead`` (:data:`himbeere.health.DEAD_AFTER`); at its
           next heartbeat the leader assigns the program elsewhere, and the new
           node starts it at its own next heartbeat

@@ -26,10 +26,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import child, codedoc, defaults, gitsource, oneshot
+from . import codedoc, defaults, gitsource, oneshot
 from .codedoc import CodeDoc
 from .forkserver import ForkServer
 from .logtext import printable
+from .runtime import child
 
 log = logging.getLogger(__name__)
 

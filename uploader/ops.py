@@ -38,7 +38,7 @@ each change restarts the program).  A placed program has one document
 however many nodes run it, so these act wherever it is placed.
 
 A program's persistent ``state`` is the ``state:<program id>`` document of
-the status database (see :mod:`himbeere.progstate`); :func:`program_state`
+the status database (see :mod:`himbeere.runtime.progstate`); :func:`program_state`
 shows it and :func:`reset_state` deletes it.
 """
 
@@ -55,7 +55,7 @@ from himbeere.couch import Database, Doc
 from himbeere.exceptions import ConfigError, Conflict, NotFound
 from himbeere.lease import lease_id
 from himbeere.logship import log_id
-from himbeere.progstate import state_id
+from himbeere.runtime.progstate import state_id
 from himbeere.status import status_id
 
 from . import push

@@ -33,11 +33,11 @@ import threading
 import traceback
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from . import defaults
+from .. import defaults
 
 if TYPE_CHECKING:  # lease.py imports http.client: a program that never elects skips it
-    from .couch import Database
-    from .lease import Lease
+    from ..couch import Database
+    from ..lease import Lease
 
 #: Shortest wait between two tries, so an unreachable server is not hammered.
 MIN_WAIT = 0.2
@@ -163,7 +163,7 @@ class Leadership:
             election = self.elections.get(group)
             new = election is None
             if election is None:
-                from .lease import Lease
+                from ..lease import Lease
 
                 lease = Lease(self._db(), lease_name(group), self.holder,
                               ttl or self.ttl, clock=self.clock)
