@@ -18,7 +18,7 @@ from typing import Callable, Optional
 import pytest
 
 from himbeere.couch import Couch, Database
-from himbeere.lease import lease_id
+from himbeere.fleet.lease import lease_id
 from himbeere.runtime.leadership import Leadership, lease_name
 from tests.conftest import NodeUserFactory
 from tests.helpers import wait_for

@@ -26,7 +26,7 @@ the status database with ``result:<command id>:<mac>``, which only that
 node (and admins and deployers) may create or update: the id must end in
 ``:<its MAC id>`` and ``node``, if present, must be its MAC id.
 
-Leases (``lease:*``, see :mod:`himbeere.lease`) change hands only when free:
+Leases (``lease:*``, see :mod:`himbeere.fleet.lease`) change hands only when free:
 a node writes one only when it is absent, released (``holder`` null),
 expired on the server's clock (``Date.now()``, which both pouchdb-server
 and CouchDB 3.5's QuickJS give a validate function), or held in the node's

@@ -33,9 +33,9 @@ import logging
 import time
 from typing import Any, Callable, Optional
 
-from . import defaults
-from .couch import Database, Doc
-from .exceptions import Conflict, CouchError, Unauthorized
+from .. import defaults
+from ..couch import Database, Doc
+from ..exceptions import Conflict, CouchError, Unauthorized
 
 log = logging.getLogger(__name__)
 
