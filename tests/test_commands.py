@@ -16,8 +16,9 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from himbeere.commands import Commands, Journal
+from himbeere.commands import Commands
 from himbeere.couch import Couch, Database, Doc
+from himbeere.journal import Journal
 from tests.helpers import wait_for
 from tests.nodes import Node, pid_alive, wait_file
 
