@@ -21,7 +21,7 @@ seconds and in heartbeat intervals, how soon the old instance stopped, and
 stopped: must be 0).  All times are :func:`time.perf_counter` in this
 process.  Expect about 6 to 8 heartbeat intervals: a node is dead after 6
 (:data:`himbeere.health.DEAD_AFTER`), then the leader's and the new node's
-next heartbeats follow (see :mod:`himbeere.placement`).
+next heartbeats follow (see :mod:`himbeere.fleet.placement`).
 
 It cleans up after itself: daemons get SIGTERM, only processes it started
 are killed, and its two databases are deleted.

@@ -8,7 +8,7 @@ A code document is HimbeereCouch's format::
 
 ``type`` is the node's MAC id (an integer, or the same digits as a string),
 or ``"himbeere-placed"`` for a program the fleet places on nodes of its
-choosing (see :mod:`himbeere.placement`).  Optional fields: ``restart``
+choosing (see :mod:`himbeere.fleet.placement`).  Optional fields: ``restart``
 (on-failure, always, never), ``enabled`` (false stops the program without
 deleting it) and ``restart_count`` (raising it restarts the program: that is
 what ``himbeere restart`` does).

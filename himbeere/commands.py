@@ -22,7 +22,7 @@ not decode appear as ``\\xNN``).
 
 Exactly once: a document that has a result is never run again, and every
 command the daemon takes on is kept in a journal in the state directory
-(``commands.json``) until its result is written: ``queued``, then
+(``commands.json``, :mod:`himbeere.journal`) until its result is written: ``queued``, then
 ``started`` just before the process starts.  The next daemon runs a
 ``queued`` one (it never started).
 
@@ -87,6 +87,7 @@ from . import defaults
 from .component import Backoff, Component
 from .couch import Database, Doc
 from .exceptions import CommandError, CouchError, Unreachable
+from .journal import QUEUED, STARTED, Journal
 from .launcher import Launcher, boot_id, remove_dir, runner_alive, signal_runner
 from .logtext import EscapedArguments
 from .schema import COMMAND_TYPE, RESULT_PREFIX, RESULT_TYPE, iso, result_id, targets_node
@@ -98,18 +99,12 @@ log.addFilter(EscapedArguments())
 FINAL_STATES = ("done", "timeout", "error", "interrupted")
 STREAMS = ("stdout", "stderr")
 
-#: Journal phases of a command.
-QUEUED, STARTED = "queued", "started"
-
 #: Longest wait between two looks at a command's deadline and the stop flag.
 SLICE = 0.2
 #: Seconds to wait for a runner to end after SIGTERM.
 KILL_WAIT = 5.0
 #: Seconds between two looks at a runner's lock where there is no pidfd.
 POLL = 0.01
-
-#: ``fdatasync`` where there is one (Linux); macOS has only ``fsync``.
-_fdatasync = getattr(os, "fdatasync", os.fsync)
 
 INTERRUPTED = ("the daemon and this command's runner stopped while it ran (a power cut?): "
                "it may have run; its result is unknown; it is not run again")
@@ -211,96 +206,6 @@ def _cut_partial_character(data: bytes) -> bytes:
         if exc.reason == "unexpected end of data" and exc.end == len(data):
             return data[:exc.start]
     return data
-
-
-class Journal:
-    """Commands taken on whose result is not written yet: id -> phase.
-
-    The file holds JSON lines, each ``{id: phase}`` or ``{id: null}`` (the
-    result is written); read in order they give the commands open now.
-    A change is one appended line made durable with ``fdatasync``, about a
-    third of the cost of writing a new file, ``fsync`` and rename (measured
-    0.25 against 0.7 ms, 0.6 against 1.4 ms after a pause), and the
-    ``queued`` and ``started`` lines are on the way of every command.
-    The file is rewritten that way when it has grown to
-    :attr:`COMPACT_AFTER` lines (on a removal, which comes after the result
-    is written), when it is missing, and when its last line is incomplete
-    (a power cut mid-append) or it is in the format of earlier versions
-    (one JSON object, no newline), which reads as one line.
-    """
-
-    #: Lines from which a removal rewrites the file (any change at four times as many).
-    COMPACT_AFTER = 64
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-
-    def read(self) -> dict[str, str]:
-        return self._load()[0]
-
-    def _load(self) -> tuple[dict[str, str], int, bool]:
-        """The open commands, the number of lines, and whether appending is safe."""
-        try:
-            text = self.path.read_text(encoding="utf-8")
-        except (OSError, ValueError):
-            return {}, 0, False
-        data: dict[str, str] = {}
-        lines = text.split("\n")
-        for line in lines:
-            try:
-                entry = json.loads(line) if line.strip() else {}
-            except ValueError:
-                continue  # torn by a power cut: that change never completed
-            if not isinstance(entry, dict):
-                continue
-            for key, phase in entry.items():
-                if phase is None:
-                    data.pop(str(key), None)
-                else:
-                    data[str(key)] = phase if phase in (QUEUED, STARTED) else STARTED
-        return data, len(lines) - 1, text == "" or text.endswith("\n")
-
-    def set(self, doc_id: str, phase: str) -> None:
-        self._change(doc_id, phase)
-
-    def remove(self, doc_id: str) -> None:
-        self._change(doc_id, None)
-
-    def _change(self, doc_id: str, phase: Optional[str]) -> None:
-        with self._lock:
-            data, lines, appendable = self._load()
-            if data.get(doc_id) == phase:
-                return
-            if phase is None:
-                data.pop(doc_id)
-            else:
-                data[doc_id] = phase
-            limit = self.COMPACT_AFTER if phase is None else 4 * self.COMPACT_AFTER
-            if appendable and lines < limit:
-                # "started" must be on disk before the process is.
-                with open(self.path, "ab") as handle:
-                    handle.write(json.dumps({doc_id: phase}).encode() + b"\n")
-                    handle.flush()
-                    _fdatasync(handle.fileno())
-            else:
-                self._rewrite(data)
-
-    def _rewrite(self, data: dict[str, str]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as handle:
-            handle.write(json.dumps(data) + "\n" if data else "")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, self.path)
-        # Lines appended from now on go to the new file: its name must be on
-        # disk before them, or a power cut could bring back the old one alone.
-        directory = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
 
 
 class FirstStart:

@@ -34,9 +34,9 @@ from .config import Config, redact
 from .couch import Couch, Doc, split_servers, transport
 from .exceptions import ConfigError, CouchError, HimbeereError
 from .feed import Feed, SeqStore
+from .fleet.placement import CHILD_FENCE, LEASE_TTL, Placement
 from .health import Health
 from .logship import LogShipper, OutputLog
-from .placement import CHILD_FENCE, LEASE_TTL, Placement
 from .programs import Supervisor
 from .schema import COMMAND_TYPE, commands_id
 from .status import Status

@@ -63,7 +63,7 @@ LEADER_RETRY = 5.0
 #: (this if it has none) plus LEASE_CLOCK_SLACK: no node can lock a lease
 #: for longer than this without renewing it.  The scheduler's lease lasts 3
 #: heartbeat intervals, so heartbeats longer than a third of this make its
-#: lease expire between two renewals (himbeere.lease caps the ttl here).
+#: lease expire between two renewals (himbeere.fleet.lease caps the ttl here).
 LEASE_MAX_TTL = 3600.0
 #: Seconds a node's estimate of the server's clock (its own clock corrected
 #: by the offset measured from ``Date`` headers, good to about a second)

@@ -11,7 +11,7 @@ So the daemon starts this module once (``python -m himbeere.forkserver FD``)
 with :data:`PRELOAD` imported; it has one thread, forks a child per request
 and reports every child's exit.  It is a child subreaper: what is left of a
 program's process tree when the program ends becomes its child, and it kills
-that (see :mod:`himbeere.reaper`).  Messages on the socket are pickled tuples:
+that (see :mod:`himbeere.runtime.reaper`).  Messages on the socket are pickled tuples:
 
 daemon -> server
     ``("start", token, spec)`` with the child's control socket attached
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 #: ``couchdb``: its import costs 13 MB (it loads pkg_resources), which every
 #: node would carry for the few programs that use ``db``; those import it on
 #: first use.
-PRELOAD = ("himbeere.child", "json", "traceback", "importlib.util",
+PRELOAD = ("himbeere.runtime.child", "json", "traceback", "importlib.util",
            "faulthandler", "threading",
            # a program's first socket call with a host name needs this codec
            "encodings.idna")
@@ -150,7 +150,7 @@ def serve(fd: int) -> None:
             importlib.import_module(name)
         except ImportError as exc:
             print(f"himbeere fork server: cannot preload {name}: {exc}", file=sys.stderr)
-    from himbeere import child, reaper
+    from himbeere.runtime import child, reaper
 
     reaper.note_forks()  # once, here: shared by every program
 
@@ -222,7 +222,7 @@ def _drain(fd: int) -> None:
 
 def _report_exits(conn: Connection, programs: set[int]) -> None:
     """Report programs that ended; kill what they left behind."""
-    from himbeere import reaper
+    from himbeere.runtime import reaper
 
     reaped = False
     while True:

@@ -33,11 +33,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import child, codedoc, defaults, gitsource, oneshot
+from . import codedoc, defaults, gitsource, oneshot
 from .codedoc import CodeDoc
 from .exceptions import HimbeereError
 from .forkserver import ForkServer
 from .logtext import printable
+from .runtime import child
 from .schema import ProgramState, iso
 
 log = logging.getLogger(__name__)

@@ -19,8 +19,9 @@ from typing import Any, Callable
 import pytest
 import requests
 
-from himbeere.commands import Commands, Journal
+from himbeere.commands import Commands
 from himbeere.couch import Couch, Database
+from himbeere.journal import Journal
 from tests.helpers import wait_for
 from tests.nodes import Node, pid_alive, wait_file
 from tests.test_commands import command, py, settled, wait_doc

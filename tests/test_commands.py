@@ -14,8 +14,9 @@ import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from himbeere.commands import Commands, Journal
+from himbeere.commands import Commands
 from himbeere.couch import Couch, Database, Doc
+from himbeere.journal import Journal
 from tests.helpers import wait_for
 from tests.nodes import Node, pid_alive, wait_file
 

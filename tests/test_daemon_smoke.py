@@ -9,6 +9,7 @@ import pytest
 
 from tests.helpers import wait_for
 from tests.nodes import wait_file
+from tests.test_layout import LAPTOP_SIDE
 
 
 def test_code_doc_runs_and_command_returns(node_factory, code_db, tmp_path: Path) -> None:
@@ -34,8 +35,8 @@ def test_code_doc_runs_and_command_returns(node_factory, code_db, tmp_path: Path
 #: laptop's; OpenSSL ~4 MB only for an https:// server; hashlib and tarfile
 #: only when a fleet key or a git program needs them).  ``_ssl``, not ``ssl``:
 #: -X importtime lists the import of ``ssl`` that the daemon turns away.
-HEAVY = ("requests", "urllib3", "couchdb", "pkg_resources", "flask", "uploader", "_ssl",
-         "hashlib", "tarfile")
+#: tests/test_layout.py checks the imports alone, without a server.
+HEAVY = LAPTOP_SIDE + ("_ssl", "hashlib", "tarfile")
 
 
 #: What the ``himbeere`` console script (uploader/main.py) loads of the laptop

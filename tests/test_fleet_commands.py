@@ -18,9 +18,10 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from himbeere.commands import COMMAND_TYPE, Commands, Journal, result_id
+from himbeere.commands import COMMAND_TYPE, Commands, result_id
 from himbeere.couch import Couch, Doc, design, security
 from himbeere.exceptions import ConfigError, NotFound, Unauthorized
+from himbeere.journal import Journal
 from himbeere.status import status_id
 from tests.helpers import wait_for
 from tests.nodes import ROOT, Node, start_nodes

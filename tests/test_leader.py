@@ -1,6 +1,6 @@
 """Leader election for programs (issue 5): ``leader``, ``is_leader``, ``on_leadership``.
 
-In-process tests drive :class:`~himbeere.leadership.Leadership` against the
+In-process tests drive :class:`~himbeere.runtime.leadership.Leadership` against the
 real server; the end-to-end tests run copies of one program on two real
 daemons with real node users (the status database's rules let a node
 take a lease only in a name starting with its MAC id).  Both copies append
@@ -18,8 +18,8 @@ from typing import Callable, Optional
 import pytest
 
 from himbeere.couch import Couch, Database
-from himbeere.leadership import Leadership, lease_name
-from himbeere.lease import lease_id
+from himbeere.fleet.lease import lease_id
+from himbeere.runtime.leadership import Leadership, lease_name
 from tests.conftest import NodeUserFactory
 from tests.helpers import wait_for
 from tests.nodes import Node

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from himbeere.lease import Lease, lease_id
+from himbeere.fleet.lease import Lease, lease_id
 
 
 class Clock:

@@ -9,7 +9,7 @@ path through: take an absent, released or expired lease, renew and release
 one's own, delete one's own; an admin deletes any.  Times are the server's
 (``validate_doc_update`` reads ``Date.now()``).
 
-Then the daemon's own side: :class:`himbeere.lease.Lease` as node users,
+Then the daemon's own side: :class:`himbeere.fleet.lease.Lease` as node users,
 and nodes that refuse placed programs that forged assignments give them.
 
 Runs on pouchdb-server (default) and on Apache CouchDB
@@ -25,10 +25,11 @@ from typing import Any, Callable, Optional
 import pytest
 import requests
 
-from himbeere import defaults, placement
+from himbeere import defaults
 from himbeere.couch import Couch, Doc, doc_path, quote
-from himbeere.lease import Lease, lease_id
-from himbeere.placement import Placement
+from himbeere.fleet import placement
+from himbeere.fleet.lease import Lease, lease_id
+from himbeere.fleet.placement import Placement
 from tests.helpers import wait_for
 from tests.nodes import Node
 from uploader import ops
@@ -78,7 +79,7 @@ def nodes(couch_url: str, dbname: str,
 
 
 def lease(name: str, holder: Any, ttl: Any = 30.0, **fields: Any) -> Doc:
-    """A lease document as himbeere.lease writes it, ``ttl`` from now (this machine's clock)."""
+    """A lease document as himbeere.fleet.lease writes it, ``ttl`` from now (our clock)."""
     now = time.time()
     return dict({"_id": lease_id(name), "type": "himbeere-lease", "name": name,
                  "holder": holder, "epoch": 1, "since": now,
@@ -214,7 +215,7 @@ def test_legal_lease_paths_for_nodes_and_the_admin(nodes) -> None:
     assert admin.delete(current(admin, {"_id": lease_id("group:jobs")})) == 200
 
 
-# -- the daemon's side: himbeere.lease as node users ----------------------------------------------
+# -- the daemon's side: himbeere.fleet.lease as node users ----------------------------------------
 def test_lease_takes_over_only_what_expired_on_the_servers_clock(
         couch_url: str, dbname: str, node_user: NodeUserFactory) -> None:
     (a, a_url), (b, b_url) = node_user(), node_user()
@@ -351,7 +352,7 @@ def test_placement_checks_each_assignment_against_the_node_itself(
     entries["unseen"] = dict(FORGED["agg"], name="unseen", nodes=[7])
     db.save({"_id": lease_id(placement.LEASE_NAME), "holder": "999", "expires": 9e12,
              "assignments": entries})
-    caplog.set_level("WARNING", logger="himbeere.placement")
+    caplog.set_level("WARNING", logger="himbeere.fleet.placement")
     node.loop()
     assert got == [frozenset({"lab1", "small"})]
     assert sorted(node.refused) == ["big", "lab2", "spare"]

@@ -1,7 +1,7 @@
 """Placement and failover: placed programs, the scheduler under its lease, fencing.
 
-The first tests call :func:`himbeere.placement.assign` and the
-:class:`~himbeere.placement.Placement` loop directly; the others run real
+The first tests call :func:`himbeere.fleet.scheduler.assign` and the
+:class:`~himbeere.fleet.placement.Placement` loop directly; the others run real
 node daemons (``node_factory``, heartbeat every second) on the real server.
 Placed test programs take an exclusive ``flock`` on a shared file while they
 run and write ``<node> <pid> start`` / ``stop`` lines: all simulated nodes
@@ -22,10 +22,11 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from himbeere import placement
 from himbeere.couch import Couch, Database, Doc, design
-from himbeere.lease import lease_id
-from himbeere.placement import NodeInfo, Placement, assign
+from himbeere.fleet import placement, scheduler
+from himbeere.fleet.lease import lease_id
+from himbeere.fleet.placement import Placement
+from himbeere.fleet.scheduler import NodeInfo, assign
 from tests.helpers import wait_for
 from tests.nodes import ROOT, Node, pid_alive, start_nodes
 from uploader import install, ops
@@ -93,7 +94,7 @@ def test_assign_gives_a_disabled_program_no_node() -> None:
     stopped = assign([placed("p", replicas=2, enabled=False), placed("q"), placed("new")],
                      [node(1), node(2)], current)
     assert stopped["p"]["nodes"] == [] and stopped["p"]["replicas"] == 2
-    assert stopped["p"]["problem"] == placement.DISABLED
+    assert stopped["p"]["problem"] == scheduler.DISABLED
     assert stopped["q"]["nodes"] == current["q"]["nodes"] == [1]
     assert stopped["new"]["nodes"] == [2]  # 2 runs nothing now
     again = assign([placed("p", replicas=2, enabled=True), placed("q"), placed("new")],
@@ -165,14 +166,14 @@ def test_node_info_reads_status_and_labels() -> None:
               "heartbeat_interval": 1.0, "load": [0.3, 0.2, 0.1], "cpus": 2,
               "memory_used_mb": 100.0, "memory_total_mb": 400.0, "disk_free_mb": 9.0,
               "programs": {"a": {"pid": 10}, "b": {"pid": None}, "c": {"pid": 11, "placed": True}}}
-    nodes = placement.nodes_from_docs([status, {"_id": "status:7:x"}],
+    nodes = scheduler.nodes_from_docs([status, {"_id": "status:7:x"}],
                                       [{"_id": "node:7", "labels": {"room": "lab1"}}], now=100.5)
     assert list(nodes) == [7]
     info = nodes[7]
     assert (info.state, info.labels, info.load, info.cpus, info.memory_free_mb,
             info.programs, info.placed) == ("alive", {"room": "lab1"}, 0.3, 2, 300.0, 1,
                                             frozenset({"c"}))
-    assert placement.nodes_from_docs([status], [], now=110.0)[7].state == "dead"
+    assert scheduler.nodes_from_docs([status], [], now=110.0)[7].state == "dead"
 
 
 # -- the lease: one scheduler ------------------------------------------------------------

@@ -1,6 +1,6 @@
 """A program's persistent ``state`` (issue 5), on the real server.
 
-Unit tests drive :class:`~himbeere.progstate.ProgramState` against the
+Unit tests drive :class:`~himbeere.runtime.progstate.ProgramState` against the
 server directly; the end-to-end tests run real daemons with real node
 users (so the status database's write rules apply) and look where a user
 would: at files the programs write, at ``himbeere state`` and at the
@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 
 from himbeere.couch import Couch, Database
-from himbeere.progstate import STATE_TYPE, ProgramState, state_id
+from himbeere.runtime.progstate import STATE_TYPE, ProgramState, state_id
 from tests.conftest import NodeUserFactory
 from tests.helpers import himbeere, wait_for
 from tests.nodes import Node, wait_file

@@ -872,7 +872,7 @@ def test_a_programs_own_children_keep_their_exit_status(
     result = tmp_path / "result"
     real.submit({"_id": "own", "_rev": "1-x", "type": NODE, "restart": "never", "code": (
         "import os, subprocess, time\n"
-        "from himbeere import reaper\n"
+        "from himbeere.runtime import reaper\n"
         "def main():\n"
         "    popen = subprocess.Popen(['sh', '-c', 'exit 7'])\n"
         "    spawned = subprocess.Popen(['sh', '-c', 'exit 8'], close_fds=False)\n"

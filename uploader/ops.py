@@ -10,7 +10,7 @@ Documents involved (see :mod:`himbeere.commands` for the node side):
 * ``node:<mac>`` (status db): ``name`` and ``labels`` (``{"room": "lab"}``).
 * ``log:<mac>:<program id>`` (status db): the ring of a program's last lines.
 * ``lease:scheduler`` (status db): the scheduler's lease, holding the
-  assignments of placed programs to nodes (:mod:`himbeere.placement`).
+  assignments of placed programs to nodes (:mod:`himbeere.fleet.placement`).
 * A fleet command is ONE document in the code database::
 
     {"_id": "cmd-20240501-120000-123-ab12cd", "type": "himbeere-command",
@@ -38,7 +38,7 @@ each change restarts the program).  A placed program has one document
 however many nodes run it, so these act wherever it is placed.
 
 A program's persistent ``state`` is the ``state:<program id>`` document of
-the status database (see :mod:`himbeere.progstate`); :func:`program_state`
+the status database (see :mod:`himbeere.runtime.progstate`); :func:`program_state`
 shows it and :func:`reset_state` deletes it.
 """
 
@@ -49,9 +49,10 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
-from himbeere import codedoc, defaults, health, placement, schema
+from himbeere import codedoc, defaults, health, schema
 from himbeere.couch import Database, Doc
 from himbeere.exceptions import ConfigError, Conflict, NotFound
+from himbeere.fleet import placement
 from himbeere.schema import ProgramState
 
 from . import push
@@ -553,7 +554,7 @@ def placements(fleet: Fleet) -> Doc:
     """Placed programs (``type: "himbeere-placed"``): where they run, and why.
 
     Returns ``{"scheduler": ..., "placements": [...]}``.  ``scheduler`` is
-    the holder of ``lease:scheduler`` (see :mod:`himbeere.placement`):
+    the holder of ``lease:scheduler`` (see :mod:`himbeere.fleet.placement`):
     ``{"node", "name", "node_state", "epoch", "expires_in", "scheduled_ago"}``,
     or None when no node holds the lease.  Each placement: ``id``, ``name``,
     ``replicas``, ``labels``, ``requires``, ``enabled``, ``assigned`` (false

@@ -4,7 +4,7 @@
 ``main.py`` into ``code`` and its other top-level ``.py`` files into
 ``modules``.  ``--global`` turns the file or every ``.py`` file of the
 folder into ``global_modules``, exported to every program.  ``--placed`` makes a
-placed program (``type: "himbeere-placed"``, see :mod:`himbeere.placement`):
+placed program (``type: "himbeere-placed"``, see :mod:`himbeere.fleet.placement`):
 the fleet picks its nodes, within its ``replicas``, ``labels`` and
 ``requires`` (:class:`Placed`).
 
@@ -26,10 +26,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional
 
-from himbeere import defaults, placement
+from himbeere import defaults
 from himbeere.codedoc import MAIN, PLACED_TYPE
 from himbeere.couch import Doc
 from himbeere.exceptions import ConfigError, NotFound, ProgramError
+from himbeere.fleet import placement, scheduler
 from himbeere.schema import global_id, lease_id, placed_id, program_id, status_id
 
 from .fleet import Fleet, parse_labels
@@ -304,7 +305,7 @@ def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = No
         wanted["type"] = PLACED_TYPE
         placed.apply(wanted, new=existing is None)
         try:
-            placement.wanted(wanted)  # the scheduler's own check
+            scheduler.wanted(wanted)  # the scheduler's own check
         except ProgramError as exc:
             raise ConfigError(f"{doc['_id']}: {exc}") from None
     if existing is not None and wanted == doc:

@@ -33,7 +33,7 @@ from typing import Any, Optional
 from .. import defaults
 from ..exceptions import CouchError, NotFound, Unauthorized
 from ..schema import COMMAND_TYPE, PLACED_TYPE, commands_id
-from . import security
+from . import js, security
 from .client import Couch, Database, Doc, FeedFilter
 
 log = logging.getLogger(__name__)
@@ -55,60 +55,15 @@ PLACED_SINCE = 5
 #: string (``[1000]`` was taken), and any ``global_modules`` (``null`` too,
 #: so a node drops the modules), as the selector and the daemon do.
 
-NODE_FILTER = """function (doc, req) {
-  if (doc._deleted) { return true; }
-  var mac = String(req.query.mac);
-  // Only a number or a string names a node: String([1000]) is '1000' too.
-  function names(value) {
-    return (typeof value === 'number' || typeof value === 'string') && String(value) === mac;
-  }
-  var type = doc.type;
-  if (names(type) || type === 'himbeere-placed' || doc.global_modules !== undefined) {
-    return true;
-  }
-  if (String(req.query.kind) === 'code') { return false; }
-  if (type === 'himbeere-command') {
-    var targets = doc.targets;
-    if (targets === 'all') { return true; }
-    if (Object.prototype.toString.call(targets) !== '[object Array]') { return false; }
-    for (var i = 0; i < targets.length; i++) {
-      if (names(targets[i])) { return true; }
-    }
-    return false;
-  }
-  return type === mac + '_cmd';
-}"""
-
-
+#: The node's ``_changes`` filter (see above), for servers without ``_selector``.
+NODE_FILTER = js.load("node_filter.js")
 #: Programs by ``[node, name]``; ``node`` is null for a document that only
 #: exports ``global_modules``.  Commands are left out.
-PROGRAMS_MAP = """function (doc) {
-  if (doc.type !== undefined && doc.type !== null && /_cmd$/.test(String(doc.type))) { return; }
-  var hasModules = doc.modules !== null && typeof doc.modules === 'object';
-  var hasGlobals = doc.global_modules !== null && typeof doc.global_modules === 'object';
-  if (typeof doc.code !== 'string' && !hasModules && !hasGlobals) { return; }
-  var node = (doc.type === undefined || doc.type === null) ? null : String(doc.type);
-  var modules = [], globals = [], key;
-  if (typeof doc.code === 'string') { modules.push('main'); }
-  if (hasModules) { for (key in doc.modules) { modules.push(key); } }
-  if (hasGlobals) { for (key in doc.global_modules) { globals.push(key); } }
-  emit([node, doc.name || doc._id], {modules: modules, global_modules: globals,
-                                     enabled: doc.enabled !== false});
-}"""
-
+PROGRAMS_MAP = js.load("programs_map.js")
 #: Placed programs by name, with where they may run (see placement.py).
-PLACED_MAP = """function (doc) {
-  if (doc.type !== 'himbeere-placed') { return; }
-  emit(doc.name || doc._id, {replicas: doc.replicas === undefined ? 1 : doc.replicas,
-                             labels: doc.labels || {}, requires: doc.requires || {},
-                             enabled: doc.enabled !== false,
-                             git: doc.git ? true : false});
-}"""
-
+PLACED_MAP = js.load("placed_map.js")
 #: Friendly node names: ``node:<macid>`` documents of the status database.
-NAMES_MAP = """function (doc) {
-  if (doc.type === 'himbeere-node' && typeof doc.name === 'string') { emit(doc.name, doc.node); }
-}"""
+NAMES_MAP = js.load("names_map.js")
 
 
 def design_doc() -> Doc:

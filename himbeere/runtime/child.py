@@ -5,8 +5,8 @@ calls :func:`main` with the program's :class:`ProgramSpec`.  The child makes
 itself a process group leader (so the daemon can signal everything it
 starts), installs an importer for the program's modules and the global
 modules, gives every module namespace the HimbeereCouch helpers (and
-``state`` and ``leader()``, see :mod:`himbeere.progstate` and
-:mod:`himbeere.leadership`) and calls ``main()``.  It reports back through
+``state`` and ``leader()``, see :mod:`himbeere.runtime.progstate` and
+:mod:`himbeere.runtime.leadership`) and calls ``main()``.  It reports back through
 its control connection:
 
 ``("running", pid)``, ``("invalid", message)``, ``("crashed", traceback)``,
@@ -39,10 +39,11 @@ import types
 from collections.abc import Iterable, Sequence
 from typing import Any, Callable, Optional
 
-from . import defaults, reaper
-from .exceptions import ConfigError
+from .. import defaults
+from ..exceptions import ConfigError
+from ..logtext import printable
+from . import reaper
 from .leadership import Leadership
-from .logtext import printable
 from .progstate import ProgramState
 
 #: Exit codes the daemon reads when a child could not report.
@@ -163,7 +164,7 @@ class Helpers:
         if self._db is None and self.spec.couch_url and self.spec.database:
             import couchdb
 
-            from .couch import split_servers
+            from ..couch import split_servers
 
             # One server (the daemon's at the start): CouchDB-Python takes one URL.
             url = split_servers(self.spec.couch_url)[0]
@@ -182,7 +183,7 @@ class Helpers:
                 if not spec.couch_url or not (spec.status_database or spec.database):
                     raise ConfigError("state and leader() need the node's CouchDB server, "
                                       "and this program runs without one")
-                from .couch import Couch
+                from ..couch import Couch
 
                 self._couch = Couch(spec.couch_url, timeout=STATUS_TIMEOUT)
                 name = spec.status_database or f"{spec.database}{defaults.STATUS_SUFFIX}"
@@ -399,7 +400,7 @@ def main(spec: ProgramSpec, conn: Any) -> None:
     """Entry point in the forked child; never returns normally."""
     os.setsid()
     # Every orphan of the program's tree becomes ours, whatever session it
-    # made: nothing it starts outlives it (see himbeere.reaper).
+    # made: nothing it starts outlives it (see himbeere.runtime.reaper).
     reaper.become_subreaper()
     orphans = reaper.OrphanReaper()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -546,7 +547,7 @@ def _watch_quit(conn: Any, helpers: Helpers, fence: Optional[float] = None,
     """Request quit on ``"quit"`` from the daemon, or when the daemon is gone.
 
     Meanwhile, every ``REAP_INTERVAL`` seconds, reap the orphans of the
-    program's tree that ended (``orphans``, see :mod:`himbeere.reaper`).
+    program's tree that ended (``orphans``, see :mod:`himbeere.runtime.reaper`).
 
     With ``fence`` (a placed program) the daemon also sends ``"alive"``
     every ``fence / 6`` seconds.  Another node may start the program once

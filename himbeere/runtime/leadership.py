@@ -1,7 +1,7 @@
 """Leader election for programs: ``leader(group)``, ``is_leader(group)``, ``on_leadership``.
 
 Copies of a program on several nodes (or different programs) that call
-``leader("jobs")`` contend for one lease of :mod:`himbeere.lease`: the
+``leader("jobs")`` contend for one lease of :mod:`himbeere.fleet.lease`: the
 document ``lease:group:jobs`` of the status database, taken in the name
 ``<mac id>:<program doc id>`` (the status database lets a node take a lease
 only in its own name or one starting with ``<mac id>:``).  Whoever holds it
@@ -33,12 +33,12 @@ import threading
 import traceback
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from . import defaults
-from .schema import group_lease_name
+from .. import defaults
+from ..schema import group_lease_name
 
 if TYPE_CHECKING:  # lease.py imports http.client: a program that never elects skips it
-    from .couch import Database
-    from .lease import Lease
+    from ..couch import Database
+    from ..fleet.lease import Lease
 
 #: Shortest wait between two tries, so an unreachable server is not hammered.
 MIN_WAIT = 0.2
@@ -74,7 +74,7 @@ def _check_ttl(ttl: Any) -> Optional[float]:
 
 
 def _expires(doc: dict[str, Any]) -> float:
-    """As :func:`himbeere.lease.expires` (not imported: see above)."""
+    """As :func:`himbeere.fleet.lease.expires` (not imported: see above)."""
     value = doc.get("expires")
     return 0.0 if isinstance(value, bool) or not isinstance(value, (int, float)) else value
 
@@ -163,7 +163,7 @@ class Leadership:
             election = self.elections.get(group)
             new = election is None
             if election is None:
-                from .lease import Lease
+                from ..fleet.lease import Lease
 
                 lease = Lease(self._db(), group_lease_name(group), self.holder,
                               ttl or self.ttl, clock=self.clock)

@@ -15,7 +15,7 @@ clock.  Nodes may write any ``state:*`` document (see
 
 Nothing is read before the program first touches ``state``; then the
 document is read once.  Nothing is written until :meth:`ProgramState.save`
-(the child also saves at quit, see :mod:`himbeere.child`).  A save writes
+(the child also saves at quit, see :mod:`himbeere.runtime.child`).  A save writes
 only what this copy changed since it last read or saved: keys set, changed
 in place (``state["seen"].append(x)`` counts) or deleted, applied to the
 document as it is on the server.  When someone else saved in between, the
@@ -36,11 +36,11 @@ import time
 from collections.abc import Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from .exceptions import Conflict, CouchError
-from .schema import state_id
+from ..exceptions import Conflict, CouchError
+from ..schema import state_id
 
 if TYPE_CHECKING:  # couch.py imports http.client: a program that never uses state skips it
-    from .couch import Database, Doc
+    from ..couch import Database, Doc
 
 STATE_TYPE = "himbeere-state"
 #: Times a save reads the document again after a conflict before it gives up.

@@ -33,10 +33,10 @@ import logging
 import time
 from typing import Any, Callable, Optional
 
-from . import defaults
-from .couch import Database, Doc
-from .exceptions import Conflict, CouchError, Unauthorized
-from .schema import lease_id
+from .. import defaults
+from ..couch import Database, Doc
+from ..exceptions import Conflict, CouchError, Unauthorized
+from ..schema import lease_id
 
 log = logging.getLogger(__name__)
 
