@@ -7,29 +7,29 @@ The map (one module per noun):
 ``defaults``   every default value, documented
 ``exceptions`` ``HimbeereError`` and its subclasses
 ``identity``   MAC id, password, serial number and IP address of a node
-``couch``      all CouchDB access; the only module that builds a URL
-``design``     the design document and the node's ``_changes`` filter
+``couch/``     the CouchDB access layer, shared with the laptop tools: the
+               client (the only module that builds a URL), transport, design
+               documents and feed filter, security rules, their ``js/``
 ``feed``       following ``_changes``, saving the ``seq``, reconnecting
 ``codedoc``    reading code documents into programs
 ``programs``   supervising programs: start, restart, back off, stop
 ``forkserver`` the single-threaded process that forks programs warm
-``child``      what runs inside a program's process: helpers, importer
-``reaper``     subreapers: nothing a program starts outlives it
-``progstate``  a program's persistent ``state``, kept in the status database
-``leadership`` ``leader(group)``, ``on_leadership``: elections among programs
+``runtime/``   what runs inside a program's process: helpers, importer
+               (``child``), ``state`` (``progstate``), ``leader()``
+               (``leadership``), subreapers (``reaper``)
 ``commands``   running commands exactly once (``<macid>_cmd``, fleet commands)
+``journal``    the on-disk journal of commands taken on, for exactly once
 ``launcher``   the runner server, and what a runner's directory tells
 ``runner``     one command's runner: outlives the daemon, leaves the result on disk
 ``status``     the node's status document and heartbeat
 ``health``     health figures; alive, suspect, dead
-``lease``      leases in CouchDB, one holder at a time (CAS on ``_rev``)
-``placement``  placed programs: the scheduler (under ``lease:scheduler``),
-               assignments to the least busy nodes, failover, fencing
+``fleet/``     fleet coordination: leases in CouchDB (``lease``), the pure
+               scheduler (``scheduler``) and the node's placement thread
+               (``placement``): failover, fencing
 ``logship``    program output into the status database (and, up to a
                rate, into the daemon's log)
 ``oneshot``    ``restart: never`` programs that ended stay ended until reboot
 ``logtext``    names and errors from documents made safe for a log line
-``security``   roles, ``_security`` and ``validate_doc_update`` rules
 ``discovery``  pairing by UDP broadcast, laptop and node sides
 ``fleetkey``   the shared pairing secret (HMAC, AES-GCM)
 ``gpio``       the node's LED
