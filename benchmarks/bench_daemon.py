@@ -198,7 +198,7 @@ class ResultWatcher:
             raise BenchError(f"cannot follow {redact(url)}/_changes: {self.error}")
 
     def _run(self) -> None:
-        # identity: pouchdb-server's gzip buffers a continuous feed (himbeere/couch.py).
+        # identity: pouchdb-server's gzip buffers a continuous feed (himbeere/couch/client.py).
         params = {"feed": "continuous", "include_docs": "true", "since": str(self.since),
                   "heartbeat": "1000"}
         try:

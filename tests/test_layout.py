@@ -77,3 +77,15 @@ def test_a_javascript_file_wants_exactly_its_placeholders() -> None:
         js.load("node_filter.js", TYPO="1")
     assert js.load("validate_preamble.js", NODE_ROLE='"n"', DEPLOYER_ROLE='"d"').startswith(
         '  var NODE = "n", DEPLOYER = "d";')
+
+
+@pytest.mark.parametrize("old", ["child", "progstate", "leadership"])
+def test_an_old_module_path_is_the_moved_module(old: str) -> None:
+    """Programs written for earlier versions import these by their old names."""
+    script = (f"import himbeere.{old} as old, himbeere.runtime.{old} as new, sys\n"
+              f"from himbeere.{old} import *\n"
+              "print(old is new, 'himbeere.couch.client' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False"]

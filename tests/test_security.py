@@ -1,6 +1,6 @@
 """Who may do what, enforced by the server itself, with real users.
 
-Every rule of himbeere/security.py is tried over plain HTTP as the user it
+Every rule of himbeere/couch/security.py is tried over plain HTTP as the user it
 is about: anonymous, a signed-up user without roles, node users, a deployer
 and the admin.  Refusals are asserted by status code: 401 for anonymous
 requests, 403 where a ``validate_doc_update`` rule refuses.  Where the two
