@@ -360,47 +360,6 @@ def test_a_stale_delivered_revision_is_read_again(commands_factory, code_db: Dat
     assert doc["_rev"].startswith("3-")
 
 
-def test_journal_appends_and_replays_lines(tmp_path: Path) -> None:
-    path = tmp_path / "state" / "commands.json"
-    journal = Journal(path)
-    journal.set("a", "queued")
-    journal.set("b", "queued")
-    journal.set("a", "started")
-    journal.set("a", "started")  # no change, no line
-    journal.remove("b")
-    journal.remove("nothing")
-    assert Journal(path).read() == {"a": "started"}
-    assert path.read_text().count("\n") == 4  # the first wrote the file, the rest appended
-    journal.remove("a")
-    assert Journal(path).read() == {}
-
-
-def test_journal_reads_the_old_format_and_a_torn_last_line(tmp_path: Path) -> None:
-    """Earlier versions wrote one JSON object; a power cut can tear the last append."""
-    path = tmp_path / "commands.json"
-    path.write_text(json.dumps({"old": "started", "odd": "weird"}))
-    assert Journal(path).read() == {"old": "started", "odd": "started"}
-    Journal(path).set("new", "queued")
-    assert path.read_text().endswith("\n")
-    with open(path, "a") as handle:
-        handle.write('{"new": "sta')
-    assert Journal(path).read() == {"old": "started", "odd": "started", "new": "queued"}
-    Journal(path).set("next", "queued")  # rewritten, not glued to the torn line
-    assert Journal(path).read() == {"old": "started", "odd": "started", "new": "queued",
-                                    "next": "queued"}
-
-
-def test_journal_is_compacted_once_it_grows(tmp_path: Path) -> None:
-    path = tmp_path / "commands.json"
-    journal = Journal(path)
-    journal.set("kept", "queued")
-    for i in range(Journal.COMPACT_AFTER):
-        journal.set(f"c{i}", "started")
-        journal.remove(f"c{i}")
-    assert path.read_text().count("\n") < Journal.COMPACT_AFTER
-    assert journal.read() == {"kept": "queued"}
-
-
 def test_recover_marks_started_and_runs_queued_commands(commands_factory, code_db: Database,
                                                         tmp_path: Path) -> None:
     command(code_db, "was-running", ["echo", "never again"])
