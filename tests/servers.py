@@ -171,6 +171,14 @@ class _LoopbackServer:
         user, password = (urllib.parse.quote(part, safe="") for part in (self.user, self.password))
         return f"http://{user}:{password}@127.0.0.1:{self.port}"
 
+    def _is_admin(self) -> bool:
+        try:
+            response = requests.get(f"{self.url}/_session", timeout=10)
+        except requests.RequestException:
+            return False
+        roles: Any = response.json().get("userCtx", {}).get("roles", []) if response.ok else []
+        return "_admin" in roles
+
 
 class PouchServer(_LoopbackServer):
     """One pouchdb-server process on 127.0.0.1 with server admin ``user``.
@@ -311,14 +319,6 @@ class PouchServer(_LoopbackServer):
         if self._output is not None:
             self._output.close()
             self._output = None
-
-    def _is_admin(self) -> bool:
-        try:
-            response = requests.get(f"{self.url}/_session", timeout=10)
-        except requests.RequestException:
-            return False
-        roles: Any = response.json().get("userCtx", {}).get("roles", []) if response.ok else []
-        return "_admin" in roles
 
     def _ensure_admin(self) -> None:
         """Create the server admin unless it exists (restart from config.json).
@@ -504,14 +504,6 @@ class CouchServer(_LoopbackServer):
             (self.datadir / "couchdb.pid").unlink()
         except FileNotFoundError:
             pass
-
-    def _is_admin(self) -> bool:
-        try:
-            response = requests.get(f"{self.url}/_session", timeout=10)
-        except requests.RequestException:
-            return False
-        roles: Any = response.json().get("userCtx", {}).get("roles", []) if response.ok else []
-        return "_admin" in roles
 
     def _ensure_admin(self) -> None:
         """Add the fixture admin (start.sh made only admin/password)."""

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -336,15 +337,21 @@ def test_follow_a_stopped_server_is_unreachable(
         next(db.follow(since=0, timeout=1))
 
 
-def test_follow_raises_unreachable_when_the_server_stops_mid_feed(
-    restartable_server: Server, transport: str
-) -> None:
-    couch = Couch(restartable_server.url, transport=transport)
+def following(server: Server, transport: str, timeout: float) -> Iterator[dict[str, Any]]:
+    """A feed of a new database on ``server`` that has delivered its first change."""
+    couch = Couch(server.url, transport=transport)
     couch.create_database("feed")
     db = couch.database("feed")
     db.save({"_id": "one"})
-    feed = db.follow(since=0, timeout=2)
+    feed = db.follow(since=0, timeout=timeout)
     assert next(feed)["id"] == "one"
+    return feed
+
+
+def test_follow_raises_unreachable_when_the_server_stops_mid_feed(
+    restartable_server: Server, transport: str
+) -> None:
+    feed = following(restartable_server, transport, timeout=2)
     restartable_server.stop()
     with pytest.raises(Unreachable):
         next(feed)
@@ -354,12 +361,7 @@ def test_follow_raises_unreachable_when_the_server_falls_silent(
     restartable_server: Server, transport: str
 ) -> None:
     """A frozen server (SIGSTOP) sends no heartbeat: dead after ``timeout``."""
-    couch = Couch(restartable_server.url, transport=transport)
-    couch.create_database("feed")
-    db = couch.database("feed")
-    db.save({"_id": "one"})
-    feed = db.follow(since=0, timeout=1)
-    assert next(feed)["id"] == "one"
+    feed = following(restartable_server, transport, timeout=1)
     restartable_server.pause()
     try:
         with pytest.raises(Unreachable):
