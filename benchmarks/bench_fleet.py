@@ -87,6 +87,7 @@ from benchmarks.bench_daemon import (  # noqa: E402
     summary,
 )
 from himbeere.couch import Database, Doc  # noqa: E402
+from himbeere.schema import result_id  # noqa: E402
 from tests.nodes import free_udp_port  # noqa: E402
 from tests.servers import db_url, delete_database  # noqa: E402
 from uploader import install, ops  # noqa: E402
@@ -325,7 +326,7 @@ class FleetBench:
                 cpu0 = self.cpu()
                 start = time.perf_counter()
                 command_id = ops.create_command(self.fleet, ["true"], "all")
-                keys = [ops.result_id(command_id, mac) for mac in macs]
+                keys = [result_id(command_id, mac) for mac in macs]
                 try:
                     last = watcher.arrivals.wait_all(keys, self.step_timeout())
                 except BenchError as exc:

@@ -15,7 +15,7 @@ from himbeere import statelock
 from himbeere.component import Component
 from himbeere.config import Config
 from himbeere.daemon import Daemon
-from himbeere.placement import CHILD_FENCE, LEASE_TTL
+from himbeere.fleet.placement import CHILD_FENCE, LEASE_TTL
 
 
 class Ticker(Component):

@@ -14,8 +14,8 @@ from typing import Any, Callable
 
 import pytest
 
-from himbeere import codedoc, design, schema
-from himbeere.couch import Couch, Database, Doc, FeedFilter
+from himbeere import codedoc, schema
+from himbeere.couch import Couch, Database, Doc, FeedFilter, design
 from himbeere.schema import CommandState, ProgramState
 
 NODES = (1000, 2000, 202481596941066)
