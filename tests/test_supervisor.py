@@ -17,7 +17,7 @@ import signal
 import time
 import types
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pytest
 
@@ -596,6 +596,16 @@ def real() -> Any:
     sup.close()
 
 
+def written(path: Path) -> Callable[[], str]:
+    """True once ``path`` has content: a program's ``open(path, 'w')`` creates it empty first."""
+    def check() -> str:
+        try:
+            return path.read_text().strip()
+        except FileNotFoundError:
+            return ""
+    return check
+
+
 def run_until(sup: Supervisor, predicate: Any, timeout: float = 20.0) -> Any:
     def step() -> Any:
         sup.loop(0.05)
@@ -721,7 +731,7 @@ def test_setsid_descendants_go_with_their_program(
     pids = tmp_path / "pids"
     real.submit({"_id": "esc", "_rev": "1-x", "type": NODE,
                  "code": ESCAPER.format(pids=str(pids))})
-    run_until(real, pids.exists)
+    run_until(real, written(pids))
     sleeper, daemon = (int(p) for p in pids.read_text().split())
     try:
         _stop_and_check(real, how, pids, sleeper, daemon)
@@ -770,7 +780,7 @@ def test_orphans_that_end_while_their_program_runs_leave_no_zombie(
         "    while not should_quit():\n"
         "        time.sleep(0.05)\n"
     )})
-    run_until(real, pids.exists)
+    run_until(real, written(pids))
     orphan = int(pids.read_text())
     wait_for(lambda: not os.path.exists(f"/proc/{orphan}"),
              message=f"pid {orphan} stays a zombie")
