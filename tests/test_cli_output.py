@@ -68,7 +68,7 @@ def test_cmd_result_shows_every_line_of_stdout_and_stderr_per_node(
     code, out, err = himbeere(capsys, "cmd", "--result", command_id)
     assert code == 1 and "1 node(s) failed" in err
     assert out.splitlines() == [
-        f"command {command_id}: sh -c df -h; ls /nope",
+        f"command {command_id}: sh -c 'df -h; ls /nope'",
         "=== kitchen (1001): done, exit 2, 0.25s",
         "--- stdout",
         "Filesystem  Size",
@@ -135,25 +135,27 @@ def test_cmd_on_real_nodes_prints_whole_output_and_saves_an_example(
     start_nodes(node_factory, 1001, 1002)
     fleet.set_name(1001, "kitchen")
     fleet.set_name(1002, "garden")
-    script = "df -h / | head -3; echo 'a warning' >&2; test $(hostname) != nowhere"
+    argv = ["df", "-h", "/", "/no-such-dir"]  # df's table on stdout, an error on stderr
     ran = subprocess.run([sys.executable, "-m", "himbeere", "cmd", "--all", "--timeout", "20",
-                          "--", "sh", "-c", script], capture_output=True, text=True,
+                          "--", *argv], capture_output=True, text=True,
                          env=env_for(fleet.couch.url, fleet.code.name), cwd=str(ROOT),
                          timeout=90)
-    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert ran.returncode == 1 and "2 node(s) failed" in ran.stderr, ran.stdout + ran.stderr
     lines = ran.stdout.splitlines()
+    assert lines[0].endswith(": df -h / /no-such-dir")
     for name in ("garden (1002)", "kitchen (1001)"):
         header = next(i for i, line in enumerate(lines) if line.startswith(f"=== {name}: "))
-        assert lines[header].startswith(f"=== {name}: done, exit 0, ")
+        assert lines[header].startswith(f"=== {name}: done, exit 1, ")
         assert lines[header + 1] == "--- stdout" and lines[header + 2].startswith("Filesystem")
-        assert lines[header + 3].startswith("/"), "df's data line, not only its header"
-        after = lines[header + 1:]
-        assert after[after.index("--- stderr") + 1] == "a warning"
+        assert lines[header + 3].endswith(" /"), "df's line of /, not only its header"
+        assert lines[header + 4] == "--- stderr" and "/no-such-dir" in lines[header + 5]
+    # As a terminal shows it: the progress (stderr), the results, the summary (stderr).
+    err = ran.stderr.splitlines(keepends=True)
+    progress = [line for line in err if "answered" in line or line.startswith("command ")]
+    shown = (f"$ himbeere cmd --all --timeout 20 -- {' '.join(argv)}\n" + "".join(progress)
+             + ran.stdout + "".join(line for line in err if line not in progress))
     ARTIFACTS.mkdir(exist_ok=True)
-    shown = " ".join(["himbeere", "cmd", "--all", "--timeout", "20", "--", "sh", "-c",
-                      repr(script)])
-    (ARTIFACTS / "himbeere-cmd.txt").write_text(f"$ {shown}\n{ran.stderr}{ran.stdout}",
-                                                encoding="utf-8")
+    (ARTIFACTS / "himbeere-cmd.txt").write_text(shown, encoding="utf-8")
 
 
 # -- not targeted (joined later) ---------------------------------------------------------

@@ -20,6 +20,7 @@ import argparse
 import inspect
 import json
 import os
+import shlex
 import sys
 import time
 from collections import Counter
@@ -364,7 +365,7 @@ def report(args: argparse.Namespace, fleet: Fleet, answer: dict[str, Any]) -> in
         else:
             nodes.append((label, result, ""))
     command = answer["command"]
-    print(f"command {command['_id']}: {' '.join(command.get('cmd') or [])}")
+    print(f"command {command['_id']}: {shlex.join(str(a) for a in command.get('cmd') or [])}")
     if not nodes:
         print("no node was expected to answer, and none did")
     elif args.brief:
