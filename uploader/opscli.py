@@ -337,6 +337,13 @@ def _final_count(answer: dict[str, Any]) -> int:
                if mac not in pending and r.get("state") in ops.FINAL_STATES)
 
 
+#: What a node that joined after an ``--all`` command shows for it (:func:`ops.joined_later`).
+JOINED_LATER = "not targeted (joined later)"
+
+#: A node's label, its final result (None: none yet), what to say instead.
+NodeAnswer = tuple[str, Optional[dict[str, Any]], str]
+
+
 def report(args: argparse.Namespace, fleet: Fleet, answer: dict[str, Any]) -> int:
     """Print a command's results; 1 if any node failed or has not answered.
 
@@ -353,7 +360,7 @@ def report(args: argparse.Namespace, fleet: Fleet, answer: dict[str, Any]) -> in
         return 1 if bad else 0
     names = fleet.names()
     states = {n["node"]: n["state"] for n in ops.list_nodes(fleet)} if pending else {}
-    nodes = []  # (label, final result or None, what to say instead of a result)
+    nodes: list[NodeAnswer] = []
     for mac in sorted(set(results) | set(pending) | set(not_targeted)):
         result = results.get(mac)
         label = node_label(mac, names.get(mac))
@@ -380,12 +387,6 @@ def report(args: argparse.Namespace, fleet: Fleet, answer: dict[str, Any]) -> in
     if failed:
         print(f"{failed} node(s) failed", file=sys.stderr)
     return 1 if bad else 0
-
-
-#: What a node that joined after an ``--all`` command shows for it (:func:`ops.joined_later`).
-JOINED_LATER = "not targeted (joined later)"
-
-NodeAnswer = tuple[str, Optional[dict[str, Any]], str]
 
 
 def format_brief(nodes: list[NodeAnswer]) -> list[str]:
