@@ -231,6 +231,7 @@ def test_a_node_that_joins_later_skips_old_all_commands_but_runs_named_ones(
     new_all = ops.create_command(fleet, ["true"], "all")
     wait_result(fleet, new_all, 1002, node=late)
     assert result(fleet, old_all, 1002) is None
+    assert ops.command_results(fleet, old_all)["not_targeted"] == [1002]
     assert (tmp_path / "all.txt").read_text() == "ran\n"
     assert "created before this node first started" in late.log()
     assert json.loads((late.state_dir / "first_start.json").read_text())["time"] > 0
@@ -320,8 +321,9 @@ def test_himbeere_cmd_prints_a_table_and_reports_a_node_that_is_down(
     up, down = start_nodes(node_factory, 1001, 1002)
     fleet.set_name(1001, "kitchen")
     assert down.stop() == 0
-    ran = himbeere(fleet, "cmd", "--node", "kitchen", "--node", "1002", "--timeout", "5",
-                   "--wait", "8", "--", "sh", "-c", "echo first line; echo second")
+    ran = himbeere(fleet, "cmd", "--brief", "--node", "kitchen", "--node", "1002",
+                   "--timeout", "5", "--wait", "8", "--", "sh", "-c",
+                   "echo first line; echo second")
     assert ran.returncode == 1, ran.stderr
     assert "1/2 answered" in ran.stderr
     assert "1 node(s) did not answer in time" in ran.stderr
@@ -336,7 +338,7 @@ def test_himbeere_cmd_prints_a_table_and_reports_a_node_that_is_down(
     # The node comes back and answers; --result shows it.
     down.start()
     wait_result(fleet, command_id, 1002, node=down)
-    again = himbeere(fleet, "cmd", "--result", command_id)
+    again = himbeere(fleet, "cmd", "--result", command_id, "--brief")
     assert again.returncode == 0, again.stderr
     rows = again.stdout.splitlines()[2:]
     assert len(rows) == 2 and all("first line" in row for row in rows), again.stdout
@@ -352,7 +354,8 @@ def test_himbeere_cmd_exits_non_zero_when_a_node_fails(fleet: Fleet,
     ops.set_labels(fleet, 1001, role="a")
     ops.set_labels(fleet, 1002, role="a")
     code = "import sys; print('failing'); sys.exit(1)"
-    ran = himbeere(fleet, "cmd", "--label", "role=a", "--timeout", "20", "--", PY, "-c", code)
+    ran = himbeere(fleet, "cmd", "--brief", "--label", "role=a", "--timeout", "20", "--", PY,
+                   "-c", code)
     assert ran.returncode == 1, ran.stdout + ran.stderr
     assert "2/2 answered" in ran.stderr and "2 node(s) failed" in ran.stderr
     rows = [line.split() for line in ran.stdout.splitlines() if line.startswith("100")]

@@ -332,8 +332,16 @@ def main(argv: Optional[Sequence[str]] = None, *,
     """Run ``himbeere-upload``; returns the exit code.
 
     ``broadcast`` replaces :func:`himbeere.discovery.broadcast_message` and
-    ``environ`` the environment (tests).
+    ``environ`` the environment (tests).  A reader that closes the pipe early
+    (``himbeere-upload ls | head -1``) ends it quietly, as it does Unix tools.
     """
+    from .main import quiet_broken_pipe
+
+    return quiet_broken_pipe(lambda: _main(argv, broadcast, environ))
+
+
+def _main(argv: Optional[Sequence[str]], broadcast: Optional[discovery.Broadcast],
+          environ: Optional[Mapping[str, str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
@@ -343,6 +351,8 @@ def main(argv: Optional[Sequence[str]] = None, *,
     args.environ = os.environ if environ is None else environ
     try:
         result, lines = args.func(args)
+    except BrokenPipeError:
+        raise  # not an error of ours: main() ends quietly
     except (HimbeereError, OSError) as exc:
         if args.debug:
             raise

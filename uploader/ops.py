@@ -177,8 +177,9 @@ def node_detail(fleet: Fleet, node: NodeRef, commands: int = 20) -> Doc:
     ``restart_count`` and ``in_database`` (false once the document is
     gone); their ``last_error`` holds the traceback.  ``commands`` lists the
     results of the node's latest fleet commands (newest first), each
-    ``{"command": id, "cmd", "created", "result": result doc or None}``;
-    ``None`` means it has not answered.
+    ``{"command": id, "cmd", "created", "result": result doc or None,
+    "joined_later"}`` (see :func:`node_commands`); ``None`` means it has not
+    answered.
     """
     fleet.require_databases()
     mac = node_id(fleet, node)
@@ -329,11 +330,13 @@ def command_results(fleet: Fleet, command_id: str) -> Doc:
     """A command and its results so far.
 
     ``{"command": doc, "results": {mac: result doc}, "pending": [macs],
-    "done": bool}``: ``pending`` are the expected nodes without a final
-    result (one still ``running`` is pending); ``results`` holds running
-    ones too, and answers from nodes that were not expected (an ``"all"``
-    command reaches nodes that joined later only if they are targeted
-    explicitly, see :mod:`himbeere.commands`).
+    "not_targeted": [macs], "done": bool}``: ``pending`` are the expected
+    nodes without a final result (one still ``running`` is pending);
+    ``results`` holds running ones too, and answers from nodes that were not
+    expected.  ``not_targeted`` are the nodes known now that joined after an
+    ``"all"`` command was made and did not answer: a node skips such an old
+    command (see :mod:`himbeere.commands`), so they never will
+    (:func:`joined_later`).
     """
     command = fleet.code.get(command_id)
     if command is None or command.get("type") != schema.COMMAND_TYPE:
@@ -348,7 +351,27 @@ def command_results(fleet: Fleet, command_id: str) -> Doc:
     expected = _expected(fleet, command)
     pending = [mac for mac in expected
                if results.get(mac, {}).get("state") not in FINAL_STATES]
-    return {"command": command, "results": results, "pending": pending, "done": not pending}
+    not_targeted = []
+    if command.get("targets") == "all" and isinstance(command.get("expected"), list):
+        known = set(_status_docs(fleet)) | set(_node_docs(fleet))
+        not_targeted = sorted(mac for mac in known
+                              if joined_later(command, mac, results.get(mac)))
+    return {"command": command, "results": results, "pending": pending,
+            "not_targeted": not_targeted, "done": not pending}
+
+
+def joined_later(command: Doc, node: int, result: Optional[Doc]) -> bool:
+    """True if ``node`` joined the fleet after the ``"all"`` command was made.
+
+    :func:`create_command` lists in ``expected`` every node known then; a node
+    missing there that has not answered started later, and skips the command
+    (:data:`himbeere.commands.JOIN_GRACE`).  One that started just in time
+    answers, and its result shows instead.  A hand-made ``"all"`` command
+    without ``expected`` cannot tell: it counts every node as expected.
+    """
+    expected = command.get("expected")
+    return (command.get("targets") == "all" and isinstance(expected, list)
+            and result is None and node not in {int(m) for m in expected if str(m).isdigit()})
 
 
 def _expected(fleet: Fleet, command: Doc) -> list[int]:
@@ -395,7 +418,12 @@ def list_commands(fleet: Fleet, limit: int = 20) -> list[Doc]:
 
 
 def node_commands(fleet: Fleet, node: int, limit: int = 20) -> list[Doc]:
-    """The node's part of the latest ``limit`` fleet commands that target it."""
+    """The node's part of the latest ``limit`` fleet commands that target it.
+
+    Each: ``{"command": id, "cmd", "created", "result": result doc or None,
+    "joined_later": bool}``; ``joined_later`` marks an ``"all"`` command made
+    before the node joined, which it never runs (:func:`joined_later`).
+    """
     prefix = schema.COMMAND_PREFIX
     rows = fleet.code.all_docs(startkey=prefix + "\ufff0", endkey=prefix, descending=True,
                                include_docs=True, limit=limit)
@@ -407,8 +435,13 @@ def node_commands(fleet: Fleet, node: int, limit: int = 20) -> list[Doc]:
     keys = [schema.result_id(doc["_id"], node) for doc in commands]
     found = {row["key"]: row.get("doc") for row in fleet.status.all_docs(
         keys=keys, include_docs=True)}
-    return [{"command": doc["_id"], "cmd": doc.get("cmd"), "created": doc.get("created"),
-             "result": found.get(schema.result_id(doc["_id"], node))} for doc in commands]
+    entries = []
+    for doc in commands:
+        result = found.get(schema.result_id(doc["_id"], node))
+        entries.append({"command": doc["_id"], "cmd": doc.get("cmd"),
+                        "created": doc.get("created"), "result": result,
+                        "joined_later": joined_later(doc, node, result)})
+    return entries
 
 
 def wait_for_results(fleet: Fleet, command_id: str, wait: float, interval: float = 0.25,

@@ -20,11 +20,14 @@ import argparse
 import inspect
 import json
 import os
+import shlex
 import sys
 import time
+from collections import Counter
 from typing import IO, Any, Callable, Optional
 
-from himbeere.exceptions import ConfigError, HimbeereError
+from himbeere.component import Backoff
+from himbeere.exceptions import ConfigError, HimbeereError, Unreachable
 
 from . import ops
 from .cli import common_flags, settings, table
@@ -34,6 +37,8 @@ from .fleet import Fleet
 WAIT_MARGIN = 10.0
 #: Seconds it waits without ``--timeout`` (the nodes' own default is 300 s).
 DEFAULT_WAIT = 30.0
+#: Lines of stdout, and of stderr, ``himbeere cmd`` shows per node (``--max-lines``).
+MAX_LINES = 200
 #: Seconds between two looks at new log lines with ``logs -f``.
 FOLLOW_INTERVAL = 1.0
 
@@ -176,8 +181,9 @@ def format_detail(d: dict[str, Any]) -> list[str]:
         rows = []
         for c in d["commands"]:
             r = c["result"]
-            rows.append([c["command"], " ".join(c["cmd"] or [])[:40],
-                         r.get("state", "-") if r else "no answer",
+            state = r.get("state", "-") if r else (
+                JOINED_LATER if c.get("joined_later") else "no answer")
+            rows.append([c["command"], " ".join(c["cmd"] or [])[:40], state,
                          _num(r.get("returncode") if r else None), _first_line(r)])
         lines += ["  " + line for line in table(["ID", "CMD", "STATE", "EXIT", "OUTPUT"], rows)]
     return lines
@@ -201,16 +207,68 @@ def cmd_logs(args: argparse.Namespace, fleet: Fleet) -> int:
     _print_lines(shown, sys.stdout)
     if not args.follow:
         return 0
-    last = lines[-1][0] if lines else None
+    follow(fleet, ops.node_id(fleet, args.node), args.program, lines)
+    return 0
+
+
+def follow(fleet: Fleet, node: int, program: Optional[str],
+           shown: list[tuple[float, str, str]]) -> None:
+    """Print new log lines until Ctrl-C; ``shown`` are the lines printed already.
+
+    A server that goes away (restarted, network down) is retried with the
+    daemon's capped, jittered backoff, with one line on stderr each way.
+    """
+    seen = _Seen(shown)
+    backoff = Backoff()
+    down = False
     try:
         while True:
-            time.sleep(FOLLOW_INTERVAL)
-            fresh = ops.log_lines(ops.logs(fleet, args.node, args.program), after=last)
-            _print_lines(fresh, sys.stdout)
-            if fresh:
-                last = fresh[-1][0]
+            time.sleep(backoff.next() if down else FOLLOW_INTERVAL)
+            try:
+                docs = ops.logs(fleet, node, program)
+            except Unreachable:
+                if not down:
+                    print("server unreachable; reconnecting...", file=sys.stderr, flush=True)
+                    down = True
+                continue
+            if down:
+                print("server reachable again", file=sys.stderr, flush=True)
+                down = False
+                backoff.reset()
+            _print_lines(seen.fresh(ops.log_lines(docs)), sys.stdout)
     except KeyboardInterrupt:
-        return 0
+        return
+
+
+class _Seen:
+    """Which log lines were printed: the latest stamp, and the lines that carry it.
+
+    Lines that share a stamp may arrive in two looks (two programs, or a fast
+    printer): comparing stamps alone would lose the second half, so the lines
+    at the latest stamp are counted and only the rest of them is new.
+    """
+
+    def __init__(self, shown: list[tuple[float, str, str]]) -> None:
+        self.last: Optional[float] = None
+        self.at_last: Counter[tuple[str, str]] = Counter()
+        self.fresh(shown)
+
+    def fresh(self, lines: list[tuple[float, str, str]]) -> list[tuple[float, str, str]]:
+        """The lines of ``lines`` (sorted by stamp) not printed yet; notes them as printed."""
+        printed = Counter(self.at_last)
+        new = []
+        for stamp, name, text in lines:
+            if self.last is not None and stamp < self.last:
+                continue
+            if stamp == self.last and printed[(name, text)] > 0:
+                printed[(name, text)] -= 1  # printed in an earlier look
+                continue
+            new.append((stamp, name, text))
+        for stamp, name, text in new:
+            if self.last is None or stamp > self.last:
+                self.last, self.at_last = stamp, Counter()
+            self.at_last[(name, text)] += 1
+        return new
 
 
 def _print_lines(lines: list[tuple[float, str, str]], out: IO[str]) -> None:
@@ -223,7 +281,8 @@ def _print_lines(lines: list[tuple[float, str, str]], out: IO[str]) -> None:
 # -- commands ----------------------------------------------------------------------------
 def cmd_cmd(args: argparse.Namespace, fleet: Fleet) -> int:
     """Run a command on many nodes with ONE command document, wait for the answers
-    and print a table per node.  Exits 1 if any node failed or did not answer.
+    and print each node's output under a header line (--brief: a table, one row
+    per node).  Exits 1 if any node failed or did not answer.
 
     himbeere cmd --all -- uname -a
     himbeere cmd --node kitchen --node 202481596941066 --timeout 10 -- df -h
@@ -278,33 +337,48 @@ def _final_count(answer: dict[str, Any]) -> int:
                if mac not in pending and r.get("state") in ops.FINAL_STATES)
 
 
+#: What a node that joined after an ``--all`` command shows for it (:func:`ops.joined_later`).
+JOINED_LATER = "not targeted (joined later)"
+
+#: A node's label, its final result (None: none yet), what to say instead.
+NodeAnswer = tuple[str, Optional[dict[str, Any]], str]
+
+
 def report(args: argparse.Namespace, fleet: Fleet, answer: dict[str, Any]) -> int:
-    """Print a command's results; 1 if any node failed or has not answered."""
+    """Print a command's results; 1 if any node failed or has not answered.
+
+    By default each node's whole output under a header line; ``--brief``: one
+    table row per node with the first line of output.
+    """
     results, pending = answer["results"], answer["pending"]
+    not_targeted = answer.get("not_targeted") or []
     bad = bool(pending) or any(ops.failed(r) for r in results.values())
     if args.json:
         emit(args, {"ok": not bad, "command": answer["command"],
                     "results": {str(k): v for k, v in results.items()},
-                    "pending": pending})
+                    "pending": pending, "not_targeted": not_targeted})
         return 1 if bad else 0
     names = fleet.names()
     states = {n["node"]: n["state"] for n in ops.list_nodes(fleet)} if pending else {}
-    rows = []
-    for mac in sorted(set(results) | set(pending)):
+    nodes: list[NodeAnswer] = []
+    for mac in sorted(set(results) | set(pending) | set(not_targeted)):
         result = results.get(mac)
         label = node_label(mac, names.get(mac))
-        if result is None or result.get("state") not in ops.FINAL_STATES:
+        if mac in not_targeted:
+            nodes.append((label, None, JOINED_LATER))
+        elif result is None or result.get("state") not in ops.FINAL_STATES:
             what = "still running" if result else f"no answer (node {states.get(mac, 'unknown')})"
-            rows.append([label, "-", what, "-", ""])
-            continue
-        rows.append([label, _num(result.get("returncode")), str(result.get("state")),
-                     _num(result.get("duration"), "{:.2f}s"), _first_line(result)])
+            nodes.append((label, None, what))
+        else:
+            nodes.append((label, result, ""))
     command = answer["command"]
-    print(f"command {command['_id']}: {' '.join(command.get('cmd') or [])}")
-    if rows:
-        print("\n".join(table(["NODE", "EXIT", "STATE", "DURATION", "OUTPUT"], rows)))
-    else:
+    print(f"command {command['_id']}: {shlex.join(str(a) for a in command.get('cmd') or [])}")
+    if not nodes:
         print("no node was expected to answer, and none did")
+    elif args.brief:
+        print("\n".join(format_brief(nodes)))
+    else:
+        print("\n".join(format_full(nodes, args.max_lines)))
     failed = sum(1 for r in results.values() if r.get("state") in ops.FINAL_STATES
                  and ops.failed(r))
     if pending:
@@ -313,6 +387,51 @@ def report(args: argparse.Namespace, fleet: Fleet, answer: dict[str, Any]) -> in
     if failed:
         print(f"{failed} node(s) failed", file=sys.stderr)
     return 1 if bad else 0
+
+
+def format_brief(nodes: list[NodeAnswer]) -> list[str]:
+    """``--brief``: a table, one row per node, with the first line of its output."""
+    rows = []
+    for label, result, what in nodes:
+        if result is None:
+            rows.append([label, "-", what, "-", ""])
+        else:
+            rows.append([label, _num(result.get("returncode")), str(result.get("state")),
+                         _num(result.get("duration"), "{:.2f}s"), _first_line(result)])
+    return table(["NODE", "EXIT", "STATE", "DURATION", "OUTPUT"], rows)
+
+
+def format_full(nodes: list[NodeAnswer], max_lines: int) -> list[str]:
+    """Each node's header line, then its stdout and stderr, up to ``max_lines`` each."""
+    lines = []
+    for label, result, what in nodes:
+        if result is None:
+            lines.append(f"=== {label}: {what}")
+            continue
+        lines.append(f"=== {label}: {result.get('state')}, exit "
+                     f"{_num(result.get('returncode'))}, "
+                     f"{_num(result.get('duration'), '{:.2f}s')}")
+        ret = result.get("ret") or []
+        streams = [(name, str(ret[i] or "")) for i, name in enumerate(("stdout", "stderr"))
+                   if i < len(ret) and ret[i]]
+        for name, text in streams:
+            lines.append(f"--- {name}")
+            lines += _cut(text.splitlines(), max_lines)
+        if result.get("error") and not any(str(result["error"]) in t for _, t in streams):
+            lines.append(f"--- error: {result['error']}")
+        if result.get("truncated"):
+            cut = ", ".join(f"{n} {b} bytes" for n, b in sorted(result["truncated"].items()))
+            lines.append(f"--- the node kept only part of the output (cut: {cut})")
+        if not streams and not result.get("error"):
+            lines.append("(no output)")
+    return lines
+
+
+def _cut(lines: list[str], limit: int) -> list[str]:
+    """The first ``limit`` lines (0: all), and how many more there were."""
+    if not limit or len(lines) <= limit:
+        return lines
+    return lines[:limit] + [f"... +{len(lines) - limit} more lines (--max-lines 0 shows all)"]
 
 
 # -- programs and labels -----------------------------------------------------------------
@@ -474,6 +593,16 @@ def format_placements(answer: dict[str, Any]) -> list[str]:
 
 
 # -- parser ------------------------------------------------------------------------------
+def _lines(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; allowed: a number of "
+                                         "lines >= 0 (0: all)")
+    return value
+
 
 
 def register(sub: Any) -> None:
@@ -518,6 +647,12 @@ def register(sub: Any) -> None:
     cmd.add_argument("--list", action="store_true", help="list the latest commands")
     cmd.add_argument("--limit", metavar="N", type=int, default=20,
                      help="how many --list shows (default 20)")
+    shown = cmd.add_argument_group("output (--json: one JSON object)")
+    shown.add_argument("--brief", action="store_true",
+                       help="one table row per node, with the first line of its output")
+    shown.add_argument("--max-lines", metavar="N", type=_lines, default=MAX_LINES,
+                       help=f"lines of stdout and of stderr shown per node (default "
+                            f"{MAX_LINES}, 0: all); the rest is counted as \"+N more lines\"")
     cmd.add_argument("argv", metavar="ARGV", nargs="*", help="the command, after --")
 
     for name, handler in (("stop", cmd_stop), ("start", cmd_start), ("restart", cmd_restart)):

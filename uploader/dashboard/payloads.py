@@ -33,7 +33,8 @@ def node_payload(fleet: Fleet, node: str) -> dict[str, Any]:
 def command_payload(fleet: Fleet, command_id: str) -> dict[str, Any]:
     answer = ops.command_results(fleet, command_id)
     expected = expected_nodes(answer)
-    macs = sorted(set(expected) | set(answer["results"]))
+    not_targeted = answer.get("not_targeted") or []
+    macs = sorted(set(expected) | set(answer["results"]) | set(not_targeted))
     try:
         names = fleet.names()
     except NotFound:  # no names view: the databases were not set up by the uploader
@@ -45,7 +46,8 @@ def command_payload(fleet: Fleet, command_id: str) -> dict[str, Any]:
         "done": answer["done"],
         "expected": expected,
         "answered": len(expected) - len(answer["pending"]),
-        "nodes": [{"node": mac, "name": names.get(mac)} for mac in macs],
+        "nodes": [{"node": mac, "name": names.get(mac), "not_targeted": mac in not_targeted}
+                  for mac in macs],
     }
 
 

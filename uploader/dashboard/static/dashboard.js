@@ -392,7 +392,8 @@
         return h("tr", {},
           h("td", {}, h("a", { href: "/commands/" + c.command }, h("code", { text: argv(c.cmd) }))),
           h("td", { text: when(c.created) }),
-          h("td", {}, c.result ? badge(r.state === "done" && r.returncode === 0 ? "done" : r.state === "running" ? "running" : "failed", r.state) : badge("waiting", "waiting")),
+          h("td", {}, c.result ? badge(r.state === "done" && r.returncode === 0 ? "done" : r.state === "running" ? "running" : "failed", r.state)
+            : c.joined_later ? badge("stopped", "not targeted (joined later)") : badge("waiting", "waiting")),
           h("td", { text: r.returncode === undefined || r.returncode === null ? "–" : String(r.returncode) }),
           h("td", { text: r.duration === undefined ? "–" : seconds(r.duration) }),
           h("td", {}, h("code", { className: "output", text: output })));
@@ -510,9 +511,10 @@
       replaceRows($("results").tBodies[0], answer.nodes.map((n) => {
         const r = answer.results[String(n.node)];
         if (!r) {
-          return h("tr", { "data-node": String(n.node), className: "pending" },
+          return h("tr", { "data-node": String(n.node), className: n.not_targeted ? "not-targeted" : "pending" },
             h("td", {}, h("a", { href: "/nodes/" + n.node, text: nodeLabel(n.node, n.name) })),
-            h("td", {}, badge("waiting", "waiting")), h("td", { text: "–" }), h("td", { text: "–" }),
+            h("td", {}, n.not_targeted ? badge("stopped", "not targeted (joined later)") : badge("waiting", "waiting")),
+            h("td", { text: "–" }), h("td", { text: "–" }),
             h("td", {}));
         }
         const ret = Array.isArray(r.ret) ? r.ret : ["", ""];
