@@ -58,7 +58,7 @@ def open_fleet(args: argparse.Namespace) -> Fleet:
 
 # -- subcommands -----------------------------------------------------------------------
 def cmd_setup(args: argparse.Namespace) -> Output:
-    """Set up both databases, their design documents and _security.
+    """Set up the databases, design documents and _security.
 
     Creates the databases, installs the design documents and sets _security.
     Safe to run again: a second run changes nothing and says so.
@@ -79,10 +79,11 @@ def warn_admin_party(server: str) -> None:
     rule = "!" * 78
     sys.stderr.write(
         f"{rule}\n"
-        f"WARNING: {server} is in admin party: it has no admin, so anyone who reaches it\n"
-        "is one, without a password, and may read or change every program and node\n"
-        "user.  Create an admin (CouchDB: PUT /_node/_local/_config/admins/NAME;\n"
-        "pouchdb-server: PUT /_config/admins/NAME) and use its name and password here.\n"
+        f"WARNING: {server} is in admin party: it has no admin at all.\n"
+        "Anyone who reaches it is an admin, without a password, and may read or\n"
+        "change every program and node user.  Create an admin (CouchDB: PUT\n"
+        "/_node/_local/_config/admins/NAME; pouchdb-server: PUT /_config/admins/NAME)\n"
+        "and put its name and password in the URL.\n"
         f"{rule}\n")
 
 
