@@ -208,7 +208,7 @@ def daemon_running(state_dir: Union[str, os.PathLike[str]]) -> bool:
     process), and closing the probe's fd would drop it: so ask
     :func:`statelock.held` first.
     """
-    if statelock.held(state_dir):
+    if statelock.held(Path(state_dir)):
         return True
     path = Path(state_dir).absolute() / statelock.LOCK_FILE
     try:
