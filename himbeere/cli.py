@@ -29,50 +29,68 @@ log = logging.getLogger("himbeere")
 LOG_FORMAT = "%(asctime)s himbeere %(levelname)s %(message)s"
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """The node's settings as flags; they win over file and environment."""
+#: Every setting's flag: ``--<name>`` with its metavar and help.  tests/test_config.py
+#: checks that each field of :class:`himbeere.config.Config` has one here.
+SETTINGS: dict[str, tuple[str, str]] = {
+    "server": ("URL", "CouchDB URL with credentials, http://user:pw@host:5984 (several: "
+                      "comma-separated)"),
+    "database": ("NAME", "code database (default raspberries)"),
+    "status_database": ("NAME", "status database (default <database>_status)"),
+    "state_dir": ("DIR", "where the node keeps seq, journal, password, pidfile, log "
+                         "(default /var/lib/himbeere)"),
+    "interface": ("IFACE", "network interface of the MAC id (default eth0)"),
+    "mac_id": ("N", "use this MAC id (simulated nodes)"),
+    "heartbeat_interval": ("S", "seconds between heartbeats (default 10)"),
+    "feed_timeout": ("S", "seconds of silence after which the feed counts as dead "
+                          "(default 30)"),
+    "grace_period": ("S", "seconds a program has to quit before SIGTERM (default 10)"),
+    "restart_policy": ("POLICY", "on-failure (default), always or never"),
+    "command_timeout": ("S", "seconds a command may run unless it sets its own timeout "
+                             "(default 300)"),
+    "max_programs": ("N", "at most this many programs run at once; more are rejected "
+                          "(default 64)"),
+    "legacy_password": ("yes|no", "use the original's computable sha1(mac+serial) password "
+                                  "(default no; the flag alone: yes)"),
+    "log_file": ("FILE", "log file when in the background (default <state_dir>/himbeere.log)"),
+    "log_max_bytes": ("N", "rotate the log file at this size (default 1048576)"),
+    "log_backups": ("N", "old log files kept when rotating (default 3)"),
+    "program_log_rate": ("LINES", "lines per second of each program's output in the daemon's "
+                                  "log (default 20; all lines go to the status database)"),
+    "pid_file": ("FILE", "pidfile of a background daemon (default <state_dir>/himbeere.pid)"),
+    "server_file": ("FILE", "the original's file holding the server URL (default "
+                            "/var/rspby/server)"),
+    "discovery_port": ("PORT", "UDP port on which pairing listens (default 53000; simulated "
+                               "nodes on one machine need one each)"),
+    "discovery_address": ("ADDR", "address pairing listens on (default: all)"),
+    "fleet_key_file": ("FILE", "file with the shared fleet key (default: none)"),
+    "led_pin": ("PIN", "BCM pin of the pairing LED (default 16; empty: no LED)"),
+    "pairing_window": ("S", "seconds `himbeere pair` opens pairing for (default 600)"),
+}
+
+#: The settings ``himbeere pair`` uses: where the daemon's state is, and its window.
+PAIR_SETTINGS = ("state_dir",)
+
+
+def add_config_flags(parser: argparse.ArgumentParser,
+                     keys: Sequence[str] = tuple(SETTINGS)) -> None:
+    """The settings ``keys`` as flags; they win over file and environment."""
     group = parser.add_argument_group("settings (flags win over HIMBEERE_* and the INI file)")
     group.add_argument("--config", metavar="FILE", help="INI file (default "
                        "/etc/himbeere/himbeere.conf, or HIMBEERE_CONFIG)")
-    group.add_argument("--server", metavar="URL",
-                       help="CouchDB URL with credentials, http://user:pw@host:5984")
-    group.add_argument("--database", metavar="NAME", help="code database (default raspberries)")
-    group.add_argument("--status-database", metavar="NAME",
-                       help="status database (default <database>_status)")
-    group.add_argument("--state-dir", metavar="DIR",
-                       help="where the node keeps seq, journal, password, pidfile, log")
-    group.add_argument("--interface", metavar="IFACE", help="network interface of the MAC id")
-    group.add_argument("--mac-id", metavar="N", help="use this MAC id (simulated nodes)")
-    group.add_argument("--heartbeat-interval", metavar="S", help="seconds between heartbeats")
-    group.add_argument("--grace-period", metavar="S",
-                       help="seconds a program has to quit before SIGTERM")
-    group.add_argument("--restart-policy", metavar="POLICY",
-                       help="on-failure (default), always or never")
-    group.add_argument("--feed-timeout", metavar="S",
-                       help="seconds of silence after which the feed counts as dead")
-    group.add_argument("--max-programs", metavar="N",
-                       help="at most this many programs run at once; more are rejected "
-                            "(default 64)")
-    group.add_argument("--log-file", metavar="FILE", help="log file when in the background")
-    group.add_argument("--log-max-bytes", metavar="N",
-                       help="rotate the log file at this size (default 1048576)")
-    group.add_argument("--log-backups", metavar="N",
-                       help="old log files kept when rotating (default 3)")
-    group.add_argument("--program-log-rate", metavar="LINES",
-                       help="lines per second of each program's output in the daemon's log "
-                       "(default 20; all lines go to the status database)")
-
-
-FLAG_KEYS = ("server", "database", "status_database", "state_dir", "interface", "mac_id",
-             "heartbeat_interval", "grace_period", "restart_policy", "feed_timeout", "log_file",
-             "log_max_bytes", "log_backups", "program_log_rate", "max_programs")
+    for key in keys:
+        metavar, text = SETTINGS[key]
+        flag = "--" + key.replace("_", "-")
+        if key == "legacy_password":  # a switch that a file's "yes" can be turned off by
+            group.add_argument(flag, metavar=metavar, nargs="?", const="yes", help=text)
+        else:
+            group.add_argument(flag, metavar=metavar, help=text)
 
 
 def load_config(args: argparse.Namespace) -> Callable[[], configuration.Config]:
     """A function that (re)reads the configuration the way ``args`` asks."""
-    flags: dict[str, Any] = {key: getattr(args, key, None) for key in FLAG_KEYS}
+    flags: dict[str, Any] = {key: getattr(args, key, None) for key in SETTINGS}
     # A background daemon runs in /, and reload re-reads these: keep them absolute.
-    for key in ("state_dir", "log_file"):
+    for key in ("state_dir", "log_file", "pid_file", "server_file", "fleet_key_file"):
         if flags[key]:
             flags[key] = os.path.abspath(flags[key])
     config_file = os.path.abspath(args.config) if args.config else None
@@ -112,6 +130,8 @@ def cmd_pair(args: argparse.Namespace) -> int:
         closed = discovery.close_pairing(config)
         print("pairing closed" if closed else "pairing was not open")
         return 0
+    # Only a running daemon answers: an open window with none would wait for nothing.
+    discovery.require_daemon(config)
     until = discovery.open_pairing(config)
     print(f"pairing open until {time.strftime('%H:%M:%S', time.localtime(until))} "
           f"({config.pairing_window / 60:g} minutes): run `himbeere-upload discover` now")
@@ -179,21 +199,41 @@ def build_parser(add_commands: Sequence[AddCommands] = ()) -> argparse.ArgumentP
     parser = argparse.ArgumentParser(
         prog="himbeere", description="Run Python code stored in CouchDB on Raspberry Pis.")
     parser.add_argument("--version", action="version", version=f"himbeere {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    daemon = sub.add_parser("daemon", help="run the node daemon", description=cmd_daemon.__doc__)
+    daemon = sub.add_parser("daemon", help="Run the node daemon", description=cmd_daemon.__doc__)
     daemon.add_argument("action", nargs="?", choices=("start", "stop", "restart", "reload",
                                                       "status"),
                         help="control a background daemon instead of running in the foreground")
     add_config_flags(daemon)
     daemon.set_defaults(func=cmd_daemon)
-    pair = sub.add_parser("pair", help="open pairing for 10 minutes", description=cmd_pair.__doc__)
+    pair = sub.add_parser("pair", help="Open this node's pairing window",
+                          description=cmd_pair.__doc__)
     pair.add_argument("--close", action="store_true", help="close pairing now")
-    add_config_flags(pair)
+    add_config_flags(pair, PAIR_SETTINGS)
     pair.set_defaults(func=cmd_pair)
     for add in add_commands:
         add(sub)
+    add_debug_flags(sub)
     return parser
+
+
+DEBUG_HELP = "show tracebacks and debug logs"
+
+
+def add_debug_flags(sub: Any) -> None:
+    """``--debug`` after the command, too: ``himbeere daemon --debug``.
+
+    Its default is SUPPRESS, so a subcommand that was not given it leaves
+    the top level's value alone (``himbeere --debug nodes``).  A command
+    with a ``--debug`` of its own keeps it.
+    """
+    for command in sub.choices.values():
+        try:
+            command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                 help=DEBUG_HELP)
+        except argparse.ArgumentError:
+            pass  # it has one
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str]) -> int:

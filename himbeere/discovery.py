@@ -28,12 +28,19 @@ the fleet key through HKDF-SHA256 (:mod:`cryptography`).
 in (``http://<macid>:<password>@host:5984``; a user name or password in the
 broadcast URL is dropped), goes to ``<state_dir>/server`` (mode 0600), which
 :func:`himbeere.config.load` reads when no server is set elsewhere.
+
+**Which password.**  The state directory's (``<state_dir>/password``),
+unless the running daemon logs in as its own user with a password given in
+``server`` (``--server http://<macid>:PW@host``): then that one, so that
+pairing never changes the password a running daemon uses.
+``himbeere pair`` refuses when no daemon runs on the state directory.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -43,10 +50,11 @@ import socket
 import threading
 import time
 import urllib.parse
+from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from . import config as configuration
-from . import defaults, identity
+from . import defaults, identity, statelock
 from .component import Component
 from .config import Config, redact
 from .couch import split_servers
@@ -191,6 +199,42 @@ def read_reply(data: bytes, address: Address, key: Optional[bytes],
 
 
 # -- the pairing window ----------------------------------------------------------------
+def daemon_running(state_dir: Union[str, os.PathLike[str]]) -> bool:
+    """Whether a daemon holds the lock of ``state_dir`` (:mod:`himbeere.statelock`).
+
+    It tries a shared lock on the lock file and gives it up at once: a
+    daemon's exclusive lock refuses it.  Within the process that holds the
+    lock the probe would *convert* that lock (POSIX locks belong to the
+    process), and closing the probe's fd would drop it: so ask
+    :func:`statelock.held` first.
+    """
+    if statelock.held(Path(state_dir)):
+        return True
+    path = Path(state_dir).absolute() / statelock.LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False  # no daemon ever ran here
+    except OSError:
+        return True  # cannot tell; open_pairing says what is wrong with the directory
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # drops the probe's lock
+    return False
+
+
+def require_daemon(config: Config) -> None:
+    """Raise unless a daemon runs on ``config``'s state directory: only it answers."""
+    if not daemon_running(config.state_dir):
+        raise HimbeereError(
+            f"no himbeere daemon runs on state directory {config.state_path.absolute()}, and "
+            "only a running daemon answers pairing; start it (systemctl start himbeere, or "
+            "himbeere daemon) and run himbeere pair again")
+
+
 def open_pairing(config: Config, now: Optional[float] = None) -> float:
     """Open the pairing window (``himbeere pair``); return when it closes."""
     now = time.time() if now is None else now
@@ -287,8 +331,7 @@ class Pairing:
                 self._ignore(peer, *refusal)
                 return None
             nonce = str(request["nonce"])
-        password = identity.getpassword(self.config.state_dir,
-                                        legacy=self.config.legacy_password, macid=self.macid)
+        password = self.password()
         try:
             server = self._node_url(server, password)
         except ConfigError as exc:
@@ -310,6 +353,22 @@ class Pairing:
         if self.on_server is not None:
             self.on_server(server)
         return json.dumps(reply).encode()
+
+    def password(self) -> str:
+        """The password this node answers with: the one its daemon logs in with.
+
+        A daemon given its node user's credentials in ``server`` (``--server
+        http://<macid>:PW@host:5984``) keeps using them.  Answering with the
+        state directory's password instead made ``himbeere-upload discover``
+        set that one on the node's user, and the running daemon got 401 on
+        everything from then on (issue 12): pairing never changes a password
+        the daemon does not use.
+        """
+        in_use = password_in(self.config.server, self.macid)
+        if in_use is not None:
+            return in_use
+        return identity.getpassword(self.config.state_dir, legacy=self.config.legacy_password,
+                                    macid=self.macid)
 
     def _refusal(self, request: Dict[str, Any]) -> Optional[Tuple[str, str]]:
         """Why a request fails the fleet key checks, or ``None`` if it passes."""
@@ -353,6 +412,19 @@ class Pairing:
         more = f" ({suppressed} more like it not logged)" if suppressed else ""
         log.warning("pairing request from %s ignored: %s%s", peer, reason, more)
         self._ignored[kind] = (now, 0)
+
+
+def password_in(server: Optional[str], macid: int) -> Optional[str]:
+    """The password of user ``macid`` in the URL(s) ``server``, or ``None``."""
+    for url in split_servers(server) if server else []:
+        try:
+            parts = urllib.parse.urlsplit(url)
+            user, password = parts.username, parts.password
+        except ValueError:
+            continue  # validate() reports a bad URL; here it just holds no password
+        if user is not None and password and urllib.parse.unquote(user) == str(macid):
+            return urllib.parse.unquote(password)
+    return None
 
 
 def open_socket(config: Config) -> socket.socket:

@@ -36,6 +36,9 @@ class Node:
         self.flags = list(flags or [])
         self.env = dict(env or {})
         self.log_path = state_dir.parent / f"node-{mac_id}-{state_dir.name}.log"
+        #: Pairing listens on loopback, on a port of this node's own: nodes on one
+        #: machine would otherwise all bind 53000 ("Address already in use").
+        self.discovery_port = free_udp_port()
         self.process: Optional[subprocess.Popen[bytes]] = None
         self.couch = Couch(url)
 
@@ -44,7 +47,9 @@ class Node:
             sys.executable, "-m", "himbeere", "daemon",
             "--server", self.url, "--database", self.database,
             "--state-dir", str(self.state_dir), "--mac-id", str(self.mac_id),
-            "--heartbeat-interval", "1", "--grace-period", "2", *self.flags,
+            "--heartbeat-interval", "1", "--grace-period", "2",
+            "--discovery-address", "127.255.255.255", "--discovery-port", str(self.discovery_port),
+            *self.flags,
         ]
 
     def start(self) -> Node:
@@ -52,10 +57,7 @@ class Node:
         empty_ini = self.state_dir.parent / "empty.conf"
         empty_ini.touch()
         env = dict(os.environ, HIMBEERE_CONFIG=str(empty_ini), PYTHONPATH=str(ROOT),
-                   PYTHONUNBUFFERED="1",
-                   # Pairing listens on loopback, on a port of this node's own.
-                   HIMBEERE_DISCOVERY_ADDRESS="127.255.255.255",
-                   HIMBEERE_DISCOVERY_PORT=str(free_udp_port()))
+                   PYTHONUNBUFFERED="1")
         env.update(self.env)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -173,3 +177,130 @@ def test_max_programs_from_file_environment_and_flag(tmp_path: Path) -> None:
     assert config.load({}, environ=environ, config_file=str(ini)).max_programs == 20
     assert config.load({"max_programs": "3"}, environ=environ,
                        config_file=str(ini)).max_programs == 3
+
+
+# -- every setting has a flag; the CLIs' consistency (issue 12, item 9) ----------------
+#: Values a setting's validate() accepts, where "a number" or "a path" would not do.
+FLAG_VALUES = {"server": "http://h:5984", "database": "db", "status_database": "db2",
+               "restart_policy": "always", "legacy_password": "yes"}
+
+
+def flag_value(key: str) -> str:
+    kind = str(config.FIELDS[key].type)
+    if key in FLAG_VALUES:
+        return FLAG_VALUES[key]
+    if "float" in kind:
+        return "7.5"
+    if "int" in kind:
+        return "4096"  # a whole number every int setting allows
+    return f"/flag/{key}"  # absolute: paths stay as given
+
+
+@pytest.mark.parametrize("key", sorted(config.FIELDS))
+def test_every_setting_has_a_working_flag(key: str, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: --fleet-key-file and --command-timeout were refused by argparse."""
+    from himbeere import cli
+
+    for name in list(os.environ):
+        if name.startswith("HIMBEERE_"):
+            monkeypatch.delenv(name)
+    flag = "--" + key.replace("_", "-")
+    raw = flag_value(key)
+    args = cli.build_parser().parse_args(
+        ["daemon", flag, raw, "--config", str(write_ini(tmp_path / "c.ini"))])
+    loaded = cli.load_config(args)()
+    assert getattr(loaded, key) == config._convert(key, raw)
+    assert getattr(loaded, key) != getattr(config.Config(), key), "the flag changed nothing"
+
+
+def test_legacy_password_flag_alone_means_yes(tmp_path: Path) -> None:
+    from himbeere import cli
+
+    ini = str(write_ini(tmp_path / "c.ini", legacy_password="yes"))
+    parser = cli.build_parser()
+    assert cli.load_config(parser.parse_args(["daemon", "--config", ini,
+                                              "--legacy-password"]))().legacy_password
+    assert not cli.load_config(parser.parse_args(
+        ["daemon", "--config", ini, "--legacy-password", "no"]))().legacy_password
+
+
+def test_pair_help_shows_only_what_pairing_uses(capsys: pytest.CaptureFixture[str]) -> None:
+    from himbeere import cli
+
+    with pytest.raises(SystemExit):
+        cli.main(["pair", "--help"])
+    flags = set(re.findall(r"--[a-z-]+", capsys.readouterr().out))
+    assert flags == {"--help", "--close", "--config", "--state-dir", "--debug"}
+
+
+NOT_SET = "server: not set"
+
+
+@pytest.mark.parametrize("tool, argv, error", [
+    ("himbeere", ["--debug", "nodes"], NOT_SET), ("himbeere", ["nodes", "--debug"], NOT_SET),
+    ("himbeere", ["--debug", "daemon", "--server", "nonsense"], "server: 'nonsense'"),
+    ("himbeere", ["daemon", "--server", "nonsense", "--debug"], "server: 'nonsense'"),
+    ("himbeere", ["--debug", "upload", "ls"], NOT_SET),
+    ("himbeere", ["upload", "ls", "--debug"], NOT_SET),
+    ("himbeere-upload", ["--debug", "ls"], NOT_SET),
+    ("himbeere-upload", ["ls", "--debug"], NOT_SET),
+])
+def test_debug_works_before_and_after_the_command(
+        tool: str, argv: list[str], error: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A bad setting: one error line, and with --debug anywhere its traceback."""
+    from uploader import cli as upload_cli
+    from uploader import main as himbeere_main
+
+    monkeypatch.delenv("HIMBEERE_SERVER", raising=False)
+    monkeypatch.setenv("HIMBEERE_CONFIG", str(write_ini(tmp_path / "c.ini")))
+    run = himbeere_main.main if tool == "himbeere" else upload_cli.main
+    without = [word for word in argv if word != "--debug"]
+    assert run(without) == 1
+    err = capsys.readouterr().err
+    prefix = "himbeere-upload" if "upload" in argv else tool
+    assert err.startswith(f"{prefix}: error: {error}") and err.count("\n") == 1, err
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        run(argv)
+
+
+@pytest.mark.parametrize("tool", ["himbeere", "himbeere-upload"])
+def test_both_tools_have_version(tool: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from himbeere import __version__
+    from uploader import cli as upload_cli
+    from uploader import main as himbeere_main
+
+    run = himbeere_main.main if tool == "himbeere" else upload_cli.main
+    with pytest.raises(SystemExit) as exit:
+        run(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out == f"{tool} {__version__}\n"
+
+
+def summaries(parser: argparse.ArgumentParser, prefix: str) -> Iterator[tuple[str, str]]:
+    """(command, its one-line help) of every subcommand, nested ones too."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for choice in action._choices_actions:
+                yield f"{prefix} {choice.dest}", str(choice.help)
+            for name, sub in action.choices.items():
+                yield from summaries(sub, f"{prefix} {name}")
+
+
+def test_command_summaries_follow_one_style() -> None:
+    """Imperative, capital first, no full stop, short enough for one help line."""
+    from uploader import cli as upload_cli
+    from uploader import main as himbeere_main
+
+    found = list(summaries(himbeere_main.build_parser(), "himbeere"))
+    found += summaries(upload_cli.build_parser(), "himbeere-upload")
+    assert len(found) > 20
+    bad = []
+    for command, help in found:
+        first = help.split()[0]
+        if (not first[0].isupper() or help.endswith(".") or len(help) > 55
+                or first in ("A", "An", "The", "One", "What", "This")
+                or (first.endswith("s") and first != "Press")):
+            bad.append(f"{command}: {help!r}")
+    assert bad == []

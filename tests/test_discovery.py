@@ -26,7 +26,7 @@ from typing import Any, Optional
 import pytest
 
 import himbeerecouch
-from himbeere import cli, defaults, discovery, fleetkey, gpio, identity
+from himbeere import cli, defaults, discovery, fleetkey, gpio, identity, statelock
 from himbeere.config import Config, read_server_file
 from himbeere.exceptions import ConfigError, HimbeereError
 from tests.helpers import wait_for
@@ -179,6 +179,7 @@ def test_closed_window_ignores_and_logs_then_pair_opens_it(
     empty_ini = tmp_path / "empty.conf"
     empty_ini.write_text("[himbeere]\n")
     flags = ["--config", str(empty_ini), "--state-dir", node_config.state_dir]
+    statelock.acquire(node_config.state_dir)  # as the daemon whose listener this is
     with listening(node_config):
         assert broadcast(node_config, timeout=0.5) == {}
         wait_log(caplog_info, "pairing request from 127.0.0.1 ignored: pairing is closed; "
@@ -193,6 +194,27 @@ def test_closed_window_ignores_and_logs_then_pair_opens_it(
         assert cli.main(["pair", "--close", *flags]) == 0
         assert capsys.readouterr().out.strip() == "pairing closed"
         assert broadcast(node_config, timeout=0.5) == {}
+    statelock.release(node_config.state_dir)
+
+
+def test_pair_without_a_running_daemon_says_so(tmp_path: Path, capsys: Any) -> None:
+    """Regression: it announced an open window that no daemon would ever answer in."""
+    state = tmp_path / "state"
+    empty_ini = tmp_path / "empty.conf"
+    empty_ini.write_text("[himbeere]\n")
+    flags = ["--config", str(empty_ini), "--state-dir", str(state)]
+    for ran_before in (False, True):  # no lock file yet; a daemon's left over
+        if ran_before:
+            statelock.acquire(state)
+            statelock.release(state)
+        assert cli.main(["pair", *flags]) == 1
+        out, err = capsys.readouterr()
+        assert out == ""
+        assert err.splitlines() == [
+            f"himbeere: error: no himbeere daemon runs on state directory {state}, and only "
+            "a running daemon answers pairing; start it (systemctl start himbeere, or "
+            "himbeere daemon) and run himbeere pair again"]
+        assert not (state / discovery.PAIRING_FILE).exists()
 
 
 def test_window_closes_after_pairing_window_seconds(node_config: Config) -> None:
@@ -614,3 +636,43 @@ def test_round_trip_across_network_namespaces(
         f"{prefix}.1:{defaults.DISCOVERY_PORT}": {"MacID": MACID,
                                                            "password": password}}
     assert json.loads(out) == f"http://{MACID}:{password}@couch.lab:5984"
+
+
+# -- pairing a node whose daemon runs with credentials of its own (issue 12, item 10) ---
+@pytest.mark.slow
+def test_pairing_keeps_the_password_a_running_daemon_uses(
+        node_factory: Any, node_user: Any, couch_url: str, dbname: str, tmp_path: Path,
+        capsys: Any) -> None:
+    """Regression: `himbeere pair` then `himbeere-upload discover` set the state
+    directory's password on the node's user, and the daemon, started with its
+    credentials in --server, got 401 on everything from then on."""
+    from himbeere.couch import Couch
+    from uploader import cli as upload_cli
+
+    mac, url = node_user()
+    node = node_factory(mac_id=mac, url=url)
+    wait_for(node.status, 30, message=node.log)
+    empty_ini = tmp_path / "empty.conf"
+    empty_ini.write_text("[himbeere]\n")
+    assert cli.main(["pair", "--config", str(empty_ini),
+                     "--state-dir", str(node.state_dir)]) == 0
+    assert "pairing open until" in capsys.readouterr().out
+
+    code = upload_cli.main(
+        ["discover", "--timeout", "2", "--port", str(node.discovery_port),
+         "--broadcast-address", LOOPBACK_BROADCAST,
+         "--node-server", ",".join(Couch(couch_url).bases)],
+        environ={"HIMBEERE_SERVER": couch_url, "HIMBEERE_DATABASE": dbname})
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert f"answer from 127.0.0.1: MAC id {mac}" in err
+    assert out.splitlines()[1].split()[:1] == [str(mac)]
+    assert out.splitlines()[1].split()[-1] == "unchanged"  # the password it already had
+    # The daemon's credentials still work, and it goes on writing heartbeats.
+    assert Couch(url).session_info()["userCtx"]["name"] == str(mac)
+    seen = (node.status() or {}).get("_rev")
+    wait_for(lambda: (node.status() or {}).get("_rev") != seen, 30, message=node.log)
+    assert "401" not in node.log()
+    # A later start without --server uses the saved server, with that password too.
+    saved = read_server_file(str(node.state_dir / "server"))
+    assert discovery.password_in(saved, mac) == discovery.password_in(url, mac) is not None

@@ -9,6 +9,8 @@ tested with himbeere.discovery.
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -17,7 +19,7 @@ import pytest
 from himbeere.couch import Couch, design, security
 from himbeere.exceptions import ProgramError
 from tests.helpers import random_mac
-from tests.servers import free_port
+from tests.servers import POUCHDB_SERVER, PouchServer, free_port
 from uploader import push, users
 from uploader.cli import main
 from uploader.fleet import Fleet, parse_mac
@@ -102,6 +104,57 @@ def test_setup_takes_the_url_as_argument(run: Run, couch_url: str) -> None:
     code, out, err = run("setup", couch_url, env={"HIMBEERE_SERVER": ""})
     assert code == 0, err
     assert couch_url not in out  # the admin's password is never printed
+    assert "admin party" not in err  # the test server has an admin
+
+
+@pytest.fixture
+def admin_party_url(tmp_path: Path) -> Iterator[str]:
+    """A pouchdb-server of its own that never got an admin: anonymous is admin."""
+    server = PouchServer(tmp_path / "party", in_memory=True)
+    if not POUCHDB_SERVER.exists():
+        pytest.skip("needs pouchdb-server (scripts/install-pouchdb-server)")
+    server.workdir.mkdir(parents=True)
+    server.port = free_port()
+    server._spawn()  # start() would make an admin, ending admin party
+    try:
+        assert server._wait_until_up(), server.log()
+        yield server.plain_url
+    finally:
+        server.stop()
+
+
+def test_setup_warns_loudly_of_admin_party(admin_party_url: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["setup", admin_party_url], environ={}) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"set up {admin_party_url} (raspberries, raspberries_status):")
+    rule = "!" * 78
+    assert err.splitlines() == [
+        rule,
+        f"WARNING: {admin_party_url} is in admin party: it has no admin at all.",
+        "Anyone who reaches it is an admin, without a password, and may read or",
+        "change every program and node user.  Create an admin (CouchDB: PUT",
+        "/_node/_local/_config/admins/NAME; pouchdb-server: PUT /_config/admins/NAME)",
+        "and put its name and password in the URL.",
+        rule]
+    assert main(["setup", admin_party_url, "--json"], environ={}) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["admin_party"] is True and "WARNING" in err
+
+
+def test_https_to_a_plain_http_server_says_so_in_full(run: Run, couch_url: str) -> None:
+    """Regression: requests' long error was cut off in the middle of a word."""
+    plain = Couch(couch_url).bases[0]
+    https = "https://" + plain.split("://", 1)[1]
+    for argv in (["ls"], ["setup"]):
+        code, out, err = run(*argv, env={"HIMBEERE_SERVER": https})
+        assert (code, out) == (1, "")
+        # OpenSSL 3.2 and later say "record layer failure" instead.
+        reason = "(wrong version number|record layer failure)"
+        assert re.fullmatch(
+            f"himbeere-upload: error: cannot reach the CouchDB server at {re.escape(https)}: "
+            f"TLS failed \\({reason}\\): the server speaks plain HTTP there; use http:// "
+            "instead of https://\n", err), err
 
 
 def test_setup_upgrades_an_old_design_document_of_the_daemon(run: Run, couch: Couch,
@@ -233,6 +286,11 @@ def test_push_global_modules(ready: Run, fleet: Fleet, tmp_path: Path) -> None:
     ("notes.txt", "hello", "is not a Python file"),
     ("broken.py", "def main(:\n", "is not Python: line 1"),
     ("binary.py", b"\xff\xfe\x00", "not UTF-8"),
+    ("no_main.py", "def mian():\n    pass\n",
+     "no_main.py defines no main(); a program needs def main(): ... (the node calls it)"),
+    ("my-prog.py", "def main():\n    pass\n",
+     "my-prog.py: 'my-prog' is not a Python module name; rename the file, or give "
+     "--name my_prog"),
 ])
 def test_push_refuses_what_is_not_python(ready: Run, tmp_path: Path, name: str,
                                          content: Any, message: str) -> None:
@@ -244,6 +302,38 @@ def test_push_refuses_what_is_not_python(ready: Run, tmp_path: Path, name: str,
     code, out, err = ready("push", str(path), "--node", "1000")
     assert code == 1 and out == "" and err.count("\n") == 1
     assert message in err
+
+
+@pytest.mark.parametrize("source", [
+    "def main():\n    pass\n", "async def main():\n    pass\n", "from os import getpid as main\n",
+    "main = print\n", "try:\n    from fast import main\nexcept ImportError:\n    def main(): ...\n",
+    "if True:\n    def main(): ...\n", "from helpers import *\n",
+])
+def test_push_accepts_every_way_of_defining_main(tmp_path: Path, source: str) -> None:
+    assert push.read_source(write(tmp_path / "prog.py", source)).modules == {"main": source}
+
+
+def test_push_refuses_a_folder_whose_main_defines_no_main(ready: Run, tmp_path: Path) -> None:
+    """Regression: it was accepted, then turned up invalid on the node."""
+    folder = tmp_path / "sensor"
+    write(folder / "main.py", "import util\nclass Main:\n    def main(self): ...\n")
+    write(folder / "util.py", "def main():\n    pass\n")
+    code, out, err = ready("push", str(folder), "--node", "1000")
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [f"himbeere-upload: error: {folder / 'main.py'} defines no "
+                                "main(); a program needs def main(): ... (the node calls it)"]
+
+
+def test_push_my_prog_with_the_hinted_name(ready: Run, fleet: Fleet, tmp_path: Path) -> None:
+    source = write(tmp_path / "my-prog.py", "def main():\n    pass\n")
+    code, out, err = ready("push", str(source), "--node", "1000", "--name", "my_prog")
+    assert code == 0, err
+    assert out.splitlines() == ["created 1000:my_prog (rev " + out.split("(rev ")[1].split(")")[0]
+                                + ")", "  added main.py (2 lines)"]
+    one = write(tmp_path / "one.py", "def main(): pass\n")
+    code, out, err = ready("push", str(one), "--node", "1000")
+    assert code == 0, err
+    assert out.splitlines()[1] == "  added main.py (1 line)"  # not "(1 lines)"
 
 
 def test_push_folder_without_main(tmp_path: Path) -> None:

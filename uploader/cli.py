@@ -25,8 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from himbeere import __version__, defaults
 from himbeere import config as configuration
-from himbeere import defaults
 from himbeere.couch import Doc, security
 from himbeere.exceptions import ConfigError, HimbeereError
 
@@ -58,11 +58,14 @@ def open_fleet(args: argparse.Namespace) -> Fleet:
 
 # -- subcommands -----------------------------------------------------------------------
 def cmd_setup(args: argparse.Namespace) -> Output:
-    """Create both databases, install the design documents and set _security.
+    """Set up the databases, design documents and _security.
 
+    Creates the databases, installs the design documents and sets _security.
     Safe to run again: a second run changes nothing and says so.
     """
     report = install.setup(open_fleet(args))
+    if report["admin_party"]:
+        warn_admin_party(report["server"])
     where = f"{report['server']} ({', '.join(report['databases'])})"
     if report["changed"]:
         lines = [f"set up {where}:"] + [f"  {change}" for change in report["changes"]]
@@ -71,9 +74,23 @@ def cmd_setup(args: argparse.Namespace) -> Output:
     return report, lines + [f"note: {note}" for note in report["notes"]]
 
 
-def cmd_push(args: argparse.Namespace) -> Output:
-    """Push a .py file (its code) or a folder (main.py and modules) to a node.
+def warn_admin_party(server: str) -> None:
+    """Say on stderr, loud enough to be seen in a wall of output, that anyone is admin."""
+    rule = "!" * 78
+    sys.stderr.write(
+        f"{rule}\n"
+        f"WARNING: {server} is in admin party: it has no admin at all.\n"
+        "Anyone who reaches it is an admin, without a password, and may read or\n"
+        "change every program and node user.  Create an admin (CouchDB: PUT\n"
+        "/_node/_local/_config/admins/NAME; pouchdb-server: PUT /_config/admins/NAME)\n"
+        "and put its name and password in the URL.\n"
+        f"{rule}\n")
 
+
+def cmd_push(args: argparse.Namespace) -> Output:
+    """Push a program, or global modules.
+
+    A .py file (its code) or a folder (main.py and modules) goes to a node;
     --global pushes global_modules; --placed a placed program, which the fleet
     runs on the nodes it picks (within --replicas, --label and --requires).
     """
@@ -104,7 +121,7 @@ def cmd_push(args: argparse.Namespace) -> Output:
 
 
 def cmd_pull(args: argparse.Namespace) -> Output:
-    """Write a program's code document out as files in DIR."""
+    """Write a program's code out as files in DIR."""
     if sum((bool(args.node), args.is_global, args.placed)) > 1:
         raise ConfigError("say where the program is with one of --node, --global, --placed")
     fleet = open_fleet(args)
@@ -130,7 +147,10 @@ def cmd_ls(args: argparse.Namespace) -> Output:
 
 
 def cmd_rm(args: argparse.Namespace) -> Output:
-    """Remove a program from a node, or a placed program (its daemons stop it)."""
+    """Remove a program from a node, or a placed program.
+
+    The daemons that run it stop it.
+    """
     if sum((bool(args.node), args.is_global, args.placed)) != 1:
         raise ConfigError("say where the program is: --node NODE, --global or --placed")
     fleet = open_fleet(args)
@@ -140,7 +160,10 @@ def cmd_rm(args: argparse.Namespace) -> Output:
 
 
 def cmd_provision(args: argparse.Namespace) -> Output:
-    """Create or update a node's CouchDB user (role himbeere-node) and name."""
+    """Create or update a node's CouchDB user and name.
+
+    The user has role himbeere-node; its name is the node's MAC id.
+    """
     node = parse_mac(args.macid)
     if node is None:
         raise ConfigError(f"MAC id {args.macid!r} is not allowed; allowed: digits, or a MAC "
@@ -170,7 +193,11 @@ def _provision_line(result: Doc) -> str:
 
 
 def cmd_discover(args: argparse.Namespace) -> Output:
-    """Broadcast the server on the network and provision every Pi that answers."""
+    """Find the Pis on the network and provision each.
+
+    Broadcasts the server's URL (without credentials) and provisions every Pi
+    that answers with its password.
+    """
     fleet = open_fleet(args)
     stderr = sys.stderr
 
@@ -244,18 +271,27 @@ def common_flags() -> argparse.ArgumentParser:
     return common
 
 
+def summary(doc: Optional[str]) -> str:
+    """A command's one-line help: its docstring's first line, without the full stop."""
+    return (doc or "").strip().splitlines()[0].rstrip(".")
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = common_flags()
-    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    # SUPPRESS: without it here, the command's False would undo `himbeere-upload --debug ls`.
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks")
 
     parser = argparse.ArgumentParser(
         prog=PROG, description="Set up a CouchDB server for himbeere, provision Pis and "
                                "push code to them.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], Output]) -> argparse.ArgumentParser:
         doc = (func.__doc__ or "").strip()
-        command = sub.add_parser(name, parents=[common], help=doc.splitlines()[0],
+        command = sub.add_parser(name, parents=[common], help=summary(doc),
                                  description=doc)
         command.set_defaults(func=func)
         return command
@@ -312,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     disc = add("discover", cmd_discover)
     disc.add_argument("--timeout", metavar="S", type=float, default=10.0,
                       help="seconds to wait for answers (default 10)")
-    disc.add_argument("--port", metavar="PORT", type=int,
+    disc.add_argument("--port", "--discovery-port", metavar="PORT", type=int, dest="port",
                       help="UDP port of the nodes (HIMBEERE_DISCOVERY_PORT, default "
                            f"{defaults.DISCOVERY_PORT})")
     disc.add_argument("--broadcast-address", metavar="ADDR",

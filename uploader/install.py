@@ -10,7 +10,8 @@ nothing and says so.
 
 from __future__ import annotations
 
-from himbeere.couch import Database, Doc, design, security
+from himbeere.couch import Couch, Database, Doc, design, security
+from himbeere.exceptions import CouchError
 
 from .fleet import Fleet
 
@@ -46,7 +47,22 @@ def setup(fleet: Fleet) -> Doc:
         "changes": changes,
         "notes": notes,
         "changed": bool(changes),
+        "admin_party": admin_party(fleet),
     }
+
+
+def admin_party(fleet: Fleet) -> bool:
+    """Whether the server has no admin at all, so that anonymous requests are admin.
+
+    CouchDB before 3.0 and pouchdb-server start that way ("admin party"):
+    ``GET /_session`` without credentials answers with role ``_admin``.
+    """
+    anonymous = Couch(fleet.server, transport="requests")  # fleet.server holds no password
+    try:
+        roles = anonymous.session_info().get("userCtx", {}).get("roles") or []
+    except CouchError:
+        return False  # refused: an admin exists
+    return "_admin" in roles
 
 
 def _install_design(db: Database, wanted: Doc, changes: list[str], notes: list[str]) -> None:

@@ -24,29 +24,66 @@ from himbeere import cli as node_cli
 
 def add_upload(sub: Any) -> None:
     """``himbeere upload ...``, which :func:`main` runs as ``himbeere-upload ...``."""
-    upload = sub.add_parser("upload", add_help=False, help="the uploader (himbeere-upload)",
+    upload = sub.add_parser("upload", add_help=False, help=SUMMARIES["upload"],
                             description="Same as himbeere-upload; see himbeere upload --help.")
     upload.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    upload.set_defaults(func=lambda args: upload_main(args.rest))
+    # `himbeere --debug upload ...`: the flag goes on to himbeere-upload.
+    upload.set_defaults(func=lambda args: upload_main(
+        args.rest + (["--debug"] if args.debug else [])))
 
 
 def add_fleet_commands(sub: Any) -> None:
     """nodes, status, logs, cmd, stop, start, restart, placements, label, state."""
     from .opscli import register
 
-    register(sub)
+    register(Summarized(sub))
 
 
 def add_dashboard(sub: Any) -> None:
     """``dashboard``; Flask is imported only when it runs."""
     from .dashboard import register
 
-    register(sub)
+    register(Summarized(sub))
+
+
+#: The one-line help of the laptop's commands in ``himbeere --help``, in one style
+#: (imperative, capital first, no full stop; tests/test_config.py walks the parsers).
+#: Their docstrings, the ``--help`` of each, say more than one line can.
+SUMMARIES = {
+    "upload": "Set up servers and push code (himbeere-upload)",
+    "nodes": "List every node with its health",
+    "status": "Show one node in detail",
+    "logs": "Show what a node's programs printed",
+    "cmd": "Run a command on many nodes",
+    "stop": "Stop a program on a node",
+    "start": "Start a stopped program on a node",
+    "restart": "Restart a program on a node",
+    "placements": "Show what runs where, and why",
+    "label": "Set or show a node's labels",
+    "state": "Show or reset a program's persistent state",
+    "dashboard": "Serve the web dashboard",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Every command of ``himbeere``."""
     return node_cli.build_parser((add_upload, add_fleet_commands, add_dashboard))
+
+
+class Summarized:
+    """An ``add_subparsers()`` object whose commands get their help from :data:`SUMMARIES`."""
+
+    def __init__(self, sub: Any) -> None:
+        self.sub = sub
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        if name in SUMMARIES:
+            kwargs["help"] = SUMMARIES[name]
+        parser: argparse.ArgumentParser = self.sub.add_parser(name, **kwargs)
+        return parser
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sub, name)
 
 
 def upload_main(argv: Sequence[str]) -> int:

@@ -18,6 +18,7 @@ nothing writes nothing, so the program does not restart.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import difflib
 import math
@@ -36,6 +37,8 @@ from himbeere.schema import global_id, lease_id, placed_id, program_id, status_i
 from .fleet import Fleet, parse_labels
 
 SUFFIX = ".py"
+#: The function the node calls in a program's main module.
+ENTRY = "main"
 PROGRAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 #: Fields a program push owns; a global push owns ``global_modules``.
 PROGRAM_FIELDS = ("code", "modules")
@@ -155,14 +158,23 @@ def check_program_name(name: str) -> str:
 
 
 # -- reading files -------------------------------------------------------------------
-def read_source(path: Path, is_global: bool = False) -> Source:
-    """Read ``path`` (a ``.py`` file or a folder); raises for anything that is not Python."""
+def read_source(path: Path, is_global: bool = False, name: Optional[str] = None) -> Source:
+    """Read ``path`` (a ``.py`` file or a folder); raises for anything that is not Python.
+
+    A program's file needs no module name when ``name`` names the program:
+    it is stored as ``main``.
+    """
     if not path.exists():
         raise NotFound(f"{path}: no such file or folder")
     if path.is_dir():
         return _read_folder(path, is_global)
-    module = _module_name(path)
+    if is_global or name is None:
+        module = _module_name(path, hint=not is_global)
+    else:
+        module = _python_file(path)
     source = _read_python(path)
+    if not is_global:
+        _require_main(path, source)
     return Source(name=module, modules={module if is_global else MAIN: source},
                   is_global=is_global)
 
@@ -186,18 +198,66 @@ def _read_folder(folder: Path, is_global: bool) -> Source:
             f"{folder}: no main.py; a program folder needs main.py with def main() "
             f"(found: {', '.join(sorted(modules)) or 'no .py files'})"
         )
+    else:
+        _require_main(folder / f"{MAIN}{SUFFIX}", modules[MAIN])
     return Source(name=name, modules=modules, is_global=is_global, ignored=ignored)
 
 
-def _module_name(path: Path) -> str:
+def _module_name(path: Path, hint: bool = False) -> str:
+    """The module name of ``path``; ``hint``: a program's file, which --name also fixes."""
+    stem = _python_file(path)
+    if not stem or not all(part.isidentifier() for part in stem.split(".")):
+        fix = "rename the file"
+        if hint:
+            fix += f", or give --name {re.sub(r'[^A-Za-z0-9_]', '_', stem) or 'NAME'}"
+        raise ProgramError(f"{path}: {stem!r} is not a Python module name; {fix}")
+    return stem
+
+
+def _python_file(path: Path) -> str:
+    """``path``'s name without ``.py``; raises unless it ends in ``.py``."""
     if path.suffix != SUFFIX:
         raise ProgramError(
             f"{path} is not a Python file; allowed: a .py file or a folder with main.py"
         )
-    stem = path.name[: -len(SUFFIX)]
-    if not stem or not all(part.isidentifier() for part in stem.split(".")):
-        raise ProgramError(f"{path}: {stem!r} is not a Python module name; rename the file")
-    return stem
+    return path.name[: -len(SUFFIX)]
+
+
+def _require_main(path: Path, source: str) -> None:
+    """Raise unless ``source`` binds ``main`` at its top level: the node calls ``main()``.
+
+    Any top-level binding counts (``def``, ``main = ...``, ``from x import
+    main``, inside an ``if`` or ``try``); ``from x import *`` might bind it.
+    Checked here so the push is refused on the laptop, as a syntax error is,
+    instead of the program turning up ``invalid`` on the node.
+    """
+    if ENTRY not in _top_level_names(ast.parse(source, str(path)).body):
+        raise ProgramError(f"{path} defines no {ENTRY}(); a program needs def {ENTRY}(): ... "
+                           "(the node calls it)")
+
+
+def _top_level_names(body: list[ast.stmt]) -> set[str]:
+    """Names bound by ``body`` outside functions and classes (``*``: a star import)."""
+    names: set[str] = set()
+    for node in body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((alias.asname or alias.name).split(".")[0] if alias.name != "*"
+                         else ENTRY for alias in node.names)
+            continue
+        for child in ast.walk(node):
+            if isinstance(child, ast.Name) and isinstance(child.ctx, ast.Store):
+                names.add(child.id)
+        for field in ("body", "orelse", "finalbody", "handlers"):
+            inner = getattr(node, field, None)
+            if isinstance(inner, list):
+                names |= _top_level_names([n for n in inner if isinstance(n, ast.stmt)])
+                for handler in inner:
+                    if isinstance(handler, ast.ExceptHandler):
+                        names |= _top_level_names(handler.body)
+    return names
 
 
 def _read_python(path: Path) -> str:
@@ -285,7 +345,7 @@ def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = No
     """
     if placed is not None and node is not None:
         raise ConfigError("a placed program runs where the fleet puts it; drop --node")
-    source = read_source(path, is_global=node is None and placed is None)
+    source = read_source(path, is_global=node is None and placed is None, name=name)
     name = check_program_name(name or source.name)
     fleet.require_database(fleet.code)
     existing = find(fleet, node, name, placed is not None)
@@ -354,7 +414,7 @@ def describe_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
     for module in sorted(set(old) | set(new)):
         file = f"{module}{SUFFIX}"
         if module not in old:
-            lines.append(f"added {file} ({_count(new[module])} lines)")
+            lines.append(f"added {file} ({plural(_count(new[module]), 'line')})")
         elif module not in new:
             lines.append(f"removed {file}")
         elif old[module] != new[module]:
@@ -367,6 +427,11 @@ def describe_changes(old: dict[str, str], new: dict[str, str]) -> list[str]:
                     minus += 1
             lines.append(f"changed {file} (+{plus} -{minus} lines)")
     return lines
+
+
+def plural(count: int, noun: str) -> str:
+    """``1 line``, ``2 lines``: the count with its noun, in the right number."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def _count(text: str) -> int:

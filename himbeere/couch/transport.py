@@ -28,6 +28,7 @@ with an ``ssl`` context made when an ``https://`` URL comes up.
 from __future__ import annotations
 
 import base64
+import re
 import select
 import socket
 import sys
@@ -304,7 +305,30 @@ def _unsent(message: str) -> Unreachable:
     return error
 
 
+#: OpenSSL's reason in an ssl.SSLError, also inside the text of requests' wrapper.
+_TLS_REASON = re.compile(r"\[SSL: ([A-Z0-9_]+)\] ([^(')\"]+)")
+#: What OpenSSL says when an https:// client gets a plain HTTP answer (3.2 and later:
+#: record layer failure).
+_PLAIN_HTTP = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST")
+LIMIT = 200
+
+
 def short(exc: BaseException) -> str:
-    """The first line of an error, at most 200 characters."""
+    """The first line of an error, at most :data:`LIMIT` characters, cut between words.
+
+    A TLS error says what it means: requests' wrapping of an https:// URL
+    that reached a plain HTTP server was 300 characters long and was cut
+    off in the middle of OpenSSL's reason.
+    """
     text = str(exc) or type(exc).__name__
-    return text.splitlines()[0][:200]
+    tls = _TLS_REASON.search(text)
+    if tls:
+        code, reason = tls.group(1), tls.group(2).strip()
+        if code in _PLAIN_HTTP:
+            return (f"TLS failed ({reason}): the server speaks plain HTTP there; "
+                    "use http:// instead of https://")
+        return f"TLS failed: {reason}"
+    first = text.splitlines()[0]
+    if len(first) <= LIMIT:
+        return first
+    return first[:LIMIT].rsplit(" ", 1)[0] + " ..."

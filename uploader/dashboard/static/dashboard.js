@@ -507,7 +507,7 @@
         answer.answered + "/" + total + " answered"));
       $("meta").textContent = "created " + when(c.created) + (c.created_by ? " by " + c.created_by : "") +
         (c.timeout ? ", timeout " + c.timeout + " s" : "") + ", targets " +
-        (Array.isArray(c.targets) ? c.targets.length + " nodes" : c.targets);
+        (Array.isArray(c.targets) ? c.targets.length + (c.targets.length === 1 ? " node" : " nodes") : c.targets);
       replaceRows($("results").tBodies[0], answer.nodes.map((n) => {
         const r = answer.results[String(n.node)];
         if (!r) {
