@@ -461,14 +461,16 @@ class Supervisor:
             program.doc = parsed  # same code under a new revision
             self.on_change()
             return
-        what = "restarting" if parsed.enabled else "stopping"
+        what = "changed" if parsed.enabled == program.doc.enabled else (
+            "enabled" if parsed.enabled else "disabled")
         if program.alive:
-            log.info("%s: changed (rev %s), %s", printable(parsed.name),
-                     printable(parsed.rev), what)
-            self._event(program, f"changed (rev {parsed.rev}), {what}")
+            then = "restarting" if parsed.enabled else "stopping"
+            log.info("%s: %s (rev %s), %s", printable(parsed.name), what,
+                     printable(parsed.rev), then)
+            self._event(program, f"{what} (rev {parsed.rev}), {then}")
             self._stop(program, AfterStop.START, parsed)
         else:
-            self._event(program, f"changed (rev {parsed.rev})")
+            self._event(program, f"{what} (rev {parsed.rev})")
             program.doc, program.fingerprint = parsed, fingerprint
             program.restarts, program.backoff = 0, 0.0
             program.last_error = parsed.error  # the old error was about the old code
