@@ -316,7 +316,7 @@ def test_the_log_shows_lifecycle_events_and_the_traceback_with_source(
                 "[crasher] -- crashed; restart 1 in 1 s",
                 "[crasher] -- started (pid ", "[crasher] about to divide")
     wait_for(lambda: in_order(logs_of(capsys, "crasher"), *expected),
-             message=lambda: "\n".join(logs_of(capsys, "crasher")))
+             message=lambda: "\n".join(logs_of(capsys, "crasher")) + node.log()[-2000:])
 
     pid = wait_pid(pidfile)
     save(code_db, dict(steady, code=looping(pidfile) + "# v2\n"))
