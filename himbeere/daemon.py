@@ -157,7 +157,8 @@ class Daemon:
 
     def _program_output(self, doc_id: str, name: str, lines: list[Any], dropped: int) -> None:
         self.logs.add(doc_id, name, [tuple(line) for line in lines], dropped)
-        self.output.add(doc_id, name, [text for _, text in lines], dropped)
+        # The daemon's own lines (time, text, kind) are in its log already.
+        self.output.add(doc_id, name, [line[1] for line in lines if len(line) == 2], dropped)
 
     def _program_changed(self) -> None:
         self.status.poke()

@@ -95,3 +95,8 @@ PAIRING_WINDOW = 600.0
 PAIRING_MAX_SKEW = 300.0
 #: BCM number of the GPIO pin whose LED blinks while a node waits to be paired.
 LED_PIN = 16
+
+#: Seconds between two automatic saves of a program's ``state`` (only when it
+#: changed; also saved on ``state.save()``, when asked to quit and at exit):
+#: at most this much of it is lost when the program or its node dies.
+STATE_SAVE_INTERVAL = 10.0

@@ -6,7 +6,15 @@ Each program's lines land in one document of the status database,
     {"type": "himbeere-log", "node": 1234, "program": "1234:blink", "name": "blink",
      "lines": [[1700000000.123, "hello"], ...], "dropped": 0, "updated": "..."}
 
-``lines`` is a ring of the last :data:`RING` lines (default 1000).  Lines
+``lines`` is a ring of the last :data:`RING` lines (default 1000).  A line
+the daemon wrote itself carries a third element, its kind: :data:`EVENT`
+for what happened to the program ("started (pid 4242)", "crashed; restart 3
+in 8 s", "stopped", "changed (rev 3-ab12), restarting") and :data:`ERROR`
+for each line of a crash's traceback, e.g. ``[1700000000.2, "stopped",
+"event"]``.  Readers that know only ``[time, text]`` still show its text;
+``himbeere logs`` and the dashboard mark them (``uploader.ops.log_lines``).
+
+Lines
 are written in batches, at most every :data:`BATCH_SECONDS` per program, by
 a thread of their own: a program never waits for the server.  While the
 server is down they are buffered in memory, up to the same bound; beyond it
@@ -40,8 +48,13 @@ output_log = logging.getLogger("himbeere.output")
 
 RING = 1000
 BATCH_SECONDS = 1.0
+#: Kinds of the lines the daemon writes into a program's log (a third element).
+EVENT = "event"
+ERROR = "error"
+KINDS = (EVENT, ERROR)
 
-Line = tuple[float, str]
+#: ``(time, text)`` from the program, ``(time, text, kind)`` from the daemon.
+Line = tuple[Any, ...]
 
 
 class _Pending:
@@ -132,7 +145,7 @@ class LogShipper(Component):
         doc_id = log_id(self.node, program)
 
         def change(doc: Doc) -> None:
-            ring: list[Any] = list(doc.get("lines") or []) + [[t, text] for t, text in lines]
+            ring: list[Any] = list(doc.get("lines") or []) + [_entry(line) for line in lines]
             doc.update({
                 "type": "himbeere-log", "node": self.node, "program": program, "name": name,
                 "lines": ring[-self.ring:],
@@ -144,6 +157,13 @@ class LogShipper(Component):
             self.db.update(doc_id, change)
         except Conflict:
             self.db.update(doc_id, change)
+
+
+def _entry(line: Line) -> list[Any]:
+    """A line as stored: ``[time, text]``, or ``[time, text, kind]`` for the daemon's."""
+    if len(line) > 2 and line[2] in KINDS:
+        return [line[0], line[1], line[2]]
+    return [line[0], line[1]]
 
 
 class _Bucket:

@@ -13,6 +13,13 @@ programs.  Other threads hand it documents with :meth:`Supervisor.submit`.
 A program's state (:class:`~himbeere.schema.ProgramState`) changes only in
 :meth:`Program.transition`, along the edges listed in :data:`TRANSITIONS`
 (the model: supervisor's ``states.py`` and ``Subprocess.transition``).
+
+What happens to a program also goes into its own log, between the lines
+it printed (see :mod:`himbeere.logship`): "started (pid 4242)", a crash's
+traceback, "crashed; restart 3 in 8 s", "stopped", "changed (rev 3-ab12),
+restarting" and the like, written by :meth:`Supervisor._event`, so that
+``himbeere logs`` and the dashboard show why a program went away, not only
+what it printed before.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from . import codedoc, defaults, gitsource, oneshot
 from .codedoc import CodeDoc
 from .exceptions import HimbeereError
 from .forkserver import ForkServer
+from .logship import ERROR, EVENT
 from .logtext import printable
 from .runtime import child
 from .schema import ProgramState, iso
@@ -405,6 +413,7 @@ class Supervisor:
             program = self.programs.get(doc_id)
             if program is not None:
                 log.info("%s: document deleted, stopping", program.name)
+                self._event(program, "document deleted, stopping")
                 self._stop(program, AfterStop.REMOVE)
             return
         parsed = codedoc.parse(doc, self.default_restart)
@@ -427,6 +436,7 @@ class Supervisor:
         if not mine or not parsed.is_program:
             if program is not None:
                 log.info("%s: no longer a program of this node, stopping", program.name)
+                self._event(program, "no longer a program of this node, stopping")
                 self._stop(program, AfterStop.REMOVE)
             elif not mine:
                 log.debug("ignoring %s: for node %r, not %s", printable(doc_id), doc.get("type"),
@@ -451,11 +461,16 @@ class Supervisor:
             program.doc = parsed  # same code under a new revision
             self.on_change()
             return
+        what = "changed" if parsed.enabled == program.doc.enabled else (
+            "enabled" if parsed.enabled else "disabled")
         if program.alive:
-            log.info("%s: changed (rev %s), restarting", printable(parsed.name),
-                     printable(parsed.rev))
+            then = "restarting" if parsed.enabled else "stopping"
+            log.info("%s: %s (rev %s), %s", printable(parsed.name), what,
+                     printable(parsed.rev), then)
+            self._event(program, f"{what} (rev {parsed.rev}), {then}")
             self._stop(program, AfterStop.START, parsed)
         else:
+            self._event(program, f"{what} (rev {parsed.rev})")
             program.doc, program.fingerprint = parsed, fingerprint
             program.restarts, program.backoff = 0, 0.0
             program.last_error = parsed.error  # the old error was about the old code
@@ -479,6 +494,7 @@ class Supervisor:
                 continue
             if fingerprint != program.fingerprint:
                 log.info("%s: a global module it uses changed, restarting", program.name)
+                self._event(program, "a global module it uses changed, restarting")
                 self._deploy_fingerprint(program, fingerprint)
 
     def _deploy_fingerprint(self, program: Program, fingerprint: str) -> None:
@@ -493,6 +509,7 @@ class Supervisor:
             if program.state is ProgramState.STOPPING:
                 continue  # it starts again, or goes away, as already decided
             if program.alive:
+                self._event(program, "restarting (the daemon reloads)")
                 self._stop(program, AfterStop.START, program.doc)
             elif program.doc.enabled and not program.doc.error and not program.runs_again:
                 self._start(program)
@@ -503,6 +520,7 @@ class Supervisor:
             program = self.programs.get(doc_id)
             if program is not None and program.doc.placed:
                 log.info("%s: no longer placed on this node, stopping", program.name)
+                self._event(program, "no longer placed on this node, stopping")
                 self._stop(program, AfterStop.REMOVE, hurry=hurry)
         for doc_id in sorted(self.assigned - before):
             doc = self.placed_docs.get(doc_id)
@@ -518,6 +536,7 @@ class Supervisor:
             program.fingerprint = program.doc.fingerprint(self.global_sources)
             self._set(program, ProgramState.INVALID, error=program.doc.error)
             log.error("%s: %s", program.name, printable(program.doc.error, multiline=True))
+            self._invalid_event(program, program.doc.error)
         elif not program.doc.enabled:
             self._set(program, ProgramState.STOPPED, error=None)
         else:
@@ -555,6 +574,8 @@ class Supervisor:
         )
         # What runs now decides the next restart, whatever changed meanwhile.
         program.fingerprint = doc.fingerprint(self.global_sources)
+        # Taken before the fork: the child's first line must come after "started".
+        spawned = time.time()
         try:
             pid, conn = self.fork_server.spawn(spec)
         except Exception as exc:
@@ -572,6 +593,7 @@ class Supervisor:
         program.exit_code = None
         self._set(program, ProgramState.RUNNING, error=program.last_error)
         log.info("%s: started (pid %s, rev %s)", program.name, pid, printable(doc.rev))
+        self._event(program, f"started (pid {pid})", when=spawned)
 
     def _slot_free(self, program: Program) -> bool:
         taken = sum(1 for other in self.programs.values()
@@ -584,6 +606,8 @@ class Supervisor:
             program.queued = self._queue_counter
             log.warning("%s: not started: this node runs its ceiling of %d programs "
                         "(max_programs)", program.name, self.max_programs)
+            self._event(program, f"not started: this node runs its ceiling of "
+                                 f"{self.max_programs} programs (max_programs)")
         self._set(program, ProgramState.REJECTED,
                   error=f"not started: this node runs its ceiling of {self.max_programs} "
                         "programs (max_programs); it starts when one of them ends")
@@ -611,6 +635,7 @@ class Supervisor:
         root = gitsource.checkout_root(self.state_dir or Path("."), doc.doc_id)
         self._set(program, ProgramState.FETCHING)
         log.info("%s: fetching %s", program.name, printable(doc.git.describe()))
+        self._event(program, f"fetching {doc.git.describe()}")
 
         def work() -> None:
             try:
@@ -637,6 +662,7 @@ class Supervisor:
             else:
                 log.error("%s: %s", program.name, printable(result, multiline=True))
                 self._set(program, ProgramState.INVALID, error=str(result))
+                self._invalid_event(program, str(result))
             return
         program.fetched = (fingerprint, result)
         log.info("%s: fetched commit %s", program.name, result[1][:12])
@@ -703,16 +729,19 @@ class Supervisor:
         """
         if stop.phase is StopPhase.TERM and now >= stop.deadline:
             log.warning("%s: did not quit within the grace period; SIGTERM", program.name)
+            self._event(program, "did not quit within the grace period; SIGTERM")
             _kill_group(program.pid, signal.SIGTERM)
             stop.escalate(now)
         if stop.phase is StopPhase.KILL and now >= stop.deadline:
             log.warning("%s: still alive after SIGTERM; SIGKILL", program.name)
+            self._event(program, "still alive after SIGTERM; SIGKILL")
             _kill_group(program.pid, signal.SIGKILL)
             stop.escalate(now)
         if stop.phase is StopPhase.ABANDON and now >= stop.deadline:
             log.error("%s: pid %s survives SIGKILL; giving up on it", program.name,
                       program.pid)
             program.last_error = f"pid {program.pid} did not die after SIGKILL"
+            self._event(program, f"pid {program.pid} survives SIGKILL; given up on", ERROR)
             self._forget(program)
             self._after_stop(program, stop.then, stop.doc)
 
@@ -775,6 +804,7 @@ class Supervisor:
             stop = program.stopping
             if stop is not None:
                 log.info("%s: stopped", program.name)
+                self._event(program, "stopped")
                 self._after_stop(program, stop.then, stop.doc)
                 continue
             self._exited(program, code, now)
@@ -802,6 +832,18 @@ class Supervisor:
         except Exception:
             log.exception("%s: cannot ship its output", program.name)
 
+    def _event(self, program: Program, text: str, kind: str = EVENT,
+               when: Optional[float] = None) -> None:
+        """Write ``text`` into ``program``'s own log, marked as the daemon's (``kind``).
+
+        One line per line of ``text`` (a traceback), all with the same time
+        ``when`` (default: now), so that they stay in their order.
+        """
+        stamp = time.time() if when is None else when
+        lines = [(stamp, line, kind) for line in str(text).rstrip("\n").splitlines()]
+        if lines:
+            self._ship(program, ("log", lines, 0))
+
     def _forget(self, program: Program) -> None:
         if program.conn is not None:
             program.conn.close()
@@ -814,22 +856,30 @@ class Supervisor:
         if status == "invalid":
             self._set(program, ProgramState.INVALID, error=detail)
             log.error("%s: %s", program.name, printable(detail, multiline=True))
+            self._invalid_event(program, detail)
             return
         if status == "finished" or (status is None and code == 0):
             log.info("%s: main() returned", program.name)
             if program.doc.restart == "always":
                 self._back_off(program, now, "finished")
             else:
+                self._event(program, "finished: main() returned")
                 self._set(program, ProgramState.FINISHED, error=None)
             return
         if detail is None:
             detail = _describe_exit(code)
         self._crashed(program, detail, now)
 
+    def _invalid_event(self, program: Program, error: Optional[str]) -> None:
+        self._event(program, error or "invalid", ERROR)
+        self._event(program, "invalid; it starts again when its code changes")
+
     def _crashed(self, program: Program, error: str, now: float) -> None:
         log.error("%s: crashed: %s", program.name, printable(error.rstrip(), multiline=True))
         program.last_error = error
+        self._event(program, error, ERROR)
         if program.doc.restart == "never":
+            self._event(program, "crashed; not restarted (restart: never)")
             self._set(program, ProgramState.CRASHED, error=error)
         else:
             self._back_off(program, now, "crashed", error)
@@ -845,6 +895,7 @@ class Supervisor:
         program.next_start = now + program.backoff
         log.info("%s: %s; restart %d in %.1f s", program.name, why, program.restarts,
                  program.backoff)
+        self._event(program, f"{why}; restart {program.restarts} in {program.backoff:g} s")
         self._set(program, ProgramState.BACKING_OFF,
                   error=error if error is not None else program.last_error)
 

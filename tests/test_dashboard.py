@@ -317,6 +317,24 @@ def test_node_detail_has_the_traceback_and_logs(client: FlaskClient, fleet: Flee
     assert client.get("/nodes/4242").status_code == 404
 
 
+def test_node_log_marks_the_daemons_lines(client: FlaskClient, fleet: Fleet,
+                                          deployer: tuple[str, str]) -> None:
+    """Issue 12: what the daemon wrote into a program's log ([time, text, kind])
+    reaches the log view marked, between the program's own lines."""
+    fleet.status.save(status_doc(1001, programs=crashed_program(1001)))
+    fleet.status.save({"_id": "log:1001:1001:blink", "type": "himbeere-log", "node": 1001,
+                       "program": "1001:blink", "name": "blink", "dropped": 0,
+                       "lines": [[1000.0, "started (pid 42)", "event"],
+                                 [1001.0, "about to divide"],
+                                 [1002.0, "ZeroDivisionError: division by zero", "error"],
+                                 [1002.0, "crashed; restart 4 in 8 s", "event"]]})
+    login(client, *deployer)
+    logs = client.get("/api/nodes/1001/logs").get_json()
+    assert [line[2] for line in logs["lines"]] == [
+        "-- started (pid 42)", "about to divide", "!! ZeroDivisionError: division by zero",
+        "-- crashed; restart 4 in 8 s"]
+
+
 def test_programs_stop_and_restart_through_their_document(
         client: FlaskClient, fleet: Fleet, deployer: tuple[str, str]) -> None:
     fleet.status.save(status_doc(1001))

@@ -59,14 +59,18 @@ def test_program_output_reaches_its_log_document(node_factory, couch, dbname) ->
     node = node_factory(mac_id=1000)
     status_db = couch.database(dbname + "_status")
 
+    def own(doc: dict) -> list:
+        """The program's lines: the daemon's ("started", ...) have a kind too."""
+        return [line[1] for line in doc.get("lines", []) if len(line) == 2]
+
     def shipped() -> dict:
         doc = status_db.get(log_id(1000, "talker")) or {}
-        texts = [text for _, text in doc.get("lines", [])]
+        texts = own(doc)
         return doc if texts and texts[-1] == "last line" else {}
 
     doc = wait_for(shipped, message=lambda: node.log()[-2000:])
-    texts = [text for _, text in doc["lines"]]
-    assert len(texts) == 1000  # the ring keeps the last 1000 lines
+    texts = own(doc)
+    assert len(doc["lines"]) == 1000  # the ring keeps the last 1000 lines
     assert texts[-2] == "line 4999"
     assert doc["name"] == "talker" and doc["node"] == 1000
     node.wait_program("talker", state="finished")
@@ -75,3 +79,16 @@ def test_program_output_reaches_its_log_document(node_factory, couch, dbname) ->
     wait_for(lambda: "[talker] hello log" in node.log()
              or re.search(r"\[talker\] \d+ lines not shown", node.log()),
              message=lambda: node.log()[-3000:])
+
+
+def test_the_daemons_lines_keep_their_kind(couch, dbname) -> None:
+    """Issue 12: events and tracebacks are [time, text, kind]; a program's lines stay pairs."""
+    from himbeere.logship import ERROR, EVENT
+
+    db = couch.database(dbname)
+    shipper = LogShipper(db, node=7)
+    shipper.add("7:p", "p", [(1.0, "started (pid 4)", EVENT), (2.0, "hi"),
+                             (3.0, "ZeroDivisionError: boom", ERROR)])
+    assert shipper.flush() == 3
+    assert db.get(log_id(7, "7:p"))["lines"] == [
+        [1.0, "started (pid 4)", "event"], [2.0, "hi"], [3.0, "ZeroDivisionError: boom", "error"]]

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import pytest
 
-from himbeere.logship import LogShipper
+from himbeere.logship import LogShipper, log_id
 from himbeere.status import status_id
 from tests.helpers import himbeere, wait_for
 from tests.nodes import ROOT, Node, pid_alive
@@ -148,7 +148,7 @@ def test_a_database_that_is_not_set_up_gets_a_hint(couch_url: str,
 
 
 # -- logs --------------------------------------------------------------------------------
-def ship(fleet: Fleet, mac: int, program_id: str, name: str, *lines: tuple[float, str]) -> None:
+def ship(fleet: Fleet, mac: int, program_id: str, name: str, *lines: tuple[Any, ...]) -> None:
     shipper = LogShipper(fleet.status, mac)
     shipper.add(program_id, name, list(lines))
     assert shipper.flush() == len(lines)
@@ -171,6 +171,24 @@ def test_logs_shows_the_log_documents(fleet: Fleet, capsys: pytest.CaptureFixtur
     assert [d["_id"] for d in docs] == ["log:1001:1001:temp"]
     code, out, _ = himbeere(capsys, "logs", "1001", "-n", "1")
     assert out.splitlines()[0].endswith("[blink] off")
+
+
+def test_logs_marks_what_the_daemon_wrote(fleet: Fleet,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 12: lifecycle events and tracebacks are marked lines of the program's log
+    ([time, text, kind]); the program's own lines keep their form ([time, text])."""
+    heartbeat(fleet, 1001)
+    now = time.time()
+    ship(fleet, 1001, "1001:blink", "blink", (now - 3, "started (pid 42)", "event"),
+         (now - 2, "on"), (now - 1, "ValueError: no LED", "error"),
+         (now - 1, "crashed; restart 1 in 1 s", "event"))
+    code, out, _ = himbeere(capsys, "logs", "1001")
+    assert code == 0
+    assert [line.split(" ", 1)[1] for line in out.splitlines()] == [
+        "[blink] -- started (pid 42)", "[blink] on", "[blink] !! ValueError: no LED",
+        "[blink] -- crashed; restart 1 in 1 s"]
+    lines = fleet.status.get(log_id(1001, "1001:blink"))["lines"]
+    assert [len(line) for line in lines] == [3, 2, 3, 3]
 
 
 def test_logs_of_a_program_that_does_not_exist(fleet: Fleet,

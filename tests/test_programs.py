@@ -16,7 +16,7 @@ import pytest
 
 from himbeere import defaults
 from himbeere.couch import Database
-from tests.helpers import wait_for
+from tests.helpers import himbeere, wait_for
 from tests.nodes import Node, pid_alive, wait_file
 
 NodeFactory = Callable[..., Node]
@@ -280,6 +280,56 @@ def test_crash_loop_backs_off_and_shows_the_traceback(
     assert "ZeroDivisionError" in later["last_error"]
     assert runs.read_text().count("run") >= 3
     node.wait_log("crasher: crashed: Traceback")
+
+
+def logs_of(capsys: pytest.CaptureFixture[str], program: str) -> list[str]:
+    """``himbeere logs 1000 PROGRAM`` as a user reads it, without the clock."""
+    code, out, err = himbeere(capsys, "logs", "1000", program, "-n", "0")
+    assert code == 0, err
+    return [line.split(" ", 1)[1] for line in out.splitlines()]
+
+
+def in_order(lines: list[str], *expected: str) -> bool:
+    """True if each of ``expected`` starts a line of ``lines``, in this order."""
+    rest = iter(lines)
+    return all(any(line.startswith(want) for line in rest) for want in expected)
+
+
+@pytest.mark.usefixtures("cli_env", "fleet")  # fleet: set up as himbeere-upload setup does
+def test_the_log_shows_lifecycle_events_and_the_traceback_with_source(
+        node_factory: NodeFactory, code_db: Database, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 12: a crashing program's log showed its prints over and over, no error."""
+    code_db.save({"_id": "crasher", "type": 1000, "code": (
+        "def main():\n"
+        "    print('about to divide')\n"
+        "    ratio = 1 / 0\n")})
+    pidfile = tmp_path / "steady.pid"
+    steady = {"_id": "steady", "type": 1000, "code": looping(pidfile)}
+    code_db.save(dict(steady))
+    node = node_factory(mac_id=1000)
+    expected = ("[crasher] -- started (pid ", "[crasher] about to divide",
+                "[crasher] !! Traceback (most recent call last):",
+                '[crasher] !!   File "<crasher:main>", line 3, in main',
+                "[crasher] !!     ratio = 1 / 0",  # the source line, from linecache
+                "[crasher] !! ZeroDivisionError: division by zero",
+                "[crasher] -- crashed; restart 1 in 1 s",
+                "[crasher] -- started (pid ", "[crasher] about to divide")
+    wait_for(lambda: in_order(logs_of(capsys, "crasher"), *expected),
+             message=lambda: "\n".join(logs_of(capsys, "crasher")) + node.log()[-2000:])
+
+    pid = wait_pid(pidfile)
+    save(code_db, dict(steady, code=looping(pidfile) + "# v2\n"))
+    rev = code_db.get("steady")["_rev"]
+    pid = wait_pid(pidfile, other_than=pid)
+    save(code_db, dict(steady, code=looping(pidfile) + "# v2\n", enabled=False))
+    stopped_rev = code_db.get("steady")["_rev"]
+    wait_dead(pid)
+    expected = ("[steady] -- started (pid ", f"[steady] -- changed (rev {rev}), restarting",
+                "[steady] -- stopped", f"[steady] -- started (pid {pid})",
+                f"[steady] -- disabled (rev {stopped_rev}), stopping", "[steady] -- stopped")
+    wait_for(lambda: in_order(logs_of(capsys, "steady"), *expected),
+             message=lambda: "\n".join(logs_of(capsys, "steady")))
 
 
 def test_restart_policies_and_enabled(

@@ -10,16 +10,20 @@ would: at files the programs write, at ``himbeere state`` and at the
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 
+from himbeere import defaults
 from himbeere.couch import Couch, Database
+from himbeere.runtime.child import Helpers, ProgramSpec
 from himbeere.runtime.progstate import STATE_TYPE, ProgramState, state_id
 from tests.conftest import NodeUserFactory
 from tests.helpers import himbeere, wait_for
 from tests.nodes import Node, wait_file
+from tests.test_ops_cli import heartbeat
 from uploader import install
 from uploader.fleet import Fleet
 
@@ -123,6 +127,39 @@ def test_a_save_after_a_reset_starts_the_document_again(couch: Couch, dbname: st
     assert dict(state) == {"runs": 6}
 
 
+def test_the_child_saves_state_every_interval_only_when_it_changed(
+        couch: Couch, couch_url: str, dbname: str) -> None:
+    """Issue 12: `himbeere state` said "no state yet" while the program updated it."""
+    db = couch.database(dbname)
+    spec = ProgramSpec(name="ticker", doc_id="1:ticker", rev="1-x", modules={},
+                       main_module="main", global_modules={}, node=1, couch_url=couch_url,
+                       database=dbname, status_database=dbname, state_interval=0.1)
+    helpers = Helpers(spec, send=lambda message: None)
+    try:
+        helpers.state["ticks"] = 1  # the first touch reads the document, then saves begin
+        saved = wait_for(lambda: db.get(state_id("1:ticker")))
+        assert saved["values"] == {"ticks": 1} and isinstance(saved["saved"], float)
+        time.sleep(5 * spec.state_interval)
+        assert db.get(state_id("1:ticker"))["_rev"] == saved["_rev"]  # nothing changed
+        helpers.state["ticks"] = 2
+        again = wait_for(lambda: (db.get(state_id("1:ticker")) or {}).get("values") ==
+                         {"ticks": 2} and db.get(state_id("1:ticker")))
+        assert again["_rev"].startswith("2-")  # one save per change, none in between
+    finally:
+        helpers.request_quit()  # ends the saves (and saves once more: nothing changed)
+
+
+def test_state_command_says_a_running_program_saves_soon(
+        fleet: Fleet, cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:
+    fleet.code.save({"_id": "1001:ticker", "type": 1001, "name": "ticker",
+                     "code": "def main(): pass\n"})
+    heartbeat(fleet, 1001, programs={"1001:ticker": {"name": "ticker", "state": "running"}})
+    code, out, _ = himbeere(capsys, "state", "ticker")
+    assert code == 0 and out.strip() == (
+        "ticker (1001:ticker) has no state yet (it runs on node 1001; a program's state is "
+        f"saved every {defaults.STATE_SAVE_INTERVAL:g} s once it changes)")
+
+
 # -- programs on real nodes -----------------------------------------------------------------
 
 COUNTER = """\
@@ -195,7 +232,8 @@ def test_state_survives_crashes_daemon_restarts_and_moves(
     assert code == 0 and out.strip() == f"cleared the state of counter ({doc_id})"
     assert status_db.get(state_id(doc_id)) is None
     code, out, _ = himbeere(capsys, "state", "counter")
-    assert code == 0 and out.strip() == f"counter ({doc_id}) has no state yet"
+    # (The first node's status may still list it as running: then it says so.)
+    assert code == 0 and out.startswith(f"counter ({doc_id}) has no state yet")
     code, out, _ = himbeere(capsys, "state", "counter", "--reset")
     assert code == 0 and "had no state; nothing to clear" in out
     again = node_factory(mac_id=other_mac, url=other_url)
@@ -229,6 +267,39 @@ def test_state_is_saved_when_asked_to_quit_even_if_main_never_returns(
     assert "stubborn: did not quit within the grace period; SIGTERM" in node.log()
     doc = couch.database(dbname + "_status").get(state_id("stubborn"))
     assert doc is not None and doc["values"] == {"before": "quit", "bye": True}
+
+
+TICKER = """\
+import time
+
+def main():
+    ticks = 0
+    while not should_quit():
+        ticks += 1
+        state['ticks'] = ticks  # never state.save(): the child saves it now and then
+        time.sleep(0.05)
+"""
+
+
+@pytest.mark.slow
+def test_state_of_a_running_program_shows_without_save(
+        node_factory: NodeFactory, code_db: Database, fleet: Fleet, cli_env: None,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 12: `himbeere state` said "no state yet" while the program updated it."""
+    code_db.save({"_id": "ticker", "type": 1000, "name": "ticker", "code": TICKER})
+    node = node_factory(mac_id=1000)
+    node.wait_program("ticker", state="running")
+
+    def shown() -> str:
+        code, out, err = himbeere(capsys, "state", "ticker")
+        assert code == 0, err
+        return out if out.startswith("state of ticker, saved at ") else ""
+
+    # Within one interval of the first change, and the timeout leaves room for more.
+    out = wait_for(shown, timeout=defaults.STATE_SAVE_INTERVAL + 20)
+    header, values = out.split(":\n", 1)
+    assert header.endswith("ago) by node 1000")
+    assert json.loads(values)["ticks"] > 0
 
 
 def test_state_command_finds_programs_by_name_id_and_node(

@@ -215,6 +215,40 @@ def test_crash_loop_backs_off_doubling(harness: Harness) -> None:
     assert delays == [defaults.BACKOFF_MIN, 2 * defaults.BACKOFF_MIN, 4 * defaults.BACKOFF_MIN]
 
 
+def test_lifecycle_events_go_into_the_programs_own_log(harness: Harness) -> None:
+    """Issue 12: the log showed a crashing program's prints, never why it ended."""
+    written: list[tuple[str, str, str]] = []
+    harness.sup.on_log = lambda doc_id, name, lines, dropped: written.extend(
+        (doc_id, line[2], line[1]) for line in lines if len(line) == 3)
+    harness.doc("crash", code=GOOD)
+    first = harness.last("crash")
+    first.crash("Traceback (most recent call last):\n  File \"<crash:main>\", line 2\n"
+                "ZeroDivisionError: boom\n")
+    harness.step()
+    harness.step(defaults.BACKOFF_MIN)
+    second = harness.last("crash")
+    harness.doc("crash", rev=2, code=GOOD + "# v2\n")
+    second.exit(0, ("finished", None))
+    harness.step()
+    third = harness.last("crash")
+    harness.doc("crash", rev=3, code=GOOD + "# v2\n", enabled=False)
+    third.exit(0, ("finished", None))
+    harness.step()
+    assert written == [
+        ("crash", "event", f"started (pid {first.pid})"),
+        ("crash", "error", "Traceback (most recent call last):"),
+        ("crash", "error", '  File "<crash:main>", line 2'),
+        ("crash", "error", "ZeroDivisionError: boom"),
+        ("crash", "event", f"crashed; restart 1 in {defaults.BACKOFF_MIN:g} s"),
+        ("crash", "event", f"started (pid {second.pid})"),
+        ("crash", "event", "changed (rev 2-x), restarting"),
+        ("crash", "event", "stopped"),
+        ("crash", "event", f"started (pid {third.pid})"),
+        ("crash", "event", "disabled (rev 3-x), stopping"),
+        ("crash", "event", "stopped"),
+    ]
+
+
 def test_restart_never_leaves_a_crashed_program(harness: Harness) -> None:
     harness.doc("once", code=GOOD, restart="never")
     harness.last("once").crash()
@@ -618,8 +652,16 @@ def test_real_child_output_goes_to_on_log_in_whole_lines(
     """Lines reach the daemon (which logs them, prefixed, within its rate
     limit: logship.OutputLog); the child no longer writes them to fd 1."""
     shipped: list[tuple[str, str, str]] = []
-    real.on_log = lambda doc_id, name, lines, dropped: shipped.extend(
-        (doc_id, name, text) for _, text in lines)
+    events: list[str] = []
+
+    def on_log(doc_id: str, name: str, lines: list[Any], dropped: int) -> None:
+        for line in lines:
+            if len(line) == 2:
+                shipped.append((doc_id, name, line[1]))
+            else:
+                events.append(line[1])  # the daemon's own: (time, text, kind)
+
+    real.on_log = on_log
     real.submit({"_id": "talk", "_rev": "1-x", "type": NODE, "name": "talker", "code": (
         "import sys\n"
         "def main():\n"
@@ -632,6 +674,7 @@ def test_real_child_output_goes_to_on_log_in_whole_lines(
     run_until(real, lambda: real.snapshot().get("talk", {}).get("state") == "finished")
     assert shipped == [("talk", "talker", line) for line in (
         "from print", "from log 42", "partial", "to stderr")]
+    assert events[0].startswith("started (pid ") and events[1:] == ["finished: main() returned"]
     assert "[talker]" not in capfd.readouterr().out
 
 

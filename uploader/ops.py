@@ -49,7 +49,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
-from himbeere import codedoc, defaults, health, schema
+from himbeere import codedoc, defaults, health, logship, schema
 from himbeere.couch import Database, Doc
 from himbeere.exceptions import ConfigError, Conflict, NotFound
 from himbeere.fleet import placement
@@ -662,10 +662,17 @@ def logs(fleet: Fleet, node: NodeRef, program: Optional[str] = None) -> list[Doc
     return docs
 
 
+#: How the lines the daemon wrote into a program's log (``[time, text,
+#: kind]``, see himbeere.logship) start, to tell them from the program's own.
+LINE_MARKS = {logship.EVENT: "-- ", logship.ERROR: "!! "}
+
+
 def log_lines(docs: Iterable[Doc], after: Optional[float] = None) -> list[tuple[float, str, str]]:
     """Lines of several log documents merged by time: ``(epoch, program name, text)``.
 
-    ``after`` keeps only lines stamped later than it (for following).
+    The daemon's lines are marked (:data:`LINE_MARKS`): ``-- started (pid
+    4242)``, ``!! Traceback ...``.  ``after`` keeps only lines stamped later
+    than it (for following).
     """
     lines = []
     for doc in docs:
@@ -675,6 +682,8 @@ def log_lines(docs: Iterable[Doc], after: Optional[float] = None) -> list[tuple[
                 stamp, text = float(entry[0]), str(entry[1])
             except (TypeError, ValueError, IndexError):
                 continue
+            if len(entry) > 2 and entry[2] in LINE_MARKS:
+                text = LINE_MARKS[entry[2]] + text
             if after is None or stamp > after:
                 lines.append((stamp, name, text))
     lines.sort(key=lambda line: line[0])
@@ -728,17 +737,22 @@ def program_state(fleet: Fleet, program: str, node: Optional[NodeRef] = None) ->
 
     Returns ``{"id": program id, "name", "state_id", "exists", "values"
     (the dict; {} when there is none), "saved" (ISO time of the last save,
-    server clock), "node" (the node that saved last), "running_on" (nodes
-    where it is running, stopping or about to restart)}``.
+    server clock), "saved_ago" (seconds since, by the server's clock),
+    "node" (the node that saved last), "running_on" (nodes where it is
+    running, stopping or about to restart), "save_interval" (seconds
+    between a running program's automatic saves)}``.
     """
     found = state_program(fleet, program, node)
     doc = fleet.status.get(schema.state_id(found["id"]))
     values = (doc or {}).get("values")
     saved = (doc or {}).get("saved")
+    when = float(saved) if isinstance(saved, (int, float)) else None
     return dict(found, state_id=schema.state_id(found["id"]), exists=doc is not None,
                 values=values if isinstance(values, dict) else {},
-                saved=schema.iso(float(saved)) if isinstance(saved, (int, float)) else None,
-                node=(doc or {}).get("node"), running_on=_running_on(fleet, found["id"]))
+                saved=schema.iso(when) if when is not None else None,
+                saved_ago=max(0.0, server_now(fleet) - when) if when is not None else None,
+                node=(doc or {}).get("node"), running_on=_running_on(fleet, found["id"]),
+                save_interval=defaults.STATE_SAVE_INTERVAL)
 
 
 def reset_state(fleet: Fleet, program: str, node: Optional[NodeRef] = None) -> Doc:

@@ -528,10 +528,16 @@ def cmd_state(args: argparse.Namespace, fleet: Fleet) -> int:
                   f"(himbeere stop {result['id']} --node NODE)", file=sys.stderr)
         return 0
     if not result["exists"]:
-        print(f"{what} has no state yet")
+        running = ""
+        if result["running_on"]:
+            nodes = ", ".join(str(mac) for mac in result["running_on"])
+            running = (f" (it runs on node {nodes}; a program's state is saved every "
+                       f"{result['save_interval']:g} s once it changes)")
+        print(f"{what} has no state yet{running}")
         return 0
     by = f" by node {result['node']}" if result["node"] is not None else ""
-    print(f"state of {what}, saved {result['saved'] or '-'}{by}:")
+    ago = f" ({_age(result['saved_ago'])} ago)" if result["saved_ago"] is not None else ""
+    print(f"state of {what}, saved at {result['saved'] or '-'}{ago}{by}:")
     print(json.dumps(result["values"], indent=2, sort_keys=True, ensure_ascii=False))
     return 0
 

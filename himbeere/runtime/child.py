@@ -29,6 +29,7 @@ import faulthandler
 import importlib.abc
 import importlib.machinery
 import importlib.util
+import linecache
 import os
 import signal
 import sys
@@ -79,6 +80,8 @@ class ProgramSpec:
     #: Placed programs: seconds without an "alive" from the daemon after which
     #: the child is gone (see :func:`_watch_quit`); None: no such watch.
     fence: Optional[float] = None
+    #: Seconds between automatic saves of ``state`` (0: only at save(), quit, exit).
+    state_interval: float = defaults.STATE_SAVE_INTERVAL
 
 
 class Helpers:
@@ -99,7 +102,7 @@ class Helpers:
         self._connect_lock = threading.Lock()
         #: ``state``: the program's persistent dict, read on first use.
         self.state = ProgramState(self.status_db, spec.doc_id, spec.name, spec.node,
-                                  clock=self.server_time)
+                                  clock=self.server_time, on_load=self._start_autosave)
         #: ``leader(group)`` and friends; nothing happens before the first call.
         self.leadership = Leadership(self.status_db, f"{spec.node}:{spec.doc_id}", spec.node,
                                      spec.doc_id, clock=self.server_time, report=self.log)
@@ -203,6 +206,28 @@ class Helpers:
         except Exception as exc:
             self.log(f"state not saved at {when}: {exc}")
 
+    def _start_autosave(self) -> None:
+        """``state`` was read (first use): from now on save it now and then."""
+        if self.spec.state_interval > 0:
+            start_thread(self._autosave, self.spec.state_interval)
+
+    def _autosave(self, interval: float) -> None:
+        """Save ``state`` every ``interval`` seconds if it changed, until quit.
+
+        So that ``himbeere state`` shows what a long-running program keeps,
+        and a power cut loses at most ``interval`` seconds of it.  A failure
+        is logged once, not every ``interval`` while the server is away.
+        """
+        failed: Optional[str] = None
+        while not self._quit.wait(interval):
+            try:
+                self.state.save()
+                failed = None
+            except Exception as exc:  # noqa: BLE001 - the program goes on regardless
+                if str(exc) != failed:
+                    self.log(f"state not saved (saved every {interval:g} s): {exc}")
+                failed = str(exc)
+
     def close(self) -> None:
         """After main() returned or raised: save ``state``, release leaderships."""
         self.save_state("exit")
@@ -281,8 +306,20 @@ class ProgramImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def exec_module(self, module: types.ModuleType) -> None:
         source = self.source(module.__name__) or ""  # "": a package with no module of its own
         module.__dict__.update(self.helpers.namespace())
-        code = compile(source, f"<{self.helpers.spec.name}:{module.__name__}>", "exec")
+        filename = f"<{self.helpers.spec.name}:{module.__name__}>"
+        remember_source(filename, source)
+        code = compile(source, filename, "exec")
         exec(code, module.__dict__)
+
+
+def remember_source(filename: str, source: str) -> None:
+    """Let ``traceback`` show the source lines of code compiled as ``filename``.
+
+    The code of a program comes from CouchDB, not from a file, so linecache
+    cannot read it: an entry whose mtime is None is one that
+    ``linecache.checkcache`` keeps (it cannot check a file that is not there).
+    """
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
 
 
 class LogQueue:

@@ -14,8 +14,10 @@ clock.  Nodes may write any ``state:*`` document (see
 :mod:`himbeere.security`).
 
 Nothing is read before the program first touches ``state``; then the
-document is read once.  Nothing is written until :meth:`ProgramState.save`
-(the child also saves at quit, see :mod:`himbeere.runtime.child`).  A save writes
+document is read once.  It is written by :meth:`ProgramState.save`, and by
+the child (see :mod:`himbeere.runtime.child`): every
+``defaults.STATE_SAVE_INTERVAL`` seconds (10) once ``state`` was touched,
+when asked to quit and at exit.  A save writes
 only what this copy changed since it last read or saved: keys set, changed
 in place (``state["seen"].append(x)`` counts) or deleted, applied to the
 document as it is on the server.  When someone else saved in between, the
@@ -67,9 +69,12 @@ class ProgramState(MutableMapping[str, Any]):
     """The ``state`` of one program: a dict that reads itself on first use."""
 
     def __init__(self, db: Callable[[], Database], program: str, name: str, node: int,
-                 clock: Callable[[], float] = time.time, tries: int = SAVE_TRIES) -> None:
+                 clock: Callable[[], float] = time.time, tries: int = SAVE_TRIES,
+                 on_load: Optional[Callable[[], None]] = None) -> None:
         #: Gives the status database; called on first use only.
         self._db = db
+        #: Called once, when the document was first read (the child's autosave starts).
+        self._on_load = on_load
         self.program = program
         self.name = name
         self.node = node
@@ -105,6 +110,8 @@ class ProgramState(MutableMapping[str, Any]):
                 self._doc = doc
                 self._values = values
                 self._base = {key: canonical(value) for key, value in values.items()}
+                if self._on_load is not None:
+                    self._on_load()
             return self._values
 
     # -- the dict ----------------------------------------------------------------------
