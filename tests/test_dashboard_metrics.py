@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import secrets
 import time
+from collections.abc import Iterator
 from typing import Any, Callable
 
 import pytest
@@ -25,10 +26,9 @@ from himbeere.couch import Couch  # noqa: E402
 from himbeere.exceptions import CouchError  # noqa: E402
 from himbeere.schema import ProgramState  # noqa: E402
 from tests.conftest import UserFactory  # noqa: E402
-from tests.helpers import USER_PASSWORD as PASSWORD  # noqa: E402
 from tests.helpers import wait_for  # noqa: E402
 from tests.nodes import Node  # noqa: E402
-from tests.test_dashboard import app, client, crashed_program, login, status_doc  # noqa: E402,F401
+from tests.test_dashboard import crashed_program, login, status_doc  # noqa: E402
 from uploader.dashboard import create_app  # noqa: E402
 from uploader.fleet import Fleet  # noqa: E402
 
@@ -36,6 +36,15 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 THROTTLED = {"raw": "0x50005", "flags": ["undervoltage", "throttled", "undervoltage_occurred",
                                          "throttling_occurred"]}
+
+
+@pytest.fixture
+def client(couch: Couch, fleet: Fleet) -> Iterator[FlaskClient]:
+    """The dashboard for the test's databases (as in tests/test_dashboard.py)."""
+    app = create_app(couch.base, fleet.code.name, secret_key="metrics test")
+    app.config["TESTING"] = True
+    yield app.test_client()
+    app.extensions["himbeere"].hub.close()
 
 
 def basic(user: tuple[str, str]) -> dict[str, str]:

@@ -3,10 +3,10 @@
 Each request is answered *as its user*: a signed-in user's own
 :class:`~uploader.fleet.Fleet` (their name and password, kept server-side,
 see :mod:`.sessions`); a script's ``Authorization: Basic`` header on
-``/api/`` and ``/metrics`` (Prometheus); or, for nobody, an anonymous client.  CouchDB then applies its
-own rules: when the databases require a login, an anonymous request is
-refused there and the dashboard asks to sign in; it shows nothing it did
-not get from CouchDB as that user.
+``/api/`` and ``/metrics`` (Prometheus); or, for nobody, an anonymous
+client.  CouchDB then applies its own rules: when the databases require a
+login, an anonymous request is refused there and the dashboard asks to sign
+in; it shows nothing it did not get from CouchDB as that user.
 
 Every POST needs the session's CSRF token, in the form field ``csrf_token``
 or the header ``X-CSRF-Token``.  The one exception is a script on ``/api/``

@@ -41,7 +41,8 @@ def formatted(node: dict[str, Any]) -> dict[str, str]:
     memory = node.get("memory") or {}
     used, total = _number(memory.get("used_mb")), _number(memory.get("total_mb"))
     load = node.get("load")
-    loads = [x for x in map(_number, load) if x is not None] if isinstance(load, list) else []
+    given: list[Any] = load if isinstance(load, list) else []
+    loads = [x for x in map(_number, given) if x is not None]
     free = _number((node.get("disk") or {}).get("free_mb"))
     cpu, temperature = _number(node.get("cpu_percent")), _number(node.get("temperature"))
     if used is None:
@@ -51,7 +52,7 @@ def formatted(node: dict[str, Any]) -> dict[str, str]:
     else:
         shown_memory = f"{used:.0f} / {total:.0f} MB"
     return {
-        "load": " ".join(f"{x:.2f}" for x in loads) if loads and len(loads) == len(load)
+        "load": " ".join(f"{x:.2f}" for x in loads) if loads and len(loads) == len(given)
         else MISSING,
         "cpu": MISSING if cpu is None else f"{cpu:.0f} %",
         "temperature": MISSING if temperature is None else f"{temperature:.1f} \u00b0C",
