@@ -43,11 +43,13 @@ setup(
     install_requires=["couchdb", "requests", "netifaces", "python-daemon", "cryptography"],
     extras_require={
         "gpio": ["RPi.GPIO"],
-        # The web dashboard (`himbeere dashboard`); a laptop's, never a Pi's.
-        "dashboard": ["flask>=2.2"],
+        # The web dashboard (`himbeere dashboard`) and its /metrics for Prometheus;
+        # a laptop's, never a Pi's.
+        "dashboard": ["flask>=2.2", "prometheus_client>=0.16"],
         # selenium drives Debian's chromium/chromedriver in the dashboard's browser tests;
         # pytest-xdist runs the suite on several cores (.ci/run: -n 2).
-        "test": ["pytest", "pytest-timeout", "pytest-xdist", "flask>=2.2", "selenium>=4.11"],
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "flask>=2.2",
+                 "prometheus_client>=0.16", "selenium>=4.11"],
         # build and twine: CI builds the sdist and wheel and checks their description.
         "dev": ["ruff", "mypy", "types-requests", "docutils", "build", "twine"],
         # The documentation (docs/, sphinx-build -W); 7.2 still runs on Python 3.9.

@@ -270,6 +270,58 @@ def test_couchdb_decides_what_a_user_may_do(client: FlaskClient, fleet: Fleet,
     assert ops.list_commands(fleet) == []
 
 
+def test_a_node_sees_no_controls_it_cannot_use(client: FlaskClient, fleet: Fleet,
+                                               make_user: UserFactory) -> None:
+    """Regression: a node user saw Run, stop and restart, which CouchDB refuses it."""
+    fleet.status.save(status_doc(1001))
+    fleet.code.save({"_id": "1001:blink", "type": 1001, "name": "blink",
+                     "code": "def main():\n    pass\n"})
+    node_user = make_user([security.NODE_ROLE], str(10**14 + secrets.randbelow(10**14)))
+    assert login(client, *node_user).status_code == 302
+    for path in ("/", "/nodes/1001", "/commands"):
+        html = client.get(path).get_data(as_text=True)
+        assert 'id="run"' not in html and 'id="run-button"' not in html, path
+        assert page_config(html)["may_act"] is False, path  # dashboard.js: no stop/restart
+    answer = client.post("/api/nodes/1001/programs", json={"program": "blink", "action": "stop"},
+                         headers={"X-CSRF-Token": page_csrf(client)})
+    assert answer.status_code == 403  # and CouchDB still refuses it
+    assert fleet.code.get("1001:blink").get("enabled", True) is True  # type: ignore[union-attr]
+
+    deployer_client = client.application.test_client()
+    deployer = make_user([security.DEPLOYER_ROLE], f"deployer-{secrets.token_hex(4)}")
+    login(deployer_client, *deployer)
+    for path in ("/", "/nodes/1001", "/commands"):
+        html = deployer_client.get(path).get_data(as_text=True)
+        assert 'id="run-button"' in html, path
+        assert page_config(html)["may_act"] is True, path
+
+
+def page_config(html: str) -> dict[str, Any]:
+    match = re.search(r'<script id="config" type="application/json">(.*?)</script>', html)
+    assert match, html[:2000]
+    return dict(json.loads(match.group(1)))
+
+
+def test_the_fleet_tables_figures_have_one_unit_each(client: FlaskClient, fleet: Fleet,
+                                                     deployer: tuple[str, str]) -> None:
+    """Regression: memory read "812 MB / 3.7 GB" next to "211 MB / 926 MB", and wrapped."""
+    big = status_doc(1001)
+    big.update(memory_used_mb=812.4, memory_total_mb=3792.0, disk_free_mb=512.0,
+               load=[1.5, 0.123, 2], cpu_percent=7.46, temperature=61)
+    fleet.status.save(big)
+    small = status_doc(1002)
+    small.update(load=None, cpu_percent=None, temperature=None, memory_total_mb=None)
+    fleet.status.save(small)
+    login(client, *deployer)
+    shown = {n["node"]: n["formatted"] for n in client.get("/api/nodes").get_json()["nodes"]}
+    assert shown[1001] == {"load": "1.50 0.12 2.00", "cpu": "7 %", "temperature": "61.0 \u00b0C",
+                           "memory": "812 / 3792 MB", "disk_free": "0.5 GB"}
+    assert shown[1002] == {"load": "\u2013", "cpu": "\u2013", "temperature": "\u2013",
+                           "memory": "211 MB", "disk_free": "20.0 GB"}
+    embedded = client.get("/").get_data(as_text=True)
+    assert "812 / 3792 MB" in embedded  # the page is drawn from the same payload
+
+
 def test_scripts_use_basic_auth(client: FlaskClient, fleet: Fleet,
                                 deployer: tuple[str, str]) -> None:
     fleet.status.save(status_doc(1001))
@@ -433,8 +485,18 @@ def test_unreachable_server_is_a_clear_error(deployer: tuple[str, str]) -> None:
     client = app.test_client()
     answer = login(client, *deployer)
     assert answer.status_code == 503
-    assert "unreachable" in answer.get_data(as_text=True)
-    assert client.get("/api/nodes").status_code == 503
+    page = answer.get_data(as_text=True)
+    # One line in words (regression: the page showed urllib3's "HTTPConnectionPool(...):
+    # Max retries exceeded ... NewConnectionError(...)").
+    error = re.search(r'<p class="error" role="alert">(.*?)</p>', page, re.S)
+    assert error, page
+    assert re.fullmatch(r"Cannot reach the CouchDB server at http://127\.0\.0\.1:\d+: "
+                        r"connection refused", error.group(1)), error.group(1)
+    for noise in ("HTTPConnectionPool", "Max retries", "NewConnectionError", "urllib3"):
+        assert noise not in page, noise
+    api = client.get("/api/nodes")
+    assert api.status_code == 503
+    assert api.get_json()["error"].endswith(": connection refused")
 
 
 def test_dashboard_subcommand_is_registered() -> None:

@@ -10,6 +10,7 @@ dashboard runs in a thread on a free loopback port; screenshots go to
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import threading
 import time
@@ -29,7 +30,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
-from himbeere.couch import Couch  # noqa: E402
+from himbeere.couch import Couch, security  # noqa: E402
 from tests.helpers import USER_PASSWORD as PASSWORD  # noqa: E402
 from tests.nodes import ROOT, Node  # noqa: E402
 from tests.servers import free_port  # noqa: E402
@@ -250,6 +251,37 @@ def test_a_node_that_stops_turns_stopped_live(browser: Any, two_nodes: list[Node
     assert browser.execute_script("return window.__pageId;") == page_id  # no reload
     assert node_state(browser, NODE_A) == "alive"
     shot(browser, "fleet-stopped")
+
+
+def test_the_fleet_table_at_1024_px_as_a_node(browser: Any, dashboard_url: str, fleet: Fleet,
+                                              make_user: Callable[..., tuple[str, str]]) -> None:
+    """Figures on one line at a laptop's width; a node user gets no Run, stop or restart."""
+    from tests.test_dashboard import crashed_program, status_doc
+
+    for mac, name, used, total in ((NODE_A, "kitchen", 812.4, 3792.0),
+                                   (NODE_B, "garden-shed-by-the-pond", 211.0, 926.0)):
+        doc = status_doc(mac, programs=crashed_program(mac))
+        doc.update(memory_used_mb=used, memory_total_mb=total, load=[1.25, 0.5, 12.0])
+        fleet.status.save(doc)
+        fleet.set_name(mac, name)
+        fleet.code.save({"_id": f"{mac}:blink", "type": mac, "name": "blink",
+                         "code": "def main():\n    pass\n"})
+    node = make_user([security.NODE_ROLE], str(10**14 + secrets.randbelow(10**14)))
+    browser.set_window_size(1024, 800)
+    sign_in(browser, dashboard_url, node)
+    wait_until(browser, lambda: "812 / 3792 MB" in text_of(browser, "nodes"), "the memory column")
+    lines = unstale(lambda: browser.execute_script(
+        "return Array.from(document.querySelectorAll('#nodes .figure, #nodes th'))"
+        ".map((e) => [e.textContent, e.getClientRects().length]);"))
+    assert len(lines) > 10 and all(n == 1 for _, n in lines), lines  # 2+ rects: it wrapped
+    assert "1.25 0.50 12.00" in text_of(browser, "nodes")
+    assert not browser.find_elements(By.ID, "run")
+    shot(browser, "fleet-table")
+
+    browser.get(f"{dashboard_url}/nodes/{NODE_A}")
+    wait_until(browser, lambda: "blink" in text_of(browser, "programs"), "the program row")
+    assert not browser.find_elements(By.CSS_SELECTOR, "#programs button")
+    assert not browser.find_elements(By.ID, "run-button")
 
 
 def test_signing_in_wrong_and_out(browser: Any, dashboard_url: str,

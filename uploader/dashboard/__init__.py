@@ -10,6 +10,7 @@ A Flask app that shows the fleet, one node, and fleet commands, live.
 ``pages``      the HTML pages, signing in and out
 ``api``        the JSON API (``/api/...``) and the event stream
 ``payloads``   what a page embeds and the API answers: nodes, a node, a command
+``metrics``    ``/metrics`` for Prometheus, read from the fleet at each scrape
 ``live``       the status database's ``_changes``, fanned out to browsers
 ``templates/`` Jinja templates; ``static/`` plain JavaScript and CSS (no build
                step and nothing fetched from elsewhere: a Pi lab has no internet)
@@ -18,7 +19,8 @@ A Flask app that shows the fleet, one node, and fleet commands, live.
 Everything it shows it reads from CouchDB as the signed-in user, through
 :mod:`uploader.ops` (which goes through :mod:`himbeere.couch`).  Flask is
 imported only when the dashboard runs, so ``himbeere`` itself works without
-it (``pip install 'himbeerecouch[dashboard]'``).
+it (``pip install 'himbeerecouch[dashboard]'``, which brings Flask and
+``prometheus_client``).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 Who is asking and CSRF are in :mod:`.context`, the error handlers in
 :mod:`.errors`, the pages and the JSON API in :mod:`.pages` and :mod:`.api`.
-This module imports them all; none of them imports it.
+Prometheus scrapes :mod:`.metrics`.  This module imports them all; none of
+them imports it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 from himbeere import defaults
 from himbeere.exceptions import ConfigError, CouchError
 
-from . import api, errors, pages
+from . import api, errors, metrics, pages
 from .context import EXTENSION, Dashboard, check_csrf, identify, template_globals
 
 #: No inline script or style, nothing from elsewhere: the pages work offline.
@@ -53,6 +54,7 @@ def create_app(server_url: str, database: str = defaults.DATABASE,
     app.context_processor(template_globals)
     app.register_blueprint(pages.blueprint)
     app.register_blueprint(api.blueprint)
+    app.register_blueprint(metrics.blueprint)
     return app
 
 

@@ -3,10 +3,10 @@
 Each request is answered *as its user*: a signed-in user's own
 :class:`~uploader.fleet.Fleet` (their name and password, kept server-side,
 see :mod:`.sessions`); a script's ``Authorization: Basic`` header on
-``/api/``; or, for nobody, an anonymous client.  CouchDB then applies its
-own rules: when the databases require a login, an anonymous request is
-refused there and the dashboard asks to sign in; it shows nothing it did
-not get from CouchDB as that user.
+``/api/`` and ``/metrics`` (Prometheus); or, for nobody, an anonymous
+client.  CouchDB then applies its own rules: when the databases require a
+login, an anonymous request is refused there and the dashboard asks to sign
+in; it shows nothing it did not get from CouchDB as that user.
 
 Every POST needs the session's CSRF token, in the form field ``csrf_token``
 or the header ``X-CSRF-Token``.  The one exception is a script on ``/api/``
@@ -30,7 +30,7 @@ from typing import Any, Optional
 from flask import Response, current_app, g, jsonify, render_template, request, session
 
 from himbeere import defaults
-from himbeere.couch import Couch
+from himbeere.couch import Couch, security
 
 from ..fleet import Fleet
 from . import sessions
@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 #: The key of the :class:`Dashboard` in ``app.extensions``.
 EXTENSION = "himbeere"
 UNSAFE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+#: Prometheus scrapes here (:mod:`.metrics`); it reads text, never a page.
+METRICS_PATH = "/metrics"
 
 
 class Dashboard:
@@ -80,7 +82,7 @@ def identify() -> None:
     if g.login is None and "sid" in session:
         session.pop("sid")
     credentials = basic_auth()
-    if credentials is not None and is_api():
+    if credentials is not None and for_machines():
         g.basic = True
         g.fleet = board.fleet_as(*credentials)
     elif g.login is not None:
@@ -103,6 +105,15 @@ def basic_auth() -> Optional[tuple[str, str]]:
 
 def is_api() -> bool:
     return request.path.startswith("/api/")
+
+
+def is_metrics() -> bool:
+    return request.path == METRICS_PATH
+
+
+def for_machines() -> bool:
+    """A script or Prometheus asks: basic auth counts, and no error is a page or redirect."""
+    return is_api() or is_metrics()
 
 
 def user_name() -> Optional[str]:
@@ -137,9 +148,13 @@ def check_csrf() -> Optional[Response]:
 
 # -- answers ----------------------------------------------------------------------------
 def error_response(status: int, message: str) -> Response:
-    """JSON on ``/api/``, the error page elsewhere."""
+    """JSON on ``/api/``, one line of text on ``/metrics``, the error page elsewhere."""
     if is_api():
         response = jsonify({"ok": False, "error": message})
+    elif is_metrics():
+        response = Response(message + "\n", mimetype="text/plain")
+        if status == 401:  # a person opening /metrics gets the browser's password prompt
+            response.headers["WWW-Authenticate"] = 'Basic realm="himbeere metrics"'
     else:
         response = Response(render_template("error.html", status=status, message=message))
         response.mimetype = "text/html"
@@ -147,10 +162,27 @@ def error_response(status: int, message: str) -> Response:
     return response
 
 
+def may_act() -> bool:
+    """False for a node signed in: CouchDB refuses its commands and program actions.
+
+    The same rule as the databases' ``validate_doc_update``: a name of digits
+    or the node role makes a node, whatever else it has, unless it is a
+    server admin.  The pages then leave out the controls; the API still
+    goes to CouchDB, which still refuses.
+    """
+    login = g.get("login")
+    if login is None:
+        return True
+    roles = login.roles
+    node = security.NODE_ROLE in roles or str(login.name).isdigit()
+    return "_admin" in roles or not node
+
+
 def template_globals() -> dict[str, Any]:
     board = dashboard()
     return {
         "csrf_token": csrf_token,
+        "may_act": may_act(),
         "user": user_name(),
         "server": board.server.base,
         "database": board.database,

@@ -18,7 +18,8 @@ from himbeere.exceptions import Unauthorized, Unreachable
 
 from .. import ops
 from . import payloads, sessions
-from .context import csrf_token, dashboard, safe_next
+from .context import csrf_token, dashboard, may_act, safe_next
+from .errors import unreachable_message
 
 blueprint = Blueprint("pages", __name__)
 
@@ -29,6 +30,7 @@ def render_page(template: str, page: str, data: Any, **context: Any) -> str:
         "csrf": csrf_token(),
         "thresholds": {"suspect_after": health.SUSPECT_AFTER, "dead_after": health.DEAD_AFTER},
         "crashed_states": [state.value for state in ops.CRASHED_STATES],
+        "may_act": may_act(),
     }
     return render_template(template, page=page, data=data, page_config=config, **context)
 
@@ -73,7 +75,8 @@ def login() -> Any:
         except Unauthorized:
             error = "Wrong name or password."
         except Unreachable as exc:
-            error = f"The CouchDB server is unreachable: {exc}"
+            message = unreachable_message(exc)
+            error = message[0].upper() + message[1:]
         else:
             board.sessions.remove(session.get("sid"))
             session.clear()  # a fresh session id and CSRF token: no session fixation

@@ -196,19 +196,23 @@
         badge(CRASHED.includes(p.state) ? "crashed" : p.state, (p.name || id) + " " + (p.state || "?"))));
     }
 
+    // A figure as the server formatted it (payloads.formatted: one unit per
+    // column, fixed decimals), kept on one line.
+    function shown(node, key) {
+      return [h("span", { className: "figure", text: (node.formatted || {})[key] || "–" })];
+    }
+
     // The data columns of a node's row, each a list of children.
     function columns(node) {
-      const memory = node.memory || {};
       return [
         [h("a", { href: "/nodes/" + node.node, className: "node-link" }, nodeLabel(node.node, node.name)),
           ...Object.entries(node.labels || {}).map(([k, v]) => h("span", { className: "label", text: k + "=" + v }))],
         [node.ip || "–"],
-        [node.load ? node.load.map((x) => x.toFixed(2)).join(" ") : "–"],
-        [figure(node.cpu_percent, " %", 0)],
-        [figure(node.temperature, " °C")],
-        [memory.used_mb === null || memory.used_mb === undefined ? "–"
-          : megabytes(memory.used_mb) + " / " + megabytes(memory.total_mb)],
-        [megabytes((node.disk || {}).free_mb)],
+        shown(node, "load"),
+        shown(node, "cpu"),
+        shown(node, "temperature"),
+        shown(node, "memory"),
+        shown(node, "disk_free"),
         programBadges(node),
       ];
     }
@@ -274,7 +278,8 @@
     }
 
     function counts() {
-      $("selected-count").textContent = String(selected.size);
+      const count = $("selected-count");  // no Run form for a node signed in
+      if (count) count.textContent = String(selected.size);
       const all = $("select-all");
       all.checked = nodes.length > 0 && selected.size === nodes.length;
     }
@@ -378,7 +383,7 @@
           h("td", { text: p.pid || "–" }),
           h("td", { text: when(p.started) }),
           h("td", { className: "error-cell" }, error),
-          h("td", { className: "controls" }, p.in_database
+          h("td", { className: "controls" }, p.in_database && config.may_act
             ? [control(id, "restart"), control(id, enabled ? "stop" : "start")] : null));
       }));
       $("no-programs").hidden = programs.length > 0;
