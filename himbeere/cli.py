@@ -61,11 +61,15 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--program-log-rate", metavar="LINES",
                        help="lines per second of each program's output in the daemon's log "
                        "(default 20; all lines go to the status database)")
+    group.add_argument("--history-interval", metavar="S",
+                       help="seconds of one sample of the health history the dashboard "
+                            "charts (default 300)")
 
 
 FLAG_KEYS = ("server", "database", "status_database", "state_dir", "interface", "mac_id",
              "heartbeat_interval", "grace_period", "restart_policy", "feed_timeout", "log_file",
-             "log_max_bytes", "log_backups", "program_log_rate", "max_programs")
+             "log_max_bytes", "log_backups", "program_log_rate", "max_programs",
+             "history_interval")
 
 
 def load_config(args: argparse.Namespace) -> Callable[[], configuration.Config]:

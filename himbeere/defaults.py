@@ -95,3 +95,8 @@ PAIRING_WINDOW = 600.0
 PAIRING_MAX_SKEW = 300.0
 #: BCM number of the GPIO pin whose LED blinks while a node waits to be paired.
 LED_PIN = 16
+
+#: Seconds of one sample of a node's health history (``history:<mac>``, 5 minutes).
+HISTORY_INTERVAL = 300.0
+#: Samples a history keeps: a day at 5 minutes (the ring's length in any case).
+HISTORY_LENGTH = 288
