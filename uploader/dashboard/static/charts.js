@@ -80,7 +80,7 @@ window.himbeereCharts = (function () {
         box.dataset.points = String(points(values));
         box.dataset.restarts = String(marks.length);
         const last = values.filter((v) => v !== null).pop();
-        box.append(el("figcaption", null, figure.title + (last === undefined ? ""
+        box.append(el("figcaption", null, figure.title + (last === undefined ? ": not measured"
           : ": " + Number(last).toFixed(figure.digits) + figure.unit)));
         container.append(box);
         plots.push(new uPlot({
