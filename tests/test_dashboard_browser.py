@@ -295,7 +295,8 @@ def chart_points(browser: Any) -> dict[str, tuple[int, int, int]]:
           const canvas = f.querySelector('canvas');
           let inked = 0;
           if (canvas) {
-            const data = canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data;
+            const data = canvas.getContext('2d')
+              .getImageData(0, 0, canvas.width, canvas.height).data;
             for (let i = 3; i < data.length; i += 4) if (data[i] > 0) inked++;
           }
           return [f.dataset.figure, [Number(f.dataset.points), Number(f.dataset.restarts), inked]];
