@@ -72,7 +72,7 @@ window.himbeereCharts = (function () {
       container.dataset.samples = String(FIGURES.reduce((n, f) => n + points(chart[f.key]), 0));
       if (empty) { showRestarts(chart); return; }
       // uPlot wants a range wider than one point; the current bucket is the right edge.
-      const width = Math.max(240, Math.floor((container.clientWidth - 32) / 3));
+      const width = Math.max(240, Math.floor((container.clientWidth - 64) / 3));  // 2 gaps, a scrollbar
       for (const figure of FIGURES) {
         const values = chart[figure.key];
         const box = el("figure", "chart");
