@@ -38,7 +38,8 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["himbeere", "himbeere.*", "himbeerecouch", "uploader",
                                     "uploader.*"]),
-    package_data={"uploader.dashboard": ["templates/*.html", "static/*"],
+    package_data={"uploader.dashboard": ["templates/*.html", "static/*",
+                                         "static/vendor/uplot/*"],
                   "himbeere.couch.js": ["*.js"]},
     install_requires=["couchdb", "requests", "netifaces", "python-daemon", "cryptography"],
     extras_require={

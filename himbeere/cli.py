@@ -65,6 +65,8 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "fleet_key_file": ("FILE", "file with the shared fleet key (default: none)"),
     "led_pin": ("PIN", "BCM pin of the pairing LED (default 16; empty: no LED)"),
     "pairing_window": ("S", "seconds `himbeere pair` opens pairing for (default 600)"),
+    "history_interval": ("S", "seconds of one sample of the health history the dashboard "
+                              "charts (default 300)"),
 }
 
 #: The settings ``himbeere pair`` uses: where the daemon's state is, and its window.

@@ -51,6 +51,7 @@ class Config:
     fleet_key_file: Optional[str] = None
     led_pin: Optional[int] = defaults.LED_PIN
     pairing_window: float = defaults.PAIRING_WINDOW
+    history_interval: float = defaults.HISTORY_INTERVAL
 
     @property
     def status_db(self) -> str:
@@ -73,7 +74,7 @@ class Config:
                     "lower-case letter first, then a-z 0-9 _ $ ( ) + - /"
                 )
         for key in ("heartbeat_interval", "feed_timeout", "grace_period",
-                    "command_timeout", "pairing_window"):
+                    "command_timeout", "pairing_window", "history_interval"):
             if getattr(self, key) <= 0:
                 raise ConfigError(f"{key}: {getattr(self, key)!r} must be a number > 0")
         if self.restart_policy not in defaults.RESTART_POLICIES:

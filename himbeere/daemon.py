@@ -112,7 +112,8 @@ class Daemon:
                              programs=self.supervisor.snapshot, interface=config.interface,
                              extra=lambda: dict(self.health.collect(),
                                                 **self.placement.describe()),
-                             clock_offset=lambda: self.couch.clock_offset)
+                             clock_offset=lambda: self.couch.clock_offset,
+                             history_interval=config.history_interval)
         #: Started in this order, stopped in reverse: what writes results out
         #: starts first; what brings work in (placement, feed, pairing) stops first.
         self.components: list[Component] = [self.status, self.logs, self.commands,
@@ -128,6 +129,7 @@ class Daemon:
         self.supervisor.fence = CHILD_FENCE * config.heartbeat_interval
         self.supervisor.max_programs = config.max_programs  # a higher one admits at once
         self.status.interval = config.heartbeat_interval
+        self.status.set_history_interval(config.history_interval)
         self.placement.interval = config.heartbeat_interval
         self.placement.lease.ttl = LEASE_TTL * config.heartbeat_interval
         self.commands.default_timeout = config.command_timeout

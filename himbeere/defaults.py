@@ -100,3 +100,7 @@ LED_PIN = 16
 #: changed; also saved on ``state.save()``, when asked to quit and at exit):
 #: at most this much of it is lost when the program or its node dies.
 STATE_SAVE_INTERVAL = 10.0
+#: Seconds of one sample of a node's health history (``history:<mac>``, 5 minutes).
+HISTORY_INTERVAL = 300.0
+#: Samples a history keeps: a day at 5 minutes (the ring's length in any case).
+HISTORY_LENGTH = 288

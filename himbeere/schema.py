@@ -15,6 +15,7 @@ a decimal integer)::
     <mac>_cmd               commands  state:<prog>:<key> program state
     cmd-<stamp>-<random>    fleet cmd lease:<name>       lease (scheduler, groups)
     node:<mac>              node info placement:<name>   placement of a program
+                                      history:<mac>      the last day of health
 """
 
 from __future__ import annotations
@@ -134,6 +135,16 @@ def state_id(program: str) -> str:
 def group_lease_name(group: str) -> str:
     """The name of ``group``'s lease; its document is ``lease_id(group_lease_name(group))``."""
     return f"{GROUP_PREFIX}{group}"
+
+
+#: ``type`` of a node's health history (status database, :mod:`himbeere.history`).
+HISTORY_TYPE = "himbeere-history"
+HISTORY_PREFIX = "history:"
+
+
+def history_id(node: int) -> str:
+    """The ring of ``node``'s health samples of the last day, ``history:<mac>``."""
+    return f"{HISTORY_PREFIX}{node}"
 
 
 def names_node(value: Any, node: int) -> bool:

@@ -6,7 +6,9 @@ nodes heartbeat writes there kept CouchDB busy evaluating filters (21 to
 42 s for one round of 200 writes on CouchDB 3.4.3).
 
 The document ``status:<macid>`` is rewritten every ``heartbeat_interval``
-seconds and at once when a program changes state.
+seconds and at once when a program changes state.  Each heartbeat also goes
+into the node's history (:mod:`himbeere.history`), which writes
+``history:<macid>`` once per ``history_interval`` (5 minutes).
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from . import __version__, identity
+from . import __version__, defaults, identity
 from .component import Component
 from .couch import Database, Doc
-from .exceptions import Conflict, CouchError
+from .exceptions import Conflict, CouchError, Unauthorized
+from .history import History
 from .schema import iso, status_id
 
 log = logging.getLogger(__name__)
@@ -46,6 +49,7 @@ class Status(Component):
         interface: Optional[str] = None,
         extra: Optional[Callable[[], dict[str, Any]]] = None,
         clock_offset: Optional[Callable[[], Optional[float]]] = None,
+        history_interval: float = defaults.HISTORY_INTERVAL,
     ) -> None:
         super().__init__()
         self.clock_offset = clock_offset or (lambda: None)
@@ -62,6 +66,12 @@ class Status(Component):
         self.writes = 0
         #: time.monotonic() of the last successful write (placement fencing).
         self.last_write: Optional[float] = None
+        self.history = History(db, node, history_interval)
+
+    def set_history_interval(self, seconds: float) -> None:
+        """A new bucket size starts a new ring (samples on another grid do not mix)."""
+        if seconds != self.history.interval:
+            self.history = History(self.db, self.node, seconds)
 
     def poke(self) -> None:
         """Write soon: a program changed state."""
@@ -83,6 +93,7 @@ class Status(Component):
             self.write("stopped")
         except CouchError as exc:
             log.warning("could not write the final status: %s", exc)
+        self.record(flush=True)
 
     def loop(self) -> None:
         try:
@@ -136,4 +147,18 @@ class Status(Component):
         self._rev = saved["_rev"]
         self.writes += 1
         self.last_write = time.monotonic()
+        self.record(doc)
         return saved
+
+    def record(self, doc: Optional[Doc] = None, flush: bool = False) -> None:
+        """Add a heartbeat to the history; a failed history write never fails a heartbeat."""
+        try:
+            if doc is not None:
+                self.history.add(doc)
+            if flush:
+                self.history.flush()
+        except Unauthorized as exc:
+            log.warning("cannot write the history (%s): the status database's rules predate "
+                        "history documents; run `himbeere-upload setup URL` to update them", exc)
+        except CouchError as exc:
+            log.warning("cannot write the history, kept for the next try: %s", exc)

@@ -387,6 +387,45 @@ def test_node_log_marks_the_daemons_lines(client: FlaskClient, fleet: Fleet,
         "-- crashed; restart 4 in 8 s"]
 
 
+def test_the_last_day_as_chart_columns_and_sparklines(client: FlaskClient, fleet: Fleet,
+                                                      deployer: tuple[str, str]) -> None:
+    now = ops.server_now(fleet)
+    last = int(now // 300 * 300) - 300
+    columns = ["time", "cpu_percent", "memory_used_mb", "temperature", "load", "disk_free_mb",
+               "restarts"]
+    fleet.status.save(status_doc(1001))
+    fleet.status.save(status_doc(1002))
+    fleet.status.save({"_id": "history:1001", "type": "himbeere-history", "node": 1001,
+                       "interval": 300.0, "columns": columns,
+                       "samples": [[last - 900, 10.0, 200.0, 45.0, 0.5, 9000.0, None],
+                                   [last - 300, 30.0, 220.0, None, 0.7, 8990.0,
+                                    {"1001:blink": 2}],
+                                   [last, 20.0, 210.0, 46.0, 0.6, 8980.0, None]]})
+    login(client, *deployer)
+    chart = client.get("/api/nodes/1001/history").get_json()
+    # A null where the node sent nothing (last - 600) and for the bucket still open (now).
+    assert chart["time"] == [last - 900, last - 600, last - 300, last, last + 300]
+    assert chart["cpu_percent"] == [10.0, None, 30.0, 20.0, None]
+    assert chart["temperature"] == [45.0, None, None, 46.0, None]
+    assert chart["restarts"] == [[last - 300, "1001:blink", 2]]
+    empty = client.get("/api/nodes/1002/history").get_json()
+    assert empty["time"] == [] and empty["node"] == 1002
+    sparks = client.get("/api/history").get_json()
+    assert sparks["figure"] == "cpu_percent"
+    assert sparks["nodes"] == {"1001": {"time": chart["time"], "values": chart["cpu_percent"]}}
+    one = client.get("/api/history?figure=load&node=1001&node=1002").get_json()
+    assert one["nodes"]["1001"]["values"] == [0.5, None, 0.7, 0.6, None]
+    bad = client.get("/api/history?figure=fan")
+    assert bad.status_code == 400 and "figure 'fan' is not allowed; allowed: cpu_percent" in \
+        bad.get_json()["error"]
+    # The charting library comes from the dashboard itself, never from elsewhere.
+    page = client.get("/nodes/1001").get_data(as_text=True)
+    assert 'src="/static/vendor/uplot/uPlot.iife.min.js"' in page
+    library = client.get("/static/vendor/uplot/uPlot.iife.min.js")
+    assert library.status_code == 200 and b"uPlot" in library.data
+    assert 'src="/static/charts.js"' in client.get("/").get_data(as_text=True)
+
+
 def test_programs_stop_and_restart_through_their_document(
         client: FlaskClient, fleet: Fleet, deployer: tuple[str, str]) -> None:
     fleet.status.save(status_doc(1001))

@@ -9,6 +9,7 @@ dashboard runs in a thread on a free loopback port; screenshots go to
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import shutil
@@ -30,6 +31,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 from werkzeug.serving import make_server  # noqa: E402
 
+from himbeere import history, schema  # noqa: E402
 from himbeere.couch import Couch, security  # noqa: E402
 from tests.helpers import USER_PASSWORD as PASSWORD  # noqa: E402
 from tests.nodes import ROOT, Node  # noqa: E402
@@ -299,3 +301,92 @@ def test_signing_in_wrong_and_out(browser: Any, dashboard_url: str,
     wait_until(browser, lambda: "/login" in browser.current_url, "the sign-in page")
     browser.get(dashboard_url + "/api/nodes")
     assert "sign in first" in browser.page_source
+
+
+# -- the last 24 hours: charts and sparklines --------------------------------------------------
+
+def day_of_history(mac: int, now: float, program: str) -> dict[str, Any]:
+    """A ``history:<mac>`` document of a whole day, as a node writes it (288 samples)."""
+    last = math.floor(now / 300) * 300 - 300
+    samples = []
+    for i in range(288):
+        when = last - 300 * (287 - i)
+        wave = math.sin(i / 288 * 2 * math.pi)
+        samples.append([when, round(35 + 25 * wave, 2), round(420 + 80 * wave, 2),
+                        round(52 + 8 * wave, 2), round(0.8 + 0.6 * wave, 2),
+                        round(12000 - 4 * i, 2), {program: 2} if i in (60, 200) else None])
+    samples[100:106] = []  # half an hour without heartbeats: a gap
+    return {"_id": schema.history_id(mac), "type": schema.HISTORY_TYPE, "node": mac,
+            "interval": 300.0, "columns": list(history.COLUMNS), "samples": samples}
+
+
+def chart_points(browser: Any) -> dict[str, tuple[int, int, int]]:
+    """Each chart on the node page: (points, restart marks, coloured pixels of its canvas)."""
+    return dict(browser.execute_script("""
+        return Array.from(document.querySelectorAll('#charts figure.chart')).map((f) => {
+          const canvas = f.querySelector('canvas');
+          let inked = 0;
+          if (canvas) {
+            const data = canvas.getContext('2d')
+              .getImageData(0, 0, canvas.width, canvas.height).data;
+            for (let i = 3; i < data.length; i += 4) if (data[i] > 0) inked++;
+          }
+          return [f.dataset.figure, [Number(f.dataset.points), Number(f.dataset.restarts), inked]];
+        });"""))
+
+
+def test_the_last_day_as_charts_and_sparklines(browser: Any, dashboard_url: str, fleet: Fleet,
+                                               deployer: tuple[str, str],
+                                               node_factory: Callable[..., Node]) -> None:
+    # Node A: a real daemon writing a sample every second, with a program that crashes.
+    fleet.code.save({"_id": f"{NODE_A}:crasher", "type": NODE_A, "name": "crasher",
+                     "code": CRASHING})
+    node_a = node_factory(mac_id=NODE_A, flags=["--history-interval", "1"])
+    # Node B ("garden"): a day of history written before, and a daemon of the default interval.
+    fleet.status.save(day_of_history(NODE_B, ops.server_now(fleet), f"{NODE_B}:ticker"))
+    fleet.code.save({"_id": f"{NODE_B}:ticker", "type": NODE_B, "name": "ticker",
+                     "code": CHATTY})
+    node_b = node_factory(mac_id=NODE_B)
+    node_b.wait_program(f"{NODE_B}:ticker", 40, state="running")
+    fleet.set_name(NODE_B, "garden")
+    node_a.wait_program(f"{NODE_A}:crasher", 40, restarts=1)
+    sign_in(browser, dashboard_url, deployer)
+
+    # The fleet page: a CPU sparkline per node.
+    def sparks() -> dict[str, int]:
+        return dict(browser.execute_script(
+            "return Array.from(document.querySelectorAll('#nodes tr[data-node]')).map((r) => "
+            "[r.dataset.node, Number(r.querySelector('td.spark-cell').dataset.points || 0) * "
+            "(r.querySelector('td.spark-cell canvas') ? 1 : 0)]);"))
+    wait_until(browser, lambda: sparks().get(str(NODE_A), 0) >= 2 and
+               sparks().get(str(NODE_B), 0) > 250, "a sparkline with points for each node")
+    shot(browser, "fleet-sparklines")
+
+    # Node A's page: every figure this machine measures has points, and the
+    # crashes show as restart marks; there is no thermal zone off a Pi.
+    browser.get(f"{dashboard_url}/nodes/{NODE_A}")
+    measured = ("cpu_percent", "memory_used_mb", "load", "disk_free_mb")
+    wait_until(browser, lambda: all(chart_points(browser).get(f, (0, 0, 0))[0] >= 3
+                                    for f in measured) and
+               chart_points(browser).get("cpu_percent", (0, 0, 0))[1] >= 1,
+               "node A's charts with points and restart marks")
+    charts = chart_points(browser)
+    assert set(charts) == {"cpu_percent", "memory_used_mb", "temperature", "load",
+                           "disk_free_mb"}
+    assert all(charts[f][2] > 500 for f in measured), charts  # something was drawn
+    assert "crasher ×" in text_of(browser, "restarts")
+    seen = charts["memory_used_mb"][0]
+    wait_until(browser, lambda: chart_points(browser)["memory_used_mb"][0] > seen,
+               "new samples without a reload")
+
+    # Node B's page: the whole day, its gap, and the ticker's restarts.
+    browser.get(f"{dashboard_url}/nodes/garden")
+    wait_until(browser, lambda: len(chart_points(browser)) == 5, "node B's charts")
+    charts = chart_points(browser)
+    # 287 samples in the window (one bucket of it is the current one), less the gap of 6;
+    # one more if node B's daemon finished a bucket meanwhile.
+    assert all(281 <= points <= 282 and marks == 2 and inked > 2000
+               for points, marks, inked in charts.values()), charts
+    assert "ticker ×4" in text_of(browser, "restarts")
+    browser.set_window_size(1400, 1250)  # the node's figures and its charts in one picture
+    shot(browser, "node-charts")

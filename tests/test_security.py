@@ -22,6 +22,7 @@ import requests
 
 from himbeere.commands import Commands
 from himbeere.couch import Couch, design, doc_path, quote, security
+from himbeere.schema import history_id
 from himbeere.status import status_id
 from tests.helpers import random_mac, wait_for
 from tests.nodes import wait_file
@@ -284,7 +285,8 @@ def test_node_writes_its_own_status_log_and_result_documents(
     status = {"_id": status_id(mac), "type": "himbeere-status", "node": mac, "state": "up"}
     assert client.put(db, status) == 201
     assert client.put(db, dict(status, state="running")) == 201
-    for doc_id in (f"status:{mac}:extra", f"log:{mac}:{mac}:blink", f"result:job7:{mac}"):
+    for doc_id in (f"status:{mac}:extra", f"log:{mac}:{mac}:blink", f"result:job7:{mac}",
+                   history_id(mac)):
         doc = {"_id": doc_id, "node": mac}
         assert client.put(db, doc) == 201, doc_id
         assert client.delete(db, doc) == 200, doc_id
@@ -297,7 +299,8 @@ def test_node_may_not_write_other_documents_in_the_status_database(
     other, _ = other_node
     db = fleet.status.name
     for doc_id in (status_id(other), f"status:{mac}0", f"log:{other}:x", f"log:{mac}0:x",
-                   f"result:x:{other}", f"result:x:{mac}0", f"node:{mac}", "anything"):
+                   f"result:x:{other}", f"result:x:{mac}0", f"node:{mac}", "anything",
+                   history_id(other), f"history:{mac}0", f"history:{mac}:x"):
         assert client.put(db, {"_id": doc_id}) == 403, doc_id
     assert client.put(db, {"_id": status_id(mac), "node": other}) == 403
     theirs = {"_id": status_id(other), "node": other, "state": "running"}
@@ -394,6 +397,9 @@ def test_daemon_runs_with_node_rights_only(fleet: Fleet, node_factory, tmp_path:
         assert node.stop() == 0
     final = fleet.status.get(status_id(mac))
     assert final is not None and final["state"] == "stopped"
+    # Stopping closes the history's bucket early: the node wrote history:<mac> itself.
+    history = fleet.status.get(history_id(mac))
+    assert history is not None and history["node"] == mac and history["samples"]
     log = node.log()
     for refusal in (" 401 ", " 403 ", "Traceback"):
         assert refusal not in log, f"{refusal!r} in the node log:\n{log[-3000:]}"

@@ -49,7 +49,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Optional, Union
 
-from himbeere import codedoc, defaults, health, logship, schema
+from himbeere import codedoc, defaults, health, history, logship, schema
 from himbeere.couch import Database, Doc
 from himbeere.exceptions import ConfigError, Conflict, NotFound
 from himbeere.fleet import placement
@@ -786,3 +786,44 @@ def _running_on(fleet: Fleet, program: str) -> list[int]:
                   if isinstance(status.get("programs"), dict)
                   and (status["programs"].get(program) or {}).get("state") in ACTIVE_STATES
                   and health.node_state(status, now) in ("alive", "suspect"))
+
+
+# -- health history ----------------------------------------------------------------------
+def node_history(fleet: Fleet, node: NodeRef) -> Doc:
+    """The last day of ``node``'s health as chart columns, up to now on the server's clock.
+
+    ``{"node", "interval", "time": [...], "cpu_percent": [...], "memory_used_mb",
+    "temperature", "load", "disk_free_mb", "restarts": [[time, program id, count], ...]}``
+    (see :func:`himbeere.history.series`); a bucket the node missed is null.
+    The columns are empty for a node that has not written a history yet.
+    """
+    fleet.require_database(fleet.status)
+    mac = node_id(fleet, node)
+    chart = history.series(fleet.status.get(schema.history_id(mac)), until=server_now(fleet))
+    return dict(chart, node=mac)
+
+
+def fleet_history(fleet: Fleet, figure: str = "cpu_percent",
+                  nodes: Optional[Iterable[NodeRef]] = None) -> dict[int, Doc]:
+    """One figure of every node's last day (or of ``nodes``'): MAC id -> ``{"time", "values"}``.
+
+    What the fleet page's sparklines draw; nodes without a history are left out.
+    """
+    if figure not in history.FIGURES:
+        raise ConfigError(f"figure {figure!r} is not allowed; allowed: "
+                          + ", ".join(history.FIGURES))
+    fleet.require_database(fleet.status)
+    if nodes is None:
+        docs = _prefixed(fleet.status, schema.HISTORY_PREFIX)
+    else:
+        ids = [schema.history_id(node_id(fleet, node)) for node in nodes]
+        rows = fleet.status.all_docs(keys=ids, include_docs=True) if ids else []
+        docs = [row["doc"] for row in rows if row.get("doc")]
+    now = server_now(fleet)
+    charts = {}
+    for doc in docs:
+        mac = schema.mac_of(doc["_id"], schema.HISTORY_PREFIX)
+        if mac is not None:
+            chart = history.series(doc, until=now)
+            charts[mac] = {"time": chart["time"], "values": chart[figure]}
+    return charts

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 DESIGN_ID = f"_design/{defaults.DESIGN}"
 #: Bumped whenever the design document changes, so daemons and the
 #: uploader know an installed copy is outdated.
-VERSION = 6
+VERSION = 7
 #: The oldest version whose ``node`` filter this daemon can follow: code and
 #: ``<macid>_cmd`` documents pass every version's filter (version 2 added
 #: views and rules).  An older filter is used with a warning rather than
@@ -54,6 +54,7 @@ PLACED_SINCE = 5
 #: Version 6: the filter takes a ``type`` or target only as a number or a
 #: string (``[1000]`` was taken), and any ``global_modules`` (``null`` too,
 #: so a node drops the modules), as the selector and the daemon do.
+#: Version 7: a node may write its ``history:<mac>`` in the status database.
 
 #: The node's ``_changes`` filter (see above), for servers without ``_selector``.
 NODE_FILTER = js.load("node_filter.js")

@@ -12,7 +12,8 @@ server admin         everything               everything
                      kinds)
 ``himbeere-node``    read; add result fields  read; write its own
 (name = MAC id)      to its own ``<mac>_cmd`` ``status:<mac>``, ``status:<mac>:*``,
-                     documents, nothing else  ``log:<mac>:*``, ``result:*:<mac>``;
+                     documents, nothing else  ``log:<mac>:*``, ``result:*:<mac>``,
+                                              ``history:<mac>``;
                                               shared ``state:*`` and ``lease:*``
                                               (a lease only in its own name,
                                               only when free, at most its ttl)

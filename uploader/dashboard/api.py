@@ -4,6 +4,9 @@
 ``GET /api/nodes``                          every node (``{"nodes": [...], ...}``)
 ``GET /api/nodes/<node>``                   one node: programs, status, commands
 ``GET /api/nodes/<node>/logs``              log lines (``program``, ``after``, ``limit``)
+``GET /api/nodes/<node>/history``           the last day of health, as chart columns
+``GET /api/history``                        one figure (``figure``) of every node's day,
+                                            or of ``node`` (repeatable): the sparklines
 ``POST /api/nodes/<node>/programs``         ``{"program", "action": stop|start|restart}``
 ``GET /api/commands``                       the latest fleet commands (``limit``)
 ``POST /api/commands``                      ``{"cmd", "targets", "labels", "timeout"}``
@@ -93,6 +96,20 @@ def program_action(node: str) -> Any:
             raise
         result = act(None)
     return jsonify(dict(result, ok=True))
+
+
+# -- health history ---------------------------------------------------------------------
+@blueprint.get("/nodes/<node>/history")
+def node_history(node: str) -> Any:
+    return jsonify(ops.node_history(g.fleet, node))
+
+
+@blueprint.get("/history")
+def fleet_history() -> Any:
+    figure = request.args.get("figure") or "cpu_percent"
+    nodes = request.args.getlist("node") or None
+    charts = ops.fleet_history(g.fleet, figure, nodes)
+    return jsonify({"figure": figure, "nodes": {str(mac): chart for mac, chart in charts.items()}})
 
 
 # -- commands ---------------------------------------------------------------------------

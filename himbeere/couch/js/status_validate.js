@@ -51,13 +51,14 @@ __PREAMBLE__
     }
   }
   var own = id === 'status:' + me || starts(id, 'status:' + me + ':') ||
-    starts(id, 'log:' + me + ':') || (starts(id, 'result:') && ends(id, ':' + me));
+    starts(id, 'log:' + me + ':') || (starts(id, 'result:') && ends(id, ':' + me)) ||
+    id === 'history:' + me;
   // Shared by design: every node contends for leases, and a program's state
   // follows it from node to node.  A node takes a lease in its own name only.
   var shared = starts(id, 'state:') || starts(id, 'lease:');
   if (!own && !shared) {
     refuse('node ' + me + ' may only write status:' + me + ', log:' + me + ':..., result:...:' +
-           me + ', state:..., lease:... here, not ' + id);
+           me + ', history:' + me + ', state:..., lease:... here, not ' + id);
   }
   if (starts(id, 'lease:')) { lease(); }
   if (!newDoc._deleted && newDoc.node !== undefined && String(newDoc.node) !== me) {

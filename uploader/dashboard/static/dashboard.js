@@ -188,6 +188,7 @@
     let nodes = data.nodes;
     let fetchedAt = Date.now();
     const rows = new Map();
+    const sparks = window.himbeereCharts ? window.himbeereCharts.fleetSparklines() : null;
 
     function programBadges(node) {
       const programs = Object.entries(node.programs || {});
@@ -231,13 +232,15 @@
           const box = h("input", { type: "checkbox", className: "select", value: String(node.node),
             "aria-label": "select node " + node.node,
             onchange: (e) => { if (e.target.checked) selected.add(node.node); else selected.delete(node.node); counts(); } });
-          const cells = Array.from({ length: 11 }, () => h("td"));
+          const cells = Array.from({ length: 12 }, () => h("td"));
           cells[0].append(box);
           cells[2].className = "state-cell";
           cells[4].className = "age";
           cells[10].className = "programs-cell";
+          cells[11].className = "spark-cell";
           entry = { row: h("tr", { "data-node": String(node.node) }, cells), cells: cells, box: box, sigs: [] };
           rows.set(node.node, entry);
+          if (sparks) sparks.attach(node.node, cells[11]);
         }
         entry.node = node;
         entry.stateCell = entry.cells[2];
@@ -253,7 +256,10 @@
         }
       });
       for (const [mac, entry] of Array.from(rows)) {
-        if (!seen.has(mac)) { entry.row.remove(); rows.delete(mac); selected.delete(mac); }
+        if (!seen.has(mac)) {
+          entry.row.remove(); rows.delete(mac); selected.delete(mac);
+          if (sparks) sparks.detach(mac);
+        }
       }
       $("no-nodes").hidden = nodes.length > 0;
       tick();
@@ -309,9 +315,10 @@
     render();
     setInterval(tick, 1000);
     connect({
-      resync: refresh,
+      resync: () => { refresh(); if (sparks) sparks.reload(); },
       changes: (ids) => {
         if (ids.some((id) => id.startsWith("status:") || id.startsWith("node:"))) refresh();
+        if (sparks) sparks.changed(ids);
       },
     });
   }
@@ -453,10 +460,13 @@
     runForm(() => ({ targets: [mac] }));
     render();
     loadLog(true);
+    const charts = window.himbeereCharts ? window.himbeereCharts.nodeCharts(mac,
+      (id) => ((detail.programs || {})[id] || {}).name || id) : null;
     setInterval(renderHealth, 1000);
     connect({
-      resync: () => { refresh(); moreLog(); },
+      resync: () => { refresh(); moreLog(); if (charts) charts.reload(); },
       changes: (ids) => {
+        if (charts && ids.includes("history:" + mac)) charts.reload();
         if (ids.some((id) => id === "status:" + mac || id === "node:" + mac ||
           (id.startsWith("result:") && id.endsWith(":" + mac)))) refresh();
         if (ids.some((id) => id.startsWith("log:" + mac + ":"))) moreLog();
