@@ -38,8 +38,9 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["himbeere", "himbeere.*", "himbeerecouch", "uploader",
                                     "uploader.*"]),
+    # himbeere.service: the systemd unit `rspby install` installs from the package.
     package_data={"uploader.dashboard": ["templates/*.html", "static/*"],
-                  "himbeere.couch.js": ["*.js"]},
+                  "himbeere.couch.js": ["*.js"], "himbeere": ["himbeere.service"]},
     install_requires=["couchdb", "requests", "netifaces", "python-daemon", "cryptography"],
     extras_require={
         "gpio": ["RPi.GPIO"],
