@@ -38,9 +38,10 @@ setup(
     python_requires=">=3.9",
     packages=find_packages(include=["himbeere", "himbeere.*", "himbeerecouch", "uploader",
                                     "uploader.*"]),
+    # himbeere.service: the systemd unit `rspby install` installs from the package.
     package_data={"uploader.dashboard": ["templates/*.html", "static/*",
                                          "static/vendor/uplot/*"],
-                  "himbeere.couch.js": ["*.js"]},
+                  "himbeere.couch.js": ["*.js"], "himbeere": ["himbeere.service"]},
     install_requires=["couchdb", "requests", "netifaces", "python-daemon", "cryptography"],
     extras_require={
         "gpio": ["RPi.GPIO"],

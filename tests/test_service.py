@@ -176,7 +176,8 @@ def test_pid_and_log_file_from_config(tmp_path: Path) -> None:
 
 def rspby(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["bash", str(RSPBY), *args], env={**os.environ, **env},
+        # HIMBEERE_SYSTEMD_DIR empty: install leaves the machine's systemd alone.
+        ["bash", str(RSPBY), *args], env={**os.environ, "HIMBEERE_SYSTEMD_DIR": "", **env},
         capture_output=True, text=True, timeout=900,
     )
 
