@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -153,7 +154,10 @@ def test_keep_then_the_next_steps_as_printed_then_stop(tmp_path: Path) -> None:
 
 
 def test_keep_after_stop_has_the_data_of_before(tmp_path: Path) -> None:
-    """The server's data is on disk in the demo dir: a second --keep has the first's programs."""
+    """The server's data is on disk in the demo dir: a second --keep has the first's programs.
+
+    And a --keep that finds part of the demo gone stops the rest and starts it all again.
+    """
     env = demo_env(tmp_path)
     demo_dir = Path(env["HIMBEERE_DEMO_DIR"])
     try:
@@ -165,6 +169,17 @@ def test_keep_after_stop_has_the_data_of_before(tmp_path: Path) -> None:
         second = next_steps(demo(env, tmp_path, "--keep", "--dashboard-port", str(free_port())))
         assert step(second, "export ") == step(first, "export ")  # same password, same port
         assert re.search(r"\bkept\b", shell(second, "himbeere-upload ls", tmp_path, env))
+
+        state = json.loads((demo_dir / "state.json").read_text())
+        dashboard = next(p for p in state["processes"] if p["name"] == "dashboard")
+        os.kill(dashboard["pid"], signal.SIGTERM)
+        wait_for(lambda: gone(dashboard["pid"]))
+        third = demo(env, tmp_path, "--keep")
+        assert "is partly down (dashboard;" in third
+        assert f"stopping daemon (pid {state['processes'][1]['pid']})" in third
+        restarted = json.loads((demo_dir / "state.json").read_text())["processes"]
+        assert not any(gone(p["pid"]) for p in restarted)
+        assert not {p["pid"] for p in restarted} & {p["pid"] for p in state["processes"]}
     finally:
         if (demo_dir / "state.json").exists():
             demo(env, tmp_path, "--stop")
