@@ -1,6 +1,7 @@
 """Run the whole chain on this machine: server, daemon, push, output, command.
 
-Called by ``scripts/demo``; see there.
+Called by ``scripts/demo``; see there.  ``--keep`` and ``--stop`` are in
+``demo_keep.py`` beside this file.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import demo_keep  # noqa: E402  (beside this file)
+
 from himbeere import identity  # noqa: E402
 from himbeere.couch import Couch  # noqa: E402
 from tests.servers import PouchServer  # noqa: E402
@@ -27,7 +30,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=float, default=4.0,
                         help="how long to let the program run before the command")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--keep", action="store_true",
+                      help="leave server, daemon and dashboard running and print the next "
+                           "steps (data in .cache/demo, or $HIMBEERE_DEMO_DIR)")
+    mode.add_argument("--stop", action="store_true",
+                      help="stop what --keep left running")
+    parser.add_argument("--dashboard-port", type=int, metavar="PORT",
+                        help="the dashboard's port with --keep (default 8080, or a free one)")
     args = parser.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[attr-defined]  # before stderr
+    if args.dashboard_port is not None and not 0 < args.dashboard_port < 65536:
+        parser.error(f"--dashboard-port {args.dashboard_port}: allowed: 1 to 65535")
+    if args.keep:
+        return demo_keep.keep(args.dashboard_port)
+    if args.stop:
+        return demo_keep.stop()
     work = Path(tempfile.mkdtemp(prefix="himbeere-demo-"))
     server = PouchServer(work / "pouchdb", in_memory=True)
     print(f"* starting pouchdb-server (a local CouchDB-compatible server) in {work}")
