@@ -261,5 +261,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return run(build_parser(), list(sys.argv[1:] if argv is None else argv))
 
 
+#: The exit status when the reader of our output went away (``himbeere logs -f | head``):
+#: 128 + SIGPIPE, what a shell reports for ``yes | head -1``, so that ``set -o pipefail``
+#: sees the same as for any Unix tool, and a script can tell "cut short" from "done".
+BROKEN_PIPE = 141  # 128 + 13
+
+
+def quiet_broken_pipe(run: Callable[[], int]) -> int:
+    """``run()``, but a closed stdout pipe ends it quietly with :data:`BROKEN_PIPE`.
+
+    Python ignores SIGPIPE and raises BrokenPipeError instead, with a traceback;
+    Unix tools just stop.  The recipe of the Python docs ("Note on SIGPIPE",
+    https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+    """
+    try:
+        code = run()
+        sys.stdout.flush()  # output still buffered fails here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit: let that flush write to /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -371,7 +371,7 @@ def main(argv: Optional[Sequence[str]] = None, *,
     ``environ`` the environment (tests).  A reader that closes the pipe early
     (``himbeere-upload ls | head -1``) ends it quietly, as it does Unix tools.
     """
-    from .main import quiet_broken_pipe
+    from himbeere.cli import quiet_broken_pipe
 
     return quiet_broken_pipe(lambda: _main(argv, broadcast, environ))
 

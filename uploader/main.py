@@ -14,10 +14,9 @@ only the standard library and :mod:`himbeere.cli` at the top.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from himbeere import cli as node_cli
 
@@ -92,32 +91,8 @@ def upload_main(argv: Sequence[str]) -> int:
     return main(argv)
 
 
-#: The exit status when the reader of our output went away (``himbeere logs -f | head``):
-#: 128 + SIGPIPE, what a shell reports for ``yes | head -1``, so that ``set -o pipefail``
-#: sees the same as for any Unix tool, and a script can tell "cut short" from "done".
-BROKEN_PIPE = 141  # 128 + 13
-
-
-def quiet_broken_pipe(run: Callable[[], int]) -> int:
-    """``run()``, but a closed stdout pipe ends it quietly with :data:`BROKEN_PIPE`.
-
-    Python ignores SIGPIPE and raises BrokenPipeError instead, with a traceback;
-    Unix tools just stop.  The recipe of the Python docs ("Note on SIGPIPE",
-    https://docs.python.org/3/library/signal.html#note-on-sigpipe).
-    """
-    try:
-        code = run()
-        sys.stdout.flush()  # output still buffered fails here, not at interpreter exit
-        return code
-    except BrokenPipeError:
-        # Python flushes stdout once more at exit: let that flush write to /dev/null.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return BROKEN_PIPE
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return quiet_broken_pipe(lambda: _main(argv))
+    return node_cli.quiet_broken_pipe(lambda: _main(argv))
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
