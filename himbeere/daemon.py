@@ -38,6 +38,7 @@ from .fleet.placement import CHILD_FENCE, LEASE_TTL, Placement
 from .health import Health
 from .logship import LogShipper, OutputLog
 from .programs import Supervisor
+from .recheck import RECHECK_HEARTBEATS, Recheck
 from .schema import COMMAND_TYPE, commands_id
 from .status import Status
 
@@ -114,10 +115,15 @@ class Daemon:
                                                 **self.placement.describe()),
                              clock_offset=lambda: self.couch.clock_offset,
                              history_interval=config.history_interval)
+        self.recheck = Recheck(self.db, self.node,
+                               RECHECK_HEARTBEATS * config.heartbeat_interval,
+                               programs=self.supervisor.snapshot,
+                               on_change=self.supervisor.submit)
         #: Started in this order, stopped in reverse: what writes results out
         #: starts first; what brings work in (placement, feed, pairing) stops first.
         self.components: list[Component] = [self.status, self.logs, self.commands,
-                                             self.placement, self.feed, self.pairing]
+                                             self.placement, self.feed, self.recheck,
+                                             self.pairing]
         self.apply(config)
         self.couch.on_move = self._server_moved
 
@@ -132,6 +138,7 @@ class Daemon:
         self.status.set_history_interval(config.history_interval)
         self.placement.interval = config.heartbeat_interval
         self.placement.lease.ttl = LEASE_TTL * config.heartbeat_interval
+        self.recheck.interval = RECHECK_HEARTBEATS * config.heartbeat_interval
         self.commands.default_timeout = config.command_timeout
         self.commands.grace_period = config.grace_period
         self.output.rate = config.program_log_rate

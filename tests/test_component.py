@@ -132,9 +132,9 @@ def test_daemon_stops_its_components_in_reverse_order(daemon: Daemon,
                         lambda force=False: events.append("programs"))
     daemon.shutdown()
     assert [c.name for c in daemon.components] == [
-        "status", "logs", "commands", "placement", "feed", "himbeere-pairing"]
+        "status", "logs", "commands", "placement", "feed", "recheck", "himbeere-pairing"]
     # What brings work in stops first; programs stop before the commands get their grace.
-    assert events == ["himbeere-pairing", "feed", "placement", "programs", "commands",
+    assert events == ["himbeere-pairing", "recheck", "feed", "placement", "programs", "commands",
                       "logs", "status"]
 
 

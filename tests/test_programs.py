@@ -682,3 +682,24 @@ def kill_leftover(pid: int, command: bytes) -> None:
                 os.kill(pid, signal.SIGKILL)
     except OSError:
         pass
+
+
+def test_a_program_given_to_another_node_stops_on_this_one(
+        node_factory: NodeFactory, code_db: Database) -> None:
+    """Regression: the feed's filter no longer passes a document whose ``type``
+    names another node, so the program ran on both nodes until a restart."""
+    code_db.save({"_id": "mover", "type": 1000, "name": "mover", "code": (
+        "import time\n"
+        "def main():\n"
+        "    while not should_quit():\n"
+        "        time.sleep(0.05)\n")})
+    here, there = node_factory(mac_id=1000), node_factory(mac_id=2000)
+    pid = here.wait_program("mover", state="running")["pid"]
+    code_db.save(dict(code_db.get("mover"), type=2000))
+    there.wait_program("mover", state="running", timeout=30)
+    # Within six heartbeats (1 s here) the recheck finds it gone from this node.
+    wait_for(lambda: not here.program("mover"), 30,
+             message=lambda: f"{here.program('mover')}\n{here.log()[-2000:]}")
+    wait_dead(pid)
+    here.wait_log("recheck: mover now names node 2000, not this one")
+    assert here.alive()
