@@ -244,6 +244,11 @@ def test_a_traceback_and_a_live_log_in_the_browser(browser: Any, dashboard_url: 
     seen = text_of(browser, "log").count("tick")
     wait_until(browser, lambda: text_of(browser, "log").count("tick") > seen + 1,
                "new log lines without a reload")
+    # Each line once: the first load and the live feed's resync raced, and the
+    # page showed the first lines twice.
+    ticks = [line.split("] ", 1)[1] for line in text_of(browser, "log").splitlines()
+             if "[ticker] tick " in line]
+    assert len(ticks) == len(set(ticks)), f"lines shown twice: {ticks}"
 
 
 def test_a_node_that_stops_turns_stopped_live(browser: Any, two_nodes: list[Node]) -> None:

@@ -419,7 +419,16 @@
       renderHistory();
     }
 
-    async function loadLog(reset) {
+    // One load at a time: a second one (the live feed's resync) that started
+    // before the first had set lastLine asked for every line again, and the
+    // page showed the first lines twice.
+    let logQueue = Promise.resolve();
+    function loadLog(reset) {
+      logQueue = logQueue.then(() => loadLogNow(reset));
+      return logQueue;
+    }
+
+    async function loadLogNow(reset) {
       const program = $("log-program").value;
       const params = new URLSearchParams();
       if (program) params.set("program", program);
