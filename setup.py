@@ -40,7 +40,8 @@ setup(
                                     "uploader.*"]),
     package_data={"uploader.dashboard": ["templates/*.html", "static/*"],
                   "himbeere.couch.js": ["*.js"]},
-    install_requires=["couchdb", "requests", "netifaces", "python-daemon", "cryptography"],
+    install_requires=["couchdb", "requests", "netifaces-plus; platform_system != 'Linux'",
+                      "python-daemon", "cryptography"],
     extras_require={
         "gpio": ["RPi.GPIO"],
         # The web dashboard (`himbeere dashboard`); a laptop's, never a Pi's.
