@@ -42,7 +42,8 @@ setup(
     package_data={"uploader.dashboard": ["templates/*.html", "static/*",
                                          "static/vendor/uplot/*"],
                   "himbeere.couch.js": ["*.js"], "himbeere": ["himbeere.service"]},
-    install_requires=["couchdb", "requests", "netifaces", "python-daemon", "cryptography"],
+    install_requires=["couchdb", "requests", "netifaces-plus; platform_system != 'Linux'",
+                      "python-daemon", "cryptography"],
     extras_require={
         "gpio": ["RPi.GPIO"],
         # The web dashboard (`himbeere dashboard`) and its /metrics for Prometheus;

@@ -6,18 +6,25 @@ interface read as a hexadecimal number (``b8:27:eb:12:34:56`` becomes
 also the node's CouchDB user name; its password is a random secret kept in
 ``<state_dir>/password``.
 
-Network lookups go through :mod:`netifaces`; every function takes a
-``backend`` argument so tests (and machines without ``netifaces``) can pass
-an object with the same ``interfaces()``/``ifaddresses()``/``AF_LINK``/
-``AF_INET`` attributes instead.
+Network lookups go through :mod:`netifaces` when it is installed, else, on
+Linux, through :class:`SysfsNetwork`, which reads the same kernel data with
+the standard library (``/sys/class/net/<if>/address`` and the
+``SIOCGIFADDR`` ioctl), so a Pi needs no compiled package and no compiler.
+Every function takes a ``backend`` argument so tests can pass an object
+with the same ``interfaces()``/``ifaddresses()``/``AF_LINK``/``AF_INET``
+attributes instead.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
+import socket
+import struct
+import sys
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from .exceptions import ConfigError, HimbeereError
 
@@ -36,15 +43,97 @@ _VIRTUAL_PREFIXES = ("docker", "br-", "veth", "virbr", "vnet", "tun", "tap", "wg
 
 
 def load_netifaces() -> Any:
-    """The :mod:`netifaces` module, or a clear error if it is missing."""
+    """How this machine's interfaces are read: :mod:`netifaces` if installed.
+
+    Else :class:`SysfsNetwork` on Linux, and a clear error elsewhere (a
+    laptop on macOS gets ``netifaces-plus`` with the package).
+    """
     try:
         import netifaces
     except ImportError:
+        if sys.platform.startswith("linux"):
+            return SysfsNetwork()
         raise HimbeereError(
-            "netifaces is not installed; install it (pip install netifaces) "
+            "netifaces is not installed; install it (pip install netifaces-plus) "
             "or set mac_id in the config"
         ) from None
     return netifaces
+
+
+# From <linux/sockios.h>; the ioctl fills a struct ifreq (16-byte name, then
+# a struct sockaddr_in whose address is bytes 20..24 of the whole).
+_SIOCGIFADDR = 0x8915
+_IFNAMSIZ = 16
+
+
+def ioctl_ipv4(interface: str) -> Optional[str]:
+    """The primary IPv4 address of ``interface`` (``SIOCGIFADDR``), or ``None``.
+
+    ``None`` also when the interface does not exist or its name cannot be
+    one (longer than 15 bytes).  The primary address is the one
+    ``getifaddrs`` (and so :mod:`netifaces`) lists first.
+    """
+    name = interface.encode("utf-8", "surrogateescape")
+    if len(name) >= _IFNAMSIZ or not name:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        try:
+            ifreq = fcntl.ioctl(sock.fileno(), _SIOCGIFADDR, struct.pack("256s", name))
+        except OSError:
+            # EADDRNOTAVAIL: no IPv4 address; ENODEV: no such interface.
+            return None
+    return socket.inet_ntoa(ifreq[20:24])
+
+
+class SysfsNetwork:
+    """The :mod:`netifaces` calls identity needs, from the standard library.
+
+    Linux only.  The interfaces are the directories of
+    ``<sys_root>/class/net``, their MACs the ``address`` files there;
+    ``ipv4`` (default :func:`ioctl_ipv4`) gives an interface's IPv4
+    address.  Both are arguments so tests can point them at a fake tree.
+    """
+
+    #: netifaces' AF_LINK on Linux is AF_PACKET (17).
+    AF_LINK = getattr(socket, "AF_PACKET", 17)
+    AF_INET = socket.AF_INET
+
+    def __init__(
+        self,
+        sys_root: Union[str, os.PathLike[str]] = "/sys",
+        ipv4: Callable[[str], Optional[str]] = ioctl_ipv4,
+    ) -> None:
+        self.net = Path(sys_root) / "class" / "net"
+        self.ipv4 = ipv4
+
+    def interfaces(self) -> list[str]:
+        """The interface names; not files such as ``bonding_masters``."""
+        try:
+            entries = sorted(os.listdir(self.net))
+        except OSError:
+            return []
+        return [name for name in entries if (self.net / name).is_dir()]
+
+    def ifaddresses(self, interface: str) -> dict[int, list[dict[str, str]]]:
+        """``{AF_LINK: [{"addr": mac}], AF_INET: [{"addr": ip}]}``, as netifaces.
+
+        A family without an address is left out; an interface that does
+        not exist raises ValueError, as with netifaces.
+        """
+        directory = self.net / interface
+        if "/" in interface or not directory.is_dir():
+            raise ValueError(f"no interface {interface!r} in {self.net}")
+        found: dict[int, list[dict[str, str]]] = {}
+        try:
+            mac = (directory / "address").read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            mac = ""  # a tunnel (tun, wireguard) has no hardware address
+        if mac:
+            found[self.AF_LINK] = [{"addr": mac}]
+        address = self.ipv4(interface)
+        if address:
+            found[self.AF_INET] = [{"addr": address}]
+        return found
 
 
 def _candidates(backend: Any, preferred: Optional[str]) -> list[str]:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 import stat
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -191,3 +195,130 @@ def test_random_passwords_never_start_with_a_dash() -> None:
     passwords = [random_password(3) for _ in range(2000)]
     assert not any(p.startswith("-") for p in passwords)
     assert len(set(passwords)) > 1900
+
+
+# The standard-library backend (SysfsNetwork): what a Pi without netifaces
+# uses, so that installing himbeere there needs no compiler (issue 12).
+
+def fake_sys(root: Path, macs: dict[str, str]) -> Path:
+    """A ``/sys`` tree with ``class/net/<name>/address`` for each interface."""
+    net = root / "class" / "net"
+    net.mkdir(parents=True)
+    for name, mac in macs.items():
+        (net / name).mkdir()
+        (net / name / "address").write_text(mac + "\n" if mac else "\n")
+    # Not an interface: the bonding driver's control file lives beside them.
+    (net / "bonding_masters").write_text("\n")
+    return root
+
+
+def test_sysfs_backend_reads_macs_like_netifaces(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A Pi Zero W with docker and a VPN: no eth0, a tunnel without a MAC.
+    root = fake_sys(tmp_path, {
+        "lo": "00:00:00:00:00:00",
+        "docker0": "02:42:ac:11:00:02",
+        "tun0": "",
+        "wlan0": "b8:27:eb:ab:cd:ef",
+    })
+    backend = identity.SysfsNetwork(root, ipv4=lambda name: None)
+    assert backend.interfaces() == ["docker0", "lo", "tun0", "wlan0"]
+    assert backend.ifaddresses("tun0") == {}
+    assert identity.getmacid("wlan0", backend=backend) == 0xB827EBABCDEF
+    assert identity.getmacid("eth0", backend=backend) == 0xB827EBABCDEF
+    assert "interface eth0 has no MAC address; using wlan0's" in caplog.text
+    with pytest.raises(ValueError):
+        backend.ifaddresses("eth0")
+    with pytest.raises(ValueError):
+        backend.ifaddresses("../net/wlan0")
+
+
+def test_sysfs_backend_ipv4_per_interface(tmp_path: Path) -> None:
+    root = fake_sys(tmp_path, {
+        "lo": "00:00:00:00:00:00",
+        "eth0": "b8:27:eb:12:34:56",
+        "wlan0": "b8:27:eb:ab:cd:ef",
+    })
+    addresses = {"lo": "127.0.0.1", "wlan0": "10.1.1.5"}
+    backend = identity.SysfsNetwork(root, ipv4=addresses.get)
+    assert backend.ifaddresses("wlan0") == {
+        backend.AF_LINK: [{"addr": "b8:27:eb:ab:cd:ef"}],
+        backend.AF_INET: [{"addr": "10.1.1.5"}],
+    }
+    # eth0 is not connected: the address of the next interface, never lo's.
+    assert identity.getipaddr("eth0", backend=backend) == "10.1.1.5"
+    assert identity.getipaddr("wlan0", backend=backend) == "10.1.1.5"
+    offline = identity.SysfsNetwork(root, ipv4={"lo": "127.0.0.1"}.get)
+    assert identity.getipaddr("eth0", backend=offline) is None
+
+
+def test_sysfs_backend_without_sys_has_no_interfaces(tmp_path: Path) -> None:
+    # A chroot without /sys mounted: the clear "set mac_id" error, no traceback.
+    backend = identity.SysfsNetwork(tmp_path / "nothing", ipv4=lambda name: None)
+    assert backend.interfaces() == []
+    with pytest.raises(ConfigError, match="no MAC address on 'eth0'.*mac_id"):
+        identity.getmacid("eth0", backend=backend)
+
+
+def test_ioctl_ipv4_of_loopback_and_of_no_interface() -> None:
+    assert identity.ioctl_ipv4("lo") == "127.0.0.1"
+    assert identity.ioctl_ipv4("nosuchif0") is None
+    assert identity.ioctl_ipv4("x" * 40) is None
+    assert identity.ioctl_ipv4("") is None
+
+
+def test_without_netifaces_linux_uses_sysfs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "netifaces", None)  # import raises ImportError
+    assert isinstance(identity.load_netifaces(), identity.SysfsNetwork)
+    monkeypatch.setattr(sys, "platform", "darwin")
+    with pytest.raises(HimbeereError, match=r"pip install netifaces-plus\) or set mac_id"):
+        identity.load_netifaces()
+
+
+def real_interfaces() -> list[str]:
+    names = identity.SysfsNetwork().interfaces()
+    if not any(name != "lo" for name in names):
+        pytest.skip("this machine has no network interface but lo")
+    return names
+
+
+def test_sysfs_backend_agrees_with_netifaces_here() -> None:
+    """Same MAC id and IP, interface by interface, as netifaces gives on this machine."""
+    netifaces = pytest.importorskip("netifaces")
+    names = real_interfaces()
+    sysfs = identity.SysfsNetwork()
+    assert sorted(netifaces.interfaces()) == names
+    for name in names:
+        try:
+            expected: Optional[int] = identity.getmacid(name, backend=netifaces)
+        except ConfigError:
+            expected = None
+        if expected is None:
+            with pytest.raises(ConfigError):
+                identity.getmacid(name, backend=sysfs)
+        else:
+            assert identity.getmacid(name, backend=sysfs) == expected, name
+        assert identity.getipaddr(name, backend=sysfs) == identity.getipaddr(
+            name, backend=netifaces
+        ), name
+    assert identity.getipaddr(None, backend=sysfs) == identity.getipaddr(None, backend=netifaces)
+
+
+def test_sysfs_backend_agrees_with_iproute2_here() -> None:
+    """The same check against ``ip -j addr``, for venvs without netifaces."""
+    ip = shutil.which("ip") or pytest.skip("no ip command (iproute2)")
+    listing = json.loads(subprocess.run(
+        [ip, "-j", "addr"], check=True, capture_output=True, text=True
+    ).stdout)
+    names = real_interfaces()
+    sysfs = identity.SysfsNetwork()
+    assert sorted(entry["ifname"] for entry in listing) == names
+    for entry in listing:
+        mac = entry.get("address", "")
+        inet4 = [a["local"] for a in entry.get("addr_info", []) if a["family"] == "inet"]
+        link = sysfs.ifaddresses(entry["ifname"])
+        if entry.get("link_type") in ("ether", "loopback", "none"):
+            # (ip prints a tunnel's (sit, gre) hardware address as an IP address.)
+            assert link.get(sysfs.AF_LINK, [{"addr": ""}])[0]["addr"] == mac
+        assert [a["addr"] for a in link.get(sysfs.AF_INET, [])] == inet4[:1]
