@@ -149,12 +149,15 @@ def test_https_to_a_plain_http_server_says_so_in_full(run: Run, couch_url: str) 
     for argv in (["ls"], ["setup"]):
         code, out, err = run(*argv, env={"HIMBEERE_SERVER": https})
         assert (code, out) == (1, "")
-        # OpenSSL 3.2 and later say "record layer failure" instead.
-        reason = "(wrong version number|record layer failure)"
+        # pouchdb-server answers the TLS hello with plain HTTP (OpenSSL 3.2 and
+        # later say "record layer failure" instead); Apache CouchDB does not
+        # answer it at all, so the handshake times out.
+        reason = ("TLS failed \\((wrong version number|record layer failure)\\): the server "
+                  "speaks plain HTTP there; use http:// instead of https://"
+                  "|timed out; if the server speaks plain HTTP there, use http:// instead")
         assert re.fullmatch(
             f"himbeere-upload: error: cannot reach the CouchDB server at {re.escape(https)}: "
-            f"TLS failed \\({reason}\\): the server speaks plain HTTP there; use http:// "
-            "instead of https://\n", err), err
+            f"({reason})\n", err), err
 
 
 def test_setup_upgrades_an_old_design_document_of_the_daemon(run: Run, couch: Couch,

@@ -114,8 +114,13 @@ class Fleet:
             try:
                 answer = self.couch.session_info()
             except Unreachable as exc:
+                reason = short_reason(exc)
+                if reason == "timed out" and self.server.startswith("https://"):
+                    # Apache CouchDB does not answer a TLS hello on its plain port:
+                    # the handshake waits out the timeout, with no TLS error to show.
+                    reason += "; if the server speaks plain HTTP there, use http:// instead"
                 raise Unreachable(
-                    f"cannot reach the CouchDB server at {self.server}: {short_reason(exc)}"
+                    f"cannot reach the CouchDB server at {self.server}: {reason}"
                 ) from None
             except Unauthorized as exc:
                 if self.couch.auth is None:

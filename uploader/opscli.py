@@ -27,7 +27,7 @@ from collections import Counter
 from typing import IO, Any, Callable, Optional
 
 from himbeere.component import Backoff
-from himbeere.exceptions import ConfigError, HimbeereError, Unreachable
+from himbeere.exceptions import ConfigError, HimbeereError, Unauthorized, Unreachable
 
 from . import ops
 from .cli import common_flags, settings, table
@@ -41,6 +41,10 @@ DEFAULT_WAIT = 30.0
 MAX_LINES = 200
 #: Seconds between two looks at new log lines with ``logs -f``.
 FOLLOW_INTERVAL = 1.0
+#: Seconds ``logs -f`` takes a refusal of its credentials for a server still
+#: coming back: Apache CouchDB answers 401 for a moment after it starts,
+#: before it has read its admins.  A refusal that lasts is reported.
+REFUSAL_GRACE = 30.0
 
 Handler = Callable[[argparse.Namespace, Fleet], int]
 
@@ -221,6 +225,7 @@ def follow(fleet: Fleet, node: int, program: Optional[str],
     seen = _Seen(shown)
     backoff = Backoff()
     down = False
+    refused_since: Optional[float] = None
     try:
         while True:
             time.sleep(backoff.next() if down else FOLLOW_INTERVAL)
@@ -231,6 +236,14 @@ def follow(fleet: Fleet, node: int, program: Optional[str],
                     print("server unreachable; reconnecting...", file=sys.stderr, flush=True)
                     down = True
                 continue
+            except Unauthorized:
+                if not down:
+                    raise
+                refused_since = refused_since or time.monotonic()
+                if time.monotonic() - refused_since > REFUSAL_GRACE:
+                    raise
+                continue  # the server is back, but has not read its admins yet
+            refused_since = None
             if down:
                 print("server reachable again", file=sys.stderr, flush=True)
                 down = False
