@@ -58,6 +58,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from himbeere.programs import kill_recorded_programs  # noqa: E402
+from tests.nodes import free_udp_port  # noqa: E402
 from tests.servers import (  # noqa: E402
     PouchServer,
     _die_with_parent,
@@ -314,6 +315,8 @@ class Daemon:
             sys.executable, "-m", "himbeere", "daemon", "--server", server,
             "--database", database, "--state-dir", str(self.state_dir),
             "--mac-id", str(mac_id), "--heartbeat-interval", f"{heartbeat:g}",
+            # A pairing port of its own: daemons of other runs and tests share this machine.
+            "--discovery-address", "127.255.255.255", "--discovery-port", str(free_udp_port()),
         ]
         self.empty_ini = workdir / "empty.conf"
         self.process: Optional[subprocess.Popen[bytes]] = None

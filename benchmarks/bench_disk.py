@@ -72,6 +72,7 @@ from benchmarks.bench_daemon import (  # noqa: E402
 )
 from himbeere.couch import Couch  # noqa: E402
 from himbeere.programs import kill_recorded_programs  # noqa: E402
+from tests.nodes import free_udp_port  # noqa: E402
 from tests.servers import _die_with_parent, create_database, delete_database  # noqa: E402
 
 #: Bytes per hour the idle daemon may write (issue 9).
@@ -155,6 +156,8 @@ class TracedDaemon:
             sys.executable, "-m", "himbeere", "daemon", "--server", server,
             "--database", database, "--state-dir", str(self.state_dir),
             "--mac-id", str(mac_id), "--heartbeat-interval", f"{heartbeat:g}",
+            # A pairing port of its own: daemons of other runs and tests share this machine.
+            "--discovery-address", "127.255.255.255", "--discovery-port", str(free_udp_port()),
         ]
         if strace:
             self.args = [strace, "-f", "-qq", "-ttt", "-y", "--seccomp-bpf",
