@@ -17,7 +17,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,7 +28,7 @@ import requests
 
 from himbeere import defaults, identity, schema
 from himbeere.couch import Couch, security
-from tests.servers import POUCHDB_SERVER, PouchServer
+from tests.servers import POUCHDB_SERVER, PouchServer, free_port, port_free
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR_ENV = "HIMBEERE_DEMO_DIR"
@@ -300,21 +299,6 @@ def end(process: dict[str, Any], sig: signal.Signals, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while alive(process) and time.monotonic() < deadline:
         time.sleep(0.1)
-
-
-def port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- files -------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import socket
 import subprocess
 import tarfile
 import time
@@ -25,6 +24,8 @@ from pathlib import Path
 from typing import Optional
 
 import requests
+
+from tests.servers import port_free
 
 #: The Erlang distribution port of a node is its HTTP port minus this.
 DIST_OFFSET = 10000
@@ -69,15 +70,6 @@ def release() -> Optional[Path]:
     return RELEASE if (RELEASE / "start-cluster.sh").exists() else None
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def free_base_port(size: int = 3) -> int:
     """A base port B such that B..B+size-1 and B-10000.. (Erlang) are all free.
 
@@ -87,7 +79,7 @@ def free_base_port(size: int = 3) -> int:
     for _ in range(200):
         base = random.randrange(23000, 28000 - size)
         ports = [base + i for i in range(size)] + [base - DIST_OFFSET + i for i in range(size)]
-        if all(_port_free(port) for port in ports):
+        if all(port_free(port) for port in ports):
             return base
     raise ClusterError("no free ports for a cluster")
 
