@@ -220,12 +220,16 @@ def test_a_node_that_joins_later_skips_old_all_commands_but_runs_named_ones(
     start_nodes(node_factory, 1001)
     old_all = ops.create_command(fleet, append_line(tmp_path / "all.txt"), "all")
     old_named = ops.create_command(fleet, ["true"], [1001, 1002])
+    # 1001 was there when both were made. Wait for its results before the
+    # backdating: a feed may hand it only the backdated revision, which an
+    # "all" command's age rule would then rightly skip.
+    wait_result(fleet, old_all, 1001)
+    wait_result(fleet, old_named, 1001)
     for doc_id in (old_all, old_named):  # as if they were made an hour ago
         doc = fleet.code.get(doc_id)
         assert doc is not None
         doc["created_time"] -= 3600
         fleet.code.save(doc)
-    wait_result(fleet, old_all, 1001)
     late = start_nodes(node_factory, 1002)[0]
     wait_result(fleet, old_named, 1002, node=late)
     new_all = ops.create_command(fleet, ["true"], "all")
