@@ -14,8 +14,10 @@ a decimal integer)::
     global:<name>           module    log:<mac>:<prog>   program log
     <mac>_cmd               commands  state:<prog>:<key> program state
     cmd-<stamp>-<random>    fleet cmd lease:<name>       lease (scheduler, groups)
-    node:<mac>              node info placement:<name>   placement of a program
-                                      history:<mac>      the last day of health
+    program:<name>          targeted  placement:<name>   placement of a program
+    release:<name>:<n>      release   history:<mac>      the last day of health
+                                      node:<mac>         node info (labels)
+                                      rollout:<name>:<n> a staged rollout
 """
 
 from __future__ import annotations
@@ -244,3 +246,50 @@ def parse_iso(text: str) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.timezone.utc)
     return moment.timestamp()
+
+
+# -- deployments: programs for many nodes, releases, rollouts -----------------
+
+#: ``type`` of a program for many nodes (code database): ``targets`` says which
+#: (``"all"``, a list of MAC ids, or ``{"labels": {...}}``).
+PROGRAM_TYPE = "himbeere-program"
+TARGETED_PREFIX = "program:"
+#: ``type`` of a release record (code database): what one push of a program wrote.
+RELEASE_TYPE = "himbeere-release"
+RELEASE_PREFIX = "release:"
+#: ``type`` of a staged rollout (status database), driven by the scheduler.
+ROLLOUT_TYPE = "himbeere-rollout"
+ROLLOUT_PREFIX = "rollout:"
+
+
+def targeted_id(name: str) -> str:
+    """Id of the one document of program ``name`` for many nodes: ``program:<name>``."""
+    return f"{TARGETED_PREFIX}{name}"
+
+
+def releases_prefix(name: str) -> str:
+    """Start of the ids of every release of program ``name``."""
+    return f"{RELEASE_PREFIX}{name}:"
+
+
+def release_id(name: str, number: int) -> str:
+    """``release:<name>:<n>``, ``n`` zero-padded so that ids sort in release order."""
+    return f"{releases_prefix(name)}{number:06d}"
+
+
+def rollout_id(name: str, number: int) -> str:
+    """The rollout of release ``number`` of program ``name``: ``rollout:<name>:<n>``."""
+    return f"{ROLLOUT_PREFIX}{name}:{number:06d}"
+
+
+class RolloutState(str, enum.Enum):
+    """Where a staged rollout is, as its ``state`` shows it."""
+
+    RUNNING = "running"          #: waves go out as the nodes before stay healthy
+    PAUSED = "paused"            #: no new wave starts until resumed
+    DONE = "done"                #: every wave ran the release for ``healthy_for``
+    ROLLED_BACK = "rolled-back"  #: a failure halted it; the reached nodes went back
+    ABORTED = "aborted"          #: stopped by hand; the reached nodes went back
+
+    def __str__(self) -> str:
+        return self.value
