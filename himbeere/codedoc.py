@@ -44,6 +44,8 @@ class CodeDoc:
     git: Optional[gitsource.GitSource] = None
     #: A placed program (``type: "himbeere-placed"``): runs where it is assigned.
     placed: bool = False
+    #: The push that wrote it (``release``), None for a document written by hand.
+    release: Optional[int] = None
 
     @property
     def is_program(self) -> bool:
@@ -160,12 +162,14 @@ def _base(doc: dict[str, Any], default_restart: str) -> dict[str, Any]:
     enabled = doc.get("enabled", True)
     restart = doc.get("restart", default_restart)
     count = doc.get("restart_count", 0)
+    release = doc.get("release")
     return dict(
         doc_id=doc_id, rev=str(doc.get("_rev", "?")),
         name=name if isinstance(name, str) and name.strip() else doc_id,
         enabled=enabled is not False, placed=is_placed(doc),
         restart=restart if isinstance(restart, str) else default_restart,
-        restart_count=count if isinstance(count, int) and not isinstance(count, bool) else 0)
+        restart_count=count if isinstance(count, int) and not isinstance(count, bool) else 0,
+        release=release if isinstance(release, int) and not isinstance(release, bool) else None)
 
 
 def _modules_field(doc: dict[str, Any], key: str) -> dict[str, str]:

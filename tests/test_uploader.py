@@ -332,7 +332,7 @@ def test_push_my_prog_with_the_hinted_name(ready: Run, fleet: Fleet, tmp_path: P
     code, out, err = ready("push", str(source), "--node", "1000", "--name", "my_prog")
     assert code == 0, err
     assert out.splitlines() == ["created 1000:my_prog (rev " + out.split("(rev ")[1].split(")")[0]
-                                + ")", "  added main.py (2 lines)"]
+                                + "), release 1", "  added main.py (2 lines)"]
     one = write(tmp_path / "one.py", "def main(): pass\n")
     code, out, err = ready("push", str(one), "--node", "1000")
     assert code == 0, err

@@ -7,7 +7,7 @@ subcommand also takes ``--server URL`` or the ``HIMBEERE_SERVER`` variable,
 ``<database>_status``): the daemon's setting names.  Credentials go in the
 URL, ``http://USER:PASSWORD@host:5984``; they are never printed.
 ``setup``, ``provision`` and ``discover`` need a server admin; ``push``,
-``pull``, ``ls`` and ``rm`` an admin or a user with role
+``pull``, ``ls``, ``rm``, ``history`` and ``rollback`` an admin or a user with role
 ``himbeere-deployer`` (see :mod:`himbeere.security`).
 
 Every subcommand prints one clear line for an error and exits 1 (``--debug``
@@ -31,7 +31,7 @@ from himbeere.couch import Doc, security
 from himbeere.exceptions import ConfigError, HimbeereError
 
 from . import discover as discovery
-from . import install, push, users
+from . import install, push, releases, users
 from .fleet import Fleet, parse_mac
 
 PROG = "himbeere-upload"
@@ -113,7 +113,8 @@ def cmd_push(args: argparse.Namespace) -> Output:
     if result["action"] == "unchanged":
         lines = [f"unchanged: {result['id']} (rev {result['rev']})"]
     else:
-        lines = [f"{result['action']} {result['id']} (rev {result['rev']})"]
+        lines = [f"{result['action']} {result['id']} (rev {result['rev']}), "
+                 f"release {result['release']}"]
         lines += [f"  {change}" for change in result["changes"]]
     if result["ignored"]:
         lines.append(f"ignored: {', '.join(result['ignored'])}")
@@ -157,6 +158,30 @@ def cmd_rm(args: argparse.Namespace) -> Output:
     node = fleet.resolve_node(args.node) if args.node else None
     result = push.rm(fleet, args.name, node, args.placed)
     return result, [f"removed {result['id']}"]
+
+
+def cmd_history(args: argparse.Namespace) -> Output:
+    """List a program's releases, newest first.
+
+    Each push that changed something is a release: its number, when, who,
+    the signing key id, the documents it wrote and what changed.
+    """
+    entries = releases.history(open_fleet(args), args.name)
+    return ({"name": args.name, "releases": entries},
+            table(releases.HISTORY_HEADER, releases.history_table(entries)))
+
+
+def cmd_rollback(args: argparse.Namespace) -> Output:
+    """Deploy an earlier release again, as a new release.
+
+    Release N (default: the one before the newest) is written again to the
+    same documents; its release number is the next one, so it keeps growing.
+    """
+    record = releases.rollback(open_fleet(args), args.name, args.to)
+    entry = releases.entry(record)
+    return ({"name": args.name, "release": entry},
+            [f"release {entry['release']} of {args.name}: {entry['what']} "
+             f"({', '.join(entry['docs'])})"])
 
 
 def cmd_provision(args: argparse.Namespace) -> Output:
@@ -338,6 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--global", dest="is_global", action="store_true",
                     help="a global modules document")
     rm.add_argument("--placed", action="store_true", help="a placed program")
+
+    history = add("history", cmd_history)
+    history.add_argument("name", metavar="NAME", help="program name")
+
+    rollback = add("rollback", cmd_rollback)
+    rollback.add_argument("name", metavar="NAME", help="program name")
+    rollback.add_argument("--to", metavar="N", type=int,
+                          help="the release to deploy again (default: the one before the "
+                               "newest)")
 
     provision = add("provision", cmd_provision)
     provision.add_argument("macid", metavar="MACID", help="decimal MAC id or MAC address")

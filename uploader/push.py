@@ -13,7 +13,8 @@ A program's document id is ``<macid>:<name>``; a global one's is
 program up by node and name (the ``programs`` view, where a placed program's
 node is ``"himbeere-placed"``), so a document written by HimbeereCouch or by
 hand, with another id, is updated rather than doubled.  A push that changes
-nothing writes nothing, so the program does not restart.
+nothing writes nothing, so the program does not restart.  Every push that
+writes is a numbered release of the program (:mod:`uploader.releases`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from himbeere.exceptions import ConfigError, NotFound, ProgramError
 from himbeere.fleet import placement, scheduler
 from himbeere.schema import global_id, lease_id, placed_id, program_id, status_id
 
+from . import releases
 from .fleet import Fleet, parse_labels
 
 SUFFIX = ".py"
@@ -369,14 +371,20 @@ def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = No
         except ProgramError as exc:
             raise ConfigError(f"{doc['_id']}: {exc}") from None
     if existing is not None and wanted == doc:
-        result.update(action="unchanged", rev=doc["_rev"], changes=[])
+        result.update(action="unchanged", rev=doc["_rev"], changes=[],
+                      release=doc.get("release"))
         return result
-    saved = fleet.code.save(wanted)
     changes = describe_changes(old, source.modules)
     if placed is not None:
         changes += describe_placement(existing, wanted)
-    result.update(action="updated" if existing else "created", rev=saved["_rev"],
-                  changes=changes)
+
+    def finish(doc: Doc) -> None:
+        """``doc`` is complete here (its release numbered), just before it is written:
+        whatever must come last goes here, the signature last of all."""
+
+    record = releases.publish(fleet, name, [wanted], str(path.resolve()), changes, finish)
+    result.update(action="updated" if existing else "created", rev=wanted["_rev"],
+                  changes=changes, release=record["release"])
     return result
 
 
