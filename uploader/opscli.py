@@ -169,9 +169,9 @@ def format_detail(d: dict[str, Any]) -> list[str]:
                          doc_id,
                          str(p.get("state") or ("not running" if enabled else "-")),
                          str(p.get("restarts", 0) or 0), "yes" if enabled else "no",
-                         str(p.get("rev") or "-")[:12]])
+                         str(p.get("rev") or "-")[:12], str(p.get("release") or "-")])
         lines += ["  " + line for line in table(
-            ["PROGRAM", "ID", "STATE", "RESTARTS", "ENABLED", "REV"], rows)]
+            ["PROGRAM", "ID", "STATE", "RESTARTS", "ENABLED", "REV", "RELEASE"], rows)]
     for doc_id, p in sorted(programs.items()):
         if p.get("runs_again"):  # a restart: never program that ended (himbeere/oneshot.py)
             lines.append(f"{p.get('name') or doc_id} ({doc_id}) {p.get('state')} at "

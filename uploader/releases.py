@@ -34,7 +34,8 @@ from typing import Any, Callable, Optional
 from himbeere.couch import Doc
 from himbeere.exceptions import ConfigError, Conflict, NotFound
 from himbeere.schema import (
-    RELEASE_PREFIX, RELEASE_TYPE, iso, release_id, releases_prefix)
+    RELEASE_PREFIX, RELEASE_TYPE, ROLLOUT_PREFIX, STATUS_PREFIX, iso, mac_of, placed_id,
+    release_id, releases_prefix, targeted_id)
 
 from .fleet import Fleet
 
@@ -272,3 +273,55 @@ def history_table(entries: list[Doc]) -> list[list[str]]:
 
 
 HISTORY_HEADER = ["RELEASE", "PUSHED", "BY", "KEY", "DOCUMENTS", "WHAT"]
+
+
+# -- one program across the fleet (the dashboard's program page) ----------------------
+def overview(fleet: Fleet, name: str) -> Doc:
+    """Program ``name``: its documents, where it runs (each node's state and
+    release), its history and its rollouts."""
+    fleet.require_databases()
+    docs = _current_docs(fleet, name)
+    records = releases(fleet, name)
+    ids = set(docs) | {doc_id for record in records for doc_id in record.get("docs") or {}}
+    ids |= {targeted_id(name), placed_id(name)}
+    try:
+        names = fleet.names()
+    except NotFound:  # no names view: the databases were not set up by the uploader
+        names = {}
+    nodes = []
+    for status in _prefixed(fleet.status, STATUS_PREFIX):
+        mac = mac_of(status["_id"], STATUS_PREFIX)
+        for doc_id, running in sorted((status.get("programs") or {}).items()):
+            if mac is None or not isinstance(running, dict) or doc_id not in ids:
+                continue
+            nodes.append({"node": mac, "node_name": names.get(mac), "id": doc_id,
+                          "state": running.get("state"), "release": running.get("release"),
+                          "restarts": running.get("restarts"),
+                          "heartbeat_time": status.get("heartbeat_time")})
+    if not docs and not records and not nodes:
+        raise NotFound(f"no program named {name!r}: no documents, releases or nodes run it")
+    rollouts = [{"id": doc["_id"], "state": doc.get("state"), "waves": doc.get("waves")}
+                for doc in _prefixed(fleet.status, f"{ROLLOUT_PREFIX}{name}:")]
+    return {"name": name, "docs": list(docs.values()), "nodes": nodes,
+            "releases": [entry(record) for record in reversed(records)],
+            "latest": records[-1]["release"] if records else None, "rollouts": rollouts}
+
+
+def _current_docs(fleet: Fleet, name: str) -> dict[str, Doc]:
+    """The code documents of program ``name`` now: id -> where, release, enabled."""
+    from .push import _programs, _where  # push imports this module
+
+    found: dict[str, Doc] = {}
+    for row in _programs(fleet):
+        if row["key"][1] != name:
+            continue
+        doc = fleet.code.get(row["id"]) or {}
+        found[row["id"]] = {"id": row["id"], "where": _where(row["key"][0]),
+                            "release": doc.get("release"),
+                            "enabled": (row.get("value") or {}).get("enabled", True)}
+    return found
+
+
+def _prefixed(db: Any, prefix: str) -> list[Doc]:
+    rows = db.all_docs(startkey=prefix, endkey=prefix + "\ufff0", include_docs=True)
+    return [row["doc"] for row in rows if isinstance(row.get("doc"), dict)]

@@ -8,6 +8,7 @@
 ``GET /api/history``                        one figure (``figure``) of every node's day,
                                             or of ``node`` (repeatable): the sparklines
 ``POST /api/nodes/<node>/programs``         ``{"program", "action": stop|start|restart}``
+``GET /api/programs/<name>``                one program: where it runs, releases, rollouts
 ``GET /api/commands``                       the latest fleet commands (``limit``)
 ``POST /api/commands``                      ``{"cmd", "targets", "labels", "timeout"}``
 ``GET /api/commands/<id>``                  a command and its results so far
@@ -34,7 +35,7 @@ from .. import ops
 from ..fleet import Fleet
 from . import live
 from .context import dashboard, user_name
-from .payloads import command_payload, node_payload, nodes_payload
+from .payloads import command_payload, node_payload, nodes_payload, program_payload
 
 blueprint = Blueprint("api", __name__, url_prefix="/api")
 
@@ -96,6 +97,12 @@ def program_action(node: str) -> Any:
             raise
         result = act(None)
     return jsonify(dict(result, ok=True))
+
+
+# -- programs ---------------------------------------------------------------------------
+@blueprint.get("/programs/<name>")
+def program(name: str) -> Any:
+    return jsonify(program_payload(g.fleet, name))
 
 
 # -- health history ---------------------------------------------------------------------

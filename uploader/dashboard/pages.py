@@ -1,4 +1,4 @@
-"""The HTML pages: sign in and out, the fleet, one node, commands.
+"""The HTML pages: sign in and out, the fleet, one node, one program, commands.
 
 A page is rendered with its data as of now, embedded as JSON; the page's
 script (``static/dashboard.js``) draws it and keeps it current from the
@@ -45,6 +45,12 @@ def node(node: str) -> Any:
     detail = payloads.node_payload(g.fleet, node)
     return render_page("node.html", "node", detail, node=detail["node"],
                        title=detail.get("name") or str(detail["node"]))
+
+
+@blueprint.route("/programs/<name>")
+def program(name: str) -> Any:
+    return render_page("program.html", "program", payloads.program_payload(g.fleet, name),
+                       name=name)
 
 
 @blueprint.route("/commands")

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from himbeere import health
 from himbeere.exceptions import NotFound
 
-from .. import ops
+from .. import ops, releases
 from ..fleet import Fleet
 
 
@@ -69,6 +69,13 @@ def _number(value: Any) -> Optional[float]:
 
 def node_payload(fleet: Fleet, node: str) -> dict[str, Any]:
     detail = ops.node_detail(fleet, node)
+    detail["server_time"] = ops.server_now(fleet)
+    return detail
+
+
+def program_payload(fleet: Fleet, name: str) -> dict[str, Any]:
+    """One program: where it runs, each node's release, its history and rollouts."""
+    detail = releases.overview(fleet, name)
     detail["server_time"] = ops.server_now(fleet)
     return detail
 

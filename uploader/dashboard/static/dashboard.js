@@ -71,6 +71,11 @@
     return name ? name + " (" + node + ")" : String(node);
   }
 
+  // The program page of a program entry of a node's status.
+  function programHref(id, p) {
+    return "/programs/" + encodeURIComponent(p.name || id.split(":").pop());
+  }
+
   function badge(state, text) {
     return h("span", { className: "badge state-" + (state || "unknown"), text: text || state || "unknown" });
   }
@@ -193,7 +198,7 @@
     function programBadges(node) {
       const programs = Object.entries(node.programs || {});
       if (!programs.length) return [h("span", { className: "hint", text: "none" })];
-      return programs.map(([id, p]) => h("span", { className: "program", title: id },
+      return programs.map(([id, p]) => h("a", { className: "program", title: id, href: programHref(id, p) },
         badge(CRASHED.includes(p.state) ? "crashed" : p.state, (p.name || id) + " " + (p.state || "?"))));
     }
 
@@ -381,7 +386,8 @@
           : h("span", { className: "hint", text: "–" });
         const enabled = p.enabled !== false;
         return h("tr", { "data-program": id },
-          h("td", { title: id, text: p.name || id }),
+          h("td", { title: id }, h("a", { href: programHref(id, p), text: p.name || id }),
+            p.release ? h("span", { className: "hint", text: " r" + p.release }) : null),
           h("td", {}, badge(crashed ? "crashed" : p.state, p.state || (enabled ? "not started" : "disabled")),
             enabled ? null : h("span", { className: "hint", text: " disabled" }),
             p.placed ? h("span", { className: "hint", title: "placed by the scheduler (himbeere placements)", text: " placed" }) : null),
@@ -568,7 +574,57 @@
     });
   }
 
-  const pages = { fleet: fleetPage, node: nodePage, commands: commandsPage, command: commandPage };
+  // -- one program: where it runs, releases, rollouts -------------------------------
+  function programPage(data) {
+    let detail = data;
+
+    function render() {
+      $("program-release").textContent = detail.latest ? "release " + detail.latest : "";
+      replaceRows($("documents").tBodies[0], detail.docs.map((d) => h("tr", { "data-doc": d.id },
+        h("td", {}, h("code", { text: d.id })), h("td", { text: d.where }),
+        h("td", { text: d.release === null || d.release === undefined ? "–" : String(d.release) }),
+        h("td", { text: d.enabled === false ? "no" : "yes" }))));
+      replaceRows($("program-nodes").tBodies[0], detail.nodes.map((n) => {
+        const old = detail.latest && n.release !== detail.latest;
+        return h("tr", { "data-node": String(n.node), "data-doc": n.id },
+          h("td", {}, h("a", { href: "/nodes/" + n.node, text: nodeLabel(n.node, n.node_name) })),
+          h("td", {}, h("code", { text: n.id })),
+          h("td", {}, badge(CRASHED.includes(n.state) ? "crashed" : n.state, n.state || "?")),
+          h("td", { className: old ? "release old" : "release",
+            title: old ? "not the newest release (" + detail.latest + ")" : null,
+            text: n.release === null || n.release === undefined ? "–" : String(n.release) }),
+          h("td", { text: n.restarts === null || n.restarts === undefined ? "–" : String(n.restarts) }));
+      }));
+      $("no-nodes").hidden = detail.nodes.length > 0;
+      replaceRows($("releases").tBodies[0], detail.releases.map((r) => h("tr", { "data-release": String(r.release) },
+        h("td", { text: String(r.release) }), h("td", { text: when(r.pushed_at) }),
+        h("td", { text: r.pushed_by || "–" }), h("td", {}, h("code", { text: r.key || "–" })),
+        h("td", { text: r.docs.join(", ") }), h("td", { text: r.what }),
+        h("td", { text: r.outcome || r.rollout || "–" }))));
+      $("no-releases").hidden = detail.releases.length > 0;
+      replaceRows($("rollouts").tBodies[0], detail.rollouts.map((r) => h("tr", { "data-rollout": r.id },
+        h("td", {}, h("code", { text: r.id })), h("td", {}, badge(r.state, r.state || "?")),
+        h("td", { text: Array.isArray(r.waves) ? r.waves.map((w) => typeof w === "object" ? JSON.stringify(w) : String(w)).join(", ")
+          : r.waves === undefined || r.waves === null ? "–" : String(r.waves) }))));
+      $("no-rollouts").hidden = detail.rollouts.length > 0;
+    }
+
+    const refresh = throttled(async () => {
+      try { detail = await api("/api/programs/" + encodeURIComponent(detail.name)); render(); }
+      catch (err) { console.warn(err); }
+    }, 1000);
+
+    render();
+    connect({
+      resync: refresh,
+      changes: (ids) => {
+        if (ids.some((id) => id.startsWith("status:") || id.startsWith("rollout:" + detail.name + ":"))) refresh();
+      },
+    });
+  }
+
+  const pages = { fleet: fleetPage, node: nodePage, commands: commandsPage, command: commandPage,
+    program: programPage };
   const data = JSON.parse($("data").textContent);
   const page = pages[config.page];
   if (page) page(data);
