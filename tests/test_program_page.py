@@ -36,7 +36,8 @@ def two_releases(fleet: Fleet, tmp_path: Path) -> None:
         push(fleet, source, MAC)
 
 
-def test_the_program_api_and_page(client: FlaskClient, fleet: Fleet, tmp_path: Path,
+def test_the_program_api_and_page(client: FlaskClient, fleet: Fleet,  # noqa: F811
+                                  tmp_path: Path,
                                   deployer: tuple[str, str]) -> None:
     two_releases(fleet, tmp_path)
     fleet.status.save(status_doc(MAC, programs={f"{MAC}:blink": {
@@ -52,7 +53,7 @@ def test_the_program_api_and_page(client: FlaskClient, fleet: Fleet, tmp_path: P
     assert [(n["node"], n["id"], n["state"], n["release"]) for n in answer["nodes"]] == [
         (MAC, f"{MAC}:blink", "running", 1)]
     assert [r["release"] for r in answer["releases"]] == [2, 1]
-    assert answer["releases"][0]["pushed_by"] == (fleet.user or "admin")  # who pushed, not who looks
+    assert answer["releases"][0]["pushed_by"] == (fleet.user or "admin")  # the pusher
     assert answer["rollouts"] == [{"id": "rollout:blink:000002", "state": "running",
                                    "waves": [1, "100%"]}]
 

@@ -34,8 +34,17 @@ from typing import Any, Callable, Optional
 from himbeere.couch import Doc
 from himbeere.exceptions import ConfigError, Conflict, NotFound
 from himbeere.schema import (
-    RELEASE_PREFIX, RELEASE_TYPE, ROLLOUT_PREFIX, STATUS_PREFIX, iso, mac_of, placed_id,
-    release_id, releases_prefix, targeted_id)
+    RELEASE_PREFIX,
+    RELEASE_TYPE,
+    ROLLOUT_PREFIX,
+    STATUS_PREFIX,
+    iso,
+    mac_of,
+    placed_id,
+    release_id,
+    releases_prefix,
+    targeted_id,
+)
 
 from .fleet import Fleet
 
