@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Callable, Optional
 
+from himbeere import defaults
 from himbeere.couch import Doc
 from himbeere.exceptions import ConfigError, Conflict, NotFound
 from himbeere.schema import (
@@ -318,14 +319,13 @@ def overview(fleet: Fleet, name: str) -> Doc:
 
 def _current_docs(fleet: Fleet, name: str) -> dict[str, Doc]:
     """The code documents of program ``name`` now: id -> where, release, enabled."""
-    from .push import _programs, _where  # push imports this module
-
     found: dict[str, Doc] = {}
-    for row in _programs(fleet):
+    for row in fleet.code.view(defaults.DESIGN, "programs"):
         if row["key"][1] != name:
             continue
         doc = fleet.code.get(row["id"]) or {}
-        found[row["id"]] = {"id": row["id"], "where": _where(row["key"][0]),
+        where = row["key"][0]  # the programs view's node: a MAC id, a type or None
+        found[row["id"]] = {"id": row["id"], "where": "global" if where is None else str(where),
                             "release": doc.get("release"),
                             "enabled": (row.get("value") or {}).get("enabled", True)}
     return found
