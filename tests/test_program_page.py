@@ -89,9 +89,11 @@ def test_the_program_page_in_the_browser(tmp_path: Path, fleet: Fleet,
     node.wait_program(f"{MAC}:blink", 40, state="running", release=2)
     ui.sign_in(browser, url, deployer)
     browser.get(f"{url}/nodes/{MAC}")
-    link = ui.wait_until(browser, lambda: browser.find_elements(
-        By.CSS_SELECTOR, "#programs a[href='/programs/blink']"), "the link to the program page")
-    ui.unstale(lambda: link[0].click())
+    link = "#programs a[href='/programs/blink']"
+    ui.wait_until(browser, lambda: browser.find_elements(By.CSS_SELECTOR, link),
+                  "the link to the program page")
+    # Looked up afresh at each try: the live feed redraws the table under it.
+    ui.unstale(lambda: browser.find_element(By.CSS_SELECTOR, link).click())
     ui.wait_until(browser, lambda: "/programs/blink" in browser.current_url, "the program page")
 
     def node_release() -> str:
