@@ -18,7 +18,7 @@ import pytest
 
 from himbeere.couch import Couch
 from himbeere.schema import RELEASE_TYPE, release_id
-from tests.helpers import wait_for
+from tests.helpers import himbeere, wait_for
 from tests.nodes import Node, wait_file
 from uploader import install, releases
 from uploader.cli import main
@@ -184,7 +184,8 @@ def test_history_and_rollback_errors_are_one_line(run: Run, tmp_path: Path) -> N
 
 
 def test_rollback_runs_release_one_as_release_three(
-        run: Run, fleet: Fleet, tmp_path: Path, node_factory: Callable[..., Node]) -> None:
+        run: Run, fleet: Fleet, tmp_path: Path, node_factory: Callable[..., Node],
+        cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:
     node = node_factory(mac_id=1000)
     source = program(tmp_path / "blink.py", "version one")
     out_file = tmp_path / "out.txt"
@@ -210,6 +211,10 @@ def test_rollback_runs_release_one_as_release_three(
     assert doc["_rev"] != stopped["_rev"]
     code, out, err = run("history", "blink")
     assert out.splitlines()[1].endswith("1000:blink  rollback to release 1")
+    code, out, err = himbeere(capsys, "status", "1000")
+    header = next(line for line in out.splitlines() if "RELEASE" in line)
+    row = next(line for line in out.splitlines() if "1000:blink" in line)
+    assert header.split()[-1] == "RELEASE" and row.split()[-1] == "3"
     # Default: the one before the newest (2), again as a new release.
     code, out, err = run("rollback", "blink")
     assert code == 0, err

@@ -35,6 +35,8 @@ from himbeere import defaults
 from himbeere.couch import Doc
 from himbeere.exceptions import ConfigError, Conflict, NotFound
 from himbeere.schema import (
+    PLACED_TYPE,
+    PROGRAM_TYPE,
     RELEASE_PREFIX,
     RELEASE_TYPE,
     ROLLOUT_PREFIX,
@@ -325,7 +327,8 @@ def _current_docs(fleet: Fleet, name: str) -> dict[str, Doc]:
             continue
         doc = fleet.code.get(row["id"]) or {}
         where = row["key"][0]  # the programs view's node: a MAC id, a type or None
-        found[row["id"]] = {"id": row["id"], "where": "global" if where is None else str(where),
+        shown = {None: "global", PLACED_TYPE: "placed", PROGRAM_TYPE: "targeted"}.get(where)
+        found[row["id"]] = {"id": row["id"], "where": shown or str(where),
                             "release": doc.get("release"),
                             "enabled": (row.get("value") or {}).get("enabled", True)}
     return found
