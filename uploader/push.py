@@ -34,6 +34,7 @@ from himbeere.exceptions import ConfigError, NotFound, ProgramError
 from himbeere.fleet import placement, scheduler
 from himbeere.schema import global_id, lease_id, placed_id, program_id, status_id
 
+from . import rollouts
 from .fleet import Fleet, parse_labels
 
 SUFFIX = ".py"
@@ -337,8 +338,10 @@ def _modules_of(doc: Doc, is_global: bool) -> dict[str, str]:
 
 # -- the commands ------------------------------------------------------------------------
 def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = None,
-         placed: Optional[Placed] = None) -> Doc:
+         placed: Optional[Placed] = None, rollout: Optional[rollouts.Plan] = None) -> Doc:
     """Push ``path`` to ``node`` (None: as global modules, or ``placed``).
+
+    ``rollout``: go out in waves (:mod:`uploader.rollouts`).
 
     Returns what happened: ``action`` (created, updated, unchanged),
     ``changes`` (one line each), ``id``, ``rev``...
@@ -359,6 +362,8 @@ def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = No
     for key in owned:
         wanted.pop(key, None)
     wanted.update(new_fields, name=name)
+    if rollout is None:
+        wanted.pop("rollout", None)  # a plain push is not gated by an earlier rollout
     if node is not None and str(doc.get("type")) != str(node):
         wanted["type"] = node
     if placed is not None:
@@ -371,7 +376,13 @@ def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = No
     if existing is not None and wanted == doc:
         result.update(action="unchanged", rev=doc["_rev"], changes=[])
         return result
+    if rollout is not None:
+        if source.is_global:
+            raise ConfigError("--rollout is for programs, not --global modules")
+        result["rollout"] = rollouts.prepare(fleet, name, existing, wanted, rollout)
     saved = fleet.code.save(wanted)
+    if rollout is not None:
+        rollouts.recorded(fleet, name, saved)
     changes = describe_changes(old, source.modules)
     if placed is not None:
         changes += describe_placement(existing, wanted)
