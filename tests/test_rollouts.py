@@ -196,7 +196,8 @@ def release_of(node: Node) -> Any:
 
 
 def test_a_good_release_reaches_every_node_wave_by_wave(
-        fleet: Fleet, node_factory: NodeFactory, tmp_path: Path, capsys: Any) -> None:
+        fleet: Fleet, node_factory: NodeFactory, tmp_path: Path, capsys: Any,
+        cli_env: None) -> None:
     nodes = start_nodes(node_factory, 1101, 1102, 1103, 1104)
     first_release_everywhere(fleet, tmp_path, nodes)
     result = release(fleet, tmp_path, "r2", 4, waves="1,50%,100%", healthy_for="2s")
@@ -219,7 +220,7 @@ def test_a_good_release_reaches_every_node_wave_by_wave(
     record = fleet.code.get("release:p:000001")
     assert record and record["outcome"] == "done" and record["rollout"] == rid
     code, out, _ = himbeere(capsys, "rollouts")
-    assert code == 0 and "rollout:p:000001" in out and "done" in out and "3/3" in out, out
+    assert code == 0 and "rollout:p:000001" in out and "done" in out and "4/4" in out, out
     code, out, _ = himbeere(capsys, "rollout", rid)
     assert code == 0 and "1104" in out, out
 
@@ -272,7 +273,7 @@ def test_a_rollout_goes_on_when_the_scheduler_leader_is_killed(
 
 
 def test_pause_resume_and_abort(fleet: Fleet, node_factory: NodeFactory, tmp_path: Path,
-                                capsys: Any) -> None:
+                                capsys: Any, cli_env: None) -> None:
     nodes = start_nodes(node_factory, 1401, 1402, 1403)
     first_release_everywhere(fleet, tmp_path, nodes)
     rid = release(fleet, tmp_path, "r2", 3, waves="1,2,100%", healthy_for="3s")["rollout"]

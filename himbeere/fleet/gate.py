@@ -130,7 +130,7 @@ class Gate(Component):
                 self._settle(doc_id, doc)
             return
         run = doc if choice == "new" else self._previous(doc)
-        release = run.get("release") if run is not None else None
+        release = doc.get("release") if choice == "new" else doc.get("previous_release")
         if run is None:
             run = dict(doc, enabled=False)
             text = (f"runs no release: {why}, and there is no earlier release "
