@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from himbeere.couch import Couch, Database, Doc
+from himbeere.couch import Couch, Doc
 from himbeere.exceptions import ConfigError, Unauthorized
 from himbeere.fleet import rollout
 from himbeere.schema import rollout_id

@@ -23,12 +23,12 @@ from himbeere.schema import (
     RELEASE_TYPE,
     ROLLOUT_PREFIX,
     ROLLOUT_TYPE,
+    STATUS_PREFIX,
     RolloutState,
     iso,
     mac_of,
     release_id,
     rollout_id,
-    STATUS_PREFIX,
 )
 
 from .fleet import Fleet

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from ..component import Component
 from ..couch import Database, Doc

@@ -57,8 +57,15 @@ from .. import health
 from ..couch import Database, Doc
 from ..exceptions import Conflict, CouchError
 from ..logtext import EscapedArguments
-from ..schema import ROLLOUT_PREFIX, STATUS_PREFIX, ProgramState, RolloutState, iso, \
-    mac_of, parse_iso
+from ..schema import (
+    ROLLOUT_PREFIX,
+    STATUS_PREFIX,
+    ProgramState,
+    RolloutState,
+    iso,
+    mac_of,
+    parse_iso,
+)
 
 log = logging.getLogger(__name__)
 log.addFilter(EscapedArguments())
@@ -173,7 +180,8 @@ def _check_admitted(doc: Doc, statuses: Mapping[int, Doc], docs: list[str],
         if running != release:
             seen["healthy"] = False
             continue  # not switched yet
-        restarts = entry.get("restarts") if isinstance(entry.get("restarts"), int) else 0
+        count = entry.get("restarts")
+        restarts = count if isinstance(count, int) else 0
         if seen.get("restarts") is None:
             seen["restarts"] = restarts
         program_state = str(entry.get("state"))
