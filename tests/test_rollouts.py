@@ -20,7 +20,7 @@ from himbeere.fleet import rollout
 from himbeere.schema import rollout_id
 from tests.helpers import himbeere, wait_for
 from tests.nodes import Node, start_nodes
-from uploader import ops, push, rollouts
+from uploader import install, ops, push, rollouts
 from uploader.fleet import Fleet
 
 NodeFactory = Callable[..., Node]
@@ -299,3 +299,36 @@ def test_pause_resume_and_abort(fleet: Fleet, node_factory: NodeFactory, tmp_pat
              message=lambda: f"markers {ran(tmp_path)}")
     assert not {"1402-r3", "1403-r3"} & set(ran(tmp_path))
     assert get_rollout(fleet, rid3)["requested"]["action"] == "abort"
+
+
+def test_the_dashboard_shows_rollouts_and_one_rollouts_nodes(
+        fleet: Fleet, couch: Couch, deployer: tuple[str, str]) -> None:
+    from tests.test_dashboard import login
+    from uploader.dashboard import create_app
+
+    install.setup(fleet)
+    now = time.time()
+    rid = rollout_id("p", 2)
+    fleet.status.save(doc(_id=rid, type="himbeere-rollout", nodes=[1501, 1502], wave=0,
+                          wave_started=["2026-01-01T00:00:00.000Z"],
+                          admitted={"1501": "2026-01-01T00:00:00.000Z"},
+                          health={"1501": {"healthy": True}}, created="2026-01-01T00:00:00.000Z",
+                          updated="2026-01-01T00:00:00.000Z"))
+    fleet.status.save(dict(status(1501, now), _id="status:1501"))
+    fleet.status.save(dict(status(1502, now, 1), _id="status:1502"))
+    app = create_app(couch.base, fleet.code.name, secret_key="test secret")
+    app.config["TESTING"] = True
+    try:
+        client = app.test_client()
+        login(client, *deployer)
+        page = client.get("/rollouts").get_data(as_text=True)
+        assert rid in page and "rollouts.js" in page
+        listing = client.get("/api/rollouts").get_json()
+        assert [(r["id"], r["ok"], r["admitted"]) for r in listing["rollouts"]] == [(rid, 1, 1)]
+        one = client.get(f"/api/rollouts/{rid}").get_json()
+        assert [(n["node"], n["release"], n["healthy"]) for n in one["node_list"]] == [
+            (1501, 2, True), (1502, 1, False)]
+        assert client.get(f"/rollouts/{rid}").status_code == 200
+        assert client.get("/api/rollouts/rollout:nope:000001").status_code == 404
+    finally:
+        app.extensions["himbeere"].hub.close()
