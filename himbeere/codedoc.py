@@ -44,8 +44,10 @@ class CodeDoc:
     git: Optional[gitsource.GitSource] = None
     #: A placed program (``type: "himbeere-placed"``): runs where it is assigned.
     placed: bool = False
-    #: The push that wrote it (``release``), None for a document written by hand.
+    #: The release this node runs (a staged rollout may pick an earlier one than
+    #: the document's, see :mod:`himbeere.fleet.gate`), and why, if a rollout chose.
     release: Optional[int] = None
+    rollout_why: Optional[str] = None
 
     @property
     def is_program(self) -> bool:
@@ -169,7 +171,17 @@ def _base(doc: dict[str, Any], default_restart: str) -> dict[str, Any]:
         enabled=enabled is not False, placed=is_placed(doc),
         restart=restart if isinstance(restart, str) else default_restart,
         restart_count=count if isinstance(count, int) and not isinstance(count, bool) else 0,
-        release=release if isinstance(release, int) and not isinstance(release, bool) else None)
+        **_release(doc))
+
+
+def _release(doc: dict[str, Any]) -> dict[str, Any]:
+    """``release`` and ``rollout_why`` of a document (the rollout gate's note wins)."""
+    gate = doc.get("rollout_gate")
+    release = gate.get("release") if isinstance(gate, dict) else doc.get("release")
+    if isinstance(release, bool) or not isinstance(release, int):
+        release = None
+    why = gate.get("why") if isinstance(gate, dict) else None
+    return {"release": release, "rollout_why": why if isinstance(why, str) else None}
 
 
 def _modules_field(doc: dict[str, Any], key: str) -> dict[str, str]:

@@ -34,9 +34,11 @@ from .config import Config, redact
 from .couch import Couch, Doc, split_servers, transport
 from .exceptions import ConfigError, CouchError, HimbeereError
 from .feed import Feed, SeqStore
+from .fleet.gate import Gate
 from .fleet.placement import CHILD_FENCE, LEASE_TTL, Placement
+from .fleet.rollout import Driver
 from .health import Health
-from .logship import LogShipper, OutputLog
+from .logship import EVENT, LogShipper, OutputLog
 from .programs import Supervisor
 from .recheck import RECHECK_HEARTBEATS, Recheck
 from .schema import COMMAND_TYPE, commands_id
@@ -108,7 +110,11 @@ class Daemon:
             on_assigned=self.supervisor.assign,
             clock=self.couch.server_time,
             last_heartbeat=lambda: self.status.last_write,
-            resources=self._resources)
+            resources=self._resources,
+            on_lead=Driver(self.status_db, str(self.node), clock=self.couch.server_time).drive)
+        # Documents under a staged rollout: the gate picks the release to run.
+        self.gate = Gate(self.status_db, self.db, self.node, config.heartbeat_interval,
+                         submit=self.supervisor.submit, on_event=self._program_event)
         self.status = Status(self.status_db, self.node, config.heartbeat_interval,
                              programs=self.supervisor.snapshot, interface=config.interface,
                              extra=lambda: dict(self.health.collect(),
@@ -118,11 +124,12 @@ class Daemon:
         self.recheck = Recheck(self.db, self.node,
                                RECHECK_HEARTBEATS * config.heartbeat_interval,
                                programs=self.supervisor.snapshot,
-                               on_change=self.supervisor.submit)
+                               on_change=self._program_doc)
         #: Started in this order, stopped in reverse: what writes results out
         #: starts first; what brings work in (placement, feed, pairing) stops first.
         self.components: list[Component] = [self.status, self.logs, self.commands,
-                                             self.placement, self.feed, self.recheck,
+                                             self.placement, self.gate, self.feed,
+                                             self.recheck,
                                              self.pairing]
         self.apply(config)
         self.couch.on_move = self._server_moved
@@ -137,6 +144,7 @@ class Daemon:
         self.status.interval = config.heartbeat_interval
         self.status.set_history_interval(config.history_interval)
         self.placement.interval = config.heartbeat_interval
+        self.gate.interval = config.heartbeat_interval
         self.placement.lease.ttl = LEASE_TTL * config.heartbeat_interval
         self.recheck.interval = RECHECK_HEARTBEATS * config.heartbeat_interval
         self.commands.default_timeout = config.command_timeout
@@ -162,7 +170,15 @@ class Daemon:
             self.commands.submit(doc)
         else:
             self.placement.note(doc)
+            self._program_doc(doc)
+
+    def _program_doc(self, doc: Doc) -> None:
+        """A code document to the supervisor, unless a staged rollout gates it."""
+        if not self.gate.take(doc):
             self.supervisor.submit(doc)
+
+    def _program_event(self, doc_id: str, name: str, text: str) -> None:
+        self._program_output(doc_id, name, [(time.time(), text, EVENT)], 0)
 
     def _program_output(self, doc_id: str, name: str, lines: list[Any], dropped: int) -> None:
         self.logs.add(doc_id, name, [tuple(line) for line in lines], dropped)

@@ -235,6 +235,7 @@ class Program:
             "enabled": self.doc.enabled,
             "placed": self.doc.placed,
             "release": self.doc.release,
+            "rollout": self.doc.rollout_why,
             "git": self.doc.git.describe() if self.doc.git else None,
             "commit": self.checkout[1] if self.doc.git and self.checkout else None,
             "next_start": _iso(time.time() + self.next_start - time.monotonic())

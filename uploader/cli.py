@@ -31,7 +31,7 @@ from himbeere.couch import Doc, security
 from himbeere.exceptions import ConfigError, HimbeereError
 
 from . import discover as discovery
-from . import install, push, releases, users
+from . import install, push, releases, rollouts, users
 from .fleet import Fleet, parse_mac
 
 PROG = "himbeere-upload"
@@ -107,9 +107,10 @@ def cmd_push(args: argparse.Namespace) -> Output:
                           "or --placed")
     placed = (push.Placed.parse(args.replicas, args.label or (), args.requires or ())
               if args.placed else None)
+    plan = rollouts.plan_of(args)
     fleet = open_fleet(args)
     node = fleet.resolve_node(args.node) if args.node else None
-    result = push.push(fleet, Path(args.path), node, args.name, placed)
+    result = push.push(fleet, Path(args.path), node, args.name, placed, rollout=plan)
     if result["action"] == "unchanged":
         lines = [f"unchanged: {result['id']} (rev {result['rev']})"]
     else:
@@ -118,6 +119,8 @@ def cmd_push(args: argparse.Namespace) -> Output:
         lines += [f"  {change}" for change in result["changes"]]
     if result["ignored"]:
         lines.append(f"ignored: {', '.join(result['ignored'])}")
+    if plan is not None and result.get("rollout"):
+        lines = rollouts.started(fleet, result, plan, lines, args.wait, args.json)
     return result, lines
 
 
@@ -341,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     placed.add_argument("--label", metavar="KEY=VALUE", action="append",
                         help="only on nodes with this label (repeat for more; key= removes "
                              "one)")
+    rollouts.add_push_flags(push_cmd)
     placed.add_argument("--requires", metavar="KEY=MB", action="append",
                         help="free RAM or disk a node needs: ram_mb=200, disk_mb=100 "
                              "(repeat; ram_mb= removes it)")

@@ -60,6 +60,8 @@ SUMMARIES = {
     "placements": "Show what runs where, and why",
     "label": "Set or show a node's labels",
     "state": "Show or reset a program's persistent state",
+    "rollouts": "List staged rollouts",
+    "rollout": "Show, pause, resume or abort a staged rollout",
     "dashboard": "Serve the web dashboard",
 }
 

@@ -29,7 +29,7 @@ from typing import IO, Any, Callable, Optional
 from himbeere.component import Backoff
 from himbeere.exceptions import ConfigError, HimbeereError, Unauthorized, Unreachable
 
-from . import ops
+from . import ops, rolloutscli
 from .cli import common_flags, settings, table
 from .fleet import Fleet
 
@@ -697,6 +697,8 @@ def register(sub: Any) -> None:
                             "when several nodes have a program of that name")
     state.add_argument("--reset", action="store_true",
                        help="delete the state: the program starts from {} next time")
+
+    rolloutscli.register(add)
 
 
 def run(args: argparse.Namespace, handler: Handler) -> int:

@@ -35,7 +35,7 @@ from himbeere.exceptions import ConfigError, NotFound, ProgramError
 from himbeere.fleet import placement, scheduler
 from himbeere.schema import global_id, lease_id, placed_id, program_id, status_id
 
-from . import releases
+from . import releases, rollouts
 from .fleet import Fleet, parse_labels
 
 SUFFIX = ".py"
@@ -339,8 +339,10 @@ def _modules_of(doc: Doc, is_global: bool) -> dict[str, str]:
 
 # -- the commands ------------------------------------------------------------------------
 def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = None,
-         placed: Optional[Placed] = None) -> Doc:
+         placed: Optional[Placed] = None, rollout: Optional[rollouts.Plan] = None) -> Doc:
     """Push ``path`` to ``node`` (None: as global modules, or ``placed``).
+
+    ``rollout``: go out in waves (:mod:`uploader.rollouts`).
 
     Returns what happened: ``action`` (created, updated, unchanged),
     ``changes`` (one line each), ``id``, ``rev``...
@@ -361,6 +363,8 @@ def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = No
     for key in owned:
         wanted.pop(key, None)
     wanted.update(new_fields, name=name)
+    if rollout is None:
+        wanted.pop("rollout", None)  # a plain push is not gated by an earlier rollout
     if node is not None and str(doc.get("type")) != str(node):
         wanted["type"] = node
     if placed is not None:
@@ -374,6 +378,10 @@ def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = No
         result.update(action="unchanged", rev=doc["_rev"], changes=[],
                       release=doc.get("release"))
         return result
+    if rollout is not None:
+        if source.is_global:
+            raise ConfigError("--rollout is for programs, not --global modules")
+        rollouts.keep_previous(fleet, name, existing)
     changes = describe_changes(old, source.modules)
     if placed is not None:
         changes += describe_placement(existing, wanted)
@@ -381,6 +389,9 @@ def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = No
     def finish(doc: Doc) -> None:
         """``doc`` is complete here (its release numbered), just before it is written:
         whatever must come last goes here, the signature last of all."""
+        if rollout is not None:
+            result["rollout"] = rollouts.prepare(fleet, name, doc, rollouts.previous_release(
+                existing), rollout)
 
     record = releases.publish(fleet, name, [wanted], str(path.resolve()), changes, finish)
     result.update(action="updated" if existing else "created", rev=wanted["_rev"],

@@ -144,7 +144,8 @@ class Placement(Component):
                  on_assigned: Callable[[frozenset[str], Optional[float]], None],
                  clock: Optional[Callable[[], float]] = None,
                  last_heartbeat: Optional[Callable[[], Optional[float]]] = None,
-                 resources: Optional[Callable[[], Mapping[str, Any]]] = None) -> None:
+                 resources: Optional[Callable[[], Mapping[str, Any]]] = None,
+                 on_lead: Optional[Callable[[int], Any]] = None) -> None:
         super().__init__()
         self.status_db = status_db
         self.code_db = code_db
@@ -156,6 +157,9 @@ class Placement(Component):
         #: This node's ``memory_used_mb``, ``memory_total_mb`` and
         #: ``disk_free_mb`` (None: only labels are checked).
         self.resources = resources
+        #: Called with the lease epoch at each heartbeat this node leads:
+        #: staged rollouts are driven there (:mod:`.rollout`).
+        self.on_lead = on_lead
         self.lease = Lease(status_db, LEASE_NAME, str(node), ttl=LEASE_TTL * interval,
                            clock=self.clock)
         #: Placed documents seen on the feed, by id.
@@ -250,6 +254,8 @@ class Placement(Component):
         self.leader = True
         self.last_error = None
         self._follow(self.lease.doc)
+        if self.on_lead is not None:
+            self.on_lead(self.lease.epoch)
 
     def _lost(self) -> None:
         if self.leader:

@@ -17,7 +17,7 @@ from werkzeug.exceptions import HTTPException
 from himbeere import defaults
 from himbeere.exceptions import ConfigError, CouchError
 
-from . import api, errors, metrics, pages
+from . import api, errors, metrics, pages, rollouts
 from .context import EXTENSION, Dashboard, check_csrf, identify, template_globals
 
 #: No inline script or style, nothing from elsewhere: the pages work offline.
@@ -55,6 +55,7 @@ def create_app(server_url: str, database: str = defaults.DATABASE,
     app.register_blueprint(pages.blueprint)
     app.register_blueprint(api.blueprint)
     app.register_blueprint(metrics.blueprint)
+    app.register_blueprint(rollouts.blueprint)
     return app
 
 

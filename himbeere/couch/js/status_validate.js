@@ -55,12 +55,28 @@ __PREAMBLE__
     id === 'history:' + me;
   // Shared by design: every node contends for leases, and a program's state
   // follows it from node to node.  A node takes a lease in its own name only.
-  var shared = starts(id, 'state:') || starts(id, 'lease:');
+  // A staged rollout is driven by the scheduler, which is a node: nodes may
+  // move an existing one on, never create or delete one, nor change what the
+  // deployer wrote (see himbeere/fleet/rollout.py).
+  function rollout() {
+    if (!oldDoc || oldDoc._deleted || newDoc._deleted) {
+      refuse('node ' + me + ' may not create or delete ' + id + '; a deployer pushes rollouts');
+    }
+    var fixed = ['type', 'name', 'release', 'previous_release', 'docs', 'waves', 'healthy_for',
+                 'created', 'created_by'];
+    for (var i = 0; i < fixed.length; i++) {
+      if (JSON.stringify(newDoc[fixed[i]]) !== JSON.stringify(oldDoc[fixed[i]])) {
+        refuse('node ' + me + ' may not change ' + fixed[i] + ' of ' + id);
+      }
+    }
+  }
+  var shared = starts(id, 'state:') || starts(id, 'lease:') || starts(id, 'rollout:');
   if (!own && !shared) {
     refuse('node ' + me + ' may only write status:' + me + ', log:' + me + ':..., result:...:' +
-           me + ', history:' + me + ', state:..., lease:... here, not ' + id);
+           me + ', history:' + me + ', state:..., lease:..., rollout:... here, not ' + id);
   }
   if (starts(id, 'lease:')) { lease(); }
+  if (starts(id, 'rollout:')) { rollout(); }
   if (!newDoc._deleted && newDoc.node !== undefined && String(newDoc.node) !== me) {
     refuse('node ' + me + ' may not write node: ' + newDoc.node);
   }
