@@ -164,7 +164,6 @@ def _base(doc: dict[str, Any], default_restart: str) -> dict[str, Any]:
     enabled = doc.get("enabled", True)
     restart = doc.get("restart", default_restart)
     count = doc.get("restart_count", 0)
-    release = doc.get("release")
     return dict(
         doc_id=doc_id, rev=str(doc.get("_rev", "?")),
         name=name if isinstance(name, str) and name.strip() else doc_id,

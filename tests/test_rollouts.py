@@ -202,12 +202,12 @@ def test_a_good_release_reaches_every_node_wave_by_wave(
     first_release_everywhere(fleet, tmp_path, nodes)
     result = release(fleet, tmp_path, "r2", 4, waves="1,50%,100%", healthy_for="2s")
     rid = result["rollout"]
-    assert rid == rollout_id("p", 1)  # the first numbered release; r1 was release 0
+    assert rid == rollout_id("p", 2)  # r1 was release 1
     done = rollouts.wait(fleet, rid, say=lambda line: None, timeout=120)
     assert done["state"] == "done" and done["nodes"] == [1101, 1102, 1103, 1104]
     wait_markers(tmp_path, [f"{n.mac_id}-r2" for n in nodes])
     for node in nodes:
-        wait_for(lambda n=node: release_of(n) == 1, 20, message=lambda n=node: n.program(
+        wait_for(lambda n=node: release_of(n) == 2, 20, message=lambda n=node: n.program(
             "placed:p"))
     # The waves show in the admission times: 1 node, then 2, then 4, each
     # after the ones before ran the release cleanly for healthy_for.
@@ -217,10 +217,10 @@ def test_a_good_release_reaches_every_node_wave_by_wave(
     for earlier, later in zip(by_time, by_time[1:]):
         assert later - earlier >= 2.0
     assert [int(k) for k in done["admitted"] if admitted[int(k)] == by_time[0]] == [1101]
-    record = fleet.code.get("release:p:000001")
+    record = fleet.code.get("release:p:000002")
     assert record and record["outcome"] == "done" and record["rollout"] == rid
     code, out, _ = himbeere(capsys, "rollouts")
-    assert code == 0 and "rollout:p:000001" in out and "done" in out and "4/4" in out, out
+    assert code == 0 and "rollout:p:000002" in out and "done" in out and "4/4" in out, out
     code, out, _ = himbeere(capsys, "rollout", rid)
     assert code == 0 and "1104" in out, out
 
@@ -241,12 +241,12 @@ def test_a_release_that_crashes_on_the_canary_rolls_back_and_goes_no_further(
              message=lambda: f"markers {ran(tmp_path)}")
     node = next(n for n in nodes if n.mac_id == canary)
     wait_for(lambda: node.program("placed:p").get("state") == "running"
-             and release_of(node) == 0, 30, message=lambda: node.program("placed:p"))
+             and release_of(node) == 1, 30, message=lambda: node.program("placed:p"))
     assert "was rolled-back" in node.program("placed:p")["rollout"]
     assert [name for name in ran(tmp_path) if name.endswith("-bad")] == [f"{canary}-bad"]
     assert all(ran(tmp_path)[f"{n.mac_id}-r1"] == 1 for n in nodes if n.mac_id != canary)
-    node.wait_log("runs release 0: rollout:p:000001 was rolled-back")
-    assert fleet.code.get("release:p:000001")["outcome"] == "rolled-back"
+    node.wait_log("runs release 1: rollout:p:000002 was rolled-back")
+    assert fleet.code.get("release:p:000002")["outcome"] == "rolled-back"
 
 
 @pytest.mark.slow
