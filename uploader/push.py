@@ -35,6 +35,7 @@ from himbeere.fleet import placement, scheduler
 from himbeere.schema import global_id, lease_id, placed_id, program_id, status_id
 
 from .fleet import Fleet, parse_labels
+from .keys import SigningKey, sign
 
 SUFFIX = ".py"
 #: The function the node calls in a program's main module.
@@ -336,9 +337,18 @@ def _modules_of(doc: Doc, is_global: bool) -> dict[str, str]:
 
 
 # -- the commands ------------------------------------------------------------------------
+def next_release(current: Optional[Doc]) -> int:
+    """The release number of the next push of ``current`` (interim: its own + 1)."""
+    release = (current or {}).get("release")
+    return release + 1 if isinstance(release, int) and not isinstance(release, bool) else 1
+
+
 def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = None,
-         placed: Optional[Placed] = None) -> Doc:
+         placed: Optional[Placed] = None, signing_key: Optional[SigningKey] = None) -> Doc:
     """Push ``path`` to ``node`` (None: as global modules, or ``placed``).
+
+    With ``signing_key`` the document gets a release number and is signed
+    (:mod:`uploader.keys`).
 
     Returns what happened: ``action`` (created, updated, unchanged),
     ``changes`` (one line each), ``id``, ``rev``...
@@ -368,9 +378,16 @@ def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = No
             scheduler.wanted(wanted)  # the scheduler's own check
         except ProgramError as exc:
             raise ConfigError(f"{doc['_id']}: {exc}") from None
-    if existing is not None and wanted == doc:
+    signed_by = (doc.get("signature") or {}).get("key") if isinstance(
+        doc.get("signature"), dict) else None
+    if existing is not None and wanted == doc and (
+            signing_key is None or signed_by == signing_key.key_id):
         result.update(action="unchanged", rev=doc["_rev"], changes=[])
         return result
+    if signing_key is not None:
+        wanted["release"] = next_release(existing)
+        sign(wanted, signing_key)  # the last step: it covers every field set above
+        result.update(release=wanted["release"], key=signing_key.key_id)
     saved = fleet.code.save(wanted)
     changes = describe_changes(old, source.modules)
     if placed is not None:
