@@ -345,3 +345,32 @@ def test_pairing_hands_the_signing_key_over_inside_the_fleet_key_exchange(
     assert "trusted_keys" not in json.loads(plain)
     with pytest.raises(Exception, match="only with the fleet key"):
         discovery.make_request("http://couch.lab:5984", None, trusted_keys=[key.public_b64])
+
+
+def test_global_modules_count_only_when_signed(
+        fleet: Fleet, node_factory: NodeFactory, tmp_path: Path) -> None:
+    """An unsigned global modules document is refused: no program imports its code."""
+    key = make_key(tmp_path)
+    node = signed_node(node_factory, key)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "helper.py").write_text("WHERE = 'signed'\n")
+    push.push(fleet, shared, None, signing_key=key)
+    user = tmp_path / "user.py"
+    seen = tmp_path / "seen"
+    user.write_text(f"import helper, time\n"
+                    f"def main():\n"
+                    f"    open({str(seen)!r}, 'a').write(helper.WHERE + '\\n')\n"
+                    f"    while not should_quit():\n"
+                    f"        time.sleep(0.05)\n")
+    push.push(fleet, user, MAC, signing_key=key)
+    wait_for(lambda: seen.exists() and seen.read_text() == "signed\n", 30,
+             message=lambda: node.log()[-3000:])
+
+    modules = fleet.code.get(schema.global_id("shared"))
+    assert modules is not None
+    resave(fleet, modules, global_modules={"helper": "WHERE = 'forged'\n"})
+    node.wait_log("refused: signature does not match")
+    # The program that imported it restarts without it, and fails to import.
+    node.wait_program(schema.program_id(MAC, "user"), state="backing-off")
+    assert "forged" not in seen.read_text()
