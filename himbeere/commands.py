@@ -350,7 +350,7 @@ class Commands(Component):
             return
         self.journal.set(doc_id, QUEUED)
         try:
-            self._check_signature(doc)
+            self._check_signature(doc_id, doc, resumed=earlier is not None)
             cmd, timeout = parse_command(doc, self.default_timeout)
         except CommandError as exc:
             log.error("command %s: %s", doc_id, exc)
@@ -409,7 +409,7 @@ class Commands(Component):
                 self._collect_left(key, result)
                 return
             try:
-                self._check_signature(doc)
+                self._check_signature(key, doc, resumed=earlier is not None)
                 cmd, timeout = parse_command(doc, self.default_timeout)
             except CommandError as exc:
                 log.error("command %s: %s", doc["_id"], exc)
@@ -423,11 +423,19 @@ class Commands(Component):
         finally:
             self._done(key)
 
-    def _check_signature(self, doc: Doc) -> None:
-        """Raise :class:`CommandError` ("refused: ...") if ``doc`` must not run here."""
+    def _check_signature(self, key: str, doc: Doc, resumed: bool) -> None:
+        """Raise :class:`CommandError` ("refused: ...") if ``doc`` must not run here.
+
+        ``resumed``: the journal had it (taken on before a restart), so it is
+        no replay.
+        """
         if self.signatures is None:
             return
         refusal = signing.verify(doc, self.signatures.trusted)
+        if refusal is None and not resumed:
+            with self._lock:  # two pool threads must not write the file at once
+                refusal = self.signatures.commands.take(
+                    key, doc[signing.SIGNATURE]["signed_at"], time.time())
         if refusal is not None:
             raise CommandError(f"refused: {refusal}")
 

@@ -49,6 +49,11 @@ SIGNATURE = "signature"
 KEYS_FILE = "trusted_keys"
 #: File in the state directory with the highest release this node ran per document.
 RELEASES_FILE = "releases.json"
+#: File in the state directory with the signed commands this node took on.
+COMMANDS_FILE = "signed_commands.json"
+#: A signed command older than this many days is refused: the node forgets,
+#: after as long, which commands it ran (so that the file stays small).
+COMMAND_MAX_AGE_DAYS = 30
 #: Bytes of an Ed25519 public key.
 PUBLIC_KEY_BYTES = 32
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -256,12 +261,60 @@ def _release(doc: Mapping[str, Any]) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+class TakenCommands:
+    """The signed commands this node took on, so that none runs twice (a replay).
+
+    Deleting a result, or the result fields of a ``<macid>_cmd`` document,
+    would otherwise make the node run a signed command again.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+            self.taken: dict[str, str] = dict(loaded) if isinstance(loaded, dict) else {}
+        except FileNotFoundError:
+            self.taken = {}
+        except (OSError, ValueError) as exc:
+            log.error("cannot read %s (%s); starting it afresh", path, exc)
+            self.taken = {}
+
+    def take(self, key: str, signed_at: str, now: float) -> Optional[str]:
+        """Record command ``key`` (journal key) as taken on; or why it must not run."""
+        from .schema import parse_iso
+
+        oldest = now - COMMAND_MAX_AGE_DAYS * 86400
+        try:
+            signed = parse_iso(signed_at)
+        except ValueError:
+            return f"signature: signed_at {signed_at[:40]!r} is not a time"
+        if signed < oldest:
+            return f"signed more than {COMMAND_MAX_AGE_DAYS} days ago ({signed_at})"
+        if key in self.taken:
+            return "this signed command was taken on here before (a replay?)"
+        kept = {k: v for k, v in self.taken.items() if _parse_or_zero(v) >= oldest}
+        kept[key] = signed_at
+        _write_atomically(self.path, json.dumps(kept, sort_keys=True))
+        self.taken = kept
+        return None
+
+
+def _parse_or_zero(text: str) -> float:
+    from .schema import parse_iso
+
+    try:
+        return parse_iso(text)
+    except (TypeError, ValueError):
+        return 0.0
+
+
 class Policy:
     """What a node with ``require_signed`` accepts: its trusted keys and its releases."""
 
     def __init__(self, trusted: Mapping[str, bytes], state_dir: Path) -> None:
         self.trusted = dict(trusted)
         self.releases = Releases(state_dir / RELEASES_FILE)
+        self.commands = TakenCommands(state_dir / COMMANDS_FILE)
 
     def refusal(self, doc: Mapping[str, Any]) -> Optional[str]:
         """Why ``doc`` must not run here, or None."""

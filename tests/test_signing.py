@@ -227,8 +227,19 @@ def test_unsigned_and_tampered_commands_get_an_error_and_never_run(
 
     signed_marker, unsigned_marker, tampered_marker, single_marker = (
         tmp_path / "signed", tmp_path / "unsigned", tmp_path / "tampered", tmp_path / "single")
-    ok = ops.create_command(fleet, touch(signed_marker), [MAC], signing_key=key)
-    assert final(ok)["state"] == "done" and signed_marker.exists()
+    ok = ops.create_command(fleet, ["sh", "-c", f"echo ran >> {signed_marker}"], [MAC],
+                            signing_key=key)
+    assert final(ok)["state"] == "done" and signed_marker.read_text() == "ran\n"
+    # Replay: the admin deletes the result and touches the command.
+    done = fleet.status.get(schema.result_id(ok, MAC))
+    assert done is not None
+    fleet.status.delete(done)
+    command = fleet.code.get(ok)
+    assert command is not None
+    fleet.code.save(dict(command, note="again"))
+    replayed = final(ok)
+    assert replayed["error"] == ("refused: this signed command was taken on here before "
+                                 "(a replay?)")
 
     unsigned = ops.create_command(fleet, touch(unsigned_marker), [MAC])
     result = final(unsigned)
@@ -253,6 +264,7 @@ def test_unsigned_and_tampered_commands_get_an_error_and_never_run(
 
     assert not unsigned_marker.exists() and not tampered_marker.exists()
     assert not single_marker.exists()
+    assert signed_marker.read_text() == "ran\n"  # once
 
 
 def test_removing_a_key_and_sighup_revokes_it(
