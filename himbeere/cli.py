@@ -67,6 +67,10 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "pairing_window": ("S", "seconds `himbeere pair` opens pairing for (default 600)"),
     "history_interval": ("S", "seconds of one sample of the health history the dashboard "
                               "charts (default 300)"),
+    "trusted_keys": ("KEYS", "public keys whose signatures this node trusts: base64, or "
+                             "paths of .pub files, separated by commas (default: none)"),
+    "require_signed": ("yes|no", "run only code and commands signed by a trusted key "
+                                 "(default no)"),
 }
 
 #: The settings ``himbeere pair`` uses: where the daemon's state is, and its window.
@@ -82,7 +86,8 @@ def add_config_flags(parser: argparse.ArgumentParser,
     for key in keys:
         metavar, text = SETTINGS[key]
         flag = "--" + key.replace("_", "-")
-        if key == "legacy_password":  # a switch that a file's "yes" can be turned off by
+        # A switch that a file's "yes" can be turned off by:
+        if key in ("legacy_password", "require_signed"):
             group.add_argument(flag, metavar=metavar, nargs="?", const="yes", help=text)
         else:
             group.add_argument(flag, metavar=metavar, help=text)

@@ -83,7 +83,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import defaults
+from . import defaults, signing
 from .component import Backoff, Component
 from .couch import Database, Doc
 from .exceptions import CommandError, CouchError, Unreachable
@@ -287,6 +287,8 @@ class Commands(Component):
         self.launcher = Launcher()
         self.boot_id = boot_id()
         self._anonymous = itertools.count()
+        #: With ``require_signed``: what this node accepts (signing.py); else None.
+        self.signatures: Optional[signing.Policy] = None
         self._sweep()
 
     # -- entry points ----------------------------------------------------------
@@ -348,6 +350,7 @@ class Commands(Component):
             return
         self.journal.set(doc_id, QUEUED)
         try:
+            self._check_signature(doc_id, doc, resumed=earlier is not None)
             cmd, timeout = parse_command(doc, self.default_timeout)
         except CommandError as exc:
             log.error("command %s: %s", doc_id, exc)
@@ -406,6 +409,7 @@ class Commands(Component):
                 self._collect_left(key, result)
                 return
             try:
+                self._check_signature(key, doc, resumed=earlier is not None)
                 cmd, timeout = parse_command(doc, self.default_timeout)
             except CommandError as exc:
                 log.error("command %s: %s", doc["_id"], exc)
@@ -418,6 +422,22 @@ class Commands(Component):
             log.exception("command %s failed", key)
         finally:
             self._done(key)
+
+    def _check_signature(self, key: str, doc: Doc, resumed: bool) -> None:
+        """Raise :class:`CommandError` ("refused: ...") if ``doc`` must not run here.
+
+        ``resumed``: the journal had it (taken on before a restart), so it is
+        no replay.
+        """
+        if self.signatures is None:
+            return
+        refusal = signing.verify(doc, self.signatures.trusted)
+        if refusal is None and not resumed:
+            with self._lock:  # two pool threads must not write the file at once
+                refusal = self.signatures.commands.take(
+                    key, doc[signing.SIGNATURE]["signed_at"], time.time())
+        if refusal is not None:
+            raise CommandError(f"refused: {refusal}")
 
     def _read_result(self, key: str) -> Optional[Doc]:
         """The result document so far (``{}`` if none), retried while unreachable."""

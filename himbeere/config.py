@@ -52,6 +52,10 @@ class Config:
     led_pin: Optional[int] = defaults.LED_PIN
     pairing_window: float = defaults.PAIRING_WINDOW
     history_interval: float = defaults.HISTORY_INTERVAL
+    #: Public keys whose signatures this node trusts (see :mod:`himbeere.signing`).
+    trusted_keys: str = ""
+    #: Run only code and commands signed by a trusted key.
+    require_signed: bool = False
 
     @property
     def status_db(self) -> str:
@@ -100,6 +104,10 @@ class Config:
         if self.led_pin is not None and self.led_pin < 0:
             raise ConfigError(f"led_pin: {self.led_pin!r} must be a BCM pin number >= 0, "
                               "or empty for no LED")
+        if self.trusted_keys:
+            from .signing import parse_trusted  # reads .pub files; errors name the entry
+
+            parse_trusted(self.trusted_keys)
         return self
 
     def replace(self, **changes: Any) -> Config:

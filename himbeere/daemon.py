@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from . import discovery, identity, statelock
+from . import discovery, identity, signing, statelock
 from .commands import Commands
 from .component import Component
 from .config import Config, redact
@@ -150,6 +150,9 @@ class Daemon:
         self.commands.default_timeout = config.command_timeout
         self.commands.grace_period = config.grace_period
         self.output.rate = config.program_log_rate
+        # Read here, at every reload too: a key removed from trusted_keys is revoked.
+        policy = signing.policy(config.trusted_keys, config.require_signed, config.state_path)
+        self.supervisor.signatures = self.commands.signatures = policy
 
     def _server_moved(self) -> None:
         """Every component follows the shared :class:`Couch`; programs start there too."""

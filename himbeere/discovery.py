@@ -24,6 +24,13 @@ ciphertext), bound to the request's nonce and the node's MAC id, so a
 captured reply is of no use for any other request.  Both keys come from
 the fleet key through HKDF-SHA256 (:mod:`cryptography`).
 
+**Trusted keys.**  With a fleet key, a request may also carry
+``"trusted_keys": [<base64 public key>, ...]``, the deployers' signing keys
+(:mod:`himbeere.signing`), covered by the HMAC.  A node that checks the HMAC
+adds them to ``<state_dir>/trusted_keys``, which it reads with its config.
+A request without them has the HMAC it always had; a node without a fleet
+key ignores them (anyone on the network could have sent them).
+
 **What a node keeps.**  The server URL, with the node's own credentials put
 in (``http://<macid>:<password>@host:5984``; a user name or password in the
 broadcast URL is dropped), goes to ``<state_dir>/server`` (mode 0600), which
@@ -54,7 +61,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 from . import config as configuration
-from . import defaults, identity, statelock
+from . import defaults, identity, signing, statelock
 from .component import Component
 from .config import Config, redact
 from .couch import split_servers
@@ -81,17 +88,33 @@ _HEX32 = re.compile(r"[0-9a-f]{32}")
 
 # -- the laptop side -------------------------------------------------------------------
 def make_request(server_url: str, key: Optional[bytes] = None,
-                 now: Optional[float] = None) -> Tuple[bytes, Optional[str]]:
+                 now: Optional[float] = None,
+                 trusted_keys: Optional[list[str]] = None) -> Tuple[bytes, Optional[str]]:
     """The request datagram and its nonce (``None`` without a fleet key)."""
     if key is None:
+        if trusted_keys:
+            raise ConfigError("trusted keys are handed to nodes only with the fleet key "
+                              "(--fleet-key-file): without it anyone could hand them theirs")
         return json.dumps({"server": server_url}).encode(), None
     import secrets  # here: the laptop's side; it costs a node hashlib
 
     ts = int(time.time() if now is None else now)
     nonce = secrets.token_hex(16)
-    request = {"server": server_url, "ts": ts, "nonce": nonce,
-               "hmac": sign(key, server_url, ts, nonce)}
+    request: Dict[str, Any] = {"server": server_url, "ts": ts, "nonce": nonce}
+    if trusted_keys:
+        request["trusted_keys"] = list(trusted_keys)
+    request["hmac"] = sign(key, server_url, ts, nonce, _keys_text(request) or "")
     return json.dumps(request).encode(), nonce
+
+
+def _keys_text(request: Dict[str, Any]) -> Optional[str]:
+    """What of ``trusted_keys`` the HMAC covers ("" without; None: not a list of str)."""
+    keys = request.get("trusted_keys")
+    if keys is None:
+        return ""
+    if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+        return None
+    return "trusted_keys\n" + "\n".join(keys)
 
 
 def _check_broadcast_url(url: str) -> None:
@@ -117,6 +140,7 @@ def broadcast_message(
     on_reply: Optional[Callable[[Address, Dict[str, Any]], None]] = None,
     *,
     send_data: Any = None,
+    trusted_keys: Optional[list[str]] = None,
 ) -> Replies:
     """Tell listening nodes the server; return ``{(ip, port): {"MacID", "password"}}``.
 
@@ -126,6 +150,8 @@ def broadcast_message(
     ``broadcast_address`` may be a subnet's broadcast (``10.0.0.255``) or one
     node's address when broadcasts do not get through.  ``send_data`` sends
     that JSON instead, as the original allowed (no fleet key then).
+    ``trusted_keys`` (base64 public keys, with ``fleet_key`` only) go to the
+    nodes, which trust them from then on.
     """
     key = None if fleet_key is None else as_key(fleet_key)
     nonce: Optional[str] = None
@@ -135,7 +161,7 @@ def broadcast_message(
         datagram = json.dumps(send_data).encode()
     else:
         _check_broadcast_url(server_url)
-        datagram, nonce = make_request(server_url, key)
+        datagram, nonce = make_request(server_url, key, trusted_keys=trusted_keys)
     if len(datagram) > MAX_DATAGRAM:
         raise ConfigError(f"send_data: {len(datagram)} bytes; at most {MAX_DATAGRAM} fit")
     replies: Replies = {}
@@ -331,6 +357,10 @@ class Pairing:
                 self._ignore(peer, *refusal)
                 return None
             nonce = str(request["nonce"])
+            self._take_keys(request, peer)
+        elif "trusted_keys" in request:
+            log.warning("pairing request from %s: its trusted_keys are ignored: this node "
+                        "has no fleet key, so anyone could have sent them", peer)
         password = self.password()
         try:
             server = self._node_url(server, password)
@@ -354,6 +384,21 @@ class Pairing:
             self.on_server(server)
         return json.dumps(reply).encode()
 
+    def _take_keys(self, request: Dict[str, Any], peer: str) -> None:
+        """Trust the keys of a request whose HMAC was checked (written to the state dir)."""
+        keys = request.get("trusted_keys")
+        if not keys:
+            return
+        try:
+            added = signing.add_keys(self.config.state_path, keys)
+        except (HimbeereError, OSError) as exc:
+            log.error("pairing request from %s: cannot keep its trusted keys: %s", peer, exc)
+            return
+        if added:
+            log.info("pairing: now trusting signing key(s) %s (in %s; a reload or restart "
+                     "applies them)", ", ".join(added),
+                     self.config.state_path / signing.KEYS_FILE)
+
     def password(self) -> str:
         """The password this node answers with: the one its daemon logs in with.
 
@@ -376,7 +421,10 @@ class Pairing:
         if not (isinstance(ts, int) and isinstance(nonce, str) and isinstance(mac, str)
                 and _HEX32.fullmatch(nonce)):
             return "hmac", "no HMAC, and this node has a fleet key"
-        if not verify(self.key or b"", mac, request["server"], ts, nonce):
+        extra = _keys_text(request)
+        if extra is None:
+            return "keys", "trusted_keys: allowed: a list of base64 public keys"
+        if not verify(self.key or b"", mac, request["server"], ts, nonce, extra):
             return "hmac", "wrong HMAC (another fleet key?)"
         skew = ts - self.clock()
         if abs(skew) > self.max_skew:

@@ -60,22 +60,24 @@ def _subkey(key: bytes, purpose: str) -> bytes:
     return hkdf.derive(key)
 
 
-def sign(key: bytes, server: str, ts: int, nonce: str) -> str:
-    """The HMAC-SHA256 of a request, as hex."""
+def sign(key: bytes, server: str, ts: int, nonce: str, extra: str = "") -> str:
+    """The HMAC-SHA256 of a request, as hex; ``extra``: more of it to cover (keys)."""
     import hashlib
     import hmac
 
     message = f"{PROTOCOL}\n{ts}\n{nonce}\n{server}".encode()
+    if extra:  # empty: the message of a request without it, as before
+        message += f"\n{extra}".encode()
     return hmac.new(_subkey(key, "request hmac"), message, hashlib.sha256).hexdigest()
 
 
-def verify(key: bytes, mac: str, server: str, ts: int, nonce: str) -> bool:
+def verify(key: bytes, mac: str, server: str, ts: int, nonce: str, extra: str = "") -> bool:
     """Whether ``mac`` is the request's HMAC (compared in constant time)."""
     import hmac
 
     # Bytes: compare_digest refuses str with characters beyond ASCII.
     return hmac.compare_digest(mac.encode("utf-8", "surrogatepass"),
-                               sign(key, server, ts, nonce).encode())
+                               sign(key, server, ts, nonce, extra).encode())
 
 
 def _associated_data(nonce: str, macid: int) -> bytes:

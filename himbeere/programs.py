@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import codedoc, defaults, gitsource, oneshot
+from . import codedoc, defaults, gitsource, oneshot, signing
 from .codedoc import CodeDoc
 from .exceptions import HimbeereError
 from .forkserver import ForkServer
@@ -63,9 +63,10 @@ _S = ProgramState
 #: What starting a program that has no process can lead to: it is fetched
 #: first (git), runs, fails to fork (BACKING_OFF, or CRASHED for ``restart:
 #: never``), has an error in its document (INVALID), or stays STOPPED
-#: (disabled, or the node is going down).
+#: (disabled, or the node is going down), or is REJECTED: its signature or
+#: release is refused (require_signed, see signing.py).
 _START = frozenset({_S.FETCHING, _S.RUNNING, _S.BACKING_OFF, _S.CRASHED, _S.INVALID,
-                    _S.STOPPED})
+                    _S.STOPPED, _S.REJECTED})
 #: The only edges a program's state may take; every other one is a bug.
 #: A program without a process may be stopped (STOPPED) or (re)started at
 #: any time; only a RUNNING one has a process to stop or to end by itself.
@@ -299,6 +300,12 @@ class Supervisor:
         #: doc id -> global modules it exports
         self.providers: dict[str, dict[str, str]] = {}
         self.global_sources: dict[str, str] = {}
+        #: With ``require_signed``: what this node accepts (signing.py); else None.
+        self.signatures: Optional[signing.Policy] = None
+        #: Documents whose signature passed, as they came (checked again at a
+        #: reload, when a key may have been revoked), and the refused ones' reasons.
+        self.accepted: dict[str, dict[str, Any]] = {}
+        self.refused: dict[str, str] = {}
         #: Bound calls the loop thread makes for the other threads (see _queue).
         self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe()
@@ -410,6 +417,8 @@ class Supervisor:
         else:
             self.placed_docs.pop(doc_id, None)
         if doc.get("_deleted"):
+            self.accepted.pop(doc_id, None)
+            self.refused.pop(doc_id, None)
             if self.providers.pop(doc_id, None) is not None:
                 self._globals_changed()
             program = self.programs.get(doc_id)
@@ -418,7 +427,7 @@ class Supervisor:
                 self._event(program, "document deleted, stopping")
                 self._stop(program, AfterStop.REMOVE)
             return
-        parsed = codedoc.parse(doc, self.default_restart)
+        parsed = self._checked(doc)
         if parsed.global_modules or doc_id in self.providers:
             if parsed.global_modules != self.providers.get(doc_id, {}):
                 if parsed.global_modules:
@@ -445,6 +454,30 @@ class Supervisor:
                           self.node)
             return
         self._deploy(parsed)
+
+    def _checked(self, doc: dict[str, Any]) -> CodeDoc:
+        """``doc`` parsed; with ``require_signed``, refused without a valid signature."""
+        doc_id = str(doc.get("_id"))
+        self.accepted.pop(doc_id, None)
+        self.refused.pop(doc_id, None)
+        refusal = self.signatures.refusal(doc) if self.signatures is not None else None
+        if refusal is None:
+            if self.signatures is not None:
+                self.accepted[doc_id] = doc
+                if "global_modules" in doc:
+                    self.signatures.ran(doc)  # its modules are in use from now on
+            return codedoc.parse(doc, self.default_restart)
+        self.refused[doc_id] = f"refused: {refusal}"
+        # No modules, not even global ones: nothing of it may run anywhere.
+        return codedoc.failed(doc, self.refused[doc_id], self.default_restart)
+
+    def check_signatures(self) -> None:
+        """Check the accepted documents again (a reload may have revoked a key)."""
+        if self.signatures is None:
+            return
+        for doc in list(self.accepted.values()):
+            if self.signatures.refusal(doc) is not None:
+                self._apply(doc)
 
     def _deploy(self, parsed: CodeDoc) -> None:
         fingerprint = parsed.fingerprint(self.global_sources)
@@ -507,6 +540,7 @@ class Supervisor:
             self._start_or_rest(program)
 
     def _restart_all(self) -> None:
+        self.check_signatures()
         for program in list(self.programs.values()):
             if program.state is ProgramState.STOPPING:
                 continue  # it starts again, or goes away, as already decided
@@ -533,7 +567,9 @@ class Supervisor:
     # -- starting ------------------------------------------------------------
     def _start_or_rest(self, program: Program) -> None:
         program.next_start = None  # a backoff restart of older code is void
-        if program.doc.error:
+        if program.doc.doc_id in self.refused:
+            self._refuse(program, self.refused[program.doc.doc_id])
+        elif program.doc.error:
             # Deployed as it is: the same code as before the error starts again.
             program.fingerprint = program.doc.fingerprint(self.global_sources)
             self._set(program, ProgramState.INVALID, error=program.doc.error)
@@ -576,6 +612,8 @@ class Supervisor:
         )
         # What runs now decides the next restart, whatever changed meanwhile.
         program.fingerprint = doc.fingerprint(self.global_sources)
+        if self.signatures is not None and doc.doc_id in self.accepted:
+            self.signatures.ran(self.accepted[doc.doc_id])  # the downgrade rule's floor
         # Taken before the fork: the child's first line must come after "started".
         spawned = time.time()
         try:
@@ -597,6 +635,13 @@ class Supervisor:
         log.info("%s: started (pid %s, rev %s)", program.name, pid, printable(doc.rev))
         self._event(program, f"started (pid {pid})", when=spawned)
 
+    def _refuse(self, program: Program, why: str) -> None:
+        """``program`` must not run (require_signed): REJECTED, and its log says why."""
+        program.fingerprint = program.doc.fingerprint(self.global_sources)
+        self._set(program, ProgramState.REJECTED, error=why)
+        log.error("%s: %s", program.name, printable(why))
+        self._event(program, why, ERROR)
+
     def _slot_free(self, program: Program) -> bool:
         taken = sum(1 for other in self.programs.values()
                     if other is not program and other.state in HOLDS_SLOT)
@@ -616,7 +661,8 @@ class Supervisor:
 
     def _admit(self) -> None:
         """Start rejected programs, first come first served, while slots are free."""
-        waiting = [p for p in self.programs.values() if p.state is ProgramState.REJECTED]
+        waiting = [p for p in self.programs.values() if p.state is ProgramState.REJECTED
+                   and p.doc.doc_id not in self.refused]
         if not waiting or self.closing:
             return
         waiting.sort(key=lambda p: p.queued or 0)
@@ -665,6 +711,12 @@ class Supervisor:
                 log.error("%s: %s", program.name, printable(result, multiline=True))
                 self._set(program, ProgramState.INVALID, error=str(result))
                 self._invalid_event(program, str(result))
+            return
+        pinned = signing.pinned_commit((self.accepted.get(doc_id) or {}).get("git"))
+        if self.signatures is not None and pinned != result[1]:
+            self.refused[doc_id] = (f"refused: fetched commit {result[1][:12]} is not the "
+                                    f"signed commit {str(pinned)[:12]} (did the ref move?)")
+            self._refuse(program, self.refused[doc_id])
             return
         program.fetched = (fingerprint, result)
         log.info("%s: fetched commit %s", program.name, result[1][:12])

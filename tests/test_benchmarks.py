@@ -97,3 +97,16 @@ def test_bench_server_failover() -> None:
     assert sample["written_via"] != sample["killed_node"]
     assert sample["server_after"] != sample["killed_node"]
     assert_figure(result["failover_s"], 1)
+
+
+def test_bench_signing() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_signing.py"), "--rounds", "3",
+         "--record-rounds", "2", "--import-rounds", "1"],
+        capture_output=True, text=True, timeout=240, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    for size in ("1kb", "64kb", "1mb"):
+        assert_figure(result["check_ms"][size], 3)
+    assert_figure(result["record_ms"], 2)
+    assert_figure(result["import_ms"], 1)

@@ -182,7 +182,9 @@ def test_max_programs_from_file_environment_and_flag(tmp_path: Path) -> None:
 # -- every setting has a flag; the CLIs' consistency (issue 12, item 9) ----------------
 #: Values a setting's validate() accepts, where "a number" or "a path" would not do.
 FLAG_VALUES = {"server": "http://h:5984", "database": "db", "status_database": "db2",
-               "restart_policy": "always", "legacy_password": "yes"}
+               "restart_policy": "always", "legacy_password": "yes", "require_signed": "yes",
+               # a base64 public key (a path must exist)
+               "trusted_keys": "ESMxXi8PoJhqSgSh8Ng2vA+oKXJmz5lwvd4UUQX3A+I="}
 
 
 def flag_value(key: str) -> str:

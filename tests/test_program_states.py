@@ -67,6 +67,11 @@ TAKEN = [
     (S.INVALID, S.RUNNING),          # its document was fixed
     (S.REJECTED, S.REJECTED),        # still no free slot
     (S.REJECTED, S.RUNNING),         # admitted
+    # require_signed (signing.py): a document whose signature or release is
+    # refused never runs, whatever state its program was in
+    (S.STOPPING, S.REJECTED),        # gone; its new document is refused
+    (S.FETCHING, S.REJECTED),        # the fetched commit is not the signed one
+    (S.BACKING_OFF, S.REJECTED),     # a refused document arrived while it waited
 ]
 
 #: Edges that would be bugs: the table must refuse them.
@@ -78,9 +83,6 @@ NEVER = [
     (S.RUNNING, S.FETCHING),
     (S.STOPPING, S.STOPPING),    # a stop does not begin twice (no second "quit")
     (S.STOPPING, S.FINISHED),    # a stopped program did not finish by itself
-    (S.STOPPING, S.REJECTED),    # it holds its slot
-    (S.FETCHING, S.REJECTED),
-    (S.BACKING_OFF, S.REJECTED),
     (S.BACKING_OFF, S.STOPPING),  # no process to stop
     (S.STOPPED, S.STOPPING),
     (S.FINISHED, S.STOPPING),

@@ -18,6 +18,7 @@ included (``{"ok": false, "error": "..."}``).
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import sys
@@ -31,7 +32,7 @@ from himbeere.couch import Doc, security
 from himbeere.exceptions import ConfigError, HimbeereError
 
 from . import discover as discovery
-from . import install, push, releases, rollouts, users
+from . import install, keys, push, releases, rollouts, users
 from .fleet import Fleet, parse_mac
 
 PROG = "himbeere-upload"
@@ -110,12 +111,16 @@ def cmd_push(args: argparse.Namespace) -> Output:
     plan = rollouts.plan_of(args)
     fleet = open_fleet(args)
     node = fleet.resolve_node(args.node) if args.node else None
-    result = push.push(fleet, Path(args.path), node, args.name, placed, rollout=plan)
+    signing_key = keys.find(args.signing_key, args.environ)
+    result = push.push(fleet, Path(args.path), node, args.name, placed, rollout=plan,
+                       signing_key=signing_key)
     if result["action"] == "unchanged":
         lines = [f"unchanged: {result['id']} (rev {result['rev']})"]
     else:
         lines = [f"{result['action']} {result['id']} (rev {result['rev']}), "
                  f"release {result['release']}"]
+        if signing_key is not None:
+            lines[0] += f", signed by {signing_key.key_id}"
         lines += [f"  {change}" for change in result["changes"]]
     if result["ignored"]:
         lines.append(f"ignored: {', '.join(result['ignored'])}")
@@ -180,11 +185,18 @@ def cmd_rollback(args: argparse.Namespace) -> Output:
     Release N (default: the one before the newest) is written again to the
     same documents; its release number is the next one, so it keeps growing.
     """
-    record = releases.rollback(open_fleet(args), args.name, args.to)
+    signing_key = keys.find(args.signing_key, args.environ)
+
+    def finish(doc: Doc) -> None:
+        if signing_key is not None:
+            keys.sign(doc, signing_key)  # the last step, as for a push
+
+    record = releases.rollback(open_fleet(args), args.name, args.to, finish=finish)
     entry = releases.entry(record)
+    signed = f", signed by {signing_key.key_id}" if signing_key is not None else ""
     return ({"name": args.name, "release": entry},
             [f"release {entry['release']} of {args.name}: {entry['what']} "
-             f"({', '.join(entry['docs'])})"])
+             f"({', '.join(entry['docs'])}){signed}"])
 
 
 def cmd_provision(args: argparse.Namespace) -> Output:
@@ -240,16 +252,44 @@ def cmd_discover(args: argparse.Namespace) -> Output:
     fleet_key_file = args.fleet_key_file or args.environ.get("HIMBEERE_FLEET_KEY_FILE")
     port = args.port or args.environ.get("HIMBEERE_DISCOVERY_PORT")
     stderr.write(f"broadcasting {args.node_server or fleet.server} for {args.timeout:g} s\n")
+    fleet_key = _fleet_key(fleet_key_file) if fleet_key_file else None
     rows = discovery.discover(
         fleet, args.timeout, args.node_server, args.broadcast, progress, answered,
         port=int(port) if port else None, broadcast_address=args.broadcast_address,
-        fleet_key=_fleet_key(fleet_key_file) if fleet_key_file else None)
+        fleet_key=fleet_key, trusted_keys=_handed_keys(args, fleet_key))
     stderr.write("\n")
     if not rows:
         return {"nodes": []}, [f"no Pi answered within {args.timeout:g} s"]
     return {"nodes": rows}, table(
         ["MAC ID", "NAME", "IP", "STATE"],
         [[str(r["node"] or "?"), r["name"] or "-", str(r["ip"]), r["state"]] for r in rows])
+
+
+def cmd_keygen(args: argparse.Namespace) -> Output:
+    """Make an Ed25519 signing key for a deployer.
+
+    Writes the private key (mode 0600) and FILE.pub beside it; push, cmd and
+    the dashboard sign with it from then on.  Nodes trust it through
+    trusted_keys, or at pairing (discover --trusted-key FILE.pub).
+    """
+    made = keys.keygen(args.out, args.force)
+    return made, [f"private key: {made['key']} (mode 0600; keep it secret)",
+                  f"public key:  {made['public']}",
+                  f"key id:      {made['key_id']}",
+                  "on each node, in [himbeere] of /etc/himbeere/himbeere.conf:",
+                  f"trusted_keys = {made['trusted_keys']}"]
+
+
+def _handed_keys(args: argparse.Namespace, fleet_key: Optional[bytes]) -> Optional[list[str]]:
+    """The public keys discover hands to the nodes: --trusted-key, or the signing key's."""
+    from himbeere import signing
+
+    given = [base64.b64encode(signing.parse_key(entry)).decode() for entry in
+             args.trusted_key or ()]
+    if given or fleet_key is None:
+        return given or None
+    key = keys.find(None, args.environ)  # only with the fleet key: it protects them
+    return [key.public_b64] if key is not None else None
 
 
 def _fleet_key(path: str) -> bytes:
@@ -349,6 +389,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="free RAM or disk a node needs: ram_mb=200, disk_mb=100 "
                              "(repeat; ram_mb= removes it)")
 
+    push_cmd.add_argument("--signing-key", metavar="FILE",
+                          help=f"sign with this key ({keys.ENV}; default {keys.DEFAULT_KEY} "
+                               "if it exists)")
+
     pull = add("pull", cmd_pull)
     pull.add_argument("name", metavar="NAME", help="program name")
     pull.add_argument("dir", metavar="DIR", help="folder to write the files into")
@@ -376,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--to", metavar="N", type=int,
                           help="the release to deploy again (default: the one before the "
                                "newest)")
+    rollback.add_argument("--signing-key", metavar="FILE",
+                          help=f"sign with this key ({keys.ENV}; default {keys.DEFAULT_KEY} "
+                               "if it exists)")
 
     provision = add("provision", cmd_provision)
     provision.add_argument("macid", metavar="MACID", help="decimal MAC id or MAC address")
@@ -394,9 +441,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "or one Pi's address)")
     disc.add_argument("--fleet-key-file", metavar="FILE",
                       help="the fleet key the nodes have (HIMBEERE_FLEET_KEY_FILE)")
+    disc.add_argument("--trusted-key", metavar="KEY", action="append",
+                      help="a public key (base64, or a .pub file) the nodes are to trust; "
+                           "repeat for more (default: the signing key's, with a fleet key)")
     disc.add_argument("--node-server", metavar="URL",
                       help="URL the Pis should use, without credentials (default: the "
                            "server's)")
+    keygen = add("keygen", cmd_keygen)
+    keygen.add_argument("--out", metavar="FILE",
+                        help=f"where to write the private key (default {keys.DEFAULT_KEY})")
+    keygen.add_argument("--force", action="store_true", help="overwrite an existing key")
     return parser
 
 

@@ -55,7 +55,7 @@ from himbeere.exceptions import ConfigError, Conflict, NotFound
 from himbeere.fleet import placement
 from himbeere.schema import ProgramState
 
-from . import push
+from . import keys, push
 from .fleet import NODE_DOC_TYPE, Fleet, check_name, parse_labels
 
 #: A command's result is final in one of these states (``running`` is not).
@@ -288,12 +288,13 @@ def new_command_id(now: Optional[float] = None) -> str:
 
 
 def create_command(fleet: Fleet, argv: list[str], targets: Targets,
-                   timeout: Optional[float] = None) -> str:
+                   timeout: Optional[float] = None,
+                   signing_key: Optional[keys.SigningKey] = None) -> str:
     """Save ONE command document for ``targets``; returns its id.
 
     ``targets`` is ``"all"`` or a list of MAC ids (see
     :func:`resolve_targets`); ``timeout`` is seconds on each node (default:
-    the node's ``command_timeout``).
+    the node's ``command_timeout``).  With ``signing_key`` it is signed.
     """
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
         raise ConfigError(f"command {argv!r} is not allowed; allowed: a non-empty list of "
@@ -322,6 +323,8 @@ def create_command(fleet: Fleet, argv: list[str], targets: Targets,
     }
     if timeout is not None:
         doc["timeout"] = timeout
+    if signing_key is not None:
+        keys.sign(doc, signing_key)  # last: it covers id, targets, cmd and timeout
     fleet.code.save(doc)
     return str(doc["_id"])
 

@@ -29,7 +29,7 @@ from typing import IO, Any, Callable, Optional
 from himbeere.component import Backoff
 from himbeere.exceptions import ConfigError, HimbeereError, Unauthorized, Unreachable
 
-from . import ops, rolloutscli
+from . import keys, ops, rolloutscli
 from .cli import common_flags, settings, table
 from .fleet import Fleet
 
@@ -321,7 +321,8 @@ def cmd_cmd(args: argparse.Namespace, fleet: Fleet) -> int:
                             "e.g. himbeere cmd --all -- uname -a")
     targets = ops.resolve_targets(fleet, all=args.all, nodes=args.node or (),
                                   labels=args.label or ())
-    command_id = ops.create_command(fleet, list(args.argv), targets, args.timeout)
+    command_id = ops.create_command(fleet, list(args.argv), targets, args.timeout,
+                                    signing_key=keys.find(args.signing_key, os.environ))
     wait = args.wait if args.wait is not None else (
         args.timeout + WAIT_MARGIN if args.timeout else DEFAULT_WAIT)
     err = sys.stderr
@@ -662,6 +663,9 @@ def register(sub: Any) -> None:
     cmd.add_argument("--wait", metavar="S", type=float,
                      help=f"seconds to wait for answers (default: timeout + {WAIT_MARGIN:g}, "
                           f"or {DEFAULT_WAIT:g} without --timeout)")
+    cmd.add_argument("--signing-key", metavar="FILE",
+                     help=f"sign the command with this key ({keys.ENV}, default "
+                          f"{keys.DEFAULT_KEY} if it exists)")
     cmd.add_argument("--result", metavar="ID", help="show the results of command ID again")
     cmd.add_argument("--list", action="store_true", help="list the latest commands")
     cmd.add_argument("--limit", metavar="N", type=int, default=20,

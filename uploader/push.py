@@ -37,6 +37,7 @@ from himbeere.schema import global_id, lease_id, placed_id, program_id, status_i
 
 from . import releases, rollouts
 from .fleet import Fleet, parse_labels
+from .keys import SigningKey, sign
 
 SUFFIX = ".py"
 #: The function the node calls in a program's main module.
@@ -339,10 +340,12 @@ def _modules_of(doc: Doc, is_global: bool) -> dict[str, str]:
 
 # -- the commands ------------------------------------------------------------------------
 def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = None,
-         placed: Optional[Placed] = None, rollout: Optional[rollouts.Plan] = None) -> Doc:
+         placed: Optional[Placed] = None, rollout: Optional[rollouts.Plan] = None,
+         signing_key: Optional[SigningKey] = None) -> Doc:
     """Push ``path`` to ``node`` (None: as global modules, or ``placed``).
 
-    ``rollout``: go out in waves (:mod:`uploader.rollouts`).
+    ``rollout``: go out in waves (:mod:`uploader.rollouts`).  With
+    ``signing_key`` every document written is signed (:mod:`uploader.keys`).
 
     Returns what happened: ``action`` (created, updated, unchanged),
     ``changes`` (one line each), ``id``, ``rev``...
@@ -374,7 +377,10 @@ def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = No
             scheduler.wanted(wanted)  # the scheduler's own check
         except ProgramError as exc:
             raise ConfigError(f"{doc['_id']}: {exc}") from None
-    if existing is not None and wanted == doc:
+    signed_by = (doc.get("signature") or {}).get("key") if isinstance(
+        doc.get("signature"), dict) else None
+    if existing is not None and wanted == doc and (
+            signing_key is None or signed_by == signing_key.key_id):
         result.update(action="unchanged", rev=doc["_rev"], changes=[],
                       release=doc.get("release"))
         return result
@@ -392,6 +398,9 @@ def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = No
         if rollout is not None:
             result["rollout"] = rollouts.prepare(fleet, name, doc, rollouts.previous_release(
                 existing), rollout)
+        if signing_key is not None:
+            sign(doc, signing_key)  # the last step: it covers every field set before
+            result["key"] = signing_key.key_id
 
     record = releases.publish(fleet, name, [wanted], str(path.resolve()), changes, finish)
     result.update(action="updated" if existing else "created", rev=wanted["_rev"],

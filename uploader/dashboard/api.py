@@ -23,6 +23,7 @@ CSRF refused it), 404, 502 or 503 (CouchDB is unreachable).
 
 from __future__ import annotations
 
+import os
 import shlex
 from typing import Any, Optional
 
@@ -31,7 +32,7 @@ from flask import Blueprint, Response, g, jsonify, request, stream_with_context
 from himbeere.couch import Doc
 from himbeere.exceptions import ConfigError, NotFound
 
-from .. import ops
+from .. import keys, ops
 from ..fleet import Fleet
 from . import live
 from .context import dashboard, user_name
@@ -155,7 +156,9 @@ def create_command() -> Any:
     if not isinstance(argv, list):
         raise ConfigError(f"command {argv!r} is not allowed; allowed: a list of strings, or "
                           "one string split like a shell would (no shell runs it)")
-    command_id = ops.create_command(g.fleet, argv, resolved, timeout)
+    # Signed with the key of the machine the dashboard runs on, if it has one.
+    command_id = ops.create_command(g.fleet, argv, resolved, timeout,
+                                    signing_key=keys.find(None, os.environ))
     response = jsonify({"ok": True, "id": command_id, "targets": resolved,
                         "url": f"/commands/{command_id}"})
     response.status_code = 201
