@@ -47,7 +47,7 @@ from .forkserver import ForkServer
 from .logship import ERROR, EVENT
 from .logtext import printable
 from .runtime import child
-from .schema import ProgramState, iso
+from .schema import ProgramState, iso, targets_labels, targets_text
 
 log = logging.getLogger(__name__)
 
@@ -234,6 +234,7 @@ class Program:
             "ended": self.ended,
             "enabled": self.doc.enabled,
             "placed": self.doc.placed,
+            "targets": self.doc.targets,
             "git": self.doc.git.describe() if self.doc.git else None,
             "commit": self.checkout[1] if self.doc.git and self.checkout else None,
             "next_start": _iso(time.time() + self.next_start - time.monotonic())
@@ -287,6 +288,10 @@ class Supervisor:
         self.placed_docs: dict[str, dict[str, Any]] = {}
         self.assigned: set[str] = set()
         self.fence = fence
+        #: Programs for many nodes (targeting.py): every such document from
+        #: the feed, and this node's labels (None: not read yet).
+        self.targeted_docs: dict[str, dict[str, Any]] = {}
+        self.labels: Optional[dict[str, str]] = None
         #: At most this many programs hold a process; more are ``rejected``
         #: and start, first come first served, once one of those ends.
         self.max_programs = max_programs
@@ -317,6 +322,10 @@ class Supervisor:
         ``hurry``: seconds within which the ones no longer assigned must stop.
         """
         self._queue(self._assign, frozenset(assigned), hurry)
+
+    def relabel(self, labels: Mapping[str, str]) -> None:
+        """This node's labels are now ``labels``: start and stop programs for many nodes."""
+        self._queue(self._relabel, dict(labels))
 
     def restart_all(self) -> None:
         """Restart every program (a reload); one already stopping is left as it is."""
@@ -382,9 +391,7 @@ class Supervisor:
         log.error("could not handle document %s: %s", printable(doc_id), printable(error),
                   exc_info=exc)
         try:
-            mine = codedoc.matches_node(doc, self.node) or (
-                codedoc.is_placed(doc) and doc_id in self.assigned)
-            if mine and not doc.get("_deleted"):
+            if self._mine(doc) and not doc.get("_deleted"):
                 self._deploy(codedoc.failed(doc, error, self.default_restart))
         except Exception:
             log.exception("%s: could not record that it failed", printable(doc_id))
@@ -403,10 +410,12 @@ class Supervisor:
     # -- documents ---------------------------------------------------------
     def _apply(self, doc: dict[str, Any]) -> None:
         doc_id = str(doc.get("_id"))
-        if codedoc.is_placed(doc):
-            self.placed_docs[doc_id] = doc
-        else:
-            self.placed_docs.pop(doc_id, None)
+        for kind, docs in ((codedoc.is_placed, self.placed_docs),
+                           (codedoc.is_targeted, self.targeted_docs)):
+            if kind(doc):
+                docs[doc_id] = doc
+            else:
+                docs.pop(doc_id, None)
         if doc.get("_deleted"):
             if self.providers.pop(doc_id, None) is not None:
                 self._globals_changed()
@@ -424,8 +433,7 @@ class Supervisor:
                 else:
                     self.providers.pop(doc_id, None)
                 self._globals_changed()
-        mine = codedoc.matches_node(doc, self.node) or (
-            parsed.placed and doc_id in self.assigned)
+        mine = self._mine(doc)
         if not mine and parsed.error and doc.get("global_modules") \
                 and not parsed.global_modules:
             # No status entry shows it (it is not this node's program), yet
@@ -443,6 +451,35 @@ class Supervisor:
                           self.node)
             return
         self._deploy(parsed)
+
+    def _mine(self, doc: dict[str, Any]) -> bool:
+        """True if this node runs ``doc``: its own, placed here, or targeting its labels."""
+        return codedoc.matches_node(doc, self.node) or (
+            codedoc.is_placed(doc) and str(doc.get("_id")) in self.assigned) or (
+            codedoc.is_targeted(doc)
+            and targets_labels(doc.get("targets"), self.node, self.labels))
+
+    def _relabel(self, labels: dict[str, str]) -> None:
+        """Start the programs for many nodes the new labels match, stop the others."""
+        before, self.labels = self.labels, labels
+        for doc_id, doc in sorted(self.targeted_docs.items()):
+            targets = doc.get("targets")
+            if targets_labels(targets, self.node, before) == self._mine(doc):
+                continue
+            name = printable(doc.get("name") or doc_id)
+            program = self.programs.get(doc_id)
+            if self._mine(doc):
+                why = f"labels {targets_text(targets)} match"
+                log.info("%s: %s, starting", name, why)
+                self._ship_event(doc_id, name, why)
+                self._apply(doc)
+            elif program is not None:
+                have = ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "none"
+                why = (f"labels no longer match targets {targets_text(targets)} "
+                       f"(this node has: {have}), stopping")
+                log.info("%s: %s", name, why)
+                self._event(program, why)
+                self._stop(program, AfterStop.REMOVE)
 
     def _deploy(self, parsed: CodeDoc) -> None:
         fingerprint = parsed.fingerprint(self.global_sources)
@@ -843,6 +880,13 @@ class Supervisor:
         lines = [(stamp, line, kind) for line in str(text).rstrip("\n").splitlines()]
         if lines:
             self._ship(program, ("log", lines, 0))
+
+    def _ship_event(self, doc_id: str, name: str, text: str) -> None:
+        """:meth:`_event` for a program that has no entry yet (it is about to start)."""
+        try:
+            self.on_log(doc_id, name, [(time.time(), text, EVENT)], 0)
+        except Exception:
+            log.exception("%s: cannot ship its output", name)
 
     def _forget(self, program: Program) -> None:
         if program.conn is not None:

@@ -95,6 +95,7 @@ from ..exceptions import CouchError, ProgramError
 from ..logtext import EscapedArguments
 from ..schema import NODE_PREFIX, STATUS_PREFIX, node_id
 from .lease import Lease, is_free
+from .targeting import NodeLabels
 from .scheduler import (
     Assignments,
     NodeInfo,
@@ -144,8 +145,11 @@ class Placement(Component):
                  on_assigned: Callable[[frozenset[str], Optional[float]], None],
                  clock: Optional[Callable[[], float]] = None,
                  last_heartbeat: Optional[Callable[[], Optional[float]]] = None,
-                 resources: Optional[Callable[[], Mapping[str, Any]]] = None) -> None:
+                 resources: Optional[Callable[[], Mapping[str, Any]]] = None,
+                 labels: Optional[NodeLabels] = None) -> None:
         super().__init__()
+        #: This node's labels, for programs for many nodes: refreshed every beat.
+        self.labels = labels
         self.status_db = status_db
         self.code_db = code_db
         self.node = node
@@ -220,6 +224,8 @@ class Placement(Component):
 
     def loop(self) -> None:
         """One heartbeat: read the lease; schedule if we hold it or it is free."""
+        if self.labels is not None:
+            self.labels.refresh()  # a GET only while a program selects by labels
         try:
             self._beat()
         except CouchError as exc:
