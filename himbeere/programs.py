@@ -441,6 +441,8 @@ class Supervisor:
             log.error("%s: its global_modules are not used: %s", printable(doc_id),
                       printable(parsed.error, multiline=True))
         program = self.programs.get(doc_id)
+        if mine and program is None and parsed.targets is not None:
+            self._targets_match(doc_id, parsed.name, parsed.targets)
         if not mine or not parsed.is_program:
             if program is not None:
                 log.info("%s: no longer a program of this node, stopping", program.name)
@@ -466,18 +468,14 @@ class Supervisor:
             targets = doc.get("targets")
             if targets_labels(targets, self.node, before) == self._mine(doc):
                 continue
-            name = printable(doc.get("name") or doc_id)
             program = self.programs.get(doc_id)
             if self._mine(doc):
-                why = f"labels {targets_text(targets)} match"
-                log.info("%s: %s, starting", name, why)
-                self._ship_event(doc_id, name, why)
                 self._apply(doc)
             elif program is not None:
                 have = ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "none"
                 why = (f"labels no longer match targets {targets_text(targets)} "
                        f"(this node has: {have}), stopping")
-                log.info("%s: %s", name, why)
+                log.info("%s: %s", program.name, why)
                 self._event(program, why)
                 self._stop(program, AfterStop.REMOVE)
 
@@ -881,10 +879,14 @@ class Supervisor:
         if lines:
             self._ship(program, ("log", lines, 0))
 
-    def _ship_event(self, doc_id: str, name: str, text: str) -> None:
-        """:meth:`_event` for a program that has no entry yet (it is about to start)."""
-        try:
-            self.on_log(doc_id, name, [(time.time(), text, EVENT)], 0)
+    def _targets_match(self, doc_id: str, name: str, targets: Any) -> None:
+        """Say why a program for many nodes starts here, in the log and its own log."""
+        name = printable(name)
+        why = (f"labels {targets_text(targets)} match" if isinstance(targets, dict)
+               else f"targets {targets_text(targets)}")
+        log.info("%s: %s, starting", name, why)
+        try:  # the program has no entry yet for _event
+            self.on_log(doc_id, name, [(time.time(), why, EVENT)], 0)
         except Exception:
             log.exception("%s: cannot ship its output", name)
 
