@@ -17,7 +17,7 @@ import pytest
 from himbeere.couch import Couch, Doc
 from himbeere.exceptions import Unauthorized
 from himbeere.schema import PROGRAM_TYPE, node_id, targeted_id
-from tests.helpers import wait_for
+from tests.helpers import himbeere, wait_for
 from tests.nodes import Node, pid_alive, start_nodes
 from uploader import cli, ops
 from uploader.fleet import Fleet
@@ -66,7 +66,8 @@ def beats(node: Node, count: int = 2) -> None:
 
 @pytest.mark.slow
 def test_one_document_runs_where_the_labels_match_and_follows_them(
-        fleet: Fleet, node_factory: NodeFactory, upload: Upload, tmp_path: Path) -> None:
+        fleet: Fleet, node_factory: NodeFactory, upload: Upload, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str], cli_env: None) -> None:
     ops.set_labels(fleet, 1001, room="lab")
     nodes = {n.mac_id: n for n in start_nodes(node_factory, 1001, 1002)}
     source = write(tmp_path / "sensor.py")
@@ -104,6 +105,12 @@ def test_one_document_runs_where_the_labels_match_and_follows_them(
     ops.set_labels(fleet, 1002, room="lab")
     nodes[1002].wait_program("program:lab", state="running")
     nodes[1002].wait_log("labels room=lab match")
+    # himbeere status lists it with the node's other programs, and says what it targets.
+    code, out, err = himbeere(capsys, "status", "1002")
+    assert code == 0, err
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith("  ")}
+    assert "program:lab" in rows["lab"] and "(targets room=lab)" in rows["lab"]
+    assert "(targets all)" in rows["everywhere"] and "(targets" not in rows["own"]
     # 1001 leaves the lab: it stops there; the program's own log says why.
     pid = nodes[1001].program("program:lab")["pid"]
     ops.set_labels(fleet, 1001, room="")
