@@ -170,9 +170,10 @@ def for_node(doc: dict[str, Any], node: int, code_only: bool = False) -> bool:
     document's filter) and as a ``_selector``; ``tests/test_schema.py``
     holds the three together.  A node follows its programs, placed
     programs, programs for many nodes (whose ``targets`` the node checks
-    against its own labels: the feed cannot know them), documents with ``global_modules`` and (unless ``code_only``)
-    its commands.  A deletion is followed by every node: its body is gone,
-    and a node that ran the program stops it.  Design documents are not
+    against its own labels: the feed cannot know them), documents with
+    ``global_modules`` and (unless ``code_only``) its commands.  A deletion
+    is followed by every node: its body is gone, and a node that ran the
+    program stops it.  Design documents are not
     followed (the feed drops them, whatever the server passes).
     """
     if str(doc.get("_id", "")).startswith("_design/"):

@@ -178,7 +178,7 @@ def test_a_node_reads_its_labels_when_the_first_targeted_document_arrives(
 
 
 def test_a_node_may_not_write_a_program_for_many_nodes(
-        fleet: Fleet, node_user: Callable[[], "tuple[int, str]"]) -> None:
+        fleet: Fleet, node_user: Callable[[], tuple[int, str]]) -> None:
     mac, url = node_user()
     as_node = Couch(url).database(fleet.code.name)
     doc: Doc = {"_id": targeted_id("evil"), "type": PROGRAM_TYPE, "name": "evil",

@@ -601,7 +601,8 @@ def _programs_by_node(fleet: Fleet) -> dict[int, dict[str, Any]]:
                                  include_docs=True)
     found = {}
     for row in rows:
-        mac, programs = mac_of(str(row["id"]), STATUS_PREFIX), (row.get("doc") or {}).get("programs")
+        mac = mac_of(str(row["id"]), STATUS_PREFIX)
+        programs = (row.get("doc") or {}).get("programs")
         if mac is not None and isinstance(programs, dict):
             found[mac] = programs
     return found

@@ -95,7 +95,6 @@ from ..exceptions import CouchError, ProgramError
 from ..logtext import EscapedArguments
 from ..schema import NODE_PREFIX, STATUS_PREFIX, node_id
 from .lease import Lease, is_free
-from .targeting import NodeLabels
 from .scheduler import (
     Assignments,
     NodeInfo,
@@ -108,6 +107,7 @@ from .scheduler import (
     nodes_from_docs,
     wanted,
 )
+from .targeting import NodeLabels
 
 log = logging.getLogger(__name__)
 # Document ids come from users: none may forge a line of the daemon's log.
