@@ -441,7 +441,7 @@ class Supervisor:
             log.error("%s: its global_modules are not used: %s", printable(doc_id),
                       printable(parsed.error, multiline=True))
         program = self.programs.get(doc_id)
-        if mine and program is None and parsed.targets is not None:
+        if mine and program is None and parsed.targets is not None and parsed.is_program:
             self._targets_match(doc_id, parsed.name, parsed.targets)
         if not mine or not parsed.is_program:
             if program is not None:
