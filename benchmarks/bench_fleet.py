@@ -23,14 +23,15 @@ push to all
     first.  Median of ``--rounds``.  The first push (creating the
     documents, fork servers cold) is reported apart, unmeasured.
 one program for many nodes
-    from the start of ONE PUT of a new ``program:<name>`` document of
-    ``type: "himbeere-program"`` targeting a label every node has
-    (``{"labels": {"bench": "fleet"}}``, what ``himbeere-upload push PATH
-    --label bench=fleet`` writes) to the arrival of the last of the N
-    datagrams its ``main()`` sends on each node.  Each round creates a new
-    document (the nodes read their labels then, as on a first push) and
-    deletes it afterwards, unmeasured.  Median of ``--rounds``, after one
-    unmeasured warm-up round.
+    from the start of ONE PUT of a ``program:<name>`` document of ``type:
+    "himbeere-program"`` targeting a label every node has (``{"labels":
+    {"bench": "fleet"}}``, what ``himbeere-upload push PATH --label
+    bench=fleet`` writes) to the arrival of the last of the N datagrams its
+    ``main()`` sends on each node.  ``targeted_to_all_ms``: updates of the
+    running document, as push to all measures (its creation, when the
+    nodes first read their labels, reported apart);
+    ``targeted_new_to_all_ms``: a new document each round, deleted
+    afterwards, unmeasured.  Medians of ``--rounds``.
 command to all
     from the start of :func:`uploader.ops.create_command` with ``targets:
     "all"`` (what ``himbeere cmd --all -- true`` does before it waits: it
@@ -346,33 +347,59 @@ class FleetBench:
             raise BenchError(f"labels: {response.status_code} {response.text[:500]}")
         self.labelled.update(new)
 
-    def targeted(self, size: int) -> dict[str, Any]:
-        """``--rounds`` new label-targeted documents (after a warm-up), each deleted after."""
+    def targeted(self, size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One running label-targeted document updated ``--rounds`` times (as
+        :meth:`pushes` does; its creation reported apart), then ``--rounds``
+        new documents, each deleted afterwards."""
         self.label()
         macs = [d.mac_id for d in self.daemons]
-        rounds = Rounds()
+        updates, news = Rounds(), Rounds()
+        rev: Optional[str] = None
+        first = 0.0
         for round_ in range(self.args.rounds + 1):
-            tag = f"t{size}r{round_}"
-            doc = {"_id": targeted_id(f"bench-{tag}"), "type": PROGRAM_TYPE,
-                   "name": f"bench-{tag}", "targets": {"labels": dict(BENCH_LABELS)},
-                   "code": TARGETED_PROGRAM.format(token=tag, port=self.udp.port)}
-            self.settle()
-            cpu0 = self.cpu()
-            start = time.perf_counter()
-            saved = self.code.save(doc)
-            keys = [f"up {tag}-{mac}" for mac in macs]
-            try:
-                self.udp.arrivals.wait_all(keys, self.step_timeout())
-            except BenchError as exc:
-                raise BenchError(f"targeted {tag}: {exc}\n{self.daemon_log()}") from None
-            cpu1 = self.cpu(end=True)
-            if round_ > 0:
-                rounds.add(start, [self.udp.arrivals.times[k] for k in keys], cpu0, cpu1)
-            # Unmeasured: every node stops it, so each round starts with none.
-            self.code.delete(dict(doc, _rev=saved["_rev"]))
-            self.udp.arrivals.wait_all([f"down {tag}-{mac}" for mac in macs],
-                                       self.step_timeout())
-        return rounds.report()
+            tag = f"t{size}u{round_}"
+            doc = self.targeted_doc(f"bench-t{size}", tag)
+            if rev is not None:
+                doc["_rev"] = rev
+            elapsed, rev = self.put_until_running(doc, tag, macs,
+                                                  updates if round_ else None)
+            first = first or elapsed
+        self.delete_targeted(doc, rev, tag, macs)
+        for round_ in range(self.args.rounds):
+            tag = f"t{size}n{round_}"
+            doc = self.targeted_doc(f"bench-{tag}", tag)
+            _, rev = self.put_until_running(doc, tag, macs, news)
+            self.delete_targeted(doc, rev, tag, macs)
+        result = updates.report()
+        result["first_push_creating_ms"] = round(first * 1000, 1)
+        return result, news.report()
+
+    def targeted_doc(self, name: str, tag: str) -> Doc:
+        return {"_id": targeted_id(name), "type": PROGRAM_TYPE, "name": name,
+                "targets": {"labels": dict(BENCH_LABELS)},
+                "code": TARGETED_PROGRAM.format(token=tag, port=self.udp.port)}
+
+    def put_until_running(self, doc: Doc, tag: str, macs: list[int],
+                          rounds: Optional[Rounds]) -> tuple[float, str]:
+        """PUT ``doc``; wait until every node's ``main()`` of it said "up"."""
+        self.settle()
+        cpu0 = self.cpu()
+        start = time.perf_counter()
+        saved = self.code.save(doc)
+        keys = [f"up {tag}-{mac}" for mac in macs]
+        try:
+            last = self.udp.arrivals.wait_all(keys, self.step_timeout())
+        except BenchError as exc:
+            raise BenchError(f"targeted {tag}: {exc}\n{self.daemon_log()}") from None
+        cpu1 = self.cpu(end=True)
+        if rounds is not None:
+            rounds.add(start, [self.udp.arrivals.times[k] for k in keys], cpu0, cpu1)
+        return last - start, str(saved["_rev"])
+
+    def delete_targeted(self, doc: Doc, rev: str, tag: str, macs: list[int]) -> None:
+        """Unmeasured: delete it, and wait until every node stopped it."""
+        self.code.delete(dict(doc, _rev=rev))
+        self.udp.arrivals.wait_all([f"down {tag}-{mac}" for mac in macs], self.step_timeout())
 
     # -- command to all --------------------------------------------------------------------
     def commands(self, size: int) -> dict[str, Any]:
@@ -630,7 +657,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     level["push_to_all_ms"] = bench.pushes(size)
                 if "targeted" in args.cases:
                     print("bench: one program for many nodes", file=sys.stderr)
-                    level["targeted_to_all_ms"] = bench.targeted(size)
+                    level["targeted_to_all_ms"], level["targeted_new_to_all_ms"] = (
+                        bench.targeted(size))
                 if "command" in args.cases:
                     print("bench: commands", file=sys.stderr)
                     level["command_to_all_ms"] = bench.commands(size)
@@ -667,6 +695,8 @@ def growth(level: dict[str, Any]) -> dict[str, Any]:
         "nodes": level["nodes"],
         "push_to_all_median_ms": push.get("median"),
         "targeted_to_all_median_ms": (level.get("targeted_to_all_ms") or {}).get("median"),
+        "targeted_new_to_all_median_ms": (level.get("targeted_new_to_all_ms")
+                                          or {}).get("median"),
         "command_to_all_median_ms": command.get("median"),
         "server_busy_share_push_command": [push.get("server_busy_share"),
                                            command.get("server_busy_share")],
@@ -693,6 +723,8 @@ def targets(result: dict[str, Any]) -> dict[str, Any]:
                 ("command_to_all_ms", "command_to_all_200_median_ms",
                  TARGET_COMMAND_TO_ALL_200_MS),
                 ("targeted_to_all_ms", "targeted_to_all_200_median_ms",
+                 TARGET_TARGETED_TO_ALL_200_MS),
+                ("targeted_new_to_all_ms", "targeted_new_to_all_200_median_ms",
                  TARGET_TARGETED_TO_ALL_200_MS)):
             if case in level:
                 value = level[case].get("median")

@@ -225,7 +225,7 @@ class Placement(Component):
     def loop(self) -> None:
         """One heartbeat: read the lease; schedule if we hold it or it is free."""
         if self.labels is not None:
-            self.labels.refresh()  # a GET only while a program selects by labels
+            self.labels.refresh()  # a GET only once a program selected by labels
         try:
             self._beat()
         except CouchError as exc:

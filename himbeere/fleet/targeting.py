@@ -16,7 +16,9 @@ database, which only deployers write (``himbeere label``), never the node.
 
 :class:`NodeLabels` keeps them: read once when the first document that
 selects by labels arrives, then again at every heartbeat (placement's beat
-calls :meth:`NodeLabels.refresh`, one GET) while such a document exists.
+calls :meth:`NodeLabels.refresh`, one GET) from then on, so that the next
+such document finds them known (a node that never sees one never reads
+them).
 A change is handed to the supervisor, which starts and stops the programs
 it concerns (:meth:`himbeere.programs.Supervisor.relabel`).
 """
@@ -75,17 +77,12 @@ class NodeLabels:
         self.status_db = status_db
         self.node = node
         self.on_change = on_change
-        #: None until read (or once nothing needs them any more).
+        #: None until read.
         self.labels: Optional[Labels] = None
-        #: Ids of the label-selecting documents seen on the feed.
-        self._selecting: set[str] = set()
+        #: Set once a label-selecting document came: refreshed at every beat from then on.
+        self.wanted = False
         self._lock = threading.Lock()
         self._reading = threading.Lock()
-
-    @property
-    def needed(self) -> bool:
-        with self._lock:
-            return bool(self._selecting)
 
     def note(self, doc: Doc) -> None:
         """A document from the feed (feed thread): read the labels now if it needs them.
@@ -94,24 +91,17 @@ class NodeLabels:
         following ones find the labels known.  A failed read is retried at
         the next heartbeat (the document waits until then).
         """
-        doc_id = str(doc.get("_id"))
+        if not selects_labels(doc):
+            return
         with self._lock:
-            if selects_labels(doc):
-                self._selecting.add(doc_id)
-            elif doc_id in self._selecting:
-                self._selecting.discard(doc_id)
-                if not self._selecting:
-                    self.labels = None  # not refreshed any more: do not trust it later
-                return
-            else:
-                return
+            self.wanted = True
             known = self.labels is not None
         if not known:
             self.refresh()
 
     def refresh(self) -> None:
-        """Read ``node:<mac>`` (one GET) while a document selects by labels; tell a change."""
-        if not self.needed:
+        """Read ``node:<mac>`` (one GET) once labels are wanted; tell a change."""
+        if not self.wanted:
             return
         with self._reading:  # the feed and placement threads: one read at a time
             try:
