@@ -16,6 +16,7 @@ import pytest
 
 from himbeere.couch import Couch, Doc
 from himbeere.exceptions import Unauthorized
+from himbeere.fleet.targeting import NodeLabels
 from himbeere.schema import PROGRAM_TYPE, node_id, targeted_id
 from tests.helpers import himbeere, wait_for
 from tests.nodes import Node, pid_alive, start_nodes
@@ -175,6 +176,22 @@ def test_a_node_reads_its_labels_when_the_first_targeted_document_arrives(
     assert doc is not None
     fleet.code.save(dict(doc, targets={"labels": {"room": "lab"}}))
     node.wait_program("program:other", state="running")
+
+
+def test_node_labels_are_read_once_a_document_selects_by_them(fleet: Fleet) -> None:
+    told: list[dict[str, str]] = []
+    labels = NodeLabels(fleet.status, 1004, on_change=told.append)
+    ops.set_labels(fleet, 1004, room="lab")
+    labels.note({"_id": targeted_id("a"), "type": PROGRAM_TYPE, "targets": "all"})
+    labels.refresh()  # nothing selects by labels yet: not read
+    assert (labels.labels, told) == (None, [])
+    labels.note({"_id": targeted_id("b"), "type": PROGRAM_TYPE,
+                 "targets": {"labels": {"room": "lab"}}})
+    assert told == [{"room": "lab"}]
+    labels.refresh()  # unchanged: nothing told
+    ops.set_labels(fleet, 1004, room="", rack="2")
+    labels.refresh()
+    assert told == [{"room": "lab"}, {"rack": "2"}]
 
 
 def test_a_node_may_not_write_a_program_for_many_nodes(

@@ -64,7 +64,7 @@ def labels_text(labels: Optional[Labels]) -> str:
 
 
 class NodeLabels:
-    """This node's labels, cached; refreshed at each heartbeat while anything needs them.
+    """This node's labels, cached; refreshed at each heartbeat once a document selected by them.
 
     ``on_change(labels)`` is called (from the thread that read them) with
     the new labels each time they differ from the last ones read, the
