@@ -22,6 +22,16 @@ push to all
     the last of the N UDP datagrams their new versions' ``main()`` send
     first.  Median of ``--rounds``.  The first push (creating the
     documents, fork servers cold) is reported apart, unmeasured.
+one program for many nodes
+    from the start of ONE PUT of a ``program:<name>`` document of ``type:
+    "himbeere-program"`` targeting a label every node has (``{"labels":
+    {"bench": "fleet"}}``, what ``himbeere-upload push PATH --label
+    bench=fleet`` writes) to the arrival of the last of the N datagrams its
+    ``main()`` sends on each node.  ``targeted_to_all_ms``: updates of the
+    running document, as push to all measures (its creation, when the
+    nodes first read their labels, reported apart);
+    ``targeted_new_to_all_ms``: a new document each round, deleted
+    afterwards, unmeasured.  Medians of ``--rounds``.
 command to all
     from the start of :func:`uploader.ops.create_command` with ``targets:
     "all"`` (what ``himbeere cmd --all -- true`` does before it waits: it
@@ -87,7 +97,7 @@ from benchmarks.bench_daemon import (  # noqa: E402
     summary,
 )
 from himbeere.couch import Database, Doc  # noqa: E402
-from himbeere.schema import result_id  # noqa: E402
+from himbeere.schema import PROGRAM_TYPE, node_id, result_id, targeted_id  # noqa: E402
 from tests.nodes import free_udp_port  # noqa: E402
 from tests.servers import db_url, delete_database  # noqa: E402
 from uploader import install, ops  # noqa: E402
@@ -95,6 +105,16 @@ from uploader.fleet import Fleet  # noqa: E402
 
 #: Goal of issue 4: command to all 200 nodes in <= 2 s, median.
 TARGET_COMMAND_TO_ALL_200_MS = 2000.0
+#: Goal of issue 13: one label-targeted program running on all 200 nodes in <= 2 s, median.
+TARGET_TARGETED_TO_ALL_200_MS = 2000.0
+#: The label every node gets, and the program for many nodes selects.
+BENCH_LABELS = {"bench": "fleet"}
+#: PROGRAM, saying which node it runs on: one document, N nodes.
+TARGETED_PROGRAM = PROGRAM.replace('b"up {token}"', 'b"up {token}-" + str(node).encode()'
+                                   ).replace('b"down {token}"',
+                                             'b"down {token}-" + str(node).encode()')
+#: What a run measures, in this order (--cases).
+CASES = ("push", "targeted", "command", "quiet")
 #: The first MAC id; node i is FIRST_MAC + i.
 FIRST_MAC = 7_000_000
 
@@ -180,6 +200,7 @@ class FleetBench:
         self.udp = UdpListener()
         self.daemons: list[Daemon] = []
         self.created: list[str] = []
+        self.labelled: set[int] = set()
 
     # -- plumbing ----------------------------------------------------------------
     def bulk(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -313,6 +334,72 @@ class FleetBench:
         result = rounds.report()
         result["first_push_creating_ms"] = round((first or 0.0) * 1000, 1)
         return result
+
+    # -- one program for many nodes -----------------------------------------------------
+    def label(self) -> None:
+        """Give every node not labelled yet :data:`BENCH_LABELS` (its ``node:<mac>``)."""
+        new = [d.mac_id for d in self.daemons if d.mac_id not in self.labelled]
+        docs = [{"_id": node_id(mac), "type": "himbeere-node", "node": mac,
+                 "labels": dict(BENCH_LABELS)} for mac in new]
+        response = self.session.post(f"{self.status_db}/_bulk_docs",
+                                     data=json.dumps({"docs": docs}), timeout=300)
+        if response.status_code not in (201, 202):
+            raise BenchError(f"labels: {response.status_code} {response.text[:500]}")
+        self.labelled.update(new)
+
+    def targeted(self, size: int) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One running label-targeted document updated ``--rounds`` times (as
+        :meth:`pushes` does; its creation reported apart), then ``--rounds``
+        new documents, each deleted afterwards."""
+        self.label()
+        macs = [d.mac_id for d in self.daemons]
+        updates, news = Rounds(), Rounds()
+        rev: Optional[str] = None
+        first = 0.0
+        for round_ in range(self.args.rounds + 1):
+            tag = f"t{size}u{round_}"
+            doc = self.targeted_doc(f"bench-t{size}", tag)
+            if rev is not None:
+                doc["_rev"] = rev
+            elapsed, rev = self.put_until_running(doc, tag, macs,
+                                                  updates if round_ else None)
+            first = first or elapsed
+        self.delete_targeted(doc, rev, tag, macs)
+        for round_ in range(self.args.rounds):
+            tag = f"t{size}n{round_}"
+            doc = self.targeted_doc(f"bench-{tag}", tag)
+            _, rev = self.put_until_running(doc, tag, macs, news)
+            self.delete_targeted(doc, rev, tag, macs)
+        result = updates.report()
+        result["first_push_creating_ms"] = round(first * 1000, 1)
+        return result, news.report()
+
+    def targeted_doc(self, name: str, tag: str) -> Doc:
+        return {"_id": targeted_id(name), "type": PROGRAM_TYPE, "name": name,
+                "targets": {"labels": dict(BENCH_LABELS)},
+                "code": TARGETED_PROGRAM.format(token=tag, port=self.udp.port)}
+
+    def put_until_running(self, doc: Doc, tag: str, macs: list[int],
+                          rounds: Optional[Rounds]) -> tuple[float, str]:
+        """PUT ``doc``; wait until every node's ``main()`` of it said "up"."""
+        self.settle()
+        cpu0 = self.cpu()
+        start = time.perf_counter()
+        saved = self.code.save(doc)
+        keys = [f"up {tag}-{mac}" for mac in macs]
+        try:
+            last = self.udp.arrivals.wait_all(keys, self.step_timeout())
+        except BenchError as exc:
+            raise BenchError(f"targeted {tag}: {exc}\n{self.daemon_log()}") from None
+        cpu1 = self.cpu(end=True)
+        if rounds is not None:
+            rounds.add(start, [self.udp.arrivals.times[k] for k in keys], cpu0, cpu1)
+        return last - start, str(saved["_rev"])
+
+    def delete_targeted(self, doc: Doc, rev: str, tag: str, macs: list[int]) -> None:
+        """Unmeasured: delete it, and wait until every node stopped it."""
+        self.code.delete(dict(doc, _rev=rev))
+        self.udp.arrivals.wait_all([f"down {tag}-{mac}" for mac in macs], self.step_timeout())
 
     # -- command to all --------------------------------------------------------------------
     def commands(self, size: int) -> dict[str, Any]:
@@ -517,6 +604,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                         "started here")
     parser.add_argument("--server-pid", type=int,
                         help="with --couch-url: the server's PID on this machine, for its CPU")
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help=f"what to measure at each size (default {','.join(CASES)})")
     parser.add_argument("--json-out", metavar="FILE", help="also write the JSON here")
     parser.add_argument("--keep", action="store_true",
                         help="keep the work directory (daemon logs, state) and say where")
@@ -527,6 +616,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         parser.error(f"--nodes {args.nodes!r}: allowed: ascending integers, e.g. 1,50,200")
     if not args.sizes or args.sizes != sorted(set(args.sizes)) or args.sizes[0] < 1:
         parser.error(f"--nodes {args.nodes!r}: allowed: ascending integers >= 1, e.g. 1,50,200")
+    args.cases = [case.strip() for case in args.cases.split(",") if case.strip()]
+    unknown = sorted(set(args.cases) - set(CASES))
+    if unknown or not args.cases:
+        parser.error(f"--cases {','.join(unknown) or '(none)'}: allowed: {', '.join(CASES)}")
     if args.rounds < 1 or args.batch < 1 or args.quiet_rounds <= 0:
         parser.error("--rounds and --batch must be >= 1, --quiet-rounds > 0")
     return args
@@ -560,11 +653,18 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 level: dict[str, Any] = {"nodes": size, "start": bench.grow(size)}
                 print(f"bench: {size} node(s) up in {level['start']['seconds']} s; pushing",
                       file=sys.stderr)
-                level["push_to_all_ms"] = bench.pushes(size)
-                print("bench: commands", file=sys.stderr)
-                level["command_to_all_ms"] = bench.commands(size)
-                print("bench: quiet window", file=sys.stderr)
-                level["quiet"] = bench.quiet()
+                if "push" in args.cases:
+                    level["push_to_all_ms"] = bench.pushes(size)
+                if "targeted" in args.cases:
+                    print("bench: one program for many nodes", file=sys.stderr)
+                    level["targeted_to_all_ms"], level["targeted_new_to_all_ms"] = (
+                        bench.targeted(size))
+                if "command" in args.cases:
+                    print("bench: commands", file=sys.stderr)
+                    level["command_to_all_ms"] = bench.commands(size)
+                if "quiet" in args.cases:
+                    print("bench: quiet window", file=sys.stderr)
+                    level["quiet"] = bench.quiet()
                 level["load_average"] = [round(x, 2) for x in os.getloadavg()]
                 result["sizes"].append(level)
                 print(f"bench: {json.dumps(growth(level))}", file=sys.stderr)
@@ -585,25 +685,31 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def growth(level: dict[str, Any]) -> dict[str, Any]:
-    """One line of the growth curve."""
-    quiet = level["quiet"]
+    """One line of the growth curve (None for a case --cases left out)."""
+    push = level.get("push_to_all_ms") or {}
+    command = level.get("command_to_all_ms") or {}
+    quiet = level.get("quiet") or {}
+    memory = {kind: (quiet.get(kind) or {}).get("pss_mb") or {}
+              for kind in ("daemon_memory", "forkserver_memory")}
     return {
         "nodes": level["nodes"],
-        "push_to_all_median_ms": level["push_to_all_ms"].get("median"),
-        "command_to_all_median_ms": level["command_to_all_ms"].get("median"),
-        "server_busy_share_push_command": [level["push_to_all_ms"].get("server_busy_share"),
-                                           level["command_to_all_ms"].get("server_busy_share")],
-        "fleet_cores_busy_push_command": [level["push_to_all_ms"].get("fleet_cores_busy"),
-                                          level["command_to_all_ms"].get("fleet_cores_busy")],
-        "machine_cores_busy_push_command": [
-            level["push_to_all_ms"].get("machine_cores_busy"),
-            level["command_to_all_ms"].get("machine_cores_busy")],
+        "push_to_all_median_ms": push.get("median"),
+        "targeted_to_all_median_ms": (level.get("targeted_to_all_ms") or {}).get("median"),
+        "targeted_new_to_all_median_ms": (level.get("targeted_new_to_all_ms")
+                                          or {}).get("median"),
+        "command_to_all_median_ms": command.get("median"),
+        "server_busy_share_push_command": [push.get("server_busy_share"),
+                                           command.get("server_busy_share")],
+        "fleet_cores_busy_push_command": [push.get("fleet_cores_busy"),
+                                          command.get("fleet_cores_busy")],
+        "machine_cores_busy_push_command": [push.get("machine_cores_busy"),
+                                            command.get("machine_cores_busy")],
         "server_cpu_seconds_per_round": quiet.get("server_cpu_seconds_per_round"),
         "daemons_cpu_percent_of_one_core": quiet.get("daemons_cpu_percent_of_one_core"),
-        "daemon_rss_mb_median": quiet["daemon_memory"]["rss_mb"].get("median"),
+        "daemon_rss_mb_median": ((quiet.get("daemon_memory") or {}).get("rss_mb")
+                                 or {}).get("median"),
         "daemons_and_forkservers_pss_mb_total": round(
-            quiet["daemon_memory"]["pss_mb"].get("total", 0)
-            + quiet["forkserver_memory"]["pss_mb"].get("total", 0), 1),
+            sum(m.get("total", 0) for m in memory.values()), 1) if quiet else None,
         "start_seconds": level["start"]["seconds"],
     }
 
@@ -611,11 +717,19 @@ def growth(level: dict[str, Any]) -> dict[str, Any]:
 def targets(result: dict[str, Any]) -> dict[str, Any]:
     checks: dict[str, Any] = {}
     for level in result["sizes"]:
-        if level["nodes"] == 200:
-            value = level["command_to_all_ms"].get("median")
-            checks["command_to_all_200_median_ms"] = {
-                "limit": TARGET_COMMAND_TO_ALL_200_MS, "value": value,
-                "met": value is not None and value <= TARGET_COMMAND_TO_ALL_200_MS}
+        if level["nodes"] != 200:
+            continue
+        for case, name, limit in (
+                ("command_to_all_ms", "command_to_all_200_median_ms",
+                 TARGET_COMMAND_TO_ALL_200_MS),
+                ("targeted_to_all_ms", "targeted_to_all_200_median_ms",
+                 TARGET_TARGETED_TO_ALL_200_MS),
+                ("targeted_new_to_all_ms", "targeted_new_to_all_200_median_ms",
+                 TARGET_TARGETED_TO_ALL_200_MS)):
+            if case in level:
+                value = level[case].get("median")
+                checks[name] = {"limit": limit, "value": value,
+                                "met": value is not None and value <= limit}
     return checks
 
 

@@ -8,7 +8,9 @@ A code document is HimbeereCouch's format::
 
 ``type`` is the node's MAC id (an integer, or the same digits as a string),
 or ``"himbeere-placed"`` for a program the fleet places on nodes of its
-choosing (see :mod:`himbeere.fleet.placement`).  Optional fields: ``restart``
+choosing (see :mod:`himbeere.fleet.placement`), or ``"himbeere-program"`` for
+one document that runs on every node its ``targets`` names (see
+:mod:`himbeere.fleet.targeting`).  Optional fields: ``restart``
 (on-failure, always, never), ``enabled`` (false stops the program without
 deleting it) and ``restart_count`` (raising it restarts the program: that is
 what ``himbeere restart`` does).
@@ -23,7 +25,7 @@ from typing import Any, Optional
 
 from . import defaults, gitsource
 from .exceptions import ProgramError
-from .schema import PLACED_TYPE, names_node
+from .schema import PLACED_TYPE, PROGRAM_TYPE, names_node
 
 MAIN = "main"
 
@@ -48,6 +50,8 @@ class CodeDoc:
     #: the document's, see :mod:`himbeere.fleet.gate`), and why, if a rollout chose.
     release: Optional[int] = None
     rollout_why: Optional[str] = None
+    #: A program for many nodes (``type: "himbeere-program"``): its ``targets``.
+    targets: Any = None
 
     @property
     def is_program(self) -> bool:
@@ -100,6 +104,11 @@ def matches_node(doc: dict[str, Any], node: int) -> bool:
 def is_placed(doc: dict[str, Any]) -> bool:
     """True for a placed program's document (``type: "himbeere-placed"``)."""
     return doc.get("type") == PLACED_TYPE and not doc.get("_deleted")
+
+
+def is_targeted(doc: dict[str, Any]) -> bool:
+    """True for a program for many nodes (``type: "himbeere-program"``, ``targets``)."""
+    return doc.get("type") == PROGRAM_TYPE and not doc.get("_deleted")
 
 
 def parse(doc: dict[str, Any], default_restart: str = defaults.RESTART_POLICY) -> CodeDoc:
@@ -168,6 +177,7 @@ def _base(doc: dict[str, Any], default_restart: str) -> dict[str, Any]:
         doc_id=doc_id, rev=str(doc.get("_rev", "?")),
         name=name if isinstance(name, str) and name.strip() else doc_id,
         enabled=enabled is not False, placed=is_placed(doc),
+        targets=doc.get("targets") if is_targeted(doc) else None,
         restart=restart if isinstance(restart, str) else default_restart,
         restart_count=count if isinstance(count, int) and not isinstance(count, bool) else 0,
         **_release(doc))

@@ -10,6 +10,8 @@ How a change travels::
       Supervisor state changes -> Status  (status.py, status database)
       lease:scheduler (status database) -> Placement: which placed programs
                                  run here; the leader assigns them (placement.py)
+      node:<mac> (status database) -> NodeLabels: which programs for many
+                                 nodes run here, refreshed each beat (targeting.py)
 
 Signals only set flags (logging in a handler is unsafe): TERM/INT stop
 gracefully, a second one forces; HUP reloads the configuration and restarts
@@ -37,6 +39,7 @@ from .feed import Feed, SeqStore
 from .fleet.gate import Gate
 from .fleet.placement import CHILD_FENCE, LEASE_TTL, Placement
 from .fleet.rollout import Driver
+from .fleet.targeting import NodeLabels
 from .health import Health
 from .logship import EVENT, LogShipper, OutputLog
 from .programs import Supervisor
@@ -105,12 +108,13 @@ class Daemon:
         )
         self.pairing = discovery.Listener(config)
         self.health = Health(config.state_dir)
+        self.labels = NodeLabels(self.status_db, self.node, on_change=self.supervisor.relabel)
         self.placement = Placement(
             self.status_db, self.db, self.node, config.heartbeat_interval,
             on_assigned=self.supervisor.assign,
             clock=self.couch.server_time,
             last_heartbeat=lambda: self.status.last_write,
-            resources=self._resources,
+            resources=self._resources, labels=self.labels,
             on_lead=Driver(self.status_db, str(self.node), clock=self.couch.server_time).drive)
         # Documents under a staged rollout: the gate picks the release to run.
         self.gate = Gate(self.status_db, self.db, self.node, config.heartbeat_interval,
@@ -173,6 +177,7 @@ class Daemon:
             self.commands.submit(doc)
         else:
             self.placement.note(doc)
+            self.labels.note(doc)  # first: the program finds the labels known
             self._program_doc(doc)
 
     def _program_doc(self, doc: Doc) -> None:

@@ -47,7 +47,7 @@ from .forkserver import ForkServer
 from .logship import ERROR, EVENT
 from .logtext import printable
 from .runtime import child
-from .schema import ProgramState, iso
+from .schema import ProgramState, iso, targets_labels, targets_text
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +237,7 @@ class Program:
             "placed": self.doc.placed,
             "release": self.doc.release,
             "rollout": self.doc.rollout_why,
+            "targets": self.doc.targets,
             "git": self.doc.git.describe() if self.doc.git else None,
             "commit": self.checkout[1] if self.doc.git and self.checkout else None,
             "next_start": _iso(time.time() + self.next_start - time.monotonic())
@@ -290,6 +291,10 @@ class Supervisor:
         self.placed_docs: dict[str, dict[str, Any]] = {}
         self.assigned: set[str] = set()
         self.fence = fence
+        #: Programs for many nodes (targeting.py): every such document from
+        #: the feed, and this node's labels (None: not read yet).
+        self.targeted_docs: dict[str, dict[str, Any]] = {}
+        self.labels: Optional[dict[str, str]] = None
         #: At most this many programs hold a process; more are ``rejected``
         #: and start, first come first served, once one of those ends.
         self.max_programs = max_programs
@@ -326,6 +331,10 @@ class Supervisor:
         ``hurry``: seconds within which the ones no longer assigned must stop.
         """
         self._queue(self._assign, frozenset(assigned), hurry)
+
+    def relabel(self, labels: Mapping[str, str]) -> None:
+        """This node's labels are now ``labels``: start and stop programs for many nodes."""
+        self._queue(self._relabel, dict(labels))
 
     def restart_all(self) -> None:
         """Restart every program (a reload); one already stopping is left as it is."""
@@ -391,9 +400,7 @@ class Supervisor:
         log.error("could not handle document %s: %s", printable(doc_id), printable(error),
                   exc_info=exc)
         try:
-            mine = codedoc.matches_node(doc, self.node) or (
-                codedoc.is_placed(doc) and doc_id in self.assigned)
-            if mine and not doc.get("_deleted"):
+            if self._mine(doc) and not doc.get("_deleted"):
                 self._deploy(codedoc.failed(doc, error, self.default_restart))
         except Exception:
             log.exception("%s: could not record that it failed", printable(doc_id))
@@ -412,10 +419,12 @@ class Supervisor:
     # -- documents ---------------------------------------------------------
     def _apply(self, doc: dict[str, Any]) -> None:
         doc_id = str(doc.get("_id"))
-        if codedoc.is_placed(doc):
-            self.placed_docs[doc_id] = doc
-        else:
-            self.placed_docs.pop(doc_id, None)
+        for kind, docs in ((codedoc.is_placed, self.placed_docs),
+                           (codedoc.is_targeted, self.targeted_docs)):
+            if kind(doc):
+                docs[doc_id] = doc
+            else:
+                docs.pop(doc_id, None)
         if doc.get("_deleted"):
             self.accepted.pop(doc_id, None)
             self.refused.pop(doc_id, None)
@@ -435,8 +444,7 @@ class Supervisor:
                 else:
                     self.providers.pop(doc_id, None)
                 self._globals_changed()
-        mine = codedoc.matches_node(doc, self.node) or (
-            parsed.placed and doc_id in self.assigned)
+        mine = self._mine(doc)
         if not mine and parsed.error and doc.get("global_modules") \
                 and not parsed.global_modules:
             # No status entry shows it (it is not this node's program), yet
@@ -444,6 +452,8 @@ class Supervisor:
             log.error("%s: its global_modules are not used: %s", printable(doc_id),
                       printable(parsed.error, multiline=True))
         program = self.programs.get(doc_id)
+        if mine and program is None and parsed.targets is not None and parsed.is_program:
+            self._targets_match(doc_id, parsed.name, parsed.targets)
         if not mine or not parsed.is_program:
             if program is not None:
                 log.info("%s: no longer a program of this node, stopping", program.name)
@@ -478,6 +488,30 @@ class Supervisor:
         for doc in list(self.accepted.values()):
             if self.signatures.refusal(doc) is not None:
                 self._apply(doc)
+    def _mine(self, doc: dict[str, Any]) -> bool:
+        """True if this node runs ``doc``: its own, placed here, or targeting its labels."""
+        return codedoc.matches_node(doc, self.node) or (
+            codedoc.is_placed(doc) and str(doc.get("_id")) in self.assigned) or (
+            codedoc.is_targeted(doc)
+            and targets_labels(doc.get("targets"), self.node, self.labels))
+
+    def _relabel(self, labels: dict[str, str]) -> None:
+        """Start the programs for many nodes the new labels match, stop the others."""
+        before, self.labels = self.labels, labels
+        for doc_id, doc in sorted(self.targeted_docs.items()):
+            targets = doc.get("targets")
+            if targets_labels(targets, self.node, before) == self._mine(doc):
+                continue
+            program = self.programs.get(doc_id)
+            if self._mine(doc):
+                self._apply(doc)
+            elif program is not None:
+                have = ", ".join(f"{k}={v}" for k, v in sorted(labels.items())) or "none"
+                why = (f"labels no longer match targets {targets_text(targets)} "
+                       f"(this node has: {have}), stopping")
+                log.info("%s: %s", program.name, why)
+                self._event(program, why)
+                self._stop(program, AfterStop.REMOVE)
 
     def _deploy(self, parsed: CodeDoc) -> None:
         fingerprint = parsed.fingerprint(self.global_sources)
@@ -897,6 +931,17 @@ class Supervisor:
         lines = [(stamp, line, kind) for line in str(text).rstrip("\n").splitlines()]
         if lines:
             self._ship(program, ("log", lines, 0))
+
+    def _targets_match(self, doc_id: str, name: str, targets: Any) -> None:
+        """Say why a program for many nodes starts here, in the log and its own log."""
+        name = printable(name)
+        why = (f"labels {targets_text(targets)} match" if isinstance(targets, dict)
+               else f"targets {targets_text(targets)}")
+        log.info("%s: %s, starting", name, why)
+        try:  # the program has no entry yet for _event
+            self.on_log(doc_id, name, [(time.time(), why, EVENT)], 0)
+        except Exception:
+            log.exception("%s: cannot ship its output", name)
 
     def _forget(self, program: Program) -> None:
         if program.conn is not None:

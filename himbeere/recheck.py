@@ -8,7 +8,8 @@ both nodes.  Every ``interval`` seconds (six heartbeats: a minute by
 default) this component asks for the current revisions of the node's own
 programs in one ``_all_docs`` request, and hands the supervisor each
 document that no longer names this node, or is gone.  Everything else is
-the feed's to deliver.  Placed programs are the scheduler's business.
+the feed's to deliver (programs for many nodes too: every node gets them).
+Placed programs are the scheduler's business.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class Recheck(Component):
             doc = row.get("doc")
             if doc is None:  # deleted ({"value": {"deleted": true}}) or never there
                 self.on_change({"_id": doc_id, "_deleted": True})
-            elif not codedoc.matches_node(doc, self.node):
+            elif not (codedoc.matches_node(doc, self.node) or codedoc.is_targeted(doc)):
                 log.info("recheck: %s now names node %s, not this one", printable(doc_id),
                          printable(str(doc.get("type"))))
                 self.on_change(doc)

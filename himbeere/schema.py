@@ -169,9 +169,11 @@ def for_node(doc: dict[str, Any], node: int, code_only: bool = False) -> bool:
     :mod:`himbeere.design` writes the same rule in JavaScript (the design
     document's filter) and as a ``_selector``; ``tests/test_schema.py``
     holds the three together.  A node follows its programs, placed
-    programs, documents with ``global_modules`` and (unless ``code_only``)
-    its commands.  A deletion is followed by every node: its body is gone,
-    and a node that ran the program stops it.  Design documents are not
+    programs, programs for many nodes (whose ``targets`` the node checks
+    against its own labels: the feed cannot know them), documents with
+    ``global_modules`` and (unless ``code_only``) its commands.  A deletion
+    is followed by every node: its body is gone, and a node that ran the
+    program stops it.  Design documents are not
     followed (the feed drops them, whatever the server passes).
     """
     if str(doc.get("_id", "")).startswith("_design/"):
@@ -179,7 +181,7 @@ def for_node(doc: dict[str, Any], node: int, code_only: bool = False) -> bool:
     if doc.get("_deleted"):
         return True
     kind = doc.get("type")
-    if names_node(kind, node) or kind == PLACED_TYPE or "global_modules" in doc:
+    if names_node(kind, node) or kind in (PLACED_TYPE, PROGRAM_TYPE) or "global_modules" in doc:
         return True
     if code_only:
         return False
@@ -293,3 +295,34 @@ class RolloutState(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
+
+
+def targets_labels(targets: Any, node: int, labels: Optional[dict[str, str]]) -> bool:
+    """True if a program for many nodes with ``targets`` runs on ``node``, which has ``labels``.
+
+    ``targets`` is ``"all"``, a list of MAC ids (see :func:`names_node`), or
+    ``{"labels": {"room": "lab"}}``: every one of these labels, with this
+    value.  ``labels`` None means the node does not know its labels yet: a
+    label selector does not match then.  Anything else matches no node.
+    """
+    if targets == "all":
+        return True
+    if isinstance(targets, list):
+        return any(names_node(target, node) for target in targets)
+    wanted = targets.get("labels") if isinstance(targets, dict) and len(targets) == 1 else None
+    if not isinstance(wanted, dict) or labels is None:
+        return False
+    return all(isinstance(value, str) and labels.get(key) == value
+               for key, value in wanted.items())
+
+
+def targets_text(targets: Any) -> str:
+    """``targets`` as people read it: ``all``, ``room=lab``, ``1001, 1002``."""
+    if targets == "all":
+        return "all"
+    if isinstance(targets, list):
+        return ", ".join(str(target) for target in targets) or "no node"
+    wanted = targets.get("labels") if isinstance(targets, dict) else None
+    if isinstance(wanted, dict):
+        return ", ".join(f"{key}={value}" for key, value in sorted(wanted.items())) or "all"
+    return f"nothing ({targets!r} is not a target)"

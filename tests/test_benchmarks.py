@@ -52,6 +52,9 @@ def test_bench_fleet(couch_url: str) -> None:
     [size] = result["sizes"]
     assert size["nodes"] == 2
     assert_figure(size["push_to_all_ms"], 1)
+    assert_figure(size["targeted_to_all_ms"], 1)
+    assert_figure(size["targeted_new_to_all_ms"], 1)
+    assert result["growth"][0]["targeted_to_all_median_ms"] == size["targeted_to_all_ms"]["median"]
     assert_figure(size["command_to_all_ms"], 1)
     assert size["command_to_all_ms"]["failed_results"] == 0
     assert size["quiet"]["daemon_memory"]["rss_mb"]["n"] == 2

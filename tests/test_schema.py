@@ -103,6 +103,31 @@ def test_the_rule_in_python() -> None:
     assert not schema.for_node({"type": schema.COMMAND_TYPE, "targets": [[1000]]}, 1000)
     assert schema.for_node({"_id": "x", "_deleted": True}, 1000)
     assert not schema.for_node({"_id": "_design/x", "type": 1000}, 1000)
+    # A program for many nodes reaches every node, whatever it targets: only
+    # the node knows its labels.
+    for targets in ("all", [2000], {"labels": {"room": "lab"}}, None):
+        doc = {"type": schema.PROGRAM_TYPE, "targets": targets}
+        assert schema.for_node(doc, 1000) and schema.for_node(doc, 1000, code_only=True)
+    assert not schema.for_node({"type": [schema.PROGRAM_TYPE]}, 1000)
+
+
+def test_targets_match_labels_macs_or_all() -> None:
+    lab = {"labels": {"room": "lab"}}
+    assert schema.targets_labels("all", 1000, None)
+    assert schema.targets_labels([2000, "1000"], 1000, None)
+    assert not schema.targets_labels([2000], 1000, {"room": "lab"})
+    assert schema.targets_labels(lab, 1000, {"room": "lab", "rack": "2"})
+    assert not schema.targets_labels(lab, 1000, {"room": "kitchen"})
+    assert not schema.targets_labels(lab, 1000, {})
+    assert not schema.targets_labels(lab, 1000, None)  # labels not known yet
+    two = {"labels": {"room": "lab", "rack": "2"}}
+    assert not schema.targets_labels(two, 1000, {"room": "lab"})
+    for junk in (None, "ALL", 1000, {"labels": "room=lab"}, {"labels": {"room": 1}},
+                 {"room": "lab"}, dict(lab, extra=1)):
+        assert not schema.targets_labels(junk, 1000, {"room": "lab", "1000": "1000"}), junk
+    assert schema.targets_text("all") == "all"
+    assert schema.targets_text(two) == "rack=2, room=lab"
+    assert schema.targets_text([1001, 1002]) == "1001, 1002"
     # The daemon's parts apply the same rule (codedoc for programs).
     assert codedoc.matches_node({"type": 1000.0}, 1000)
     assert not codedoc.matches_node({"type": [1000]}, 1000)
@@ -154,9 +179,15 @@ def _documents(seed: int, count: int) -> list[Doc]:
             if rng.random() < 0.9:
                 doc["targets"] = _targets(rng)
             doc["cmd"] = ["true"]
-        elif kind == 4:  # placed programs, global modules
-            doc["_id"] = rng.choice([schema.placed_id, schema.global_id])(f"p{n}")
-            doc["type"] = rng.choice([schema.PLACED_TYPE, schema.PLACED_TYPE, None, "x"])
+        elif kind == 4:  # placed programs, programs for many nodes, global modules
+            doc["_id"] = rng.choice([schema.placed_id, schema.global_id,
+                                     schema.targeted_id])(f"p{n}")
+            doc["type"] = rng.choice([schema.PLACED_TYPE, schema.PLACED_TYPE, None, "x",
+                                      schema.PROGRAM_TYPE, schema.PROGRAM_TYPE,
+                                      schema.PROGRAM_TYPE.upper(), [schema.PROGRAM_TYPE]])
+            if rng.random() < 0.5:  # whatever the targets: the node decides, not the feed
+                doc["targets"] = rng.choice(
+                    [_targets(rng), {"labels": {"room": "lab"}}, {"labels": "room=lab"}])
             if doc["type"] is None:
                 del doc["type"]
         elif kind == 5:  # junk types

@@ -505,8 +505,10 @@ def test_push_placed_refuses_bad_placement_in_one_line(ready: Run, fleet: Fleet,
     (["--placed", "--node", "1000"], "drop --node"),
     (["--placed", "--global"], "drop --global"),
     (["--node", "1000", "--replicas", "2"], "add --placed"),
-    (["--label", "room=lab1"], "add --placed"),
-    ([], "or use --global or --placed"),
+    (["--node", "1000", "--requires", "ram_mb=1"], "add --placed"),
+    # Without --placed, --label pushes a program for many nodes (test_targeted.py).
+    (["--node", "1000", "--label", "room=lab1"], "drop --node"),
+    ([], "or use --all, --label key=value, --global or --placed"),
 ])
 def test_push_placed_flags_go_together(ready: Run, tmp_path: Path, flags: list[str],
                                        message: str) -> None:
@@ -557,7 +559,7 @@ def test_placed_programs_in_ls_pull_and_rm(ready: Run, fleet: Fleet, tmp_path: P
     assert ready("pull", "agg", str(tmp_path / "other"), "--placed")[0] == 0
 
     code, _, err = ready("rm", "agg")
-    assert code == 1 and "--node NODE, --global or --placed" in err
+    assert code == 1 and "--node NODE, --global, --placed or --targeted" in err
     code, out, _ = ready("rm", "agg", "--placed")
     assert code == 0 and out.strip() == "removed placed:agg"
     assert fleet.code.get("placed:agg") is None and fleet.code.get("1000:agg") is not None

@@ -33,7 +33,7 @@ from himbeere.exceptions import ConfigError, HimbeereError
 
 from . import discover as discovery
 from . import install, keys, push, releases, rollouts, users
-from .fleet import Fleet, parse_mac
+from .fleet import Fleet, parse_labels, parse_mac
 
 PROG = "himbeere-upload"
 
@@ -92,28 +92,30 @@ def cmd_push(args: argparse.Namespace) -> Output:
     """Push a program, or global modules.
 
     A .py file (its code) or a folder (main.py and modules) goes to a node;
-    --global pushes global_modules; --placed a placed program, which the fleet
-    runs on the nodes it picks (within --replicas, --label and --requires).
+    --all or --label pushes one program that every node (with these labels)
+    runs; --global pushes global_modules; --placed a placed program, which the
+    fleet runs on the nodes it picks (within --replicas, --label and --requires).
     """
     if args.is_global and args.node:
         raise ConfigError("--global modules are shared by every node; drop --node")
-    if args.placed and (args.node or args.is_global):
+    if args.placed and (args.node or args.is_global or args.all):
         raise ConfigError("a --placed program runs where the fleet puts it; drop "
-                          + ("--node" if args.node else "--global"))
-    if not args.placed and (args.replicas is not None or args.label or args.requires):
-        raise ConfigError("--replicas, --label and --requires are for placed programs; "
-                          "add --placed")
-    if not (args.is_global or args.node or args.placed):
-        raise ConfigError("--node NODE is missing (a MAC id or a name), or use --global "
-                          "or --placed")
+                          + ("--node" if args.node else "--global" if args.is_global
+                             else "--all"))
+    if not args.placed and (args.replicas is not None or args.requires):
+        raise ConfigError("--replicas and --requires are for placed programs; add --placed")
+    targets = _push_targets(args)
+    if not (args.is_global or args.node or args.placed or targets):
+        raise ConfigError("--node NODE is missing (a MAC id or a name), or use --all, "
+                          "--label key=value, --global or --placed")
     placed = (push.Placed.parse(args.replicas, args.label or (), args.requires or ())
               if args.placed else None)
     plan = rollouts.plan_of(args)
     fleet = open_fleet(args)
     node = fleet.resolve_node(args.node) if args.node else None
     signing_key = keys.find(args.signing_key, args.environ)
-    result = push.push(fleet, Path(args.path), node, args.name, placed, rollout=plan,
-                       signing_key=signing_key)
+    result = push.push(fleet, Path(args.path), node, args.name, placed, targets,
+                       rollout=plan, signing_key=signing_key)
     if result["action"] == "unchanged":
         lines = [f"unchanged: {result['id']} (rev {result['rev']})"]
     else:
@@ -129,14 +131,35 @@ def cmd_push(args: argparse.Namespace) -> Output:
     return result, lines
 
 
+def _push_targets(args: argparse.Namespace) -> Any:
+    """``"all"`` for --all, ``{"labels": {...}}`` for --label (not --placed), else None."""
+    if args.placed or not (args.all or args.label):
+        return None
+    if args.node or args.is_global:
+        given = "--all" if args.all else "--label"
+        raise ConfigError(f"{given} pushes one program for many nodes; drop "
+                          + ("--node" if args.node else "--global"))
+    if args.all and args.label:
+        raise ConfigError("--all runs it on every node: drop --label (or drop --all)")
+    if args.all:
+        return "all"
+    labels = parse_labels(args.label)
+    empty = sorted(key for key, value in labels.items() if not value)
+    if empty:
+        raise ConfigError(f"--label {empty[0]}= has no value; a program for many nodes "
+                          "runs where every label has its value: key=value")
+    return {"labels": labels}
+
+
 def cmd_pull(args: argparse.Namespace) -> Output:
     """Write a program's code out as files in DIR."""
-    if sum((bool(args.node), args.is_global, args.placed)) > 1:
-        raise ConfigError("say where the program is with one of --node, --global, --placed")
+    if sum((bool(args.node), args.is_global, args.placed, args.targeted)) > 1:
+        raise ConfigError("say where the program is with one of --node, --global, --placed, "
+                          "--targeted")
     fleet = open_fleet(args)
     node = fleet.resolve_node(args.node) if args.node else None
     result = push.pull(fleet, args.name, Path(args.dir), node, args.is_global, args.force,
-                       args.placed)
+                       args.placed, args.targeted)
     files = ", ".join(f"{file} {state}" for file, state in sorted(result["files"].items()))
     return result, [f"pulled {result['id']} into {result['dir']}: {files}"]
 
@@ -156,15 +179,16 @@ def cmd_ls(args: argparse.Namespace) -> Output:
 
 
 def cmd_rm(args: argparse.Namespace) -> Output:
-    """Remove a program from a node, or a placed program.
+    """Remove a program from a node, a placed program, or one for many nodes.
 
     The daemons that run it stop it.
     """
-    if sum((bool(args.node), args.is_global, args.placed)) != 1:
-        raise ConfigError("say where the program is: --node NODE, --global or --placed")
+    if sum((bool(args.node), args.is_global, args.placed, args.targeted)) != 1:
+        raise ConfigError("say where the program is: --node NODE, --global, --placed or "
+                          "--targeted")
     fleet = open_fleet(args)
     node = fleet.resolve_node(args.node) if args.node else None
-    result = push.rm(fleet, args.name, node, args.placed)
+    result = push.rm(fleet, args.name, node, args.placed, args.targeted)
     return result, [f"removed {result['id']}"]
 
 
@@ -305,12 +329,12 @@ def _node_label(node: Any, name: Optional[str]) -> str:
 
 
 def _state(program: Doc) -> str:
-    """``running``; a placed program's with its nodes: ``running on 1002 (kitchen)``."""
-    if not program.get("placed"):
+    """``running``; a placed (targeted) program's with its nodes: ``running on 1002 (kitchen)``."""
+    if not (program.get("placed") or program.get("targeted")):
         return program["state"] or "-"
     nodes = program.get("nodes") or []
     if not nodes:
-        return "not placed yet"
+        return "runs on no node yet" if program.get("targeted") else "not placed yet"
     if program["state"]:
         return f"{program['state']} on " + ", ".join(
             _node_label(n["node"], n["name"]) for n in nodes)
@@ -375,15 +399,19 @@ def build_parser() -> argparse.ArgumentParser:
                           help="program name (default: the file's or folder's name)")
     push_cmd.add_argument("--global", dest="is_global", action="store_true",
                           help="push as global_modules, exported to every program")
+    many = push_cmd.add_argument_group(
+        "one program for many nodes (id program:NAME; without --placed)")
+    many.add_argument("--all", action="store_true", help="every node runs it")
+    many.add_argument("--label", metavar="KEY=VALUE", action="append",
+                      help="nodes with this label run it (repeat: all of them); with "
+                           "--placed: it runs only on nodes with this label (key= removes "
+                           "one)")
     placed = push_cmd.add_argument_group(
         "placed programs (the fleet picks the nodes; flags left out keep the document's)")
     placed.add_argument("--placed", action="store_true",
                         help='a placed program ("type": "himbeere-placed"), id placed:NAME')
     placed.add_argument("--replicas", metavar="N",
                         help="how many nodes run it (new: 1; 0 runs it nowhere)")
-    placed.add_argument("--label", metavar="KEY=VALUE", action="append",
-                        help="only on nodes with this label (repeat for more; key= removes "
-                             "one)")
     rollouts.add_push_flags(push_cmd)
     placed.add_argument("--requires", metavar="KEY=MB", action="append",
                         help="free RAM or disk a node needs: ram_mb=200, disk_mb=100 "
@@ -400,6 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--global", dest="is_global", action="store_true",
                       help="a global modules document")
     pull.add_argument("--placed", action="store_true", help="a placed program")
+    pull.add_argument("--targeted", action="store_true",
+                      help="a program for many nodes (program:NAME)")
     pull.add_argument("--force", action="store_true", help="overwrite files that differ")
 
     ls = add("ls", cmd_ls)
@@ -411,6 +441,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--global", dest="is_global", action="store_true",
                     help="a global modules document")
     rm.add_argument("--placed", action="store_true", help="a placed program")
+    rm.add_argument("--targeted", action="store_true",
+                    help="a program for many nodes (program:NAME)")
 
     history = add("history", cmd_history)
     history.add_argument("name", metavar="NAME", help="program name")

@@ -28,6 +28,7 @@ from typing import IO, Any, Callable, Optional
 
 from himbeere.component import Backoff
 from himbeere.exceptions import ConfigError, HimbeereError, Unauthorized, Unreachable
+from himbeere.schema import targets_text
 
 from . import keys, ops, rolloutscli
 from .cli import common_flags, settings, table
@@ -138,6 +139,15 @@ def cmd_status(args: argparse.Namespace, fleet: Fleet) -> int:
     return 0
 
 
+def _kind(program: dict[str, Any]) -> str:
+    """`` (placed)``, `` (targets room=lab)`` for a program for many nodes, else ""."""
+    if program.get("placed"):
+        return " (placed)"
+    if program.get("targets") is not None:
+        return f" (targets {targets_text(program['targets'])})"
+    return ""
+
+
 def format_detail(d: dict[str, Any]) -> list[str]:
     memory, disk = d["memory"], d["disk"]
     lines = [
@@ -165,7 +175,7 @@ def format_detail(d: dict[str, Any]) -> list[str]:
         rows = []
         for doc_id, p in sorted(programs.items()):
             enabled = p.get("enabled", True)
-            rows.append([str(p.get("name") or doc_id) + (" (placed)" if p.get("placed") else ""),
+            rows.append([str(p.get("name") or doc_id) + _kind(p),
                          doc_id,
                          str(p.get("state") or ("not running" if enabled else "-")),
                          str(p.get("restarts", 0) or 0), "yes" if enabled else "no",

@@ -6,10 +6,14 @@
 folder into ``global_modules``, exported to every program.  ``--placed`` makes a
 placed program (``type: "himbeere-placed"``, see :mod:`himbeere.fleet.placement`):
 the fleet picks its nodes, within its ``replicas``, ``labels`` and
-``requires`` (:class:`Placed`).
+``requires`` (:class:`Placed`).  ``--all`` or ``--label key=value``
+(without ``--placed``) makes one program for many nodes (``type:
+"himbeere-program"``, see :mod:`himbeere.fleet.targeting`): every node
+whose labels match its ``targets`` runs it.
 
 A program's document id is ``<macid>:<name>``; a global one's is
-``global:<name>``, a placed one's ``placed:<name>``.  Push first looks the
+``global:<name>``, a placed one's ``placed:<name>``, one for many nodes
+``program:<name>``.  Push first looks the
 program up by node and name (the ``programs`` view, where a placed program's
 node is ``"himbeere-placed"``), so a document written by HimbeereCouch or by
 hand, with another id, is updated rather than doubled.  A push that changes
@@ -33,7 +37,18 @@ from himbeere.codedoc import MAIN, PLACED_TYPE
 from himbeere.couch import Doc
 from himbeere.exceptions import ConfigError, NotFound, ProgramError
 from himbeere.fleet import placement, scheduler
-from himbeere.schema import global_id, lease_id, placed_id, program_id, status_id
+from himbeere.schema import (
+    PROGRAM_TYPE,
+    STATUS_PREFIX,
+    global_id,
+    lease_id,
+    mac_of,
+    placed_id,
+    program_id,
+    status_id,
+    targeted_id,
+    targets_text,
+)
 
 from . import releases, rollouts
 from .fleet import Fleet, parse_labels
@@ -49,6 +64,8 @@ PROGRAM_FIELDS = ("code", "modules")
 REQUIRES = ("ram_mb", "disk_mb")
 #: The node column of a placed program in ``ls``.
 PLACED = "placed"
+#: What a program for many nodes may target (``targets``), as push writes it.
+Targets = Any
 
 
 @dataclasses.dataclass
@@ -145,7 +162,10 @@ def parse_requires(items: Iterable[str]) -> dict[str, Optional[float]]:
     return result
 
 
-def doc_id(node: Optional[int], name: str, placed: bool = False) -> str:
+def doc_id(node: Optional[int], name: str, placed: bool = False,
+           targeted: bool = False) -> str:
+    if targeted:
+        return targeted_id(name)
     if placed:
         return placed_id(name)
     return global_id(name) if node is None else program_id(node, name)
@@ -290,8 +310,10 @@ def _programs(fleet: Fleet, **params: Any) -> list[Doc]:
         ) from None
 
 
-def _view_node(node: Optional[int], placed: bool) -> Optional[str]:
-    """The node part of a ``programs`` view key: a placed program's ``type``."""
+def _view_node(node: Optional[int], placed: bool, targeted: bool = False) -> Optional[str]:
+    """The node part of a ``programs`` view key: a placed (targeted) program's ``type``."""
+    if targeted:
+        return PROGRAM_TYPE
     if placed:
         return PLACED_TYPE
     return None if node is None else str(node)
@@ -301,21 +323,29 @@ def _where(key_node: Any) -> str:
     """A ``programs`` view key's node, as the user says it."""
     if key_node == PLACED_TYPE:
         return PLACED
+    if key_node == PROGRAM_TYPE:
+        return "for many nodes"
     return "global" if key_node is None else str(key_node)
 
 
-def find(fleet: Fleet, node: Optional[int], name: str, placed: bool = False) -> Optional[Doc]:
-    """The document of program ``name`` on ``node`` (None: global; ``placed``), or None."""
-    key = [_view_node(node, placed), name]
+def find(fleet: Fleet, node: Optional[int], name: str, placed: bool = False,
+         targeted: bool = False) -> Optional[Doc]:
+    """The document of program ``name`` on ``node`` (None: global; ``placed``;
+    ``targeted``: for many nodes), or None."""
+    key = [_view_node(node, placed, targeted), name]
     rows = _programs(fleet, key=key, include_docs=True)
     for row in rows:
-        if row["id"] == doc_id(node, name, placed):
+        if row["id"] == doc_id(node, name, placed, targeted):
             return row["doc"]
     return rows[0]["doc"] if rows else None
 
 
-def _missing(fleet: Fleet, node: Optional[int], name: str, placed: bool = False) -> NotFound:
-    if placed:
+def _missing(fleet: Fleet, node: Optional[int], name: str, placed: bool = False,
+             targeted: bool = False) -> NotFound:
+    if targeted:
+        rows = _programs(fleet, startkey=[PROGRAM_TYPE], endkey=[PROGRAM_TYPE, {}])
+        where = "among the programs for many nodes"
+    elif placed:
         rows = _programs(fleet, startkey=[PLACED_TYPE], endkey=[PLACED_TYPE, {}])
         where = "among the placed programs"
     elif node is None:
@@ -340,9 +370,14 @@ def _modules_of(doc: Doc, is_global: bool) -> dict[str, str]:
 
 # -- the commands ------------------------------------------------------------------------
 def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = None,
-         placed: Optional[Placed] = None, rollout: Optional[rollouts.Plan] = None,
+         placed: Optional[Placed] = None, targets: Optional[Targets] = None,
+         rollout: Optional[rollouts.Plan] = None,
          signing_key: Optional[SigningKey] = None) -> Doc:
-    """Push ``path`` to ``node`` (None: as global modules, or ``placed``).
+    """Push ``path`` to ``node`` (None: as global modules, ``placed``, or to ``targets``).
+
+    ``targets`` makes one program for many nodes (``program:<name>``):
+    ``"all"``, ``{"labels": {...}}`` or a list of MAC ids
+    (:mod:`himbeere.fleet.targeting`).
 
     ``rollout``: go out in waves (:mod:`uploader.rollouts`).  With
     ``signing_key`` every document written is signed (:mod:`uploader.keys`).
@@ -352,16 +387,22 @@ def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = No
     """
     if placed is not None and node is not None:
         raise ConfigError("a placed program runs where the fleet puts it; drop --node")
-    source = read_source(path, is_global=node is None and placed is None, name=name)
+    targeted = targets is not None
+    if targeted and (node is not None or placed is not None):
+        raise ConfigError("a program for many nodes runs where its targets say; drop "
+                          + ("--node" if node is not None else "--placed"))
+    source = read_source(path, is_global=node is None and placed is None and not targeted,
+                         name=name)
     name = check_program_name(name or source.name)
     fleet.require_database(fleet.code)
-    existing = find(fleet, node, name, placed is not None)
-    doc: Doc = dict(existing) if existing else {"_id": doc_id(node, name, placed is not None)}
+    existing = find(fleet, node, name, placed is not None, targeted)
+    doc: Doc = dict(existing) if existing else {
+        "_id": doc_id(node, name, placed is not None, targeted)}
     old = _modules_of(doc, source.is_global)
     new_fields = source.fields()
     owned = ("global_modules",) if source.is_global else PROGRAM_FIELDS
     result: Doc = {"node": node, "placed": placed is not None, "name": name, "id": doc["_id"],
-                   "ignored": source.ignored}
+                   "ignored": source.ignored, "targets": targets}
     wanted = dict(doc)
     for key in owned:
         wanted.pop(key, None)
@@ -377,6 +418,8 @@ def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = No
             scheduler.wanted(wanted)  # the scheduler's own check
         except ProgramError as exc:
             raise ConfigError(f"{doc['_id']}: {exc}") from None
+    if targeted:
+        wanted.update(type=PROGRAM_TYPE, targets=targets)
     signed_by = (doc.get("signature") or {}).get("key") if isinstance(
         doc.get("signature"), dict) else None
     if existing is not None and wanted == doc and (
@@ -391,6 +434,9 @@ def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = No
     changes = describe_changes(old, source.modules)
     if placed is not None:
         changes += describe_placement(existing, wanted)
+    if targeted and (existing is None or existing.get("targets") != targets):
+        before = "" if existing is None else f"{targets_text(existing.get('targets'))} -> "
+        changes.append(f"targets {before}{targets_text(targets)}")
 
     def finish(doc: Doc) -> None:
         """``doc`` is complete here (its release numbered), just before it is written:
@@ -467,13 +513,14 @@ def _count(text: str) -> int:
 
 
 def pull(fleet: Fleet, name: str, directory: Path, node: Optional[int] = None,
-         is_global: bool = False, force: bool = False, placed: bool = False) -> Doc:
+         is_global: bool = False, force: bool = False, placed: bool = False,
+         targeted: bool = False) -> Doc:
     """Write program ``name`` out as files in ``directory``."""
     fleet.require_database(fleet.code)
-    if node is not None or is_global or placed:
-        doc = find(fleet, node, name, placed)
+    if node is not None or is_global or placed or targeted:
+        doc = find(fleet, node, name, placed, targeted)
         if doc is None:
-            raise _missing(fleet, node, name, placed)
+            raise _missing(fleet, node, name, placed, targeted)
     else:
         rows = [row for row in _programs(fleet) if row["key"][1] == name]
         if not rows:
@@ -482,7 +529,7 @@ def pull(fleet: Fleet, name: str, directory: Path, node: Optional[int] = None,
         if len({row["id"] for row in rows}) > 1:
             where = ", ".join(_where(row["key"][0]) for row in rows)
             raise ConfigError(f"program {name!r} is on several nodes ({where}); "
-                              "say which with --node (or --global, --placed)")
+                              "say which with --node (or --global, --placed, --targeted)")
         doc = fleet.code.get(rows[0]["id"])
         if doc is None:
             raise NotFound(f"program {name!r} was removed just now")
@@ -534,6 +581,7 @@ def ls(fleet: Fleet, node: Optional[int] = None) -> list[Doc]:
         return (states[mac].get(program_id) or {}).get("state")
 
     assignments: Optional[dict[str, Any]] = None
+    running: Optional[dict[int, dict[str, Any]]] = None
     listing = []
     for row in rows:
         key_node = row["key"][0]
@@ -562,15 +610,41 @@ def ls(fleet: Fleet, node: Optional[int] = None) -> list[Doc]:
             shown = {n["state"] for n in nodes}
             entry.update(node=PLACED, nodes=nodes,
                          state=shown.pop() if len(shown) == 1 else None)
+        elif key_node == PROGRAM_TYPE:
+            if running is None:
+                running = _programs_by_node(fleet)
+            nodes = [{"node": m, "name": names.get(m),
+                      "state": (programs.get(row["id"]) or {}).get("state")}
+                     for m, programs in sorted(running.items()) if row["id"] in programs]
+            shown = {n["state"] for n in nodes}
+            entry.update(node=targets_text(value.get("targets")), targets=value.get("targets"),
+                         targeted=True, nodes=nodes,
+                         state=shown.pop() if len(shown) == 1 else None)
         listing.append(entry)
     return listing
 
 
-def rm(fleet: Fleet, name: str, node: Optional[int], placed: bool = False) -> Doc:
-    """Delete program ``name`` of ``node`` (None: a global modules document, or ``placed``)."""
+def _programs_by_node(fleet: Fleet) -> dict[int, dict[str, Any]]:
+    """Every node's ``programs`` as its status document reports them (one request)."""
+    rows = fleet.status.all_docs(startkey=STATUS_PREFIX, endkey=STATUS_PREFIX + "\ufff0",
+                                 include_docs=True)
+    found = {}
+    for row in rows:
+        mac = mac_of(str(row["id"]), STATUS_PREFIX)
+        programs = (row.get("doc") or {}).get("programs")
+        if mac is not None and isinstance(programs, dict):
+            found[mac] = programs
+    return found
+
+
+def rm(fleet: Fleet, name: str, node: Optional[int], placed: bool = False,
+       targeted: bool = False) -> Doc:
+    """Delete program ``name`` of ``node`` (None: a global modules document, ``placed``,
+    or ``targeted``: the program for many nodes)."""
     fleet.require_database(fleet.code)
-    doc = find(fleet, node, name, placed)
+    doc = find(fleet, node, name, placed, targeted)
     if doc is None:
-        raise _missing(fleet, node, name, placed)
+        raise _missing(fleet, node, name, placed, targeted)
     fleet.code.delete(doc)
-    return {"id": doc["_id"], "node": node, "placed": placed, "name": name, "action": "removed"}
+    return {"id": doc["_id"], "node": node, "placed": placed, "targeted": targeted,
+            "name": name, "action": "removed"}

@@ -5,7 +5,9 @@ its MAC id, as an integer or a string), its commands (``<macid>_cmd``),
 fleet commands (``type: "himbeere-command"``) whose ``targets`` is ``"all"``
 or a list holding its MAC id (integer or string), placed programs
 (``type: "himbeere-placed"``: every node must know them, the scheduler
-decides where they run), documents exporting ``global_modules`` and
+decides where they run), programs for many nodes (``type:
+"himbeere-program"``: each node checks their ``targets`` against its own
+labels), documents exporting ``global_modules`` and
 deletions (a deleted document has no ``type`` left to
 test, so every node sees every deletion and ignores the ones it does not
 know).
@@ -32,7 +34,7 @@ from typing import Any, Optional
 
 from .. import defaults
 from ..exceptions import CouchError, NotFound, Unauthorized
-from ..schema import COMMAND_TYPE, PLACED_TYPE, commands_id
+from ..schema import COMMAND_TYPE, PLACED_TYPE, PROGRAM_TYPE, commands_id
 from . import js, security
 from .client import Couch, Database, Doc, FeedFilter
 
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 DESIGN_ID = f"_design/{defaults.DESIGN}"
 #: Bumped whenever the design document changes, so daemons and the
 #: uploader know an installed copy is outdated.
-VERSION = 7
+VERSION = 8
 #: The oldest version whose ``node`` filter this daemon can follow: code and
 #: ``<macid>_cmd`` documents pass every version's filter (version 2 added
 #: views and rules).  An older filter is used with a warning rather than
@@ -55,6 +57,9 @@ PLACED_SINCE = 5
 #: string (``[1000]`` was taken), and any ``global_modules`` (``null`` too,
 #: so a node drops the modules), as the selector and the daemon do.
 #: Version 7: a node may write its ``history:<mac>`` in the status database.
+#: The first version whose filter lets programs for many nodes
+#: (``himbeere-program``) through; its ``programs`` view gives their ``targets``.
+TARGETED_SINCE = 8
 
 #: The node's ``_changes`` filter (see above), for servers without ``_selector``.
 NODE_FILTER = js.load("node_filter.js")
@@ -169,7 +174,8 @@ def selector_filter(node: int, code_only: bool = False) -> FeedFilter:
         types.append(commands_id(node))
     either: list[Doc] = [{"_deleted": True}]
     either += [{"type": {"$eq": kind}} for kind in types]
-    either += [{"type": PLACED_TYPE}, {"global_modules": {"$exists": True}}]
+    either += [{"type": PLACED_TYPE}, {"type": PROGRAM_TYPE},
+               {"global_modules": {"$exists": True}}]
     if not code_only:
         either.append({"type": COMMAND_TYPE, "targets": "all"})
         either += [{"type": COMMAND_TYPE, "targets": {"$elemMatch": {"$eq": mac}}}
@@ -191,9 +197,12 @@ def prepare(db: Database, couch: Couch) -> None:
         if not design_usable(db):
             raise
         current = db.get(DESIGN_ID) or {}
-        if _version(current) < PLACED_SINCE:
-            missing = "placed programs" if _version(current) >= FLEET_COMMANDS_SINCE else (
-                "fleet commands (himbeere cmd) and placed programs")
+        if _version(current) < TARGETED_SINCE:
+            missing = "programs for many nodes (push --all, --label)"
+            if _version(current) < PLACED_SINCE:
+                missing = "placed programs and " + missing
+            if _version(current) < FLEET_COMMANDS_SINCE:
+                missing = "fleet commands (himbeere cmd), " + missing
             log.warning("%s in %s is older than this daemon (version %s, need %s): programs "
                         "and <macid>_cmd commands work, %s do not reach this node until "
                         "`himbeere-upload setup URL` upgrades it",

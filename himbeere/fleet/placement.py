@@ -107,6 +107,7 @@ from .scheduler import (
     nodes_from_docs,
     wanted,
 )
+from .targeting import NodeLabels
 
 log = logging.getLogger(__name__)
 # Document ids come from users: none may forge a line of the daemon's log.
@@ -145,8 +146,11 @@ class Placement(Component):
                  clock: Optional[Callable[[], float]] = None,
                  last_heartbeat: Optional[Callable[[], Optional[float]]] = None,
                  resources: Optional[Callable[[], Mapping[str, Any]]] = None,
-                 on_lead: Optional[Callable[[int], Any]] = None) -> None:
+                 on_lead: Optional[Callable[[int], Any]] = None,
+                 labels: Optional[NodeLabels] = None) -> None:
         super().__init__()
+        #: This node's labels, for programs for many nodes: refreshed every beat.
+        self.labels = labels
         self.status_db = status_db
         self.code_db = code_db
         self.node = node
@@ -224,6 +228,8 @@ class Placement(Component):
 
     def loop(self) -> None:
         """One heartbeat: read the lease; schedule if we hold it or it is free."""
+        if self.labels is not None:
+            self.labels.refresh()  # a GET only once a program selected by labels
         try:
             self._beat()
         except CouchError as exc:

@@ -6,7 +6,8 @@ function (doc, req) {
     return (typeof value === 'number' || typeof value === 'string') && String(value) === mac;
   }
   var type = doc.type;
-  if (names(type) || type === 'himbeere-placed' || doc.global_modules !== undefined) {
+  if (names(type) || type === 'himbeere-placed' || type === 'himbeere-program' ||
+      doc.global_modules !== undefined) {
     return true;
   }
   if (String(req.query.kind) === 'code') { return false; }

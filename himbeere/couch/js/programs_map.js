@@ -8,6 +8,7 @@ function (doc) {
   if (typeof doc.code === 'string') { modules.push('main'); }
   if (hasModules) { for (key in doc.modules) { modules.push(key); } }
   if (hasGlobals) { for (key in doc.global_modules) { globals.push(key); } }
-  emit([node, doc.name || doc._id], {modules: modules, global_modules: globals,
-                                     enabled: doc.enabled !== false});
+  var value = {modules: modules, global_modules: globals, enabled: doc.enabled !== false};
+  if (doc.type === 'himbeere-program') { value.targets = doc.targets; }
+  emit([node, doc.name || doc._id], value);
 }

@@ -375,6 +375,14 @@
         } });
     }
 
+    // Where a program for many nodes runs, as `himbeere status` says it (schema.targets_text).
+    function targetsText(targets) {
+      if (targets === "all") return "all";
+      if (Array.isArray(targets)) return targets.join(", ");
+      const labels = (targets && targets.labels) || {};
+      return Object.keys(labels).sort().map((k) => k + "=" + labels[k]).join(", ") || "all";
+    }
+
     function renderPrograms() {
       const programs = Object.entries(detail.programs || {});
       replaceRows($("programs").tBodies[0], programs.map(([id, p]) => {
@@ -390,7 +398,8 @@
             p.release ? h("span", { className: "hint", text: " r" + p.release }) : null),
           h("td", {}, badge(crashed ? "crashed" : p.state, p.state || (enabled ? "not started" : "disabled")),
             enabled ? null : h("span", { className: "hint", text: " disabled" }),
-            p.placed ? h("span", { className: "hint", title: "placed by the scheduler (himbeere placements)", text: " placed" }) : null),
+            p.placed ? h("span", { className: "hint", title: "placed by the scheduler (himbeere placements)", text: " placed" }) : null,
+            p.targets ? h("span", { className: "hint", title: "one document for many nodes (" + id + ")", text: " targets " + targetsText(p.targets) }) : null),
           h("td", { text: p.restarts === undefined ? "–" : String(p.restarts) }),
           h("td", { className: "rev", title: p.rev || "", text: p.rev ? String(p.rev).split("-")[0] : "–" }),
           h("td", { text: p.pid || "–" }),
