@@ -179,7 +179,7 @@ def cmd_ls(args: argparse.Namespace) -> Output:
 
 
 def cmd_rm(args: argparse.Namespace) -> Output:
-    """Remove a program from a node, a placed program, or one for many nodes.
+    """Remove a program (a node's, placed, or for many nodes).
 
     The daemons that run it stop it.
     """
