@@ -336,14 +336,14 @@ def test_signed_commands_from_the_cli_and_the_dashboard_run(
     assert code == 0, err
     answer = json.loads(out)
     assert answer["results"]["2601"]["returncode"] == 0, answer
-    assert answer["results"]["2601"]["stdout"] == "signed\n"
+    assert answer["results"]["2601"]["ret"][0] == "signed\n"
 
     code, out, err = himbeere(capsys, "cmd", "--node", "2601", "--json", "--wait", "60",
                               "--", "echo", "unsigned")
     assert code == 1, err
     result = json.loads(out)["results"]["2601"]
     assert result["state"] == "error" and result["error"] == "refused: no signature", result
-    assert "unsigned" not in str(result.get("stdout"))
+    assert "unsigned" not in str(result.get("ret"))
 
     # HIMBEERE_SIGNING_KEY works for himbeere cmd as --signing-key does.
     monkeypatch.setenv(keys.ENV, key.path)
@@ -374,4 +374,4 @@ def test_signed_commands_from_the_cli_and_the_dashboard_run(
     done = wait_for(lambda: (lambda d: d if d and d.get("state") in ops.FINAL_STATES
                              else None)(fleet.status.get(result_id(command_id, 2601))), 60,
                     message=lambda: node.log()[-3000:])
-    assert done["returncode"] == 0 and done["stdout"] == "from the dashboard\n", done
+    assert done["returncode"] == 0 and done["ret"][0] == "from the dashboard\n", done
