@@ -208,19 +208,38 @@ def cmd_rollback(args: argparse.Namespace) -> Output:
 
     Release N (default: the one before the newest) is written again to the
     same documents; its release number is the next one, so it keeps growing.
+    With --rollout it goes out in waves, as a push does.
     """
+    plan = rollouts.plan_of(args)
+    fleet = open_fleet(args)
     signing_key = keys.find(args.signing_key, args.environ)
+    result: Doc = {}
+    gated: list[str] = []  # the document the rollout gates
 
     def finish(doc: Doc) -> None:
+        """As push's: the rollout's fields, then the signature, the last step."""
+        if plan is not None:
+            if gated and gated[0] != doc["_id"]:
+                raise ConfigError(f"--rollout rolls back one document at a time; this "
+                                  f"release of {args.name} has several ({gated[0]}, "
+                                  f"{doc['_id']}): roll it back without --rollout")
+            current = fleet.code.get(doc["_id"])
+            rollouts.keep_previous(fleet, args.name, current)
+            gated[:] = [doc["_id"]]
+            result["rollout"] = rollouts.prepare(fleet, args.name, doc,
+                                                 rollouts.previous_release(current), plan)
         if signing_key is not None:
-            keys.sign(doc, signing_key)  # the last step, as for a push
+            keys.sign(doc, signing_key)
 
-    record = releases.rollback(open_fleet(args), args.name, args.to, finish=finish)
+    record = releases.rollback(fleet, args.name, args.to, finish=finish)
     entry = releases.entry(record)
     signed = f", signed by {signing_key.key_id}" if signing_key is not None else ""
-    return ({"name": args.name, "release": entry},
-            [f"release {entry['release']} of {args.name}: {entry['what']} "
-             f"({', '.join(entry['docs'])}){signed}"])
+    lines = [f"release {entry['release']} of {args.name}: {entry['what']} "
+             f"({', '.join(entry['docs'])}){signed}"]
+    result.update(name=args.name, release=entry)
+    if plan is not None and result.get("rollout"):
+        lines = rollouts.started(fleet, result, plan, lines, args.wait, args.json)
+    return result, lines
 
 
 def cmd_provision(args: argparse.Namespace) -> Output:
@@ -455,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     rollback.add_argument("--signing-key", metavar="FILE",
                           help=f"sign with this key ({keys.ENV}; default {keys.DEFAULT_KEY} "
                                "if it exists)")
+    rollouts.add_push_flags(rollback)
+    rollback.set_defaults(is_global=False)  # rollouts.plan_of asks
 
     provision = add("provision", cmd_provision)
     provision.add_argument("macid", metavar="MACID", help="decimal MAC id or MAC address")

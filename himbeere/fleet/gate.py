@@ -87,16 +87,21 @@ class Gate(Component):
     def take(self, doc: Doc) -> bool:
         """A document from the feed: True if the gate holds it (do not submit it)."""
         doc_id = str(doc.get("_id"))
+        if doc.get("_deleted") or not doc.get("rollout"):
+            self.forget(doc_id)
+            return False
         with self._lock:
-            if doc.get("_deleted") or not doc.get("rollout"):
-                self.held.pop(doc_id, None)
-                self.decided.pop(doc_id, None)
-                self.settled.discard(doc_id)
-                return False
             self.held[doc_id] = dict(doc)
             self.settled.discard(doc_id)
         self._poke.set()
         return True
+
+    def forget(self, doc_id: str) -> None:
+        """Hold ``doc_id`` no more: what comes of it goes straight to the supervisor."""
+        with self._lock:
+            self.held.pop(doc_id, None)
+            self.decided.pop(doc_id, None)
+            self.settled.discard(doc_id)
 
     def run(self) -> None:
         while not self.stopping.is_set():
