@@ -61,6 +61,16 @@ def test_bench_fleet(couch_url: str) -> None:
     assert result["cleanup"]["sigkilled"] == 0
 
 
+def test_bench_rollout(couch_url: str) -> None:
+    result = run_bench("bench_rollout.py", couch_url, "--nodes", "2", "--rounds", "1",
+                       "--waves", "1,100%", "--healthy-for", "1", "--mac-id", "7700")
+    assert result["nodes"] == 2 and result["states"] == ["done"]
+    assert [wave["nodes"] for wave in result["waves"]] == [1, 2]
+    for wave in result["waves"]:
+        assert_figure(wave["running_s"], 1)
+    assert_figure(result["total_s"], 1)
+
+
 def test_bench_failover(couch_url: str) -> None:
     result = run_bench("bench_failover.py", couch_url, "--runs", "1", "--nodes", "2")
     assert result["nodes"] == 2
