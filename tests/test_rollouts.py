@@ -329,6 +329,7 @@ def test_the_dashboard_shows_rollouts_and_one_rollouts_nodes(
         one = client.get(f"/api/rollouts/{rid}").get_json()
         assert [(n["node"], n["release"], n["healthy"]) for n in one["node_list"]] == [
             (1501, 2, True), (1502, 1, False)]
+        assert one["ok"] == 1  # healthy admitted nodes, not true (the page showed "true/1")
         assert client.get(f"/rollouts/{rid}").status_code == 200
         assert client.get("/api/rollouts/rollout:nope:000001").status_code == 404
     finally:
@@ -362,7 +363,7 @@ def test_deployers_pause_resume_and_abort_a_rollout_on_its_page(
 
         answer = steer("pause")
         assert answer.status_code == 200, answer.get_json()
-        assert answer.get_json()["state"] == "paused"
+        assert (answer.get_json()["state"], answer.get_json()["ok"]) == ("paused", 0)
         assert get_rollout(fleet, rid)["requested"]["action"] == "pause"
         assert get_rollout(fleet, rid)["requested"]["by"] == deployer[0]
         refused = steer("pause")

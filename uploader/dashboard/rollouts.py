@@ -9,6 +9,9 @@
                                             steer it, as ``himbeere rollout ID --pause``
 =========================================== ===========================================
 
+One rollout's answers carry its summary, whose ``ok`` is the number of
+admitted nodes that are healthy (not ``true``: it was, and the page showed
+"true/3 admitted nodes healthy"); an error is ``{"ok": false, "error"}``.
 The pages poll the API every two seconds: a rollout changes at the
 scheduler's heartbeats, and its nodes' health with theirs.  The rollout
 page has Pause, Resume and Abort buttons for deployers (a node signed in
@@ -51,7 +54,7 @@ def listing_api() -> Any:
 
 @blueprint.route("/api/rollouts/<rid>")
 def rollout_api(rid: str) -> Any:
-    return jsonify(dict(_public(rollouts.show(g.fleet, rid)), ok=True))
+    return jsonify(_public(rollouts.show(g.fleet, rid)))
 
 
 @blueprint.post("/api/rollouts/<rid>")
@@ -68,7 +71,7 @@ def steer_api(rid: str) -> Any:
     if "_admin" not in roles and (security.NODE_ROLE in roles or str(who.get("name")).isdigit()):
         return error_response(403, f"node {who.get('name')} may not steer a rollout; a "
                                    "deployer does (himbeere rollout ID --pause)")
-    return jsonify(dict(rollouts.steer(g.fleet, rid, str(action)), ok=True))
+    return jsonify(rollouts.steer(g.fleet, rid, str(action)))
 
 
 def _public(shown: dict[str, Any]) -> dict[str, Any]:
