@@ -466,6 +466,36 @@ def test_a_placed_programs_buttons_act_wherever_it_is_placed(
     assert missing.status_code == 404
 
 
+def test_a_program_for_many_nodes_has_buttons_that_act_on_every_node(
+        client: FlaskClient, fleet: Fleet, deployer: tuple[str, str]) -> None:
+    """Regression: a node's page showed no stop/restart for program:<name>, and the
+    API answered 404 for it: it has one document for all its nodes."""
+    running = {"program:sensor": {"name": "sensor", "state": "running",
+                                  "targets": {"labels": {"room": "lab"}}}}
+    fleet.status.save(status_doc(1001, programs=running))
+    fleet.status.save(status_doc(1002, programs=running))
+    for mac in (1001, 1002):
+        fleet.status.save({"_id": f"node:{mac}", "type": "himbeere-node",
+                           "labels": {"room": "lab"}})
+    fleet.code.save({"_id": "program:sensor", "type": "himbeere-program", "name": "sensor",
+                     "targets": {"labels": {"room": "lab"}}, "code": "def main():\n    pass\n"})
+    login(client, *deployer)
+    shown = client.get("/api/nodes/1001").get_json()["programs"]["program:sensor"]
+    assert (shown["in_database"], shown["enabled"]) == (True, True)  # dashboard.js: buttons
+    headers = {"X-CSRF-Token": page_csrf(client)}
+    answer = client.post("/api/nodes/1001/programs", headers=headers,
+                         json={"program": "program:sensor", "action": "stop"})
+    assert answer.status_code == 200, answer.get_json()
+    result = answer.get_json()
+    assert (result["targeted"], result["placed"], result["nodes"]) == (True, False, [1001, 1002])
+    assert fleet.code.get("program:sensor")["enabled"] is False  # type: ignore[index]
+    assert client.get("/api/nodes/1002").get_json()["programs"]["program:sensor"][
+        "enabled"] is False  # one document: stopped on the other node's page too
+    answer = client.post("/api/nodes/1002/programs", headers=headers,
+                         json={"program": "sensor", "action": "restart"})
+    assert answer.get_json()["restart_count"] == 1
+
+
 # -- live ---------------------------------------------------------------------------------
 class EventReader:
     """Reads a streamed ``text/event-stream`` response, in the test's own thread."""

@@ -395,3 +395,42 @@ def test_the_last_day_as_charts_and_sparklines(browser: Any, dashboard_url: str,
     assert "ticker ×4" in text_of(browser, "restarts")
     browser.set_window_size(1400, 1250)  # the node's figures and its charts in one picture
     shot(browser, "node-charts")
+
+
+def test_pause_resume_and_abort_a_rollout_from_its_page(browser: Any, dashboard_url: str,
+                                                        fleet: Fleet,
+                                                        deployer: tuple[str, str]) -> None:
+    rid = schema.rollout_id("sensor", 2)
+    fleet.status.save({"_id": rid, "type": schema.ROLLOUT_TYPE, "name": "sensor", "release": 2,
+                       "previous_release": 1, "docs": ["program:sensor"],
+                       "waves": ["1", "100%"], "healthy_for": 10.0, "state": "running",
+                       "nodes": [NODE_A], "wave": 0, "admitted": {}, "health": {}})
+    sign_in(browser, dashboard_url, deployer)
+    browser.get(f"{dashboard_url}/rollouts/{rid}")
+
+    def button(action: str) -> Any:
+        return browser.find_element(By.ID, f"rollout-{action}")
+
+    def state() -> Any:
+        return (fleet.status.get(rid) or {}).get("state")
+
+    wait_until(browser, lambda: ": running," in text_of(browser, "rollout-summary"),
+               "the rollout's state")
+    assert not button("pause").get_attribute("disabled")
+    assert button("resume").get_attribute("disabled")  # only a paused rollout resumes
+    unstale(lambda: button("pause").click())
+    wait_until(browser, lambda: ": paused," in text_of(browser, "rollout-summary"),
+               "the page showing it paused")
+    assert state() == "paused"
+    wait_until(browser, lambda: not button("resume").get_attribute("disabled"), "Resume enabled")
+    unstale(lambda: button("resume").click())
+    wait_until(browser, lambda: state() == "running", "the rollout running again")
+    wait_until(browser, lambda: not button("abort").get_attribute("disabled"), "Abort enabled")
+    unstale(lambda: button("abort").click())
+    browser.switch_to.alert.accept()  # "Abort ...? Every node goes back to release 1."
+    wait_until(browser, lambda: ": aborted," in text_of(browser, "rollout-summary"),
+               "the page showing it aborted")
+    assert state() == "aborted"
+    assert all(button(a).get_attribute("disabled") for a in ("pause", "resume", "abort"))
+    assert "0/0 admitted nodes healthy" in text_of(browser, "rollout-summary")
+    shot(browser, "rollout-aborted")

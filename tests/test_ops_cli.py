@@ -301,9 +301,61 @@ def test_stop_start_restart_a_placed_program_without_node(
     assert "'agg' is a placed program (placed:agg): without --node" in err
     code, _, err = himbeere(capsys, "stop", "blink")
     assert code == 1 and err.count("\n") == 1
-    assert "no placed program 'blink'; placed programs: agg; node 1001 has a program " \
-           "'blink': add --node NODE" in err
+    assert "no placed program or program for many nodes 'blink'; placed programs: agg; " \
+           "programs for many nodes: none; node 1001 has a program 'blink': add --node " \
+           "NODE" in err
     assert fleet.code.get("1001:blink").get("enabled") is None  # type: ignore[union-attr]
+
+
+def test_stop_start_restart_a_program_for_many_nodes_without_node(
+        fleet: Fleet, capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: stop/start/restart found no program:<name> (they looked for a
+    placed program); its one document reaches every node it targets."""
+    fleet.code.save({"_id": "program:sensor", "type": "himbeere-program", "name": "sensor",
+                     "targets": {"labels": {"room": "lab"}}, "code": "def main(): pass\n",
+                     "release": 3})
+    for mac in (1001, 1002, 1003):
+        ops.set_labels(fleet, mac, room="lab")
+    ops.set_labels(fleet, 1004, room="office")
+
+    def doc() -> dict[str, Any]:
+        found = fleet.code.get("program:sensor")
+        assert found is not None
+        return found
+
+    code, out, err = himbeere(capsys, "stop", "sensor")
+    assert code == 0, err
+    assert out.strip() == ("stopped program:sensor (enabled: false); program for many nodes "
+                           "(targets room=lab): 3 nodes now (1001, 1002, 1003)")
+    assert doc()["enabled"] is False
+    code, out, _ = himbeere(capsys, "stop", "program:sensor", "--targeted")
+    assert code == 0 and out.startswith("program:sensor was stopped already;")
+    code, out, _ = himbeere(capsys, "start", "sensor", "--json")
+    result = json.loads(out)
+    assert (result["targeted"], result["placed"], result["node"]) == (True, False, None)
+    assert result["nodes"] == [1001, 1002, 1003] and doc()["enabled"] is True
+    assert result["targets"] == {"labels": {"room": "lab"}}
+    code, out, _ = himbeere(capsys, "restart", "sensor", "--targeted")
+    assert code == 0 and out.strip() == (
+        "restart requested for program:sensor (restart_count 1); program for many nodes "
+        "(targets room=lab): 3 nodes now (1001, 1002, 1003)")
+    assert doc()["restart_count"] == 1 and doc()["release"] == 3  # nothing else changed
+
+    code, _, err = himbeere(capsys, "stop", "sensor", "--targeted", "--node", "1001")
+    assert code == 1 and "drop --node" in err
+    code, _, err = himbeere(capsys, "stop", "sensor", "--placed")
+    assert code == 1 and err.count("\n") == 1
+    assert "no placed program 'sensor'; placed programs: none" in err
+    code, _, err = himbeere(capsys, "stop", "sensor", "--node", "1001")
+    assert code == 1 and "'sensor' is a program for many nodes (program:sensor): without " \
+        "--node, stop, start and restart act on every node it targets" in err
+    # A placed program of the same name: say which.
+    placed_program(fleet, "sensor", "def main(): pass\n")
+    code, _, err = himbeere(capsys, "restart", "sensor")
+    assert code == 1 and "add --placed or --targeted" in err
+    assert himbeere(capsys, "restart", "sensor", "--placed")[0] == 0
+    assert fleet.code.get("placed:sensor")["restart_count"] == 1  # type: ignore[index]
+    assert doc()["restart_count"] == 1
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ test sees which node ever ran which release.
 
 from __future__ import annotations
 
+import secrets
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -328,7 +329,66 @@ def test_the_dashboard_shows_rollouts_and_one_rollouts_nodes(
         one = client.get(f"/api/rollouts/{rid}").get_json()
         assert [(n["node"], n["release"], n["healthy"]) for n in one["node_list"]] == [
             (1501, 2, True), (1502, 1, False)]
+        assert one["ok"] == 1  # healthy admitted nodes, not true (the page showed "true/1")
         assert client.get(f"/rollouts/{rid}").status_code == 200
         assert client.get("/api/rollouts/rollout:nope:000001").status_code == 404
+    finally:
+        app.extensions["himbeere"].hub.close()
+
+
+def test_deployers_pause_resume_and_abort_a_rollout_on_its_page(
+        fleet: Fleet, couch: Couch, deployer: tuple[str, str], make_user: Any) -> None:
+    """The rollout page steers it as ``himbeere rollout ID --pause`` does; a node
+    signed in gets no buttons, and its POST is refused (CouchDB would let it)."""
+    from himbeere.couch import security
+    from tests.test_dashboard import login, page_csrf
+    from uploader.dashboard import create_app
+
+    install.setup(fleet)
+    rid = rollout_id("p", 2)
+    fleet.status.save(doc(_id=rid, type="himbeere-rollout", nodes=[1501], wave=0))
+    fleet.code.save({"_id": "release:p:000002", "type": "himbeere-release", "name": "p",
+                     "release": 2, "docs": {}})
+    app = create_app(couch.base, fleet.code.name, secret_key="test secret")
+    app.config["TESTING"] = True
+    try:
+        client = app.test_client()
+        login(client, *deployer)
+        page = client.get(f"/rollouts/{rid}").get_data(as_text=True)
+        assert 'id="rollout-pause"' in page and 'id="rollout-abort"' in page
+        headers = {"X-CSRF-Token": page_csrf(client)}
+
+        def steer(action: Any) -> Any:
+            return client.post(f"/api/rollouts/{rid}", json={"action": action}, headers=headers)
+
+        answer = steer("pause")
+        assert answer.status_code == 200, answer.get_json()
+        assert (answer.get_json()["state"], answer.get_json()["ok"]) == ("paused", 0)
+        assert get_rollout(fleet, rid)["requested"]["action"] == "pause"
+        assert get_rollout(fleet, rid)["requested"]["by"] == deployer[0]
+        refused = steer("pause")
+        assert refused.status_code == 400 and "is paused" in refused.get_json()["error"]
+        assert steer("resume").get_json()["state"] == "running"
+        bad = steer("explode")
+        assert bad.status_code == 400
+        assert "allowed: pause, resume, abort" in bad.get_json()["error"]
+        assert client.post(f"/api/rollouts/{rid}", json={"action": "pause"}).status_code == 403
+        assert steer("abort").get_json()["state"] == "aborted"
+        assert fleet.code.get("release:p:000002")["outcome"] == "aborted"  # type: ignore[index]
+        over = steer("resume")
+        assert over.status_code == 400 and "is aborted already" in over.get_json()["error"]
+        assert client.post("/api/rollouts/rollout:nope:000001", json={"action": "pause"},
+                           headers=headers).status_code == 404
+
+        fleet.status.save(dict(get_rollout(fleet, rid), state="running"))
+        node_client = app.test_client()
+        login(node_client, *make_user([security.NODE_ROLE],
+                                      str(10**14 + secrets.randbelow(10**14))))
+        page = node_client.get(f"/rollouts/{rid}").get_data(as_text=True)
+        assert "rollout-controls" not in page
+        answer = node_client.post(f"/api/rollouts/{rid}", json={"action": "abort"},
+                                  headers={"X-CSRF-Token": page_csrf(node_client)})
+        assert answer.status_code == 403 and "may not steer" in answer.get_json()["error"]
+        assert get_rollout(fleet, rid)["state"] == "running"
     finally:
         app.extensions["himbeere"].hub.close()

@@ -415,6 +415,34 @@ def test_ls_lists_programs_per_node_with_names_and_states(
         (mac, "porch", "blink", "running")]
 
 
+def test_ls_shows_release_numbers_and_a_nodes_programs_for_many_nodes(
+        ready: Run, fleet: Fleet, tmp_path: Path) -> None:
+    """ls has a RELEASE column (- for a document pushed before releases were
+    numbered); ls --node lists the programs for many nodes the node reports."""
+    source = write(tmp_path / "blink.py", "def main():\n    pass\n")
+    assert ready("push", str(source), "--node", "1000")[0] == 0
+    source.write_text("def main():\n    return 1\n")
+    assert ready("push", str(source), "--node", "1000")[0] == 0
+    sensor = write(tmp_path / "sensor.py", "def main():\n    pass\n")
+    assert ready("push", str(sensor), "--label", "room=lab")[0] == 0
+    assert ready("push", str(sensor), "--all", "--name", "everywhere")[0] == 0
+    fleet.code.save({"_id": "1000:old", "type": 1000, "name": "old", "code": "x = 1\n"})
+    fleet.status.save({"_id": "status:1000", "node": 1000, "programs": {
+        "1000:blink": {"state": "running"}, "program:sensor": {"state": "running"}}})
+    code, out, err = ready("ls", "--node", "1000")
+    assert code == 0, err
+    assert out.splitlines() == [
+        "NODE      PROGRAM  ID              RELEASE  MODULES  STATE",
+        "1000      blink    1000:blink      2        main     running",
+        "1000      old      1000:old        -        main     -",
+        "room=lab  sensor   program:sensor  1        main     running on 1000",
+    ]  # not "everywhere": this node does not report running it
+    code, out, _ = ready("ls", "--json")
+    releases = {p["id"]: p["release"] for p in json.loads(out)["programs"]}
+    assert releases == {"1000:blink": 2, "1000:old": None, "program:sensor": 1,
+                        "program:everywhere": 1}
+
+
 def test_rm_removes_and_names_what_is_there(ready: Run, fleet: Fleet, tmp_path: Path) -> None:
     source = write(tmp_path / "blink.py", "def main():\n    pass\n")
     assert ready("push", str(source), "--node", "1000")[0] == 0
@@ -526,7 +554,7 @@ def test_placed_programs_in_ls_pull_and_rm(ready: Run, fleet: Fleet, tmp_path: P
     fleet.set_name(1002, "kitchen")
     code, out, _ = ready("ls")
     row = next(line for line in out.splitlines() if "placed:agg" in line)
-    assert row.split()[:4] == ["placed", "agg", "placed:agg", "main,"]
+    assert row.split()[:5] == ["placed", "agg", "placed:agg", "1", "main,"]
     assert row.endswith("not placed yet")
 
     # The scheduler placed it on two nodes; they report its state.

@@ -165,17 +165,23 @@ def cmd_pull(args: argparse.Namespace) -> Output:
 
 
 def cmd_ls(args: argparse.Namespace) -> Output:
-    """List the programs of every node (or of one)."""
+    """List the programs of every node (or of one), with their release numbers.
+
+    With --node, the programs for many nodes that the node reports running
+    are listed too.
+    """
     fleet = open_fleet(args)
     node = fleet.resolve_node(args.node) if args.node else None
     listing = push.ls(fleet, node)
     rows = [[_node_label(p["node"], p["node_name"]), p["name"], p["id"],
+             "-" if p["release"] is None else str(p["release"]),
              ", ".join(p["modules"] + [f"{m} (global)" for m in p["global_modules"]]),
              ("" if p["enabled"] else "disabled ") + _state(p)]
             for p in listing]
     if not rows:
         return {"programs": []}, ["no programs" + (f" on node {node}" if node else "")]
-    return {"programs": listing}, table(["NODE", "PROGRAM", "ID", "MODULES", "STATE"], rows)
+    return {"programs": listing}, table(["NODE", "PROGRAM", "ID", "RELEASE", "MODULES", "STATE"],
+                                        rows)
 
 
 def cmd_rm(args: argparse.Namespace) -> Output:

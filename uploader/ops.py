@@ -34,8 +34,9 @@ Documents involved (see :mod:`himbeere.commands` for the node side):
 
 Programs are stopped, started and restarted through fields of their code
 document: ``enabled`` (false stops it) and ``restart_count`` (an integer;
-each change restarts the program).  A placed program has one document
-however many nodes run it, so these act wherever it is placed.
+each change restarts the program).  A placed program, and a program for
+many nodes (``program:<name>``), has one document however many nodes run
+it, so these act on every node that runs it.
 
 A program's persistent ``state`` is the ``state:<program id>`` document of
 the status database (see :mod:`himbeere.runtime.progstate`); :func:`program_state`
@@ -52,7 +53,7 @@ from typing import Any, Optional, Union
 from himbeere import codedoc, defaults, health, history, logship, schema
 from himbeere.couch import Database, Doc
 from himbeere.exceptions import ConfigError, Conflict, NotFound
-from himbeere.fleet import placement
+from himbeere.fleet import placement, targeting
 from himbeere.schema import ProgramState
 
 from . import keys, push
@@ -175,7 +176,9 @@ def node_detail(fleet: Fleet, node: NodeRef, commands: int = 20) -> Doc:
     ``status`` is the whole status document (``None`` if the node never
     sent one); ``programs`` gain the code document's ``enabled``,
     ``restart_count`` and ``in_database`` (false once the document is
-    gone); their ``last_error`` holds the traceback.  ``commands`` lists the
+    gone; placed programs and programs for many nodes included, whose
+    document is shared by every node that runs them); their ``last_error``
+    holds the traceback.  ``commands`` lists the
     results of the node's latest fleet commands (newest first), each
     ``{"command": id, "cmd", "created", "result": result doc or None,
     "joined_later"}`` (see :func:`node_commands`); ``None`` means it has not
@@ -190,7 +193,9 @@ def node_detail(fleet: Fleet, node: NodeRef, commands: int = 20) -> Doc:
     detail = summarize(mac, status, node_doc, server_now(fleet))
     detail["status"] = status
     programs = {k: dict(v) for k, v in detail["programs"].items()}
-    for doc in _code_docs(fleet, mac):
+    own = _code_docs(fleet, mac)
+    others = set(programs) - {doc["_id"] for doc in own}
+    for doc in own + _shared_docs(fleet, others):
         entry = programs.setdefault(doc["_id"], {"name": doc.get("name"), "state": None})
         entry["enabled"] = doc.get("enabled", True) is not False
         entry["restart_count"] = doc.get("restart_count", 0)
@@ -205,6 +210,23 @@ def node_detail(fleet: Fleet, node: NodeRef, commands: int = 20) -> Doc:
 def _code_docs(fleet: Fleet, mac: int) -> list[Doc]:
     rows = push._programs(fleet, startkey=[str(mac)], endkey=[str(mac), {}], include_docs=True)
     return [row["doc"] for row in rows if row.get("doc")]
+
+
+def _shared_docs(fleet: Fleet, doc_ids: Iterable[str]) -> list[Doc]:
+    """The placed programs and programs for many nodes among ``doc_ids`` (a node's
+    programs, not its own documents).
+
+    They have one document for all their nodes, so the node's page can stop
+    and restart them too (on every node that runs them).
+    """
+    found = []
+    for doc_id in sorted(doc_ids):
+        if doc_id.startswith("_"):
+            continue
+        doc = fleet.code.get(doc_id)
+        if doc is not None and (codedoc.is_placed(doc) or codedoc.is_targeted(doc)):
+            found.append(doc)
+    return found
 
 
 def _unknown_node(fleet: Fleet, mac: int) -> NotFound:
@@ -469,13 +491,15 @@ def wait_for_results(fleet: Fleet, command_id: str, wait: float, interval: float
 
 
 # -- programs ----------------------------------------------------------------------------
-def program_doc(fleet: Fleet, node: Optional[NodeRef], program: str) -> Doc:
+def program_doc(fleet: Fleet, node: Optional[NodeRef], program: str, placed: bool = False,
+                targeted: bool = False) -> Doc:
     """The code document of ``program`` (name or document id) on ``node``.
 
-    ``node`` None: the placed program ``program`` (see :func:`placed_doc`).
+    ``node`` None: the placed program or the program for many nodes
+    ``program`` (see :func:`shared_doc`; ``placed``/``targeted`` say which).
     """
     if node is None:
-        return placed_doc(fleet, program)
+        return shared_doc(fleet, program, placed, targeted)
     mac = node_id(fleet, node)
     fleet.require_database(fleet.code)
     doc = fleet.code.get(program) if not program.startswith("_") else None
@@ -486,10 +510,12 @@ def program_doc(fleet: Fleet, node: Optional[NodeRef], program: str) -> Doc:
         return doc
     names = sorted(str(d.get("name") or d["_id"]) for d in _code_docs(fleet, mac))
     hint = ""
-    placed = _find_placed(fleet, program)
-    if placed is not None:
-        hint = (f"; {program!r} is a placed program ({placed['_id']}): without --node, "
-                "stop, start and restart act wherever it is placed")
+    shared = _find_placed(fleet, program) or _find_targeted(fleet, program)
+    if shared is not None:
+        kind = "a placed program" if codedoc.is_placed(shared) else "a program for many nodes"
+        where = "wherever it is placed" if codedoc.is_placed(shared) else "on every node it targets"
+        hint = (f"; {program!r} is {kind} ({shared['_id']}): without --node, "
+                f"stop, start and restart act {where}")
     raise NotFound(f"node {mac} has no program {program!r}; its programs: "
                    f"{', '.join(names) if names else 'none'}{hint}")
 
@@ -499,6 +525,11 @@ def is_placed(fleet: Fleet, program: str) -> bool:
     return _find_placed(fleet, program) is not None
 
 
+def is_shared(fleet: Fleet, program: str) -> bool:
+    """True when ``program`` (name or id) has one document for many nodes: placed or targeted."""
+    return is_placed(fleet, program) or _find_targeted(fleet, program) is not None
+
+
 def _find_placed(fleet: Fleet, program: str) -> Optional[Doc]:
     doc = fleet.code.get(program) if not program.startswith("_") else None
     if doc is not None and codedoc.is_placed(doc):
@@ -506,20 +537,54 @@ def _find_placed(fleet: Fleet, program: str) -> Optional[Doc]:
     return push.find(fleet, None, program, placed=True)
 
 
+def _find_targeted(fleet: Fleet, program: str) -> Optional[Doc]:
+    doc = fleet.code.get(program) if not program.startswith("_") else None
+    if doc is not None and codedoc.is_targeted(doc):
+        return doc
+    return push.find(fleet, None, program, targeted=True)
+
+
 def placed_doc(fleet: Fleet, program: str) -> Doc:
     """The code document of the placed program ``program`` (name or document id)."""
+    return shared_doc(fleet, program, placed=True)
+
+
+def shared_doc(fleet: Fleet, program: str, placed: bool = False, targeted: bool = False) -> Doc:
+    """The one document of ``program`` (name or id) for many nodes: placed or targeted.
+
+    ``placed`` (``targeted``) looks only among the placed programs (the
+    programs for many nodes); neither: both, and a name that is both asks which.
+    """
     fleet.require_database(fleet.code)
-    doc = _find_placed(fleet, program)
+    found_placed = None if targeted else _find_placed(fleet, program)
+    found_targeted = None if placed else _find_targeted(fleet, program)
+    if found_placed is not None and found_targeted is not None:
+        raise ConfigError(f"{program!r} is both a placed program ({found_placed['_id']}) and a "
+                          f"program for many nodes ({found_targeted['_id']}): add --placed "
+                          "or --targeted")
+    doc = found_placed or found_targeted
     if doc is not None:
         return doc
     rows = push._programs(fleet)
-    placed = sorted({str(row["key"][1]) for row in rows if row["key"][0] == placement.PLACED_TYPE})
+
+    def names(kind: str) -> str:
+        found = sorted({str(row["key"][1]) for row in rows if row["key"][0] == kind})
+        return ", ".join(found) if found else "none"
+
     nodes = sorted({str(row["key"][0]) for row in rows if row["key"][1] == program
                     and str(row["key"][0]).isdigit()})
     hint = (f"; node {', '.join(nodes)} has a program {program!r}: add --node NODE" if nodes
             else "; a program of one node needs --node NODE")
-    raise NotFound(f"no placed program {program!r}; placed programs: "
-                   f"{', '.join(placed) if placed else 'none'}{hint}")
+    if placed:
+        what, known = "placed program", f"placed programs: {names(placement.PLACED_TYPE)}"
+    elif targeted:
+        what, known = ("program for many nodes",
+                       f"programs for many nodes: {names(schema.PROGRAM_TYPE)}")
+    else:
+        what = "placed program or program for many nodes"
+        known = (f"placed programs: {names(placement.PLACED_TYPE)}; programs for many "
+                 f"nodes: {names(schema.PROGRAM_TYPE)}")
+    raise NotFound(f"no {what} {program!r}; {known}{hint}")
 
 
 def _assigned(fleet: Fleet, doc_id: str) -> list[int]:
@@ -531,21 +596,44 @@ def _assigned(fleet: Fleet, doc_id: str) -> list[int]:
     return [int(m) for m in macs or [] if str(m).isdigit()]
 
 
+def targeted_nodes(fleet: Fleet, targets: Any) -> list[int]:
+    """The known nodes a program for many nodes with ``targets`` runs on now.
+
+    Known: a heartbeat or a ``node:<mac>`` document; a MAC id listed in
+    ``targets`` counts even before it is known.  Labels are the node
+    documents' (what the nodes read, :mod:`himbeere.fleet.targeting`).
+    """
+    node_docs = _node_docs(fleet)
+    known = set(_status_docs(fleet)) | set(node_docs)
+    if isinstance(targets, list):
+        known |= {int(t) for t in targets if str(t).isdigit()}
+    return sorted(mac for mac in known if schema.targets_labels(
+        targets, mac, targeting.labels_of(node_docs.get(mac))))
+
+
 def _target(fleet: Fleet, node: Optional[NodeRef], doc: Doc) -> Doc:
-    """``node`` and, for a placed program, ``placed`` and its ``nodes``, for a result."""
+    """Where an action on ``doc`` reaches, for a result: ``node``, or ``placed`` /
+    ``targeted`` (with ``targets``) and the ``nodes`` it runs on now."""
     if node is not None:
-        return {"node": node_id(fleet, node), "placed": False}
-    return {"node": None, "placed": True, "nodes": _assigned(fleet, doc["_id"])}
+        return {"node": node_id(fleet, node), "placed": False, "targeted": False}
+    if codedoc.is_targeted(doc):
+        return {"node": None, "placed": False, "targeted": True, "targets": doc.get("targets"),
+                "nodes": targeted_nodes(fleet, doc.get("targets"))}
+    return {"node": None, "placed": True, "targeted": False,
+            "nodes": _assigned(fleet, doc["_id"])}
 
 
-def set_enabled(fleet: Fleet, node: Optional[NodeRef], program: str, enabled: bool) -> Doc:
+def set_enabled(fleet: Fleet, node: Optional[NodeRef], program: str, enabled: bool,
+                placed: bool = False, targeted: bool = False) -> Doc:
     """Stop (``enabled=False``) or start a program through its ``enabled`` field.
 
-    ``node`` None: a placed program, wherever it is placed.  Returns ``{"id",
-    "node", "name", "enabled", "changed", "placed"}``, and for a placed
-    program ``nodes``, where the scheduler placed it.
+    ``node`` None: a placed program, wherever it is placed, or a program for
+    many nodes, on every node it targets (``placed``/``targeted``: only
+    that kind).  Returns ``{"id", "node", "name", "enabled", "changed",
+    "placed", "targeted"}``, and without ``node``, ``nodes``: where the
+    scheduler placed it, or the nodes it targets now (and its ``targets``).
     """
-    doc = program_doc(fleet, node, program)
+    doc = program_doc(fleet, node, program, placed, targeted)
     changed = {"value": False}
 
     def change(current: Doc) -> bool:
@@ -562,14 +650,16 @@ def set_enabled(fleet: Fleet, node: Optional[NodeRef], program: str, enabled: bo
                 enabled=enabled, changed=changed["value"])
 
 
-def restart_program(fleet: Fleet, node: Optional[NodeRef], program: str) -> Doc:
+def restart_program(fleet: Fleet, node: Optional[NodeRef], program: str, placed: bool = False,
+                    targeted: bool = False) -> Doc:
     """Restart a program: increment the integer ``restart_count`` of its code document.
 
-    The node restarts the program when the field changes (every node, for a
-    placed program: ``node`` None).  Returns ``{"id", "node", "name",
-    "restart_count", "placed"}``, and ``nodes`` for a placed program.
+    The node restarts the program when the field changes (every node that
+    runs it, for a placed program or a program for many nodes: ``node``
+    None).  Returns ``{"id", "node", "name", "restart_count", "placed",
+    "targeted"}``, and ``nodes`` without ``node`` (see :func:`set_enabled`).
     """
-    doc = program_doc(fleet, node, program)
+    doc = program_doc(fleet, node, program, placed, targeted)
     count = {"value": 0}
 
     def change(current: Doc) -> None:
@@ -582,7 +672,6 @@ def restart_program(fleet: Fleet, node: Optional[NodeRef], program: str) -> Doc:
     fleet.code.update(doc["_id"], change)
     return dict(_target(fleet, node, doc), id=doc["_id"], name=doc.get("name"),
                 restart_count=count["value"])
-
 
 
 # -- placements --------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Fleet operations on the ``himbeere`` command, for the laptop.
 
 ``nodes``, ``status``, ``logs``, ``cmd``, ``stop``, ``start``, ``restart``
-(of a node's program, or of a placed program wherever it runs),
+(of a node's program, of a placed program wherever it runs, or of a
+program for many nodes on every node it targets),
 ``label``, ``state`` and ``placements``; :func:`register` adds them to
 ``himbeere``'s subcommands (uploader/main.py).  The work is done by :mod:`uploader.ops`, which
 the dashboard uses too.
@@ -462,8 +463,9 @@ def _cut(lines: list[str], limit: int) -> list[str]:
 def cmd_stop(args: argparse.Namespace, fleet: Fleet) -> int:
     """Stop a program on a node (sets "enabled": false in its code document).
 
-    Without --node (or with --placed), PROGRAM is a placed program: it stops
-    wherever it is placed.
+    Without --node, PROGRAM is a placed program (it stops wherever it is
+    placed) or a program for many nodes (it stops on every node it targets);
+    --placed or --targeted says which, when a name is both.
     """
     return _program_action(args, fleet, "stop")
 
@@ -471,7 +473,8 @@ def cmd_stop(args: argparse.Namespace, fleet: Fleet) -> int:
 def cmd_start(args: argparse.Namespace, fleet: Fleet) -> int:
     """Start a stopped program on a node (sets "enabled": true in its code document).
 
-    Without --node (or with --placed), PROGRAM is a placed program.
+    Without --node, PROGRAM is a placed program or a program for many nodes
+    (--placed or --targeted says which, when a name is both).
     """
     return _program_action(args, fleet, "start")
 
@@ -479,33 +482,52 @@ def cmd_start(args: argparse.Namespace, fleet: Fleet) -> int:
 def cmd_restart(args: argparse.Namespace, fleet: Fleet) -> int:
     """Restart a program on a node (increments "restart_count" in its code document).
 
-    Without --node (or with --placed), PROGRAM is a placed program: it restarts
-    wherever it is placed.
+    Without --node, PROGRAM is a placed program (it restarts wherever it is
+    placed) or a program for many nodes (it restarts on every node it
+    targets); --placed or --targeted says which, when a name is both.
     """
     return _program_action(args, fleet, "restart")
 
 
 def _program_action(args: argparse.Namespace, fleet: Fleet, action: str) -> int:
+    if args.placed and args.targeted:
+        raise ConfigError("a program is placed or for many nodes, not both: drop --placed "
+                          "or --targeted")
     if args.placed and args.node:
         raise ConfigError("a placed program runs where the fleet puts it: --placed "
                           "acts wherever it is placed; drop --node")
+    if args.targeted and args.node:
+        raise ConfigError("a program for many nodes has one document for all of them: "
+                          "--targeted acts on every node it targets; drop --node")
+    kind = {"placed": args.placed, "targeted": args.targeted}
     if action == "restart":
-        result = ops.restart_program(fleet, args.node, args.program)
+        result = ops.restart_program(fleet, args.node, args.program, **kind)
         line = f"restart requested for {result['id']} (restart_count {result['restart_count']})"
     else:
-        result = ops.set_enabled(fleet, args.node, args.program, action == "start")
+        result = ops.set_enabled(fleet, args.node, args.program, action == "start", **kind)
         verb = "started" if action == "start" else "stopped"
         line = (f"{verb} {result['id']} (enabled: {str(result['enabled']).lower()})"
                 if result["changed"] else f"{result['id']} was {verb} already")
-    if result["placed"]:
-        nodes = ", ".join(str(mac) for mac in result["nodes"])
-        line += (f"; placed program, now placed on {nodes}" if nodes
-                 else "; placed program, placed on no node now")
+    line += _reach(result)
     if args.json:
         emit(args, result)
     else:
         print(line)
     return 0
+
+
+def _reach(result: dict[str, Any]) -> str:
+    """Which nodes an action on a placed program (a program for many nodes) reaches."""
+    nodes = ", ".join(str(mac) for mac in result.get("nodes") or [])
+    if result["placed"]:
+        return (f"; placed program, now placed on {nodes}" if nodes
+                else "; placed program, placed on no node now")
+    if result.get("targeted"):
+        count = len(result["nodes"])
+        return (f"; program for many nodes (targets {targets_text(result['targets'])}): "
+                + (f"{count} node{'s' if count != 1 else ''} now ({nodes})" if count
+                   else "no node now"))
+    return ""
 
 
 def cmd_label(args: argparse.Namespace, fleet: Fleet) -> int:
@@ -692,10 +714,13 @@ def register(sub: Any) -> None:
         program = add(name, handler)
         program.add_argument("program", metavar="PROGRAM", help="program name or id")
         program.add_argument("--node", metavar="NODE",
-                             help="MAC id, MAC address or name (none: a placed program)")
+                             help="MAC id, MAC address or name (none: a placed program or "
+                                  "a program for many nodes)")
         program.add_argument("--placed", action="store_true",
-                             help="a placed program, wherever it runs (the default "
-                                  "without --node)")
+                             help="a placed program, wherever it runs")
+        program.add_argument("--targeted", action="store_true",
+                             help="a program for many nodes (program:NAME), on every node it "
+                                  "targets")
 
     add("placements", cmd_placements)
 

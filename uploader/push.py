@@ -564,13 +564,23 @@ def ls(fleet: Fleet, node: Optional[int] = None) -> list[Doc]:
 
     A placed program's ``node`` is ``"placed"``; its ``nodes`` are where the
     scheduler placed it, each ``{"node", "name", "state"}``, and its
-    ``state`` is theirs when they agree.
+    ``state`` is theirs when they agree.  A program for many nodes is
+    listed by what it ``targets``, with the ``nodes`` that report running
+    it; with ``node``, those of its programs that this node reports.
+    ``release`` is the number the last push gave the document (None before
+    releases were numbered).
     """
     fleet.require_databases()
+    # The documents too, for their "release" (the programs view does not give it).
     if node is None:
-        rows = _programs(fleet)
+        rows = _programs(fleet, include_docs=True)
     else:
-        rows = _programs(fleet, startkey=[str(node)], endkey=[str(node), {}])
+        rows = _programs(fleet, startkey=[str(node)], endkey=[str(node), {}],
+                         include_docs=True)
+        reported = (fleet.status.get(status_id(node)) or {}).get("programs") or {}
+        rows += [row for row in _programs(fleet, startkey=[PROGRAM_TYPE],
+                                          endkey=[PROGRAM_TYPE, {}], include_docs=True)
+                 if row["id"] in reported]
     names = fleet.names()
     states: dict[int, dict[str, Any]] = {}
 
@@ -595,6 +605,7 @@ def ls(fleet: Fleet, node: Optional[int] = None) -> list[Doc]:
             "modules": value.get("modules", []),
             "global_modules": value.get("global_modules", []),
             "enabled": value.get("enabled", True),
+            "release": _release(row.get("doc")),
             "state": state(mac, row["id"]) if mac is not None else None,
             "placed": key_node == PLACED_TYPE,
         }
@@ -622,6 +633,12 @@ def ls(fleet: Fleet, node: Optional[int] = None) -> list[Doc]:
                          state=shown.pop() if len(shown) == 1 else None)
         listing.append(entry)
     return listing
+
+
+def _release(doc: Optional[Doc]) -> Optional[int]:
+    """A program document's release number, None when it has none (pushed before numbers)."""
+    release = (doc or {}).get("release")
+    return release if isinstance(release, int) and not isinstance(release, bool) else None
 
 
 def _programs_by_node(fleet: Fleet) -> dict[int, dict[str, Any]]:

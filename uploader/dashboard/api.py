@@ -91,10 +91,11 @@ def program_action(node: str) -> Any:
     try:
         result = act(node)
     except NotFound:
-        # A placed program on this node's page: it has one document for all
-        # its nodes, so the button acts wherever it is placed (as the CLI
-        # does without --node), and the answer says so ("placed", "nodes").
-        if not ops.is_placed(g.fleet, program):
+        # A placed program (a program for many nodes) on this node's page: it
+        # has one document for all its nodes, so the button acts wherever it
+        # is placed (on every node it targets), as the CLI does without
+        # --node, and the answer says so ("placed" or "targeted", "nodes").
+        if not ops.is_shared(g.fleet, program):
             raise
         result = act(None)
     return jsonify(dict(result, ok=True))

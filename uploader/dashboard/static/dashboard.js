@@ -365,8 +365,12 @@
       ]));
     }
 
-    function control(id, action) {
+    // A placed program (a program for many nodes) has one document for all
+    // its nodes: its buttons act on every node that runs it, and say so.
+    function control(id, action, p) {
+      const shared = p.placed ? " wherever it is placed" : p.targets ? " on every node it targets (" + targetsText(p.targets) + ")" : "";
       return h("button", { type: "button", className: "small", text: action,
+        title: shared ? action + shared : null,
         onclick: async (e) => {
           e.target.disabled = true;
           try { await post("/api/nodes/" + mac + "/programs", { program: id, action: action }); }
@@ -406,7 +410,7 @@
           h("td", { text: when(p.started) }),
           h("td", { className: "error-cell" }, error),
           h("td", { className: "controls" }, p.in_database && config.may_act
-            ? [control(id, "restart"), control(id, enabled ? "stop" : "start")] : null));
+            ? [control(id, "restart", p), control(id, enabled ? "stop" : "start", p)] : null));
       }));
       $("no-programs").hidden = programs.length > 0;
     }

@@ -48,6 +48,7 @@
     const error = document.getElementById("rollout-error");
     error.hidden = !failure.error;
     error.textContent = failure.error || "";
+    drawControls(r);
     fill(document.querySelector("#waves tbody"), r.wave_list.map(function (w) {
       const tr = document.createElement("tr");
       cell(tr, w.wave); cell(tr, w.size); cell(tr, w.nodes); cell(tr, w.started);
@@ -61,6 +62,47 @@
       return tr;
     }));
   }
+
+  // Pause, Resume, Abort (deployers only: the page has no buttons for a node).
+  // Each is enabled only where `himbeere rollout ID --pause` etc. would be.
+  const STEERABLE = { pause: ["running"], resume: ["paused"], abort: ["running", "paused"] };
+
+  function drawControls(r) {
+    document.querySelectorAll("#rollout-controls button").forEach(function (button) {
+      button.disabled = !STEERABLE[button.dataset.action].includes(r.state);
+    });
+  }
+
+  function steer(action) {
+    const shown = document.getElementById("rollout-steer-error");
+    return fetch(url, {
+      method: "POST", credentials: "same-origin",
+      headers: { "Content-Type": "application/json", Accept: "application/json",
+                 "X-CSRF-Token": config.csrf },
+      body: JSON.stringify({ action: action }),
+    }).then(function (answer) {
+      return answer.json().catch(function () { return {}; }).then(function (body) {
+        if (!answer.ok) throw new Error(body.error || answer.status + " " + answer.statusText);
+        return body;
+      });
+    }).then(function (summary) {
+      shown.hidden = true;
+      data = Object.assign({}, data, summary);
+      draw(data);
+    }).catch(function (err) {
+      shown.textContent = err.message;
+      shown.hidden = false;
+    });
+  }
+
+  document.querySelectorAll("#rollout-controls button").forEach(function (button) {
+    button.addEventListener("click", function () {
+      const action = button.dataset.action;
+      if (action === "abort" && !window.confirm("Abort " + data.id + "? Every node goes back to release " + data.previous_release + ".")) return;
+      button.disabled = true;
+      steer(action);
+    });
+  });
 
   const url = config.page === "rollouts" ? "/api/rollouts"
     : "/api/rollouts/" + encodeURIComponent(document.getElementById("rollout-title").textContent);
