@@ -165,7 +165,7 @@ def cmd_pull(args: argparse.Namespace) -> Output:
 
 
 def cmd_ls(args: argparse.Namespace) -> Output:
-    """List the programs of every node (or of one), with their release numbers.
+    """List the programs and their releases (of one node with --node).
 
     With --node, the programs for many nodes that the node reports running
     are listed too.
