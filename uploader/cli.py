@@ -165,7 +165,7 @@ def cmd_pull(args: argparse.Namespace) -> Output:
 
 
 def cmd_ls(args: argparse.Namespace) -> Output:
-    """List the programs and their releases (of one node with --node).
+    """List the programs and their releases.
 
     With --node, the programs for many nodes that the node reports running
     are listed too.
