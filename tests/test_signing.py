@@ -24,7 +24,7 @@ from himbeere.config import Config
 from himbeere.couch import Doc
 from himbeere.schema import ProgramState
 from tests.helpers import wait_for
-from tests.nodes import Node, free_udp_port
+from tests.nodes import Node, free_udp_port, wait_file
 from uploader import cli, keys, ops, push
 from uploader.fleet import Fleet
 
@@ -386,3 +386,28 @@ def test_global_modules_count_only_when_signed(
     # The program that imported it restarts without it, and fails to import.
     node.wait_program(schema.program_id(MAC, "user"), state="backing-off")
     assert "forged" not in seen.read_text()
+
+
+def test_a_signed_git_program_runs_only_the_commit_it_pins(
+        fleet: Fleet, node_factory: NodeFactory, tmp_path: Path) -> None:
+    from tests.test_git import make_repo
+
+    key = make_key(tmp_path)
+    marker = tmp_path / "versions.txt"
+    bare, v1_commit = make_repo(tmp_path, marker)
+    node = signed_node(node_factory, key)
+    source = {"url": f"file://{bare}", "entry": "station.app:run"}
+    doc = keys.sign({"_id": "weather", "type": MAC, "name": "weather",
+                     "git": dict(source, ref="v1", commit=v1_commit)}, key)
+    fleet.code.save(doc)
+    wait_file(marker, contains="v1")
+    assert node.wait_program("weather", state="running")["commit"] == v1_commit
+    # A ref that moved: the signature still holds, the fetched commit is another.
+    moved = keys.sign(dict(doc, git=dict(source, ref="v2", commit=v1_commit)), key)
+    resave(fleet, moved)
+    entry = rejected(node, "weather", "is not the signed commit")
+    assert v1_commit[:12] in entry["last_error"]
+    # A tag or branch alone pins nothing: refused before anything is fetched.
+    resave(fleet, keys.sign(dict(doc, git=dict(source, ref="v2")), key))
+    rejected(node, "weather", "names no commit")
+    assert marker.read_text().split() == ["v1"]
