@@ -17,10 +17,10 @@ from typing import Any, Callable
 import pytest
 
 from himbeere.couch import Couch
-from himbeere.schema import RELEASE_TYPE, release_id
+from himbeere.schema import RELEASE_TYPE, ROLLOUT_PREFIX, release_id, rollout_id
 from tests.helpers import himbeere, wait_for
 from tests.nodes import Node, wait_file
-from uploader import install, releases
+from uploader import install, releases, rollouts
 from uploader.cli import main
 from uploader.fleet import Fleet
 from uploader.push import push
@@ -269,3 +269,21 @@ def test_compaction_keeps_the_history(run: Run, fleet: Fleet, couch: Couch,
     assert "'one'" in first["code"]
     assert run("rollback", "blink", "--to", "1")[0] == 0
     assert "'one'" in (fleet.code.get("1000:blink") or {})["code"]
+
+
+def test_a_push_that_loses_its_number_leaves_no_rollout_behind(
+        fleet: Fleet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another laptop takes the release number between this push's look and its
+    write: the push takes the next one, and the rollout it had made for the lost
+    number goes (else it would stay ``running`` in ``himbeere rollouts`` for ever)."""
+    source = program(tmp_path / "p.py", "one")
+    push(fleet, source, 2100)
+    fleet.code.save({"_id": release_id("p", 2), "type": RELEASE_TYPE, "name": "p",
+                     "release": 2, "docs": {}})  # the other laptop's
+    monkeypatch.setattr(releases, "latest", lambda fleet, name: 1)  # looked before it
+    program(source, "two")
+    result = push(fleet, source, 2100, rollout=rollouts.Plan.parse("1,100%", "1s"))
+    assert result["release"] == 3 and result["rollout"] == rollout_id("p", 3)
+    rows = fleet.status.all_docs(startkey=ROLLOUT_PREFIX, endkey=ROLLOUT_PREFIX + "\ufff0")
+    assert [row["id"] for row in rows] == [rollout_id("p", 3)]
+    assert fleet.code.get("2100:p")["rollout"] == rollout_id("p", 3)

@@ -232,12 +232,19 @@ def cmd_rollback(args: argparse.Namespace) -> Output:
             current = fleet.code.get(doc["_id"])
             rollouts.keep_previous(fleet, args.name, current)
             gated[:] = [doc["_id"]]
+            made = result.get("rollout")
             result["rollout"] = rollouts.prepare(fleet, args.name, doc,
                                                  rollouts.previous_release(current), plan)
+            if made != result["rollout"]:
+                rollouts.discard(fleet, made)  # a retry: another push took that number
         if signing_key is not None:
             keys.sign(doc, signing_key)
 
-    record = releases.rollback(fleet, args.name, args.to, finish=finish)
+    try:
+        record = releases.rollback(fleet, args.name, args.to, finish=finish)
+    except Exception:
+        rollouts.discard(fleet, result.get("rollout"))  # no document refers to it
+        raise
     entry = releases.entry(record)
     signed = f", signed by {signing_key.key_id}" if signing_key is not None else ""
     lines = [f"release {entry['release']} of {args.name}: {entry['what']} "

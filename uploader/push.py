@@ -442,13 +442,20 @@ def push(fleet: Fleet, path: Path, node: Optional[int], name: Optional[str] = No
         """``doc`` is complete here (its release numbered), just before it is written:
         whatever must come last goes here, the signature last of all."""
         if rollout is not None:
+            made = result.get("rollout")
             result["rollout"] = rollouts.prepare(fleet, name, doc, rollouts.previous_release(
                 existing), rollout)
+            if made != result["rollout"]:
+                rollouts.discard(fleet, made)  # a retry: another push took that number
         if signing_key is not None:
             sign(doc, signing_key)  # the last step: it covers every field set before
             result["key"] = signing_key.key_id
 
-    record = releases.publish(fleet, name, [wanted], str(path.resolve()), changes, finish)
+    try:
+        record = releases.publish(fleet, name, [wanted], str(path.resolve()), changes, finish)
+    except Exception:
+        rollouts.discard(fleet, result.get("rollout"))  # no document refers to it
+        raise
     result.update(action="updated" if existing else "created", rev=wanted["_rev"],
                   changes=changes, release=record["release"])
     return result

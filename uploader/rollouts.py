@@ -146,6 +146,14 @@ def prepare(fleet: Fleet, name: str, wanted: Doc, previous: Optional[int], plan:
     return rid
 
 
+def discard(fleet: Fleet, rid: Optional[str]) -> None:
+    """Delete rollout ``rid`` that a push created but did not use (its release number
+    was taken by another push, or the push failed after it)."""
+    doc = fleet.status.get(rid) if rid else None
+    if doc is not None:
+        fleet.status.delete(doc)
+
+
 # -- following and steering --------------------------------------------------------------
 def get(fleet: Fleet, rid: str) -> Doc:
     rid = rid if rid.startswith(ROLLOUT_PREFIX) else ROLLOUT_PREFIX + rid
