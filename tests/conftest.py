@@ -37,7 +37,7 @@ from tests.servers import (
     selected_kind,
 )
 from tests.tls import TLSProxy
-from uploader import install, users
+from uploader import cli, install, users
 from uploader.fleet import Fleet
 
 COUCH_URL_ENV = "HIMBEERE_TEST_COUCH_URL"
@@ -259,6 +259,22 @@ def fleet(couch_url: str, dbname: str) -> Fleet:
     fleet = Fleet(couch_url, dbname)
     install.setup(fleet)
     return fleet
+
+
+#: ``upload(*argv)`` -> ``(exit code, stdout, stderr)`` of ``himbeere-upload``.
+Upload = Callable[..., "tuple[int, str, str]"]
+
+
+@pytest.fixture
+def upload(couch_url: str, dbname: str, capsys: pytest.CaptureFixture[str]) -> Upload:
+    """``upload(*argv)``: ``himbeere-upload ARGV`` in-process: exit code, stdout, stderr."""
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = cli.main(list(argv), environ={"HIMBEERE_SERVER": couch_url,
+                                             "HIMBEERE_DATABASE": dbname})
+        out, err = capsys.readouterr()
+        return code, out, err
+    return run
 
 
 @pytest.fixture

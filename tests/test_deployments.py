@@ -19,15 +19,15 @@ from himbeere import signing
 from himbeere.couch import Couch, Doc
 from himbeere.fleet import rollout
 from himbeere.schema import ProgramState, iso, release_id, result_id, rollout_id
+from tests.conftest import Upload
 from tests.helpers import himbeere, wait_for
 from tests.nodes import Node, start_nodes
 from tests.test_rollouts import get_rollout, program, ran, wait_markers, wait_rollout
 from tests.test_signing import make_key, pub, rejected, resave
-from uploader import cli, install, keys, ops, push, rollouts
+from uploader import install, keys, ops, push, rollouts
 from uploader.fleet import Fleet
 
 NodeFactory = Callable[..., Node]
-Upload = Callable[..., "tuple[int, str, str]"]
 PLACED = "placed:p"
 
 
@@ -38,17 +38,6 @@ def key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> keys.SigningKey:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.config/himbeere/signing.key
     return make_key(tmp_path)
 
-
-@pytest.fixture
-def upload(couch_url: str, dbname: str, capsys: pytest.CaptureFixture[str]) -> Upload:
-    """``upload(*argv)``: ``himbeere-upload ARGV`` in-process: exit code, stdout, stderr."""
-    def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = cli.main(list(argv), environ={"HIMBEERE_SERVER": couch_url,
-                                             "HIMBEERE_DATABASE": dbname})
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
 
 
 def signed_nodes(node_factory: NodeFactory, key: keys.SigningKey, *macs: int) -> list[Node]:

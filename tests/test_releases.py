@@ -18,35 +18,18 @@ import pytest
 
 from himbeere.couch import Couch
 from himbeere.schema import RELEASE_TYPE, ROLLOUT_PREFIX, release_id, rollout_id
+from tests.conftest import Upload
 from tests.helpers import himbeere, wait_for
 from tests.nodes import Node, wait_file
-from uploader import install, releases, rollouts
-from uploader.cli import main
+from uploader import releases, rollouts
 from uploader.fleet import Fleet
 from uploader.push import push
 
-Run = Callable[..., tuple[int, str, str]]
-
 
 @pytest.fixture
-def fleet(couch_url: str, dbname: str) -> Fleet:
-    fleet = Fleet(couch_url, dbname)
-    install.setup(fleet)
-    return fleet
-
-
-@pytest.fixture
-def run(fleet: Fleet, couch_url: str, dbname: str,
-        capsys: pytest.CaptureFixture[str]) -> Run:
-    """``run(*argv)``: exit code, stdout, stderr of ``himbeere-upload``."""
-    def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = main(list(argv), environ={"HIMBEERE_SERVER": couch_url,
-                                         "HIMBEERE_DATABASE": dbname})
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return run
+def run(fleet: Fleet, upload: Upload) -> Upload:
+    """``run(*argv)``: exit code, stdout, stderr of ``himbeere-upload``, databases set up."""
+    return upload
 
 
 def program(path: Path, text: str) -> Path:
@@ -138,7 +121,7 @@ def test_two_pushes_at_once_get_distinct_numbers(couch_url: str, dbname: str,
         assert record["docs"][doc_id]["release"] == record["release"]
 
 
-def test_history_lists_releases_newest_first(run: Run, tmp_path: Path) -> None:
+def test_history_lists_releases_newest_first(run: Upload, tmp_path: Path) -> None:
     source = program(tmp_path / "blink.py", "one")
     assert run("push", str(source), "--node", "1000")[0] == 0
     program(source, "two\n")
@@ -161,7 +144,7 @@ def test_history_lists_releases_newest_first(run: Run, tmp_path: Path) -> None:
     assert answer["releases"][0]["docs"] == ["1000:blink"]
 
 
-def test_history_and_rollback_errors_are_one_line(run: Run, tmp_path: Path) -> None:
+def test_history_and_rollback_errors_are_one_line(run: Upload, tmp_path: Path) -> None:
     code, out, err = run("history", "nothing")
     assert code == 1 and err.strip() == ("himbeere-upload: error: program 'nothing' has no "
                                          "releases; programs with releases: none")
@@ -184,7 +167,7 @@ def test_history_and_rollback_errors_are_one_line(run: Run, tmp_path: Path) -> N
 
 
 def test_rollback_runs_release_one_as_release_three(
-        run: Run, fleet: Fleet, tmp_path: Path, node_factory: Callable[..., Node],
+        run: Upload, fleet: Fleet, tmp_path: Path, node_factory: Callable[..., Node],
         cli_env: None, capsys: pytest.CaptureFixture[str]) -> None:
     node = node_factory(mac_id=1000)
     source = program(tmp_path / "blink.py", "version one")
@@ -222,7 +205,7 @@ def test_rollback_runs_release_one_as_release_three(
     node.wait_program("1000:blink", state="running", release=4)
 
 
-def test_rollback_keeps_a_stopped_program_stopped(run: Run, fleet: Fleet,
+def test_rollback_keeps_a_stopped_program_stopped(run: Upload, fleet: Fleet,
                                                   tmp_path: Path) -> None:
     source = program(tmp_path / "blink.py", "one")
     push(fleet, source, 1000)
@@ -239,7 +222,7 @@ def test_rollback_keeps_a_stopped_program_stopped(run: Run, fleet: Fleet,
     assert doc["enabled"] is False and doc["release"] == 3 and "'one'" in doc["code"]
 
 
-def test_rollback_recreates_a_removed_document(run: Run, fleet: Fleet, tmp_path: Path) -> None:
+def test_rollback_recreates_a_removed_document(run: Upload, fleet: Fleet, tmp_path: Path) -> None:
     source = program(tmp_path / "blink.py", "one")
     push(fleet, source, 1000)
     assert run("rm", "blink", "--node", "1000")[0] == 0
@@ -251,7 +234,7 @@ def test_rollback_recreates_a_removed_document(run: Run, fleet: Fleet, tmp_path:
     assert doc["release"] == 3 and "'one'" in doc["code"]
 
 
-def test_compaction_keeps_the_history(run: Run, fleet: Fleet, couch: Couch,
+def test_compaction_keeps_the_history(run: Upload, fleet: Fleet, couch: Couch,
                                       tmp_path: Path) -> None:
     source = program(tmp_path / "blink.py", "one")
     for text in ("one", "two", "three"):

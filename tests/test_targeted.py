@@ -18,13 +18,13 @@ from himbeere.couch import Couch, Doc
 from himbeere.exceptions import Unauthorized
 from himbeere.fleet.targeting import NodeLabels
 from himbeere.schema import PROGRAM_TYPE, node_id, targeted_id
+from tests.conftest import Upload
 from tests.helpers import himbeere, wait_for
 from tests.nodes import Node, pid_alive, start_nodes
-from uploader import cli, ops
+from uploader import ops
 from uploader.fleet import Fleet
 
 NodeFactory = Callable[..., Node]
-Upload = Callable[..., "tuple[int, str, str]"]
 
 LOOP = ("import time\n"
         "def main():\n"
@@ -32,17 +32,6 @@ LOOP = ("import time\n"
         "    while not should_quit():\n"
         "        time.sleep(0.05)\n")
 
-
-@pytest.fixture
-def upload(couch_url: str, dbname: str, capsys: pytest.CaptureFixture[str]) -> Upload:
-    """``upload(*argv)``: ``himbeere-upload ARGV`` in-process: exit code, stdout, stderr."""
-    def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = cli.main(list(argv), environ={"HIMBEERE_SERVER": couch_url,
-                                             "HIMBEERE_DATABASE": dbname})
-        out, err = capsys.readouterr()
-        return code, out, err
-    return run
 
 
 def write(path: Path, text: str = LOOP) -> Path:
