@@ -204,7 +204,7 @@ class ProgramState(str, enum.Enum):
     FINISHED = "finished"        #: it ended by itself with exit code 0
     CRASHED = "crashed"          #: it ended with an error and will not restart
     INVALID = "invalid"          #: its document cannot run (see ``last_error``)
-    REJECTED = "rejected"        #: more programs than ``max_programs``
+    REJECTED = "rejected"        #: refused: over ``max_programs``, or not signed (``last_error``)
 
     def __str__(self) -> str:
         return self.value
