@@ -411,3 +411,17 @@ def test_a_signed_git_program_runs_only_the_commit_it_pins(
     resave(fleet, keys.sign(dict(doc, git=dict(source, ref="v2")), key))
     rejected(node, "weather", "names no commit")
     assert marker.read_text().split() == ["v1"]
+
+
+def test_a_file_that_is_no_key_is_a_one_line_error(tmp_path: Path) -> None:
+    from himbeere.exceptions import ConfigError
+
+    program = tmp_path / "p.py"
+    program.write_text("def main():\n    pass\n")
+    with pytest.raises(ConfigError) as caught:
+        keys.load(str(program))
+    text = str(caught.value)
+    assert "is not a PEM private key without a password" in text and "keygen" in text
+    assert "\n" not in text and "http" not in text
+    with pytest.raises(ConfigError, match="No such file"):
+        keys.load(str(tmp_path / "missing.key"))

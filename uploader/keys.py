@@ -94,8 +94,10 @@ def load(path: str) -> SigningKey:
     try:
         private = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
+        # cryptography's text points at its FAQ; the first sentence is what matters.
+        why = str(exc).split(". ")[0]
         raise ConfigError(f"signing key {path!r} is not a PEM private key without a "
-                          f"password: {exc}") from None
+                          f"password ({why}); make one with `himbeere-upload keygen`") from None
     if not isinstance(private, Ed25519PrivateKey):
         raise ConfigError(f"signing key {path!r} is not an Ed25519 key; make one with "
                           "himbeere-upload keygen")
