@@ -99,8 +99,14 @@ class TLSProxy:
         with self._lock:
             self._closed = True
             sockets, self._sockets = self._sockets, []
-        self.listener.close()
-        for sock in sockets:
+        for sock in [self.listener, *sockets]:
+            # shutdown() first: close() alone neither wakes a thread blocked in
+            # recv() or accept() on it nor sends the client a FIN, so a daemon
+            # in the middle of a request would wait out its 30 s timeout.
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             sock.close()
 
 
