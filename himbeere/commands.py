@@ -505,10 +505,7 @@ class Commands(Component):
                                   on_slow=lambda started: self._mark_running(doc_id, started))
             if result is None:
                 return  # stopping: the next daemon writes what the runner leaves
-            log.info("command %s: %s -> %s (%s)", doc_id, cmd[0], result.get("returncode"),
-                     result["state"])
-            self._settle(doc_id, result, known=known)
-            self._forget(doc_id)
+            self._finish(doc_id, result, known, cmd[0])
         except Exception:
             log.exception("command %s failed", doc_id)
         finally:
@@ -530,10 +527,7 @@ class Commands(Component):
                 result = self._result_of(directory)
             else:
                 result = {"state": "interrupted", "error": INTERRUPTED}
-            log.info("command %s, started by an earlier daemon: -> %s (%s)", key,
-                     result.get("returncode"), result["state"])
-            self._settle(key, result, known=known)
-            self._forget(key)
+            self._finish(key, result, known, "started by an earlier daemon")
         except Exception:
             log.exception("command %s failed", key)
         finally:
@@ -545,6 +539,15 @@ class Commands(Component):
             self.running.discard(doc_id)
             self.fleet.pop(doc_id, None)
             self._idle.notify_all()
+
+    def _finish(self, key: str, result: Doc, known: Doc, what: str) -> None:
+        """Log how command ``key`` ended (``what``: its program, or where it came
+        from), write its result, then forget it: in this order, so that a crash
+        in between leaves the journal entry and the next daemon writes it again."""
+        log.info("command %s: %s -> %s (%s)", key, what, result.get("returncode"),
+                 result["state"])
+        self._settle(key, result, known=known)
+        self._forget(key)
 
     def _forget(self, key: str) -> None:
         """The result is written: drop the runner's files, then the journal entry."""
