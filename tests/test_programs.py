@@ -556,6 +556,9 @@ def test_raising_restart_count_restarts_the_program(node_factory, code_db, tmp_p
     second = wait_for(lambda: (node.program("r").get("state") == "running"
                                and node.program("r").get("pid") not in (None, first)
                                and node.program("r")["pid"]))
+    # "running" is reported when the process starts, before main() writes
+    # its pid: wait for the second line rather than read the file at once.
+    wait_for(lambda: len(pids.read_text().split()) >= 2)
     assert pids.read_text().split() == [str(first), str(second)]
 
 
