@@ -52,7 +52,10 @@ setup(
         # selenium drives Debian's chromium/chromedriver in the dashboard's browser tests;
         # pytest-xdist runs the suite on several cores (.ci/run: -n 2).
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "flask>=2.2",
-                 "prometheus_client>=0.16", "selenium>=4.11"],
+                 "prometheus_client>=0.16", "selenium>=4.11", "aiohttp>=3.8"],
+        # benchmarks/simulate.py plays thousands of nodes in one process with
+        # aiohttp's asyncio client; bench_scale.py draws its charts with matplotlib.
+        "bench": ["aiohttp>=3.8", "matplotlib>=3.5"],
         # build and twine: CI builds the sdist and wheel and checks their description.
         "dev": ["ruff", "mypy", "types-requests", "docutils", "build", "twine"],
         # The documentation (docs/, sphinx-build -W); 7.2 still runs on Python 3.9.
