@@ -20,6 +20,7 @@ from .client import (
     Database,
     Doc,
     FeedFilter,
+    Prepared,
     Seq,
     Server,
     doc_path,
@@ -29,6 +30,6 @@ from .client import (
 )
 
 __all__ = [
-    "REQUEST_TIMEOUT", "Couch", "Database", "Doc", "FeedFilter", "Seq", "Server", "doc_path",
-    "quote", "server_urls", "split_servers",
+    "REQUEST_TIMEOUT", "Couch", "Database", "Doc", "FeedFilter", "Prepared", "Seq", "Server",
+    "doc_path", "quote", "server_urls", "split_servers",
 ]

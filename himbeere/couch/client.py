@@ -26,7 +26,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 from ..exceptions import (
     ConfigError,
@@ -196,9 +196,7 @@ class Couch:
         (or returns ``None`` with ``ok404``), :class:`Conflict` or
         :class:`CouchError`.
         """
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        target = _target(path, params)
+        _, target, data, headers = self.prepare(method, path, params=params, body=body)
         tried: list[Server] = []
         errors: list[Unreachable] = []
         while True:
@@ -229,6 +227,18 @@ class Couch:
             return json.loads(answer.body)
         except ValueError:
             raise CouchError(f"{method} /{path}: answer is not JSON") from None
+
+    @staticmethod
+    def prepare(method: str, path: str, *, params: Optional[Mapping[str, Any]] = None,
+                body: Any = None) -> Prepared:
+        """The request :meth:`request` sends, as bytes: for an HTTP client of another kind.
+
+        ``benchmarks/simulate.py`` sends these with asyncio, so the thousands
+        of nodes it plays make exactly the requests a daemon makes.
+        """
+        data = None if body is None else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"} if data is not None else {}
+        return Prepared(method, _target(path, params), data, headers)
 
     def _untried(self, tried: list[Server]) -> Server:
         """The current server, or the first after it not yet tried."""
@@ -347,6 +357,11 @@ class Database:
         full = f"{self.path}/{path}" if path else self.path
         return self.couch.request(method, full, **kwargs)
 
+    def prepare(self, method: str, path: str = "", **kwargs: Any) -> Prepared:
+        """What :meth:`_request` would send (see :meth:`Couch.prepare`)."""
+        return self.couch.prepare(method, f"{self.path}/{path}" if path else self.path,
+                                  **kwargs)
+
     def info(self) -> Doc:
         return self._request("GET")
 
@@ -449,18 +464,8 @@ class Database:
         seconds; a connection silent for ``timeout`` seconds is dead and
         raises :class:`Unreachable`, as does any break of the connection.
         """
-        heartbeat_ms = max(100, int(timeout * 1000 / 3))
-        query: dict[str, Any] = {
-            "feed": "continuous", "since": since, "heartbeat": heartbeat_ms,
-            "include_docs": include_docs,
-        }
-        body = None
-        method = "GET"
-        if feed_filter is not None:
-            query.update(feed_filter.params)
-            if feed_filter.selector is not None:
-                method, body = "POST", json.dumps({"selector": feed_filter.selector}).encode()
-        headers = {"Accept-Encoding": "identity", "Content-Type": "application/json"}
+        method, target, body, headers = self.follow_request(since, feed_filter, timeout,
+                                                            include_docs)
         path = f"{self.path}/_changes"
         # A continuous feed is served by the node it is connected to: when
         # that node dies, the feed breaks and the current server moves on,
@@ -468,7 +473,7 @@ class Database:
         # sequences are valid on every node of the cluster).
         server = self.couch.current
         try:
-            answer = server.http.stream(method, _target(path, query), body, headers, timeout)
+            answer = server.http.stream(method, target, body, headers, timeout)
         except Unreachable as exc:
             self.couch.move_on(server, exc)
             raise
@@ -500,6 +505,24 @@ class Database:
             if close is not None:
                 close()  # the connection, at once: not when the generator is collected
 
+    def follow_request(self, since: Seq, feed_filter: Optional[FeedFilter] = None,
+                       timeout: float = 30.0, include_docs: bool = True) -> Prepared:
+        """The request that opens :meth:`follow`'s continuous feed."""
+        heartbeat_ms = max(100, int(timeout * 1000 / 3))
+        query: dict[str, Any] = {
+            "feed": "continuous", "since": since, "heartbeat": heartbeat_ms,
+            "include_docs": include_docs,
+        }
+        body = None
+        method = "GET"
+        if feed_filter is not None:
+            query.update(feed_filter.params)
+            if feed_filter.selector is not None:
+                method, body = "POST", json.dumps({"selector": feed_filter.selector}).encode()
+        # identity: pouchdb-server gzips a continuous feed otherwise, which stalls it.
+        headers = {"Accept-Encoding": "identity", "Content-Type": "application/json"}
+        return Prepared(method, _target(f"{self.path}/_changes", query), body, headers)
+
     def client_handle(self) -> Any:
         """A CouchDB-Python ``couchdb.Database`` for this database.
 
@@ -509,6 +532,16 @@ class Database:
 
         server = couchdb.Server(self.couch.current_url)
         return server[self.name]
+
+
+class Prepared(NamedTuple):
+    """One request as bytes: method, target (path and query, under the server's URL),
+    body and headers (without the credentials, which the transport adds)."""
+
+    method: str
+    target: str
+    body: Optional[bytes]
+    headers: dict[str, str]
 
 
 class FeedFilter:
