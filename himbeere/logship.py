@@ -145,18 +145,24 @@ class LogShipper(Component):
         doc_id = log_id(self.node, program)
 
         def change(doc: Doc) -> None:
-            ring: list[Any] = list(doc.get("lines") or []) + [_entry(line) for line in lines]
-            doc.update({
-                "type": "himbeere-log", "node": self.node, "program": program, "name": name,
-                "lines": ring[-self.ring:],
-                "dropped": int(doc.get("dropped") or 0) + dropped,
-                "updated": iso(),
-            })
+            add_lines(doc, self.node, program, name, lines, dropped, self.ring)
 
         try:
             self.db.update(doc_id, change)
         except Conflict:
             self.db.update(doc_id, change)
+
+
+def add_lines(doc: Doc, node: int, program: str, name: str, lines: list[Line],
+              dropped: int = 0, ring: int = RING) -> None:
+    """Append ``lines`` to the log document ``doc`` (in place), keeping the last ``ring``."""
+    kept: list[Any] = list(doc.get("lines") or []) + [_entry(line) for line in lines]
+    doc.update({
+        "type": "himbeere-log", "node": node, "program": program, "name": name,
+        "lines": kept[-ring:],
+        "dropped": int(doc.get("dropped") or 0) + dropped,
+        "updated": iso(),
+    })
 
 
 def _entry(line: Line) -> list[Any]:
