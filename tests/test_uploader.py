@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 
+from himbeere import defaults
 from himbeere.couch import Couch, design, security
 from himbeere.exceptions import ProgramError
 from tests.helpers import random_mac
@@ -81,6 +82,13 @@ def test_setup_creates_everything_and_a_second_run_changes_nothing(
         assert security.NODE_ROLE in members and security.DEPLOYER_ROLE in members
     revs = [couch.database(n).get(design.DESIGN_ID)["_rev"]  # type: ignore[index]
             for n in (name, name + "_status")]
+    status = couch.database(name + "_status")
+    if not couch.supports_selector():
+        assert status.revs_limit() is None  # pouchdb-server has no _revs_limit: left alone
+    else:
+        assert status.revs_limit() == defaults.STATUS_REVS_LIMIT
+        assert f"set _revs_limit of {name}_status to {defaults.STATUS_REVS_LIMIT}" in out
+        assert couch.database(name).revs_limit() == 1000  # code documents: left as they are
 
     code, out, err = run("setup", "--database", name)
     assert code == 0 and "nothing changed" in out

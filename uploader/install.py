@@ -10,6 +10,7 @@ nothing and says so.
 
 from __future__ import annotations
 
+from himbeere import defaults
 from himbeere.couch import Couch, Database, Doc, design, security
 from himbeere.exceptions import CouchError
 
@@ -33,6 +34,7 @@ def setup(fleet: Fleet) -> Doc:
     for db, wanted in ((fleet.code, design.design_doc()),
                        (fleet.status, design.status_design_doc())):
         _install_design(db, wanted, changes, notes)
+    _limit_revisions(fleet.status, changes)
     for db in (fleet.code, fleet.status):
         current = db.security()
         wanted = security.merge_security(current, security.security_object())
@@ -49,6 +51,19 @@ def setup(fleet: Fleet) -> Doc:
         "changed": bool(changes),
         "admin_party": admin_party(fleet),
     }
+
+
+def _limit_revisions(db: Database, changes: list[str]) -> None:
+    """Keep few revisions of status documents: heartbeats rewrite them all day.
+
+    On a server without ``_revs_limit`` (pouchdb-server) nothing is set.
+    """
+    current = db.revs_limit()
+    if current is None or current == defaults.STATUS_REVS_LIMIT:
+        return
+    db.set_revs_limit(defaults.STATUS_REVS_LIMIT)
+    changes.append(f"set _revs_limit of {db.name} to {defaults.STATUS_REVS_LIMIT} "
+                   f"(was {current}): heartbeats rewrite its documents")
 
 
 def admin_party(fleet: Fleet) -> bool:

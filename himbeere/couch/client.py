@@ -429,6 +429,17 @@ class Database:
     def security(self) -> Doc:
         return self._request("GET", "_security") or {}
 
+    def revs_limit(self) -> Optional[int]:
+        """How many revisions of a document the server keeps; None if it cannot say.
+
+        pouchdb-server has no ``_revs_limit`` endpoint (it answers 404).
+        """
+        answer = self._request("GET", "_revs_limit", ok404=True)
+        return answer if isinstance(answer, int) else None
+
+    def set_revs_limit(self, limit: int) -> None:
+        self._request("PUT", "_revs_limit", body=limit)
+
     def set_security(self, security: Doc) -> None:
         self._request("PUT", "_security", body=security)
 
