@@ -43,6 +43,7 @@ import asyncio
 import json
 import os
 import platform
+import secrets
 import shutil
 import statistics
 import subprocess
@@ -57,8 +58,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.simulate import Fleet  # noqa: E402
+from himbeere import defaults  # noqa: E402
 from himbeere.couch import Couch  # noqa: E402
 from himbeere.schema import PROGRAM_TYPE  # noqa: E402
+from himbeere.status import Status  # noqa: E402
 from tests.servers import ensure_couchdb, free_port  # noqa: E402
 from uploader import ops  # noqa: E402
 from uploader.fleet import Fleet as Laptop  # noqa: E402
@@ -179,6 +182,8 @@ async def measure(servers: Servers, n: int, args: argparse.Namespace) -> dict[st
     urls = servers.admin_urls()
     laptop = Laptop(urls[0])
     await loop.run_in_executor(None, label_nodes, laptop, n, args.first_mac)
+    if args.aged:
+        await loop.run_in_executor(None, age_statuses, laptop, n, args.first_mac, args.aged)
     fleet = Fleet(urls, n, heartbeat=args.heartbeat, log_rate=args.log_rate,
                   first_mac=args.first_mac, leader=not args.no_leader)
     began = time.perf_counter()
@@ -233,6 +238,26 @@ async def measure(servers: Servers, n: int, args: argparse.Namespace) -> dict[st
             "program_reported_ms": summary(reported),
             "program_delivered_ms": summary(delivered),
             "requests": dict(fleet.requests()), "errors": errors}
+
+
+def age_statuses(laptop: Laptop, n: int, first_mac: int, revisions: int) -> None:
+    """Status documents as a fleet leaves them after ``revisions`` heartbeats each.
+
+    Written with ``new_edits: false`` and a made-up revision path, in one
+    request per 500 nodes: the server keeps as many of the revisions as its
+    ``_revs_limit`` says, as it would have after that many real writes.
+    """
+    docs = []
+    for mac in range(first_mac, first_mac + n):
+        if laptop.status.get(f"status:{mac}") is not None:
+            continue
+        doc = Status(laptop.status, mac, 10.0, programs=lambda: {}).document()
+        ids = [secrets.token_hex(16) for _ in range(revisions)]
+        doc.update(_rev=f"{revisions}-{ids[0]}", _revisions={"start": revisions, "ids": ids})
+        docs.append(doc)
+    for start in range(0, len(docs), 500):
+        laptop.status.couch.request("POST", f"{laptop.status.path}/_bulk_docs",
+                                    body={"docs": docs[start:start + 500], "new_edits": False})
 
 
 def label_nodes(laptop: Laptop, n: int, first_mac: int) -> None:
@@ -297,7 +322,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             os.sched_setaffinity(0, {FLEET_CPU})
         except OSError:
             pass
-        setup(Laptop(servers.admin_urls()[0]))
+        laptop = Laptop(servers.admin_urls()[0])
+        setup(laptop)
+        if args.revs_limit:
+            laptop.status.set_revs_limit(args.revs_limit)
         sizes = []
         for n in args.nodes:
             print(f"{n} nodes ...", file=sys.stderr, flush=True)
@@ -311,6 +339,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             else "CouchDB 3.5.2, single node",
             "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, load {os.getloadavg()}",
             "heartbeat_s": args.heartbeat, "log_rate": args.log_rate,
+            "aged_revisions": args.aged, "status_revs_limit": args.revs_limit
+            or defaults.STATUS_REVS_LIMIT, "leader": not args.no_leader,
             "warmup_s": args.warmup, "window_s": args.window, "rounds": args.rounds,
             "pinned": {"server_cpu": SERVER_CPU, "fleet_cpu": FLEET_CPU},
             "sizes": sizes,
@@ -333,6 +363,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--gap", type=float, default=1.0)
     parser.add_argument("--round-timeout", type=float, default=120.0)
     parser.add_argument("--first-mac", type=int, default=1 << 50)
+    parser.add_argument("--aged", type=int, default=1000, metavar="REVISIONS",
+                        help="start from status documents with this many revisions, as a "
+                        "fleet leaves them after running a while (default 1000: 3 hours of "
+                        "10 s heartbeats); 0: fresh documents")
+    parser.add_argument("--revs-limit", type=int, default=0,
+                        help="the status database's _revs_limit instead of setup's")
     parser.add_argument("--no-leader", action="store_true",
                         help="no node takes the scheduler lease (to see what the leader costs)")
     parser.add_argument("--json-out")

@@ -53,7 +53,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -140,13 +140,16 @@ class Wire:
 class Fleet:
     """N simulated nodes; ``await start()``, then measure, then ``await stop()``."""
 
-    def __init__(self, url: str, nodes: int, *, database: str = defaults.DATABASE,
+    def __init__(self, url: Union[str, list[str]], nodes: int, *, database: str = defaults.DATABASE,
                  status_database: Optional[str] = None,
                  heartbeat: float = defaults.HEARTBEAT_INTERVAL,
                  feed_timeout: float = defaults.FEED_TIMEOUT, log_rate: float = 0.0,
                  first_mac: int = FIRST_MAC, leader: bool = True,
                  history_interval: float = defaults.HISTORY_INTERVAL) -> None:
-        self.couch = Couch(url)
+        #: Several URLs (a cluster's nodes): node i uses URL i % len, as a lab would
+        #: spread its Pis over a cluster by listing its servers in turn.
+        self.urls = [url] if isinstance(url, str) else list(url)
+        self.couch = Couch(self.urls[0])
         self.db = self.couch.database(database)
         self.status_db = self.couch.database(status_database or database + "_status")
         self.heartbeat = heartbeat
@@ -168,7 +171,7 @@ class Fleet:
         self._placement: Optional[Placement] = None
         self._session: Optional[aiohttp.ClientSession] = None
         self._tasks: list[asyncio.Task[Any]] = []
-        self.wire: Optional[Wire] = None
+        self.wires: list[Wire] = []
         self.connected = 0
 
     # -- shared ----------------------------------------------------------------------
@@ -206,10 +209,11 @@ class Fleet:
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             auto_decompress=False)
-        self.wire = Wire(self.couch, self._session)
+        self.wires = [Wire(Couch(url), self._session) for url in self.urls]
         for index, mac in enumerate(self.macs):
             node = Node(self, mac, feed_filter(mac), since,
-                        follows_lease=not (self.leader and index == 0))
+                        follows_lease=not (self.leader and index == 0),
+                        wire=self.wires[index % len(self.wires)])
             self.nodes.append(node)
         if self.leader:
             self._placement = self._leader_placement(self.macs[0])
@@ -248,15 +252,20 @@ class Fleet:
             await self._session.close()
 
     def requests(self) -> Counter[str]:
-        return Counter() if self.wire is None else Counter(self.wire.sent)
+        """Requests sent so far, by kind."""
+        total: Counter[str] = Counter()
+        for wire in self.wires:
+            total.update(wire.sent)
+        return total
 
 
 class Node:
     """One simulated node: a feed, heartbeats, logs, commands and "programs"."""
 
     def __init__(self, fleet: Fleet, mac: int, feed_filter: Any, since: Seq,
-                 follows_lease: bool) -> None:
+                 follows_lease: bool, wire: Wire) -> None:
         self.fleet = fleet
+        self.wire = wire
         self.mac = mac
         self.feed_filter = feed_filter
         self.since = since
@@ -281,11 +290,6 @@ class Node:
         return dict(self.fleet.health_fields(),
                     placement={"leader": not self.follows_lease, "fenced": False,
                                "assigned": [], "refused": {}})
-
-    @property
-    def wire(self) -> Wire:
-        assert self.fleet.wire is not None
-        return self.fleet.wire
 
     async def run(self, phase: float) -> None:
         """The daemon's threads as tasks: feed, status, placement, recheck (and a program)."""
