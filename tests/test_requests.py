@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import urllib.parse
 from collections.abc import Iterator
-from typing import Callable
+from typing import Callable, Optional
 
 import pytest
 
-from himbeere.couch import Couch
+from himbeere.couch import Couch, Doc
 from himbeere.fleet import placement
 from himbeere.fleet.lease import lease_id
-from himbeere.schema import NODE_PREFIX, STATUS_PREFIX
+from himbeere.schema import NODE_PREFIX, STATUS_PREFIX, log_id
 from tests.helpers import wait_for
 from tests.nodes import Node
 from tests.recorder import Recorded, RecordingProxy
@@ -84,3 +84,42 @@ def test_a_leader_with_nothing_placed_reads_no_status_or_node_documents(
     assert prefixed_reads(taken, NODE_PREFIX), summary(taken)
     lease = couch.database(dbname + "_status").get(SCHEDULER) or {}
     assert lease["assignments"]["agg"]["nodes"] == [1000]
+
+
+@pytest.mark.slow
+def test_log_shipments_are_puts_without_a_get_each(
+        proxy: RecordingProxy, couch_url: str, couch: Couch, dbname: str,
+        node_factory: NodeFactory) -> None:
+    """Issue 14: each shipment of a program's lines was a GET of its log document,
+    then a PUT; now the shipper writes on top of the copy it saved last."""
+    doc_id = log_id(1000, "counter")
+    couch.database(dbname).save({"_id": "counter", "type": 1000, "name": "counter", "code": (
+        "import time\ndef main():\n    i = 0\n    while not should_quit():\n"
+        "        print('line', i)\n        i += 1\n        time.sleep(0.1)\n")})
+    node = behind(proxy, couch_url, node_factory, 1000)
+    status_db = couch.database(dbname + "_status")
+
+    def shipments(count: int) -> list[Recorded]:
+        return wait_for(lambda: len(to(proxy.taken(), "PUT", doc_id)) >= count
+                        and proxy.taken(), 60, message=lambda: node.log()[-3000:])
+
+    taken = shipments(5)
+    assert len(to(taken, "GET", doc_id)) <= 1, summary(taken)  # the first, after the start
+    assert_every_line(status_db.get(doc_id))
+
+    # Someone else edits the document: the next shipment gets a 409, reads
+    # it once and keeps their edit, and no line is lost.
+    gets = len(to(proxy.taken(), "GET", doc_id))
+    status_db.update(doc_id, lambda doc: doc.update(note="kept"))
+    taken = shipments(len(to(proxy.taken(), "PUT", doc_id)) + 3)
+    doc = status_db.get(doc_id)
+    assert doc is not None and doc["note"] == "kept"
+    assert len(to(taken, "GET", doc_id)) == gets + 1, summary(taken)
+    assert_every_line(doc)
+
+
+def assert_every_line(doc: Optional[Doc]) -> None:
+    """The program's lines (the daemon's have a kind too), every one, in order."""
+    assert doc is not None
+    own = [line[1] for line in doc["lines"] if len(line) == 2]
+    assert own and own == [f"line {i}" for i in range(len(own))], own
