@@ -9,12 +9,15 @@ per heartbeat), not by the clock.
 from __future__ import annotations
 
 import json
+import sys
 import urllib.parse
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Callable, Optional
 
 import pytest
 
+from himbeere.commands import result_id
 from himbeere.couch import Couch, Doc
 from himbeere.fleet import placement
 from himbeere.fleet.lease import lease_id
@@ -23,6 +26,8 @@ from tests.helpers import wait_for
 from tests.nodes import Node
 from tests.recorder import Recorded, RecordingProxy
 from tests.test_scheduler import placed
+from uploader import ops
+from uploader.fleet import Fleet
 
 NodeFactory = Callable[..., Node]
 SCHEDULER = lease_id(placement.LEASE_NAME)
@@ -123,3 +128,38 @@ def assert_every_line(doc: Optional[Doc]) -> None:
     assert doc is not None
     own = [line[1] for line in doc["lines"] if len(line) == 2]
     assert own and own == [f"line {i}" for i in range(len(own))], own
+
+
+@pytest.mark.slow
+def test_a_fleet_command_writes_its_result_on_top_of_its_running_mark(
+        proxy: RecordingProxy, couch_url: str, fleet: Fleet, node_factory: NodeFactory,
+        tmp_path: Path) -> None:
+    """Issue 14: a command still running at its ``running`` mark read its result
+    document before the mark, and wrote the result on top of a stale copy (409),
+    then read it again: GET, GET, PUT, PUT (409), GET, PUT.  Now: the GET that
+    makes sure it never ran here (a replayed feed must not run it twice), the
+    mark and the result."""
+    node = behind(proxy, couch_url, node_factory, 1000)
+    wait_for(node.status, 30, message=lambda: node.log()[-3000:])
+    go = tmp_path / "go"
+    command_id = ops.create_command(fleet, [sys.executable, "-c", (
+        f"import os, time\nwhile not os.path.exists({str(go)!r}):\n    time.sleep(0.05)\n"
+        "print('went')")], [1000])
+    key = result_id(command_id, 1000)
+    wait_for(lambda: (fleet.status.get(key) or {}).get("state") == "running", 30,
+             message=lambda: node.log()[-3000:])
+    go.touch()
+    doc = wait_for(lambda: (fleet.status.get(key) or {}).get("state") == "done"
+                   and fleet.status.get(key), 30, message=lambda: node.log()[-3000:])
+    assert doc["ret"] == ["went\n", ""] and doc["returncode"] == 0
+    requests = [r for r in proxy.taken() if r.path.endswith("/" + key)]
+    assert [r.method for r in requests] == ["GET", "PUT", "PUT"], summary(requests)
+    assert [r.body["state"] for r in requests[1:]] == ["running", "done"]
+    assert requests[2].body["_rev"]  # on top of the mark, as the mark saved it
+
+    # One that ends before its mark: the GET, and the result.
+    quick = ops.create_command(fleet, ["true"], [1000])
+    wait_for(lambda: (fleet.status.get(result_id(quick, 1000)) or {}).get("state") == "done",
+             30, message=lambda: node.log()[-3000:])
+    requests = [r for r in proxy.taken() if r.path.endswith("/" + result_id(quick, 1000))]
+    assert [r.method for r in requests] == ["GET", "PUT"], summary(requests)
