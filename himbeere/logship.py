@@ -33,7 +33,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from . import defaults
 from .component import Component
