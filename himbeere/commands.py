@@ -501,11 +501,19 @@ class Commands(Component):
             # says "started": see _left_state().
             self._prepare(self._dir(doc_id))
             self.journal.set(doc_id, STARTED)
-            result = self.execute(cmd, timeout, key=doc_id,
-                                  on_slow=lambda started: self._mark_running(doc_id, started))
+            # The document as we last wrote it: the result goes on top of the
+            # ``running`` mark without reading it back (a GET, and a 409, less).
+            latest = [known]
+
+            def mark(started: str) -> None:
+                saved = self._mark_running(doc_id, started, known=latest[0])
+                if saved is not None:
+                    latest[0] = saved
+
+            result = self.execute(cmd, timeout, key=doc_id, on_slow=mark)
             if result is None:
                 return  # stopping: the next daemon writes what the runner leaves
-            self._finish(doc_id, result, known, cmd[0])
+            self._finish(doc_id, result, latest[0], cmd[0])
         except Exception:
             log.exception("command %s failed", doc_id)
         finally:
@@ -732,19 +740,21 @@ class Commands(Component):
                 remove_dir(entry)
 
     # -- writing back -----------------------------------------------------------
-    def _mark_running(self, doc_id: str, started: str) -> None:
-        self._settle(doc_id, {"state": "running", "started": started, "node": self.node},
-                     final=False)
+    def _mark_running(self, doc_id: str, started: str,
+                      known: Optional[Doc] = None) -> Optional[Doc]:
+        return self._settle(doc_id, {"state": "running", "started": started,
+                                     "node": self.node}, final=False, known=known)
 
     def _settle(self, doc_id: str, fields: Doc, final: bool = True,
-                known: Optional[Doc] = None) -> None:
+                known: Optional[Doc] = None) -> Optional[Doc]:
         """Merge ``fields`` into the command (or fleet result) document, retrying on 409.
 
         ``known`` is the document as the feed delivered it (a fleet result
-        document as read before the run, ``{}`` if there was none): writing
-        on top of it saves a GET before the PUT (on pouchdb-server 6 ms,
-        a fifth of a command's round trip).  A ``running`` mark or an edit
-        since makes it stale; the server answers 409 and the document is read.
+        document as read before the run, ``{}`` if there was none), or as
+        the ``running`` mark saved it: writing on top of it saves a GET
+        before the PUT (on pouchdb-server 6 ms, a fifth of a command's round
+        trip).  An edit since makes it stale; the server answers 409 and the
+        document is read.  Returns the saved document (None: not written).
         """
         if final:
             fields.setdefault("finished", iso())
@@ -794,6 +804,7 @@ class Commands(Component):
                 fields = _shortened(fields, budget, str(exc))
         if saved is not None and final:
             self.on_result(doc_id, fields)
+        return saved
 
 
 def _readable(fd: int, timeout: float) -> bool:

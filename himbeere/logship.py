@@ -33,7 +33,7 @@ import collections
 import logging
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from . import defaults
 from .component import Component
@@ -62,7 +62,6 @@ class _Pending:
         self.name = name
         self.lines: collections.deque[Line] = collections.deque(maxlen=ring)
         self.dropped = 0
-        self.rev: Optional[str] = None
 
 
 class LogShipper(Component):
@@ -78,6 +77,10 @@ class LogShipper(Component):
         self.ring = ring
         self.interval = interval
         self._pending: dict[str, _Pending] = {}
+        #: Each log document as this shipper last saved it, by id: the next
+        #: shipment is written on top of it, without a GET first.  Bounded:
+        #: one ring of lines per program.
+        self._saved: dict[str, Doc] = {}
         self._lock = threading.Lock()
         self._wake = threading.Event()
 
@@ -147,10 +150,17 @@ class LogShipper(Component):
         def change(doc: Doc) -> None:
             add_lines(doc, self.node, program, name, lines, dropped, self.ring)
 
+        # Written on top of the copy saved last (none at the first shipment
+        # after a start: that one reads).  If anyone changed the document
+        # since, the server answers 409 (or 403, should validation see a
+        # field dropped) and update() reads it and merges the lines in again.
+        known = self._saved.pop(doc_id, None)
         try:
-            self.db.update(doc_id, change)
+            saved = self.db.update(doc_id, change, known=known)
         except Conflict:
-            self.db.update(doc_id, change)
+            saved = self.db.update(doc_id, change)
+        if saved is not None:
+            self._saved[doc_id] = saved
 
 
 def add_lines(doc: Doc, node: int, program: str, name: str, lines: list[Line],

@@ -270,10 +270,16 @@ class Placement(Component):
 
     def schedule(self, current: Mapping[str, Any], now: float) -> Assignments:
         """The leader's step: new assignments from every node's status."""
-        statuses = self._prefixed(STATUS_PREFIX)
-        node_docs = self._prefixed(NODE_PREFIX)
         with self._lock:
             placed = dict(self.placed)
+        if not placed and not current:
+            # Nothing placed, nothing assigned: the answer is {} whatever the
+            # nodes say, so skip reading every status and node document (in a
+            # fleet of thousands, most of a leader's heartbeat).  A placed
+            # document arriving on the feed wakes us (note()).
+            return {}
+        statuses = self._prefixed(STATUS_PREFIX)
+        node_docs = self._prefixed(NODE_PREFIX)
         unknown = [doc_id for doc_id in current if doc_id not in placed]
         carried = unknown[LOOKUPS:]
         for doc_id in unknown[:LOOKUPS]:
