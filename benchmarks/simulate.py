@@ -51,6 +51,7 @@ import resource
 import socket
 import sys
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -131,6 +132,10 @@ class Wire:
             return None
         if answer.status == 409:
             raise Conflict(kind)
+        if answer.headers.get("Content-Encoding", "") in ("gzip", "deflate"):
+            # The session leaves bodies as sent (auto_decompress=False); a server
+            # compresses large ones (the root document, a design document, programs).
+            body = zlib.decompress(body, wbits=zlib.MAX_WBITS | 32)
         if answer.status >= 400:
             self.failed[kind] += 1
             raise HTTPError(answer.status, body.decode("utf-8", "replace"))
@@ -170,6 +175,7 @@ class Fleet:
         self._tasks: list[asyncio.Task[Any]] = []
         self.wire: Optional[Wire] = None
         self.connected = 0
+        self.selector = False  # the server's _changes takes a _selector
 
     # -- shared ----------------------------------------------------------------------
     def health_fields(self) -> Doc:
@@ -225,8 +231,8 @@ class Fleet:
             await asyncio.sleep(0.05)
 
     def _prepare_server(self) -> Callable[[int], Any]:
-        design.prepare(self.db, self.couch)  # what every daemon's feed does once
-        self.couch.supports_selector()
+        design.prepare(self.db, self.couch)  # a clear error before any node starts
+        self.selector = self.couch.supports_selector()
         return lambda mac: design.node_filter(self.couch, mac)
 
     def _leader_placement(self, mac: int) -> Placement:
@@ -273,6 +279,7 @@ class Node:
         self.pending: dict[str, list[tuple[Any, ...]]] = {}  # program -> lines to ship
         self.names: dict[str, str] = {}  # program -> its name
         self.poke = asyncio.Event()
+        self.started = False  # the first connection's checks are done
 
     def snapshot(self) -> dict[str, Any]:
         return {doc_id: program.describe() for doc_id, program in self.programs.items()}
@@ -290,7 +297,7 @@ class Node:
     async def run(self, phase: float) -> None:
         """The daemon's threads as tasks: feed, status, placement, recheck (and a program)."""
         loops = [self.follow(), self.beat(phase), self.follow_lease(random.random()),
-                 self.recheck()]
+                 self.recheck(), self.ship_logs()]
         if self.fleet.log_rate > 0:
             loops.append(self.chatter())
         tasks = [asyncio.ensure_future(loop) for loop in loops]
@@ -315,7 +322,7 @@ class Node:
 
     async def _follow_once(self) -> None:
         fleet = self.fleet
-        await self.wire.send(fleet.db.prepare("GET"), "db exists")
+        await self._prepare()
         catch_up = design.node_filter(fleet.couch, self.mac, code_only=True)
         answer = await self.wire.send(_changes(fleet.db, catch_up), "catch up")
         for change in answer.get("results", []):
@@ -344,6 +351,19 @@ class Node:
                         self.since = change["seq"]
             finally:
                 fleet.connected -= 1
+
+    async def _prepare(self) -> None:
+        """What a daemon's feed sends before each connection (:func:`design.prepare`),
+        and its first connection's check of the status database (``Daemon._connected``)."""
+        fleet = self.fleet
+        if not self.started:
+            await self.wire.send(fleet.couch.prepare("GET", ""), "server info")
+        await self.wire.send(fleet.db.prepare("GET"), "db exists")
+        if not fleet.selector:  # ensure_design reads the filter's design document
+            await self.wire.send(fleet.db.prepare("GET", doc_path(design.DESIGN_ID)), "design")
+        if not self.started:
+            await self.wire.send(fleet.status_db.prepare("GET"), "db exists", ok404=True)
+            self.started = True
 
     async def deliver(self, change: Doc) -> None:
         doc = change.get("doc") or ({"_id": change.get("id"), "_deleted": True}
@@ -514,7 +534,7 @@ class Node:
         self.names[program] = name
 
     async def chatter(self) -> None:
-        """A program printing ``log_rate`` lines a second; shipped every BATCH_SECONDS."""
+        """A program printing ``log_rate`` lines a second."""
         program, name = "sim", "sim"
         carry = random.random()
         while True:
@@ -523,6 +543,12 @@ class Node:
             for _ in range(int(carry)):
                 self.log_line(program, name, "a line of a simulated program")
             carry -= int(carry)
+
+    async def ship_logs(self) -> None:
+        """:class:`~himbeere.logship.LogShipper`: pending lines every BATCH_SECONDS,
+        the events of a program's start too."""
+        while True:
+            await asyncio.sleep(BATCH_SECONDS)
             await self.ship()
 
     async def ship(self) -> None:
