@@ -77,6 +77,7 @@ from himbeere.schema import (  # noqa: E402
     ProgramState,
     commands_id,
     for_node,
+    history_id,
     iso,
     lease_id,
     log_id,
@@ -514,13 +515,18 @@ class Node:
             if program.state is ProgramState.RUNNING:
                 self.fleet.mark(self.fleet.reported, doc_id, self.mac)
         self.history.add(doc)
-        if self.history.due is not None:
+        if self.history.due:
             await self.write_history()
 
     async def write_history(self) -> None:
-        doc, self.history.due = self.history.due, None
-        assert doc is not None
+        """:meth:`History.save`: the stored ring read before the first write."""
+        self.history.due = False
         try:
+            if not self.history.loaded:
+                self.history.take_over(await self.wire.send(
+                    self.fleet.status_db.prepare("GET", doc_path(history_id(self.mac))),
+                    "history", ok404=True))
+            doc = self.history.document()
             saved = await self.wire.send(
                 self.fleet.status_db.prepare("PUT", doc_path(doc["_id"]), body=doc), "history")
             self.history.saved(saved["rev"])
@@ -580,13 +586,16 @@ class Node:
 
 
 class _History(History):
-    """The daemon's history ring; its writes go out through the simulator's client."""
+    """The daemon's history ring; its reads and writes go through the simulator's client."""
 
-    due: Optional[Doc] = None
+    due = False
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
 
     def save(self) -> None:
-        self._loaded = True  # a simulated node has no earlier day to take over
-        self.due = self.document()
+        self.due = True  # written by the node's task, which reads the stored ring first
         self._unsaved = False
 
     def saved(self, rev: str) -> None:

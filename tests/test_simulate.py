@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 import urllib.parse
@@ -62,6 +63,9 @@ def main():
 """
 #: Heartbeats in the window whose request counts are compared.
 WINDOW_BEATS = 7
+#: Seconds of a history sample: the ring is written in the window too, not only
+#: when the test happens to cross a 5-minute boundary.
+HISTORY_INTERVAL = 2.0
 
 Kind = tuple[str, str, tuple[str, ...]]
 
@@ -71,7 +75,7 @@ class SimulatedNode:
 
     def __init__(self, url: str, database: str, mac: int) -> None:
         self.fleet = simulate.Fleet(url, 1, database=database, first_mac=mac, heartbeat=1.0,
-                                    leader=False)
+                                    history_interval=HISTORY_INTERVAL, leader=False)
         self.error: Optional[BaseException] = None
         self._up = threading.Event()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -162,6 +166,11 @@ def feed_requests(requests: list[Recorded], mac: int, names: Names) -> set[str]:
             for r in requests if r.path.endswith("/_changes")}
 
 
+def events(log: Doc) -> list[list[str]]:
+    """A log document's lines without their times, pids as ``<pid>``."""
+    return [[re.sub(r"pid \d+", "pid <pid>", line[1]), *line[2:]] for line in log["lines"]]
+
+
 def show(counts: Counter[Kind]) -> str:
     return "\n".join(f"  {n:3d}  {' '.join(k[:2])} {','.join(k[2])}"
                      for k, n in sorted(counts.items()))
@@ -228,8 +237,9 @@ def test_a_simulated_node_sends_what_a_daemon_sends(
     sim: Optional[SimulatedNode] = None
     try:
         url = to_daemon.url(*credentials(daemon_url))
-        daemon = node_factory(mac_id=daemon_mac, url=url, state_dir=restarted(
-            tmp_path / "state", url, dbname, code_db.info()["update_seq"]))
+        daemon = node_factory(
+            mac_id=daemon_mac, url=url, flags=["--history-interval", str(HISTORY_INTERVAL)],
+            state_dir=restarted(tmp_path / "state", url, dbname, code_db.info()["update_seq"]))
         sim = SimulatedNode(to_sim.url(*credentials(sim_url)), dbname, sim_mac).start()
         wait_for(lambda: all(status_of(status_db, m) for m in macs.values()), 30,
                  message=lambda: f"no heartbeat of both; daemon log:\n{daemon.log()[-3000:]}")
@@ -244,6 +254,8 @@ def test_a_simulated_node_sends_what_a_daemon_sends(
             wait_for(lambda m=mac: running(status_db, m, program), 30,
                      message=lambda w=who: f"the {w} never reported {program} running; "
                                            f"daemon log:\n{daemon.log()[-3000:]}")
+            wait_for(lambda m=mac: "started" in json.dumps(status_db.get(log_id(m, program))),
+                     30, message=lambda w=who: f"the {w} never logged {program}'s start")
 
         command = ops.create_command(Laptop(couch_url, dbname), ["true"], sorted(macs.values()))
         results = {who: wait_for(lambda m=mac: final_result(status_db, command, m), 30,
@@ -294,5 +306,7 @@ def test_a_simulated_node_sends_what_a_daemon_sends(
     logs = {who: written(sent[who], log_id(macs[who], program)) for who in macs}
     assert keys(logs["daemon"]) == keys(logs["simulator"])
     assert logs["daemon"]["type"] == logs["simulator"]["type"]
+    assert events(logs["daemon"]) == events(logs["simulator"]) == [
+        ["targets all", "event"], ["started (pid <pid>)", "event"]]
     assert feed_requests(sent["daemon"], daemon_mac, names) == feed_requests(
         sent["simulator"], sim_mac, names)
