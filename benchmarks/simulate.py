@@ -51,6 +51,7 @@ import resource
 import socket
 import sys
 import time
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Optional, Union
@@ -76,6 +77,7 @@ from himbeere.schema import (  # noqa: E402
     ProgramState,
     commands_id,
     for_node,
+    history_id,
     iso,
     lease_id,
     log_id,
@@ -131,6 +133,10 @@ class Wire:
             return None
         if answer.status == 409:
             raise Conflict(kind)
+        if answer.headers.get("Content-Encoding", "") in ("gzip", "deflate"):
+            # The session leaves bodies as sent (auto_decompress=False); a server
+            # compresses large ones (the root document, a design document, programs).
+            body = zlib.decompress(body, wbits=zlib.MAX_WBITS | 32)
         if answer.status >= 400:
             self.failed[kind] += 1
             raise HTTPError(answer.status, body.decode("utf-8", "replace"))
@@ -173,6 +179,7 @@ class Fleet:
         self._tasks: list[asyncio.Task[Any]] = []
         self.wires: list[Wire] = []
         self.connected = 0
+        self.selector = False  # the server's _changes takes a _selector
 
     # -- shared ----------------------------------------------------------------------
     def health_fields(self) -> Doc:
@@ -229,8 +236,8 @@ class Fleet:
             await asyncio.sleep(0.05)
 
     def _prepare_server(self) -> Callable[[int], Any]:
-        design.prepare(self.db, self.couch)  # what every daemon's feed does once
-        self.couch.supports_selector()
+        design.prepare(self.db, self.couch)  # a clear error before any node starts
+        self.selector = self.couch.supports_selector()
         return lambda mac: design.node_filter(self.couch, mac)
 
     def _leader_placement(self, mac: int) -> Placement:
@@ -282,6 +289,7 @@ class Node:
         self.pending: dict[str, list[tuple[Any, ...]]] = {}  # program -> lines to ship
         self.names: dict[str, str] = {}  # program -> its name
         self.poke = asyncio.Event()
+        self.started = False  # the first connection's checks are done
 
     def snapshot(self) -> dict[str, Any]:
         return {doc_id: program.describe() for doc_id, program in self.programs.items()}
@@ -294,7 +302,7 @@ class Node:
     async def run(self, phase: float) -> None:
         """The daemon's threads as tasks: feed, status, placement, recheck (and a program)."""
         loops = [self.follow(), self.beat(phase), self.follow_lease(random.random()),
-                 self.recheck()]
+                 self.recheck(), self.ship_logs()]
         if self.fleet.log_rate > 0:
             loops.append(self.chatter())
         tasks = [asyncio.ensure_future(loop) for loop in loops]
@@ -319,7 +327,7 @@ class Node:
 
     async def _follow_once(self) -> None:
         fleet = self.fleet
-        await self.wire.send(fleet.db.prepare("GET"), "db exists")
+        await self._prepare()
         catch_up = design.node_filter(fleet.couch, self.mac, code_only=True)
         answer = await self.wire.send(_changes(fleet.db, catch_up), "catch up")
         for change in answer.get("results", []):
@@ -348,6 +356,19 @@ class Node:
                         self.since = change["seq"]
             finally:
                 fleet.connected -= 1
+
+    async def _prepare(self) -> None:
+        """What a daemon's feed sends before each connection (:func:`design.prepare`),
+        and its first connection's check of the status database (``Daemon._connected``)."""
+        fleet = self.fleet
+        if not self.started:
+            await self.wire.send(fleet.couch.prepare("GET", ""), "server info")
+        await self.wire.send(fleet.db.prepare("GET"), "db exists")
+        if not fleet.selector:  # ensure_design reads the filter's design document
+            await self.wire.send(fleet.db.prepare("GET", doc_path(design.DESIGN_ID)), "design")
+        if not self.started:
+            await self.wire.send(fleet.status_db.prepare("GET"), "db exists", ok404=True)
+            self.started = True
 
     async def deliver(self, change: Doc) -> None:
         doc = change.get("doc") or ({"_id": change.get("id"), "_deleted": True}
@@ -498,13 +519,18 @@ class Node:
             if program.state is ProgramState.RUNNING:
                 self.fleet.mark(self.fleet.reported, doc_id, self.mac)
         self.history.add(doc)
-        if self.history.due is not None:
+        if self.history.due:
             await self.write_history()
 
     async def write_history(self) -> None:
-        doc, self.history.due = self.history.due, None
-        assert doc is not None
+        """:meth:`History.save`: the stored ring read before the first write."""
+        self.history.due = False
         try:
+            if not self.history.loaded:
+                self.history.take_over(await self.wire.send(
+                    self.fleet.status_db.prepare("GET", doc_path(history_id(self.mac))),
+                    "history", ok404=True))
+            doc = self.history.document()
             saved = await self.wire.send(
                 self.fleet.status_db.prepare("PUT", doc_path(doc["_id"]), body=doc), "history")
             self.history.saved(saved["rev"])
@@ -518,7 +544,7 @@ class Node:
         self.names[program] = name
 
     async def chatter(self) -> None:
-        """A program printing ``log_rate`` lines a second; shipped every BATCH_SECONDS."""
+        """A program printing ``log_rate`` lines a second."""
         program, name = "sim", "sim"
         carry = random.random()
         while True:
@@ -527,6 +553,12 @@ class Node:
             for _ in range(int(carry)):
                 self.log_line(program, name, "a line of a simulated program")
             carry -= int(carry)
+
+    async def ship_logs(self) -> None:
+        """:class:`~himbeere.logship.LogShipper`: pending lines every BATCH_SECONDS,
+        the events of a program's start too."""
+        while True:
+            await asyncio.sleep(BATCH_SECONDS)
             await self.ship()
 
     async def ship(self) -> None:
@@ -558,13 +590,16 @@ class Node:
 
 
 class _History(History):
-    """The daemon's history ring; its writes go out through the simulator's client."""
+    """The daemon's history ring; its reads and writes go through the simulator's client."""
 
-    due: Optional[Doc] = None
+    due = False
+
+    @property
+    def loaded(self) -> bool:
+        return self._loaded
 
     def save(self) -> None:
-        self._loaded = True  # a simulated node has no earlier day to take over
-        self.due = self.document()
+        self.due = True  # written by the node's task, which reads the stored ring first
         self._unsaved = False
 
     def saved(self, rev: str) -> None:

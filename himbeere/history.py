@@ -167,7 +167,11 @@ class History:
 
     def _load(self) -> None:
         """Take over the samples of the day from before this daemon started."""
-        current = self.db.get(history_id(self.node))
+        self.take_over(self.db.get(history_id(self.node)))
+
+    def take_over(self, current: Optional[Doc]) -> None:
+        """Merge the stored document (None: there is none) into the ring, before the
+        first write (the fleet simulator reads it with a client of its own)."""
         self._loaded = True
         if current is None:
             return
