@@ -433,6 +433,13 @@ class Node:
             result: Doc = {"_id": doc_id, "type": RESULT_TYPE, "command": command,
                            "node": self.mac, "cmd": doc.get("cmd"), **fields}
             db = self.fleet.status_db
+            try:  # the daemon's exactly-once check: has this node answered it already?
+                if await self.wire.send(db.prepare("GET", doc_path(doc_id)), "result",
+                                        ok404=True) is not None:
+                    return
+            except (HTTPError, aiohttp.ClientError, asyncio.TimeoutError):
+                self.fleet.errors["result"] += 1
+                return
         else:
             if "ret" in doc:
                 return  # answered already

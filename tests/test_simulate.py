@@ -28,8 +28,6 @@ Where they still differ, on purpose:
   (:func:`~himbeere.couch.design.prepare`) before each node makes the
   daemon's own checks, so it sends ``GET /``, ``GET /<db>`` and the design
   document more often at start; only the window's counts are compared;
-- the daemon reads a command's result document before writing it, which is
-  new (``DAEMON_ONLY``; that read is avoidable, issue 14);
 - a simulated node is a *restarted* daemon: it catches up on its code
   documents and follows from the current ``seq``; so the daemon here starts
   with a saved ``seq`` (a first start would follow from 0).
@@ -231,10 +229,7 @@ def restarted(state_dir: Path, url: str, database: str, seq: Any) -> Path:
 
 
 #: Requests only the daemon sends, and why the simulator leaves them out.
-DAEMON_ONLY: dict[Kind, str] = {
-    ("GET", "/<db>_status/result:<cmd>:<mac>", ()):
-        "a result document is new: the GET before its PUT is avoidable (issue 14)",
-}
+DAEMON_ONLY: dict[Kind, str] = {}
 
 
 def test_a_simulated_node_sends_what_a_daemon_sends(
