@@ -63,7 +63,7 @@ import yarl  # noqa: E402
 
 from himbeere import codedoc, defaults  # noqa: E402
 from himbeere.couch import Couch, Database, Doc, Prepared, Seq, design, doc_path  # noqa: E402
-from himbeere.fleet.placement import Placement  # noqa: E402
+from himbeere.fleet.placement import IDLE_READS, Placement  # noqa: E402
 from himbeere.fleet.rollout import Driver  # noqa: E402
 from himbeere.fleet.targeting import labels_of, selects_labels  # noqa: E402
 from himbeere.health import Health  # noqa: E402
@@ -278,6 +278,7 @@ class Node:
         self.since = since
         self.follows_lease = follows_lease
         self.programs: dict[str, Program] = {}
+        self.placed: set[str] = set()  # placed programs known: the lease is read each beat
         self.status = Status(fleet.status_db, mac, fleet.heartbeat, programs=self.snapshot,
                              extra=self.extra)
         self.history = _History(fleet.status_db, mac, fleet.history_interval)
@@ -378,6 +379,7 @@ class Node:
         doc_id = str(doc["_id"])
         self.fleet.mark(self.fleet.delivered, doc_id, self.mac)
         if doc.get("_deleted"):
+            self.placed.discard(doc_id)
             if self.programs.pop(doc_id, None) is not None:
                 self.poke.set()
             return
@@ -387,7 +389,8 @@ class Node:
         if kind == COMMAND_TYPE or kind == commands_id(self.mac):
             asyncio.ensure_future(self.answer(doc))
         elif codedoc.is_placed(doc):
-            return  # the leader places it; nothing runs here until assigned
+            self.placed.add(doc_id)  # the leader places it; the lease is read every beat
+            return
         else:
             await self.take_program(doc)
 
@@ -475,10 +478,17 @@ class Node:
         """:meth:`Placement.loop` of a node that does not schedule: labels, then the lease."""
         fleet = self.fleet
         await asyncio.sleep(phase * fleet.heartbeat)
+        skipped = IDLE_READS  # the first heartbeat reads the lease
         while True:
             if self.labels_wanted:
                 await self.read_labels()
-            if self.follows_lease:
+            # Placement.idle(): a simulated node never schedules, runs a placed
+            # program or takes part in a staged rollout; it only knows of placed ones.
+            idle = not self.placed
+            if self.follows_lease and idle and skipped < IDLE_READS - 1:
+                skipped += 1
+            elif self.follows_lease:
+                skipped = 0
                 try:
                     await self.wire.send(
                         fleet.status_db.prepare("GET", doc_path(lease_id("scheduler"))),

@@ -115,7 +115,8 @@ class Daemon:
             clock=self.couch.server_time,
             last_heartbeat=lambda: self.status.last_write,
             resources=self._resources, labels=self.labels,
-            on_lead=Driver(self.status_db, str(self.node), clock=self.couch.server_time).drive)
+            on_lead=Driver(self.status_db, str(self.node), clock=self.couch.server_time).drive,
+            busy=lambda: self.gate.busy())
         # Documents under a staged rollout: the gate picks the release to run.
         self.gate = Gate(self.status_db, self.db, self.node, config.heartbeat_interval,
                          submit=self.supervisor.submit, on_event=self._program_event)

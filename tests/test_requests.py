@@ -22,6 +22,7 @@ from himbeere.couch import Couch, Doc
 from himbeere.fleet import placement
 from himbeere.fleet.lease import lease_id
 from himbeere.schema import NODE_PREFIX, STATUS_PREFIX, log_id
+from himbeere.schema import status_id as status_id_of
 from tests.helpers import wait_for
 from tests.nodes import Node
 from tests.recorder import Recorded, RecordingProxy
@@ -163,3 +164,44 @@ def test_a_fleet_command_writes_its_result_on_top_of_its_running_mark(
              30, message=lambda: node.log()[-3000:])
     requests = [r for r in proxy.taken() if r.path.endswith("/" + result_id(quick, 1000))]
     assert [r.method for r in requests] == ["GET", "PUT"], summary(requests)
+
+
+@pytest.mark.slow
+def test_a_follower_with_nothing_placed_reads_the_lease_every_few_beats(
+        proxy: RecordingProxy, couch_url: str, couch: Couch, dbname: str,
+        node_factory: NodeFactory) -> None:
+    """Issue 14: every node read ``lease:scheduler`` at every heartbeat, half of a
+    fleet's requests, though a node with nothing placed learns nothing from it
+    but whether the leader died.  Now it reads it every IDLE_READS beats, and
+    every beat again once a placed program exists.  The leader reads it once a
+    beat, not twice (its renewal writes on top of what it read)."""
+    status_db = couch.database(dbname + "_status")
+    leader = behind(proxy, couch_url, node_factory, 999, "--heartbeat-interval", "0.5")
+    wait_for(lambda: (status_db.get(SCHEDULER) or {}).get("holder") == "999", 30,
+             message=lambda: leader.log()[-3000:])
+    follower_proxy = RecordingProxy(urllib.parse.urlsplit(couch_url).port or 5984)
+    try:
+        follower = behind(follower_proxy, couch_url, node_factory, 1000,
+                          "--heartbeat-interval", "0.5")
+        status = status_id_of(1000)
+
+        def beats(count: int) -> list[Recorded]:
+            return wait_for(lambda: len(to(follower_proxy.taken(), "PUT", status)) >= count
+                            and follower_proxy.taken(), 60,
+                            message=lambda: follower.log()[-3000:])
+
+        taken = beats(2 * placement.IDLE_READS + 1)
+        reads = len(to(taken, "GET", SCHEDULER))
+        assert 1 <= reads <= 3, summary(taken)  # beats 1, 7 and 13 at most
+
+        couch.database(dbname).save(placed("agg", code=(
+            "import time\ndef main():\n    while not should_quit():\n        time.sleep(0.05)\n")))
+        wait_for(lambda: (status_db.get(SCHEDULER) or {}).get("assignments", {}).get("agg"), 30)
+        before = len(to(follower_proxy.taken(), "PUT", status))
+        reads = len(to(follower_proxy.taken(), "GET", SCHEDULER))
+        taken = beats(before + placement.IDLE_READS + 1)
+        assert len(to(taken, "GET", SCHEDULER)) - reads >= placement.IDLE_READS - 1, summary(taken)
+    finally:
+        follower_proxy.close()
+    leads = proxy.taken()
+    assert len(to(leads, "GET", SCHEDULER)) <= len(to(leads, "PUT", SCHEDULER)) + 1, summary(leads)

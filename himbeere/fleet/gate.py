@@ -96,6 +96,11 @@ class Gate(Component):
         self._poke.set()
         return True
 
+    def busy(self) -> bool:
+        """True while a rollout this node takes part in is not final: it needs a leader."""
+        with self._lock:
+            return any(doc_id not in self.settled for doc_id in self.held)
+
     def forget(self, doc_id: str) -> None:
         """Hold ``doc_id`` no more: what comes of it goes straight to the supervisor."""
         with self._lock:

@@ -41,6 +41,10 @@ from ..schema import lease_id
 log = logging.getLogger(__name__)
 
 
+#: :meth:`Lease.acquire` without ``known``: it reads the document first.
+UNREAD: Any = object()
+
+
 def expires(doc: Optional[Doc]) -> float:
     """``expires`` of a lease document; 0 (expired) when it is not a number."""
     value = (doc or {}).get("expires")
@@ -96,17 +100,23 @@ class Lease:
         self.doc = self.db.get(lease_id(self.name))
         return self.doc
 
-    def acquire(self, **fields: Any) -> bool:
+    def acquire(self, known: Any = UNREAD, **fields: Any) -> bool:
         """Take the lease if it is free or expired, or renew it if ours.
 
         ``fields`` are stored in the lease document (only when we hold it).
-        Returns whether we hold it now.  Never raises for a lost race.
+        ``known`` is the document as the caller just read it (None: missing),
+        which saves reading it again; had it changed since, the write gets
+        a 409 and the lease is not ours.  Returns whether we hold it now.
+        Never raises for a lost race.
         """
-        try:
-            current = self.read()
-        except CouchError as exc:
-            log.debug("lease %s: cannot read: %s", self.name, exc)
-            return False
+        if known is UNREAD:
+            try:
+                current = self.read()
+            except CouchError as exc:
+                log.debug("lease %s: cannot read: %s", self.name, exc)
+                return False
+        else:
+            current = known
         now = self.clock()
         mine = current is not None and current.get("holder") == self.holder
         free = is_free(current, now)
