@@ -60,7 +60,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.simulate import Fleet  # noqa: E402
 from himbeere import defaults  # noqa: E402
 from himbeere.couch import Couch  # noqa: E402
-from himbeere.schema import PROGRAM_TYPE  # noqa: E402
+from himbeere.fleet.placement import IDLE_READS, Placement  # noqa: E402
+from himbeere.schema import NODE_PREFIX, PROGRAM_TYPE, STATUS_PREFIX  # noqa: E402
 from himbeere.status import Status  # noqa: E402
 from tests.servers import ensure_couchdb, free_port  # noqa: E402
 from uploader import ops  # noqa: E402
@@ -77,21 +78,24 @@ FLEET_CPU = 1
 class Servers:
     """One CouchDB, or a cluster, started from the release's scripts; stopped by stop()."""
 
-    def __init__(self, nodes: int, workdir: Path) -> None:
+    def __init__(self, nodes: int, workdir: Path, erl_flags: str = "") -> None:
         self.home = ensure_couchdb()
+        # Read by the Erlang VM at start (erlexec honours ERL_FLAGS).
+        env = dict(os.environ, ERL_FLAGS=erl_flags) if erl_flags else None
         self.workdir = workdir
         self.cluster = nodes > 1
         if self.cluster:
             base = free_port()
             out = subprocess.run([str(self.home / "start-cluster.sh"), str(nodes), str(base),
-                                  str(workdir)], check=True, capture_output=True, text=True)
+                                  str(workdir)], check=True, capture_output=True, text=True,
+                                 env=env)
             self.urls = [line.strip() for line in out.stdout.splitlines()
                          if line.strip().startswith("http")]
             self.dirs = [workdir / f"node{i}" for i in range(1, nodes + 1)]
         else:
             port = free_port()
             subprocess.run([str(self.home / "start.sh"), str(port), str(workdir)], check=True,
-                           capture_output=True)
+                           capture_output=True, env=env)
             self.urls = [f"http://127.0.0.1:{port}"]
             self.dirs = [workdir]
         self.pids = [int((d / "couchdb.pid").read_text()) for d in self.dirs]
@@ -167,6 +171,31 @@ class Servers:
                        capture_output=True)
 
 
+# -- before issue 14 ---------------------------------------------------------------
+class PlacementBefore(Placement):
+    """The scheduler as it was before issue 14, for the figures before the fixes.
+
+    It read every status and node document at every heartbeat, nothing
+    placed or not, and read the lease a second time to renew it.
+    """
+
+    def schedule(self, current: Any, now: float) -> Any:
+        self._prefixed(STATUS_PREFIX)
+        self._prefixed(NODE_PREFIX)
+        return super().schedule(current, now)
+
+    def idle(self) -> bool:
+        return False
+
+    def _beat(self) -> None:
+        acquire = self.lease.acquire
+        self.lease.acquire = lambda known=None, **fields: acquire(**fields)  # type: ignore
+        try:
+            super()._beat()
+        finally:
+            self.lease.acquire = acquire  # type: ignore
+
+
 # -- one size ------------------------------------------------------------------------
 def summary(samples: list[float], scale: float = 1000.0) -> dict[str, Any]:
     if not samples:
@@ -185,7 +214,9 @@ async def measure(servers: Servers, n: int, args: argparse.Namespace) -> dict[st
     if args.aged:
         await loop.run_in_executor(None, age_statuses, laptop, n, args.first_mac, args.aged)
     fleet = Fleet(urls, n, heartbeat=args.heartbeat, log_rate=args.log_rate,
-                  first_mac=args.first_mac, leader=not args.no_leader)
+                  first_mac=args.first_mac, leader=not args.no_leader,
+                  placement=PlacementBefore if args.before else Placement,
+                  idle_reads=1 if args.before else IDLE_READS)
     began = time.perf_counter()
     await fleet.start(connect_timeout=600)
     connected_s = time.perf_counter() - began
@@ -193,9 +224,10 @@ async def measure(servers: Servers, n: int, args: argparse.Namespace) -> dict[st
         await asyncio.sleep(args.warmup)
         fleet.latencies.clear()
         sent0 = sum(fleet.requests().values())
-        cpu0, wall0 = servers.cpu_seconds(), time.monotonic()
+        cpu0, wall0, own0 = servers.cpu_seconds(), time.monotonic(), os.times()
         await asyncio.sleep(args.window)
-        cpu1, wall1 = servers.cpu_seconds(), time.monotonic()
+        cpu1, wall1, own1 = servers.cpu_seconds(), time.monotonic(), os.times()
+        simulator = (own1.user + own1.system - own0.user - own0.system) / (wall1 - wall0)
         sent1 = sum(fleet.requests().values())
         shares = {name: round((cpu1[name] - cpu0.get(name, 0.0)) / (wall1 - wall0), 3)
                   for name in cpu1}
@@ -203,6 +235,8 @@ async def measure(servers: Servers, n: int, args: argparse.Namespace) -> dict[st
             "server_cpu_share": round(sum(shares.values()), 3),
             "server_cpu_by_process": shares,
             "server_rss_mb": servers.rss_mb(),
+            # Near 1, the simulator (one core) is what limits, not the server.
+            "simulator_cpu_share": round(simulator, 3),
             "heartbeat_ms": summary(list(fleet.latencies)),
             "requests_per_s": round((sent1 - sent0) / (wall1 - wall0), 1),
             "open_feeds": await loop.run_in_executor(None, servers.open_feeds, laptop.couch),
@@ -315,7 +349,7 @@ def chart(results: list[dict[str, Any]], prefix: str) -> list[str]:
 # -- main ----------------------------------------------------------------------------
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-scale-"))
-    servers = Servers(args.cluster, workdir / "data")
+    servers = Servers(args.cluster, workdir / "data", args.erl_flags)
     try:
         servers.pin(SERVER_CPU)
         try:
@@ -324,8 +358,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             pass
         laptop = Laptop(servers.admin_urls()[0])
         setup(laptop)
-        if args.revs_limit:
-            laptop.status.set_revs_limit(args.revs_limit)
+        if args.experiment == "no-autoupdate":  # ken does not index the status db's view
+            ddoc = laptop.status.get("_design/himbeere") or {}
+            laptop.status.save(dict(ddoc, options={"autoupdate": False}))
+        elif args.experiment == "no-status-ddoc":  # no view, no validate_doc_update
+            laptop.status.delete(laptop.status.get("_design/himbeere") or {})
+        if args.revs_limit or args.before:
+            laptop.status.set_revs_limit(args.revs_limit or 1000)
         sizes = []
         for n in args.nodes:
             print(f"{n} nodes ...", file=sys.stderr, flush=True)
@@ -335,12 +374,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         return {
             "benchmark": "bench_scale",
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "server": f"CouchDB 3.5.2, {args.cluster}-node cluster" if args.cluster > 1
-            else "CouchDB 3.5.2, single node",
+            "server": ("CouchDB 3.5.2, " + (f"{args.cluster}-node cluster" if args.cluster > 1
+                                            else "single node")
+                       + (", before issue 14" if args.before else "")),
             "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, load {os.getloadavg()}",
             "heartbeat_s": args.heartbeat, "log_rate": args.log_rate,
             "aged_revisions": args.aged, "status_revs_limit": args.revs_limit
-            or defaults.STATUS_REVS_LIMIT, "leader": not args.no_leader,
+            or (1000 if args.before else defaults.STATUS_REVS_LIMIT),
+            "leader": not args.no_leader, "before_issue_14": args.before,
+            "experiment": args.experiment, "erl_flags": args.erl_flags,
             "warmup_s": args.warmup, "window_s": args.window, "rounds": args.rounds,
             "pinned": {"server_cpu": SERVER_CPU, "fleet_cpu": FLEET_CPU},
             "sizes": sizes,
@@ -369,6 +411,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                         "10 s heartbeats); 0: fresh documents")
     parser.add_argument("--revs-limit", type=int, default=0,
                         help="the status database's _revs_limit instead of setup's")
+    parser.add_argument("--before", action="store_true",
+                        help="as before issue 14's fixes: _revs_limit 1000, every node reads "
+                        "the lease every beat, the leader reads every status document")
+    parser.add_argument("--erl-flags", default="+S 1:1",
+                        help="the server's Erlang VM flags (default '+S 1:1': one scheduler "
+                        "for the one core it is pinned to; '' for CouchDB's own)")
+    parser.add_argument("--experiment", choices=["no-autoupdate", "no-status-ddoc"],
+                        help="change the server's setup to see what a part of it costs")
     parser.add_argument("--no-leader", action="store_true",
                         help="no node takes the scheduler lease (to see what the leader costs)")
     parser.add_argument("--json-out")

@@ -151,6 +151,7 @@ class Fleet:
                  heartbeat: float = defaults.HEARTBEAT_INTERVAL,
                  feed_timeout: float = defaults.FEED_TIMEOUT, log_rate: float = 0.0,
                  first_mac: int = FIRST_MAC, leader: bool = True,
+                 placement: type[Placement] = Placement, idle_reads: int = IDLE_READS,
                  history_interval: float = defaults.HISTORY_INTERVAL) -> None:
         #: Several URLs (a cluster's nodes): node i uses URL i % len, as a lab would
         #: spread its Pis over a cluster by listing its servers in turn.
@@ -164,11 +165,16 @@ class Fleet:
         self.history_interval = history_interval
         self.macs = [first_mac + i for i in range(nodes)]
         self.leader = leader
+        #: The scheduler the first node runs, and how often an idle node reads
+        #: the lease: as the daemon does, unless a benchmark replays older code.
+        self.placement = placement
+        self.idle_reads = idle_reads
         self.health = Health()
         self._health: Doc = {}
         self._health_at = 0.0
         self.nodes: list[Node] = []
         self.latencies: list[float] = []  # seconds per heartbeat PUT
+        self.lags: list[float] = []  # seconds the event loop woke up late
         #: doc id -> mac -> perf_counter() when it arrived, was reported running, answered.
         self.delivered: dict[str, dict[int, float]] = {}
         self.reported: dict[str, dict[int, float]] = {}
@@ -176,6 +182,7 @@ class Fleet:
         self.errors: Counter[str] = Counter()
         self._placement: Optional[Placement] = None
         self._session: Optional[aiohttp.ClientSession] = None
+        self._feeds: Optional[aiohttp.ClientSession] = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.wires: list[Wire] = []
         self.connected = 0
@@ -216,6 +223,11 @@ class Fleet:
         self._session = aiohttp.ClientSession(
             connector=connector, timeout=aiohttp.ClientTimeout(total=None, sock_connect=10),
             auto_decompress=False)
+        # The feeds get a pool of their own: in one pool with thousands of open
+        # feeds, a heartbeat's PUT waited a second for a connection (1000 nodes).
+        self._feeds = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=10), auto_decompress=False)
         self.wires = [Wire(Couch(url), self._session) for url in self.urls]
         for index, mac in enumerate(self.macs):
             node = Node(self, mac, feed_filter(mac), since,
@@ -225,6 +237,7 @@ class Fleet:
         if self.leader:
             self._placement = self._leader_placement(self.macs[0])
             self._placement.start()
+        self._tasks.append(asyncio.ensure_future(self._watch_lag()))
         # Spread the nodes' beats over one interval, as daemons started at random times are.
         for node in self.nodes:
             self._tasks.append(asyncio.ensure_future(node.run(random.random())))
@@ -235,6 +248,14 @@ class Fleet:
                     f"{self.connected} of {len(self.nodes)} feeds open in {connect_timeout} s")
             await asyncio.sleep(0.05)
 
+    async def _watch_lag(self) -> None:
+        """How late this process's event loop wakes up: if that grows, the
+        simulator, not the server, is what makes requests slow."""
+        while True:
+            began = time.perf_counter()
+            await asyncio.sleep(0.01)
+            self.lags.append(time.perf_counter() - began - 0.01)
+
     def _prepare_server(self) -> Callable[[int], Any]:
         design.prepare(self.db, self.couch)  # a clear error before any node starts
         self.selector = self.couch.supports_selector()
@@ -243,7 +264,7 @@ class Fleet:
     def _leader_placement(self, mac: int) -> Placement:
         """The daemon's own scheduler for the first node: it takes and renews the lease."""
         first = self.nodes[0]
-        return Placement(
+        return self.placement(
             self.status_db, self.db, mac, self.heartbeat, on_assigned=lambda *_: None,
             clock=self.couch.server_time, last_heartbeat=lambda: first.last_write,
             on_lead=Driver(self.status_db, str(mac), clock=self.couch.server_time).drive)
@@ -255,8 +276,9 @@ class Fleet:
         if self._placement is not None:
             placement = self._placement
             await asyncio.get_running_loop().run_in_executor(None, placement.stop)
-        if self._session is not None:
-            await self._session.close()
+        for session in (self._session, self._feeds):
+            if session is not None:
+                await session.close()
 
     def requests(self) -> Counter[str]:
         """Requests sent so far, by kind."""
@@ -338,8 +360,8 @@ class Node:
         self.wire.sent["feed"] += 1
         timeout = aiohttp.ClientTimeout(total=None, sock_read=fleet.feed_timeout)
         headers = {**self.wire.auth, **request.headers}
-        assert fleet._session is not None
-        async with fleet._session.request(request.method, self.wire.url(request.target),
+        assert fleet._feeds is not None
+        async with fleet._feeds.request(request.method, self.wire.url(request.target),
                                           data=request.body, headers=headers,
                                           timeout=timeout) as answer:
             if answer.status >= 400:
@@ -478,14 +500,15 @@ class Node:
         """:meth:`Placement.loop` of a node that does not schedule: labels, then the lease."""
         fleet = self.fleet
         await asyncio.sleep(phase * fleet.heartbeat)
-        skipped = IDLE_READS  # the first heartbeat reads the lease
+        every = self.fleet.idle_reads
+        skipped = every  # the first heartbeat reads the lease
         while True:
             if self.labels_wanted:
                 await self.read_labels()
             # Placement.idle(): a simulated node never schedules, runs a placed
             # program or takes part in a staged rollout; it only knows of placed ones.
             idle = not self.placed
-            if self.follows_lease and idle and skipped < IDLE_READS - 1:
+            if self.follows_lease and idle and skipped < every - 1:
                 skipped += 1
             elif self.follows_lease:
                 skipped = 0
@@ -652,8 +675,13 @@ async def _main(args: argparse.Namespace) -> None:
         await asyncio.sleep(args.seconds)
     finally:
         await fleet.stop()
+    lat, lags = sorted(fleet.latencies), sorted(fleet.lags)
     print(json.dumps({"requests": dict(fleet.requests()), "errors": dict(fleet.errors),
-                      "heartbeats": len(fleet.latencies)}, indent=2))
+                      "heartbeats": len(lat),
+                      "heartbeat_ms_median": round(lat[len(lat) // 2] * 1000, 1) if lat else None,
+                      "loop_lag_ms_median": round(lags[len(lags) // 2] * 1000, 2) if lags else None,
+                      "loop_lag_ms_p99": round(lags[int(len(lags) * 0.99)] * 1000, 2)
+                      if lags else None}, indent=2))
 
 
 def main(argv: Optional[list[str]] = None) -> None:
