@@ -165,6 +165,15 @@ class Servers:
             total += int(stats.get("value") or 0)
         return total
 
+    def request_time(self) -> dict[str, Any]:
+        """The server's own request time (ms) over its last 10 s, first node's view."""
+        stats = Couch(self.admin_urls()[0]).request(
+            "GET", "_node/_local/_stats/couchdb/request_time") or {}
+        value = stats.get("value") or {}
+        percentiles = dict((int(p), round(v, 1)) for p, v in value.get("percentile") or [])
+        return {"n": value.get("n"), "median": percentiles.get(50),
+                "p99": percentiles.get(99)}
+
     def stop(self) -> None:
         script = "stop-cluster.sh" if self.cluster else "stop.sh"
         subprocess.run([str(self.home / script), str(self.workdir)], check=False,
@@ -223,6 +232,7 @@ async def measure(servers: Servers, n: int, args: argparse.Namespace) -> dict[st
     try:
         await asyncio.sleep(args.warmup)
         fleet.latencies.clear()
+        fleet.lags.clear()
         sent0 = sum(fleet.requests().values())
         cpu0, wall0, own0 = servers.cpu_seconds(), time.monotonic(), os.times()
         await asyncio.sleep(args.window)
@@ -238,6 +248,8 @@ async def measure(servers: Servers, n: int, args: argparse.Namespace) -> dict[st
             # Near 1, the simulator (one core) is what limits, not the server.
             "simulator_cpu_share": round(simulator, 3),
             "heartbeat_ms": summary(list(fleet.latencies)),
+            "server_request_ms": await loop.run_in_executor(None, servers.request_time),
+            "simulator_loop_lag_ms": summary(list(fleet.lags)),
             "requests_per_s": round((sent1 - sent0) / (wall1 - wall0), 1),
             "open_feeds": await loop.run_in_executor(None, servers.open_feeds, laptop.couch),
         }
