@@ -358,6 +358,28 @@ def chart(results: list[dict[str, Any]], prefix: str) -> list[str]:
     return written
 
 
+def table(results: list[dict[str, Any]]) -> str:
+    """The figures as an reStructuredText table, for docs/sizing.rst."""
+    head = ("server", "nodes", "server CPU", "RSS MB", "heartbeat ms median / p99",
+            "command to all s median / p99", "program on all s median / p99")
+    rows = [head]
+    for result in results:
+        for size in result["sizes"]:
+            def pair(figure: dict[str, Any], scale: float = 1.0, digits: int = 0) -> str:
+                if not figure.get("n"):
+                    return "-"
+                return f"{figure['median'] * scale:.{digits}f} / {figure['p99'] * scale:.{digits}f}"
+            rows.append((result["server"].replace("CouchDB 3.5.2, ", ""), str(size["nodes"]),
+                         f"{100 * size['server_cpu_share']:.0f} %", f"{size['server_rss_mb']:.0f}",
+                         pair(size["heartbeat_ms"]), pair(size["command_to_all_ms"], 1e-3, 1),
+                         pair(size["program_reported_ms"], 1e-3, 1)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    rule = "  ".join("=" * w for w in widths)
+    lines = [rule, "  ".join(c.ljust(w) for c, w in zip(rows[0], widths)).rstrip(), rule]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows[1:]]
+    return "\n".join(lines + [rule])
+
+
 # -- main ----------------------------------------------------------------------------
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-scale-"))
@@ -435,6 +457,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="no node takes the scheduler lease (to see what the leader costs)")
     parser.add_argument("--json-out")
     parser.add_argument("--chart", metavar="PREFIX", help="write PREFIX-cpu.png, -times.png")
+    parser.add_argument("--table", action="store_true",
+                        help="print the figures as an reStructuredText table")
     parser.add_argument("--plot", nargs="*", default=[],
                         help="JSON results to chart beside this run's (or instead: --nodes '')")
     args = parser.parse_args(argv)
@@ -446,6 +470,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.json_out:
             Path(args.json_out).write_text(text + "\n")
         results.append(result)
+    if args.table and results:
+        print(table(results))
     if args.chart and results:
         for path in chart(results, args.chart):
             print(f"wrote {path}", file=sys.stderr)

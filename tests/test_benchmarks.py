@@ -123,3 +123,51 @@ def test_bench_signing() -> None:
         assert_figure(result["check_ms"][size], 3)
     assert_figure(result["record_ms"], 2)
     assert_figure(result["import_ms"], 1)
+
+
+def test_bench_scale_and_its_charts(tmp_path: Path) -> None:
+    """A fleet of 3 simulated nodes against a CouchDB of its own; the charts
+    only where matplotlib is installed (the ``bench`` extra, not ``test``)."""
+    from tests.cluster import skip_reason
+
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    out = tmp_path / "scale.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_scale.py"), "--nodes", "3",
+         "--heartbeat", "1", "--warmup", "1", "--window", "3", "--rounds", "2", "--gap", "0",
+         "--aged", "5", "--json-out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [size] = json.loads(done.stdout)["sizes"]
+    assert size["nodes"] == 3 and size["open_feeds"] >= 3 and size["errors"] == {}
+    assert 0 < size["server_cpu_share"] and size["server_rss_mb"] > 0
+    assert size["heartbeat_ms"]["n"] >= 3
+    for figure in ("command_to_all_ms", "program_reported_ms", "program_delivered_ms"):
+        assert_figure(size[figure], 2)
+    pytest.importorskip("matplotlib")
+    prefix = tmp_path / "scale"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_scale.py"), "--nodes", "",
+         "--plot", str(out), "--chart", str(prefix)],
+        capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for chart in ("cpu", "times"):
+        assert (tmp_path / f"scale-{chart}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_revs() -> None:
+    from tests.cluster import skip_reason
+
+    reason = skip_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_revs.py"), "--writes", "20",
+         "--block", "10"], capture_output=True, text=True, timeout=300, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(done.stdout)["by_revs_limit"]
+    assert sorted(runs) == ["100", "1000"]
+    assert [block["revisions"] for block in runs["100"]] == [10, 20]
+    assert all(block["server_cpu_ms_per_write"] > 0 for block in runs["1000"])
