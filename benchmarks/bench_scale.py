@@ -61,6 +61,7 @@ from benchmarks.simulate import Fleet  # noqa: E402
 from himbeere import defaults  # noqa: E402
 from himbeere.couch import Couch  # noqa: E402
 from himbeere.fleet.placement import IDLE_READS, Placement  # noqa: E402
+from himbeere.fleet.targeting import READ_EVERY  # noqa: E402
 from himbeere.schema import NODE_PREFIX, PROGRAM_TYPE, STATUS_PREFIX  # noqa: E402
 from himbeere.status import Status  # noqa: E402
 from tests.servers import ensure_couchdb, free_port  # noqa: E402
@@ -223,9 +224,11 @@ async def measure(servers: Servers, n: int, args: argparse.Namespace) -> dict[st
     if args.aged:
         await loop.run_in_executor(None, age_statuses, laptop, n, args.first_mac, args.aged)
     fleet = Fleet(urls, n, heartbeat=args.heartbeat, log_rate=args.log_rate,
+                  feed_timeout=args.feed_timeout,
                   first_mac=args.first_mac, leader=not args.no_leader,
                   placement=PlacementBefore if args.before else Placement,
-                  idle_reads=1 if args.before else IDLE_READS)
+                  idle_reads=1 if args.before else IDLE_READS,
+                  label_reads=1 if args.before else READ_EVERY)
     began = time.perf_counter()
     await fleet.start(connect_timeout=600)
     connected_s = time.perf_counter() - began
@@ -413,6 +416,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                        + (", before issue 14" if args.before else "")),
             "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, load {os.getloadavg()}",
             "heartbeat_s": args.heartbeat, "log_rate": args.log_rate,
+            "feed_timeout_s": args.feed_timeout,
             "aged_revisions": args.aged, "status_revs_limit": args.revs_limit
             or (1000 if args.before else defaults.STATUS_REVS_LIMIT),
             "leader": not args.no_leader, "before_issue_14": args.before,
@@ -433,6 +437,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--cluster", type=int, default=1, help="CouchDB nodes (default 1)")
     parser.add_argument("--heartbeat", type=float, default=10.0)
     parser.add_argument("--log-rate", type=float, default=0.0)
+    parser.add_argument("--feed-timeout", type=float, default=defaults.FEED_TIMEOUT,
+                        help="the nodes' feed_timeout; the server sends a feed's empty "
+                        "line every third of it (default 30: every 10 s)")
     parser.add_argument("--warmup", type=float, default=15.0)
     parser.add_argument("--window", type=float, default=30.0)
     parser.add_argument("--rounds", type=int, default=5)
@@ -447,7 +454,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="the status database's _revs_limit instead of setup's")
     parser.add_argument("--before", action="store_true",
                         help="as before issue 14's fixes: _revs_limit 1000, every node reads "
-                        "the lease every beat, the leader reads every status document")
+                        "the lease (and its labels) every beat, the leader every status "
+                        "document")
     parser.add_argument("--erl-flags", default="+S 1:1",
                         help="the server's Erlang VM flags (default '+S 1:1': one scheduler "
                         "for the one core it is pinned to; '' for CouchDB's own)")

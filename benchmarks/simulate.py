@@ -65,7 +65,7 @@ from himbeere import codedoc, defaults  # noqa: E402
 from himbeere.couch import Couch, Database, Doc, Prepared, Seq, design, doc_path  # noqa: E402
 from himbeere.fleet.placement import IDLE_READS, Placement  # noqa: E402
 from himbeere.fleet.rollout import Driver  # noqa: E402
-from himbeere.fleet.targeting import labels_of, selects_labels  # noqa: E402
+from himbeere.fleet.targeting import READ_EVERY, labels_of, selects_labels  # noqa: E402
 from himbeere.health import Health  # noqa: E402
 from himbeere.history import History  # noqa: E402
 from himbeere.logship import BATCH_SECONDS, EVENT, add_lines  # noqa: E402
@@ -152,6 +152,7 @@ class Fleet:
                  feed_timeout: float = defaults.FEED_TIMEOUT, log_rate: float = 0.0,
                  first_mac: int = FIRST_MAC, leader: bool = True,
                  placement: type[Placement] = Placement, idle_reads: int = IDLE_READS,
+                 label_reads: int = READ_EVERY,
                  history_interval: float = defaults.HISTORY_INTERVAL) -> None:
         #: Several URLs (a cluster's nodes): node i uses URL i % len, as a lab would
         #: spread its Pis over a cluster by listing its servers in turn.
@@ -169,6 +170,7 @@ class Fleet:
         #: the lease: as the daemon does, unless a benchmark replays older code.
         self.placement = placement
         self.idle_reads = idle_reads
+        self.label_reads = label_reads
         self.health = Health()
         self._health: Doc = {}
         self._health_at = 0.0
@@ -502,9 +504,13 @@ class Node:
         await asyncio.sleep(phase * fleet.heartbeat)
         every = self.fleet.idle_reads
         skipped = every  # the first heartbeat reads the lease
+        label_beats = 0
         while True:
-            if self.labels_wanted:
-                await self.read_labels()
+            if self.labels_wanted:  # NodeLabels.refresh()
+                label_beats += 1
+                if label_beats >= self.fleet.label_reads:
+                    label_beats = 0
+                    await self.read_labels()
             # Placement.idle(): a simulated node never schedules, runs a placed
             # program or takes part in a staged rollout; it only knows of placed ones.
             idle = not self.placed

@@ -21,6 +21,7 @@ from himbeere.commands import result_id
 from himbeere.couch import Couch, Doc
 from himbeere.fleet import placement
 from himbeere.fleet.lease import lease_id
+from himbeere.fleet.targeting import READ_EVERY
 from himbeere.schema import NODE_PREFIX, STATUS_PREFIX, log_id
 from himbeere.schema import status_id as status_id_of
 from tests.helpers import wait_for
@@ -205,3 +206,28 @@ def test_a_follower_with_nothing_placed_reads_the_lease_every_few_beats(
         follower_proxy.close()
     leads = proxy.taken()
     assert len(to(leads, "GET", SCHEDULER)) <= len(to(leads, "PUT", SCHEDULER)) + 1, summary(leads)
+
+
+@pytest.mark.slow
+def test_a_node_reads_its_labels_every_few_beats(
+        proxy: RecordingProxy, couch_url: str, couch: Couch, dbname: str, fleet: Fleet,
+        node_factory: NodeFactory) -> None:
+    """Issue 14: once a program selected nodes by label, every node read its
+    ``node:<mac>`` at every heartbeat; now every READ_EVERY heartbeats, and a
+    change of labels still takes effect."""
+    ops.set_labels(fleet, 1000, room="lab")
+    couch.database(dbname).save({
+        "_id": "program:lab", "type": "himbeere-program", "name": "lab",
+        "targets": {"labels": {"room": "lab"}}, "code": (
+            "import time\ndef main():\n    while not should_quit():\n        time.sleep(0.05)\n")})
+    node = behind(proxy, couch_url, node_factory, 1000, "--heartbeat-interval", "0.5")
+    node.wait_program("program:lab", state="running", timeout=40)
+    status, labels = status_id_of(1000), f"node:{1000}"
+    start = len(to(proxy.taken(), "PUT", status))
+    reads = len(to(proxy.taken(), "GET", labels))
+    taken = wait_for(lambda: len(to(proxy.taken(), "PUT", status)) >= start + 2 * READ_EVERY
+                     and proxy.taken(), 60, message=lambda: node.log()[-3000:])
+    assert 1 <= len(to(taken, "GET", labels)) - reads <= 3, summary(taken)
+    ops.set_labels(fleet, 1000, room="")
+    wait_for(lambda: node.program("program:lab").get("state") in (None, "stopped"), 40,
+             message=lambda: node.log()[-3000:])

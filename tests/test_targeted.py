@@ -16,7 +16,7 @@ import pytest
 
 from himbeere.couch import Couch, Doc
 from himbeere.exceptions import Unauthorized
-from himbeere.fleet.targeting import NodeLabels
+from himbeere.fleet.targeting import READ_EVERY, NodeLabels
 from himbeere.schema import PROGRAM_TYPE, node_id, targeted_id
 from tests.conftest import Upload
 from tests.helpers import himbeere, wait_for
@@ -179,6 +179,9 @@ def test_node_labels_are_read_once_a_document_selects_by_them(fleet: Fleet) -> N
     assert told == [{"room": "lab"}]
     labels.refresh()  # unchanged: nothing told
     ops.set_labels(fleet, 1004, room="", rack="2")
+    for _ in range(READ_EVERY - 2):  # read at every READ_EVERY-th heartbeat (issue 14)
+        labels.refresh()
+    assert told == [{"room": "lab"}]
     labels.refresh()
     assert told == [{"room": "lab"}, {"rack": "2"}]
 

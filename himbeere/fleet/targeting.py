@@ -63,6 +63,14 @@ def labels_text(labels: Optional[Labels]) -> str:
     return ", ".join(f"{key}={value}" for key, value in sorted(labels.items()))
 
 
+#: Heartbeats between reads of this node's labels, once a program selects
+#: nodes by label.  Labels change only when a deployer runs ``himbeere
+#: label``, which so takes effect within this many heartbeats (a minute at
+#: the default 10 s).  A read every heartbeat doubled a fleet's requests as
+#: soon as one program was pushed with ``--label`` (issue 14).
+READ_EVERY = 6
+
+
 class NodeLabels:
     """This node's labels, cached; refreshed at each heartbeat once a document selected by them.
 
@@ -83,6 +91,7 @@ class NodeLabels:
         self.wanted = False
         self._lock = threading.Lock()
         self._reading = threading.Lock()
+        self._beats = 0  # heartbeats since the last read
 
     def note(self, doc: Doc) -> None:
         """A document from the feed (feed thread): read the labels now if it needs them.
@@ -97,12 +106,21 @@ class NodeLabels:
             self.wanted = True
             known = self.labels is not None
         if not known:
-            self.refresh()
+            self.refresh(now=True)
 
-    def refresh(self) -> None:
-        """Read ``node:<mac>`` (one GET) once labels are wanted; tell a change."""
+    def refresh(self, now: bool = False) -> None:
+        """Read ``node:<mac>`` (one GET) once labels are wanted; tell a change.
+
+        Called at every heartbeat; reads every :data:`READ_EVERY` of them, or
+        ``now``.
+        """
         if not self.wanted:
             return
+        with self._lock:
+            self._beats += 1
+            if not now and self.labels is not None and self._beats < READ_EVERY:
+                return
+            self._beats = 0
         with self._reading:  # the feed and placement threads: one read at a time
             try:
                 labels = labels_of(self.status_db.get(node_id(self.node)))
