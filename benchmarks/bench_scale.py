@@ -408,6 +408,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             size = await measure(servers, n, args)
             print(json.dumps(size), file=sys.stderr, flush=True)
             sizes.append(size)
+            # The server ends a closed feed only when it next writes to it:
+            # wait, so that the next size does not pay for this one's feeds.
+            deadline = time.monotonic() + 120
+            while servers.open_feeds(laptop.couch) > 0 and time.monotonic() < deadline:
+                await asyncio.sleep(1)
         return {
             "benchmark": "bench_scale",
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
