@@ -231,3 +231,25 @@ def test_a_node_reads_its_labels_every_few_beats(
     ops.set_labels(fleet, 1000, room="")
     wait_for(lambda: node.program("program:lab").get("state") in (None, "stopped"), 40,
              message=lambda: node.log()[-3000:])
+
+
+def test_a_fleet_command_and_its_polls_read_no_status_documents(
+        proxy: RecordingProxy, couch_url: str, fleet: Fleet) -> None:
+    """Issue 14: ``himbeere cmd --all`` read every node's status and node
+    document (megabytes in a fleet of thousands) to list the nodes it expects,
+    and again at each poll of the results, every 250 ms; the ids are enough."""
+    for mac in (1001, 1002):
+        fleet.status.save({"_id": status_id_of(mac), "type": "himbeere-status", "node": mac,
+                           "programs": {"big": {"x": "y" * 1000}}})
+    ops.set_labels(fleet, 1003, room="lab")
+    parts = urllib.parse.urlsplit(couch_url)
+    laptop = Fleet(proxy.url(urllib.parse.unquote(parts.username or ""),
+                             urllib.parse.unquote(parts.password or "")),
+                   fleet.code.name, fleet.status.name)
+    command = ops.create_command(laptop, ["true"], "all")
+    assert fleet.code.get(command)["expected"] == [1001, 1002, 1003]  # type: ignore[index]
+    answer = ops.command_results(laptop, command)
+    assert answer["pending"] == [1001, 1002, 1003]
+    for prefix in (STATUS_PREFIX, NODE_PREFIX):
+        reads = prefixed_reads(proxy.taken(), prefix)
+        assert reads and all("include_docs" not in r.query for r in reads), summary(reads)
