@@ -613,9 +613,9 @@ class Node:
                 continue
             self.pending[program] = []
             doc_id = log_id(self.mac, program)
-            known = self.logs.get(doc_id)
+            known: Optional[Doc] = self.logs.get(doc_id, {})  # LogShipper._write
             for _attempt in range(5):
-                doc = dict(known) if known is not None else None
+                doc = dict(known, _id=doc_id) if known is not None else None
                 if doc is None:
                     doc = await self.wire.send(
                         self.fleet.status_db.prepare("GET", doc_path(doc_id)), "log",

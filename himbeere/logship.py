@@ -150,11 +150,13 @@ class LogShipper(Component):
         def change(doc: Doc) -> None:
             add_lines(doc, self.node, program, name, lines, dropped, self.ring)
 
-        # Written on top of the copy saved last (none at the first shipment
-        # after a start: that one reads).  If anyone changed the document
-        # since, the server answers 409 (or 403, should validation see a
-        # field dropped) and update() reads it and merges the lines in again.
-        known = self._saved.pop(doc_id, None)
+        # Written on top of the copy saved last; the first shipment of a log
+        # after a start creates it ({}), as for a program pushed just now: a
+        # push to a fleet of thousands saves each node a GET.  If the
+        # document exists (a restart) or anyone changed it since, the server
+        # answers 409 (or 403, should validation see a field dropped) and
+        # update() reads it and merges the lines in again.
+        known = self._saved.pop(doc_id, {})
         try:
             saved = self.db.update(doc_id, change, known=known)
         except Conflict:
