@@ -64,7 +64,8 @@ from himbeere.fleet.placement import IDLE_READS, Placement  # noqa: E402
 from himbeere.fleet.targeting import READ_EVERY  # noqa: E402
 from himbeere.schema import NODE_PREFIX, PROGRAM_TYPE, STATUS_PREFIX  # noqa: E402
 from himbeere.status import Status  # noqa: E402
-from tests.servers import ensure_couchdb, free_port  # noqa: E402
+from tests.cluster import free_base_port  # noqa: E402
+from tests.servers import ensure_couchdb  # noqa: E402
 from uploader import ops  # noqa: E402
 from uploader.fleet import Fleet as Laptop  # noqa: E402
 from uploader.install import setup  # noqa: E402
@@ -86,15 +87,18 @@ class Servers:
         self.workdir = workdir
         self.cluster = nodes > 1
         if self.cluster:
-            base = free_port()
+            base = free_base_port(nodes)  # below the ephemeral ports the fleet's sockets use
             out = subprocess.run([str(self.home / "start-cluster.sh"), str(nodes), str(base),
-                                  str(workdir)], check=True, capture_output=True, text=True,
-                                 env=env)
+                                  str(workdir)], capture_output=True, text=True, env=env)
+            if out.returncode != 0:
+                subprocess.run([str(self.home / "stop-cluster.sh"), str(workdir)],
+                               capture_output=True, check=False)
+                raise RuntimeError(f"start-cluster.sh failed: {out.stderr[-2000:]}")
             self.urls = [line.strip() for line in out.stdout.splitlines()
                          if line.strip().startswith("http")]
             self.dirs = [workdir / f"node{i}" for i in range(1, nodes + 1)]
         else:
-            port = free_port()
+            port = free_base_port(1)
             subprocess.run([str(self.home / "start.sh"), str(port), str(workdir)], check=True,
                            capture_output=True, env=env)
             self.urls = [f"http://127.0.0.1:{port}"]
@@ -257,15 +261,20 @@ async def measure(servers: Servers, n: int, args: argparse.Namespace) -> dict[st
             "open_feeds": await loop.run_in_executor(None, servers.open_feeds, laptop.couch),
         }
         print(f"  steady: {json.dumps(steady)}", file=sys.stderr, flush=True)
-        commands = []
+        commands: list[float] = []
+        timeouts: dict[str, list[int]] = {"command": [], "program": []}
         for _ in range(args.rounds):
             start = time.perf_counter()
             command = await loop.run_in_executor(
                 None, lambda: ops.create_command(laptop, ["true"], "all"))
-            last = await fleet.until_all(fleet.answered, command, args.round_timeout)
-            commands.append(last - start)
+            try:
+                last = await fleet.until_all(fleet.answered, command, args.round_timeout)
+                commands.append(last - start)
+            except asyncio.TimeoutError:  # recorded: how many answered in time
+                timeouts["command"].append(len(fleet.answered.get(command, {})))
             await asyncio.sleep(args.gap)
-        reported, delivered = [], []
+        reported: list[float] = []
+        delivered: list[float] = []
         for index in range(args.rounds):
             doc_id = f"program:bench-scale-{index}"
             doc = {"_id": doc_id, "type": PROGRAM_TYPE, "name": f"bench-scale-{index}",
@@ -273,10 +282,13 @@ async def measure(servers: Servers, n: int, args: argparse.Namespace) -> dict[st
                    "restart": "never"}
             start = time.perf_counter()
             await loop.run_in_executor(None, laptop.code.save, doc)
-            delivered.append(await fleet.until_all(fleet.delivered, doc_id,
-                                                   args.round_timeout) - start)
-            reported.append(await fleet.until_all(fleet.reported, doc_id,
-                                                  args.round_timeout) - start)
+            try:
+                delivered.append(await fleet.until_all(fleet.delivered, doc_id,
+                                                       args.round_timeout) - start)
+                reported.append(await fleet.until_all(fleet.reported, doc_id,
+                                                      args.round_timeout) - start)
+            except asyncio.TimeoutError:
+                timeouts["program"].append(len(fleet.reported.get(doc_id, {})))
             await loop.run_in_executor(None, laptop.code.delete, doc)
             await asyncio.sleep(args.gap + args.heartbeat)  # the deletion reported
         errors = dict(fleet.errors)
@@ -286,6 +298,8 @@ async def measure(servers: Servers, n: int, args: argparse.Namespace) -> dict[st
             "command_to_all_ms": summary(commands),
             "program_reported_ms": summary(reported),
             "program_delivered_ms": summary(delivered),
+            # Rounds not done within --round-timeout: how many nodes had answered.
+            "timed_out_rounds": timeouts,
             "requests": dict(fleet.requests()), "errors": errors}
 
 
@@ -361,6 +375,18 @@ def chart(results: list[dict[str, Any]], prefix: str) -> list[str]:
     return written
 
 
+def _cell(size: dict[str, Any], key: str, scale: float = 1.0, digits: int = 0,
+          kind: str = "") -> str:
+    """``median / p99`` of one figure; how far a timed-out round got instead."""
+    figure = size[key]
+    missed = size.get("timed_out_rounds", {}).get(kind) or []
+    if missed and not figure.get("n"):
+        return f"timed out ({max(missed)} of {size['nodes']})"
+    if not figure.get("n"):
+        return "-"
+    return f"{figure['median'] * scale:.{digits}f} / {figure['p99'] * scale:.{digits}f}"
+
+
 def table(results: list[dict[str, Any]]) -> str:
     """The figures as an reStructuredText table, for docs/sizing.rst."""
     head = ("server", "nodes", "server CPU", "RSS MB", "heartbeat ms median / p99",
@@ -368,14 +394,11 @@ def table(results: list[dict[str, Any]]) -> str:
     rows = [head]
     for result in results:
         for size in result["sizes"]:
-            def pair(figure: dict[str, Any], scale: float = 1.0, digits: int = 0) -> str:
-                if not figure.get("n"):
-                    return "-"
-                return f"{figure['median'] * scale:.{digits}f} / {figure['p99'] * scale:.{digits}f}"
             rows.append((result["server"].replace("CouchDB 3.5.2, ", ""), str(size["nodes"]),
                          f"{100 * size['server_cpu_share']:.0f} %", f"{size['server_rss_mb']:.0f}",
-                         pair(size["heartbeat_ms"]), pair(size["command_to_all_ms"], 1e-3, 1),
-                         pair(size["program_reported_ms"], 1e-3, 1)))
+                         _cell(size, "heartbeat_ms"),
+                         _cell(size, "command_to_all_ms", 1e-3, 1, "command"),
+                         _cell(size, "program_reported_ms", 1e-3, 1, "program")))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     rule = "  ".join("=" * w for w in widths)
     lines = [rule, "  ".join(c.ljust(w) for c, w in zip(rows[0], widths)).rstrip(), rule]
