@@ -389,9 +389,11 @@ def test_the_last_day_as_charts_and_sparklines(browser: Any, dashboard_url: str,
     wait_until(browser, lambda: len(chart_points(browser)) == 5, "node B's charts")
     charts = chart_points(browser)
     # 287 samples in the window (one bucket of it is the current one), less the gap of 6;
-    # one more if node B's daemon finished a bucket meanwhile.
-    assert all(281 <= points <= 282 and marks == 2 and inked > 2000
-               for points, marks, inked in charts.values()), charts
+    # one more if node B's daemon finished a bucket meanwhile.  That sample has no
+    # temperature (no thermal zone off a Pi) while the window moved on by a bucket:
+    # the temperature chart may then have one point fewer (failed once in CI so).
+    assert all((280 if name == "temperature" else 281) <= points <= 282 and marks == 2
+               and inked > 2000 for name, (points, marks, inked) in charts.items()), charts
     assert "ticker ×4" in text_of(browser, "restarts")
     browser.set_window_size(1400, 1250)  # the node's figures and its charts in one picture
     shot(browser, "node-charts")
