@@ -190,6 +190,12 @@ def first_release_everywhere(fleet: Fleet, tmp_path: Path, nodes: list[Node],
     (tmp_path / "markers").mkdir()
     release(fleet, tmp_path, "r1", len(nodes), labels=labels)
     wait_markers(tmp_path, [f"{n.mac_id}-r1" for n in nodes])
+    # The leader discovers a rollout's nodes from their heartbeats, and the
+    # canary is the lowest id among those found at its first step: so every
+    # status must list release 1 before the next release, or a node whose
+    # heartbeat came late would not be the canary the tests expect.
+    for node in nodes:
+        node.wait_program("placed:p", 30, release=1, state="running")
 
 
 def release_of(node: Node) -> Any:
