@@ -151,3 +151,22 @@ def test_node_info_reads_status_and_labels() -> None:
             info.programs, info.placed) == ("alive", {"room": "lab1"}, 0.3, 2, 300.0, 1,
                                             frozenset({"c"}))
     assert scheduler.nodes_from_docs([status], [], now=110.0)[7].state == "dead"
+
+
+def test_a_leader_places_only_its_own_sides_programs_on_its_own_sides_nodes() -> None:
+    # A site's relay and the central server each elect a leader: a program
+    # with one replica must not be placed once on each side of a WAN split.
+    programs = [placed("central"), placed("here", labels={"site": "farm", "room": "barn"}),
+                placed("elsewhere", labels={"site": "lab"})]
+    nodes = {1: node(1), 2: node(2, labels={"site": "farm", "room": "barn"}),
+             3: node(3, labels={"site": "lab"})}
+    mine, candidates = scheduler.in_scope(programs, nodes, "farm")
+    assert [d["_id"] for d in mine] == ["here"] and list(candidates) == [2]
+    result = assign(mine, candidates, {}, now=1.0)
+    assert result == {"here": result["here"]} and result["here"]["nodes"] == [2]
+    mine, candidates = scheduler.in_scope(programs, nodes, None)
+    assert [d["_id"] for d in mine] == ["central"] and list(candidates) == [1]
+    # The central leader drops an old assignment of a site's program: its
+    # site's leader places it now.
+    result = assign(mine, candidates, {"here": {"nodes": [2]}}, now=1.0)
+    assert set(result) == {"central"} and result["central"]["nodes"] == [1]

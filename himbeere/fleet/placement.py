@@ -96,6 +96,7 @@ from ..logtext import EscapedArguments
 from ..schema import NODE_PREFIX, STATUS_PREFIX, node_id
 from .lease import Lease, is_free
 from .scheduler import (
+    SITE_LABEL,
     Assignments,
     NodeInfo,
     _gist,
@@ -103,6 +104,7 @@ from .scheduler import (
     _number,
     assign,
     assigned_to,
+    in_scope,
     node_info,
     nodes_from_docs,
     wanted,
@@ -316,7 +318,12 @@ class Placement(Component):
                 placed[doc_id] = found
                 self.note(found)
         nodes = nodes_from_docs(statuses, node_docs, now)
-        result = assign(placed.values(), nodes, current, now)
+        site = self._site(node_docs)
+        programs, nodes = in_scope(placed.values(), nodes, site)
+        if len(programs) < len(placed):
+            log.debug("placement: %d placed programs belong to another site",
+                      len(placed) - len(programs))
+        result = assign(programs, nodes, current, now)
         result.update({doc_id: current[doc_id] for doc_id in carried})
         changed = {d for d in set(result) | set(current) if result.get(d) != current.get(d)}
         for doc_id in sorted(changed):
@@ -324,6 +331,16 @@ class Placement(Component):
             log.info("placement: %s on %s%s", doc_id, entry.get("nodes", "no node (deleted)"),
                      "; " + entry["problem"] if entry.get("problem") else "")
         return result
+
+    def _site(self, node_docs: list[Doc]) -> Optional[str]:
+        """This node's edge site (its ``site`` label), or None."""
+        mine = node_id(self.node)
+        for doc in node_docs:
+            if doc.get("_id") == mine:
+                labels = doc.get("labels")
+                value = labels.get(SITE_LABEL) if isinstance(labels, dict) else None
+                return str(value) if value else None
+        return None
 
     def _prefixed(self, prefix: str) -> list[Doc]:
         rows = self.status_db.all_docs(startkey=prefix, endkey=prefix + "\ufff0",

@@ -193,6 +193,35 @@ def nodes_from_docs(statuses: Iterable[Doc], node_docs: Iterable[Doc],
     return nodes
 
 
+# -- sites ---------------------------------------------------------------------------------
+#: The node label that puts a node in an edge site (``himbeere-upload site add``).
+SITE_LABEL = "site"
+
+
+def in_scope(placed_docs: Iterable[Doc], nodes: Mapping[int, NodeInfo],
+             site: Optional[str]) -> tuple[list[Doc], dict[int, NodeInfo]]:
+    """The placed programs and the nodes that a leader in ``site`` places (None: no site).
+
+    Leases do not cross a site's WAN link (a lease's one holder is a promise
+    of one server's clock), so a site's relay elects a leader of its own,
+    and the central server another.  Each places only the programs made for
+    its side -- a site's programs say ``labels: {"site": NAME}`` -- on its
+    side's nodes.  Otherwise a program with one replica could run once on
+    each side of a split.
+    """
+    def site_of(labels: Mapping[str, Any]) -> Optional[str]:
+        value = labels.get(SITE_LABEL)
+        return str(value) if value else None
+
+    programs = []
+    for doc in placed_docs:
+        labels = doc.get("labels")
+        if site_of(labels if isinstance(labels, dict) else {}) == site:
+            programs.append(doc)
+    mine = {mac: info for mac, info in nodes.items() if site_of(info.labels) == site}
+    return programs, mine
+
+
 def _gist(refusal: Optional[str]) -> Optional[str]:
     """A node's refusal of a placed program without the node's figures."""
     return None if refusal is None else refusal.split(" (this node has: ")[0]
