@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -26,6 +27,8 @@ class Recorded:
     query: dict[str, str]
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
+    #: ``time.monotonic()`` when the proxy had read the request.
+    at: float = field(default_factory=time.monotonic)
 
 
 class RecordingProxy:
