@@ -56,7 +56,7 @@ from himbeere.exceptions import ConfigError, Conflict, NotFound
 from himbeere.fleet import placement, targeting
 from himbeere.schema import ProgramState
 
-from . import keys, push
+from . import keys, push, sites
 from .fleet import NODE_DOC_TYPE, Fleet, check_name, parse_labels
 
 #: A command's result is final in one of these states (``running`` is not).
@@ -167,7 +167,10 @@ def list_nodes(fleet: Fleet) -> list[Doc]:
 
     Each is a dict: ``node`` (MAC id), ``name``, ``labels``, ``state``
     (``alive``, ``suspect``, ``dead``, ``stopped``, or ``unknown`` for a
-    node that never sent a heartbeat, see :func:`himbeere.health.node_state`),
+    node that never sent a heartbeat, see :func:`himbeere.health.node_state`;
+    ``unreachable`` for a node of a site whose relay went silent, with
+    ``state_text`` and ``site_offline_since``, see
+    :func:`uploader.sites.mark_offline`),
     ``heartbeat_age`` (seconds, server clock), ``ip``, ``hostname``, ``server``
     (the CouchDB server the node uses now: one node of a cluster),
     ``load``, ``temperature``, ``cpu_percent``, ``memory`` (``used_mb``,
@@ -182,6 +185,7 @@ def list_nodes(fleet: Fleet) -> list[Doc]:
     now = server_now(fleet)
     nodes = [summarize(mac, statuses.get(mac), node_docs.get(mac), now)
              for mac in set(statuses) | set(node_docs)]
+    sites.mark_offline(nodes, now)  # a silent site's nodes are unreachable, not dead
     nodes.sort(key=lambda n: (n["name"] is None, n["name"] or "", n["node"]))
     return nodes
 

@@ -119,7 +119,7 @@ def cmd_nodes(args: argparse.Namespace, fleet: Fleet) -> int:
     if not nodes:
         print(f"no nodes yet: none has sent a heartbeat to {fleet.server}")
         return 0
-    rows = [[n["name"] or "-", str(n["node"]), n["ip"] or "-", n["state"],
+    rows = [[n["name"] or "-", str(n["node"]), n["ip"] or "-", n.get("state_text") or n["state"],
              _age(n["heartbeat_age"]),
              _num(n["load"][0] if n["load"] else None, "{:.2f}"),
              _num(n["temperature"], "{:.1f}°C"), _programs_summary(n),

@@ -82,8 +82,11 @@ def selectors(macs: Iterable[int]) -> dict[str, Doc]:
     """The Mango selector of each replication of a site with nodes ``macs``.
 
     Keys are ``"code-pull"``, ``"code-push"``, ``"status-pull"``,
-    ``"status-push"``.  Deletions carry only ``_id``, so every document
-    whose deletion must cross is matched by its id, not only by ``type``.
+    ``"status-push"``.  A deletion carries only ``_id`` and ``_deleted``, so
+    a selector on ``type`` lets it pass by: status documents are matched by
+    their ids, and the code pull takes every deletion (a tombstone is small,
+    and a program document of the original format may have any id; a node
+    follows every deletion too, see :func:`himbeere.schema.for_node`).
     """
     macs = sorted(set(macs))
     if not macs:
@@ -98,7 +101,7 @@ def selectors(macs: Iterable[int]) -> dict[str, Doc]:
         {"_id": {"$not": {"$regex": "^_design/"}}},
         {"$or": [
             {"type": {"$in": types}},
-            {"_id": {"$regex": f"^{ids}:"}},  # schema.program_id: also their deletions
+            {"_deleted": True},
             {"_id": {"$in": commands}},
             {"_id": {"$regex": shared_code}},
             {"global_modules": {"$exists": True}},
@@ -235,6 +238,12 @@ def add_site(central: Fleet, name: str, relay_url: str, nodes: Optional[str] = N
     _check_members(central, name, macs)
     relay = open_relay(relay_url, central)
     seen_from_relay = _central_for_relay(central, central_url)
+    if not central.couch.supports_selector():
+        # Found with pouchdb-server 4.2: it answers POST _changes?filter=_selector
+        # with 404, and CouchDB's replicator crashes on that ({changes_req_failed,404}).
+        raise ConfigError(f"the central server {central.server} is pouchdb-server, which "
+                          "cannot serve the relay's filtered pulls (_changes?filter=_selector "
+                          "answers 404); a site needs Apache CouchDB centrally")
     changes: list[str] = []
     report = install.setup(relay)
     changes += [f"relay: {change}" for change in report["changes"]]
