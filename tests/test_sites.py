@@ -272,3 +272,6 @@ def test_nodes_shows_an_offline_sites_nodes_as_unreachable(
     assert "unreachable (site lab offline since 20" in rows["1001"]
     assert "unreachable (site lab offline since" in rows["1002"]
     assert " dead " in rows["1003"] and "unreachable" not in rows["1003"]
+    code, out, err = himbeere(capsys, "status", "1001")
+    assert code == 0, err
+    assert out.startswith("node 1001: unreachable (site lab offline since 20")

@@ -210,7 +210,16 @@ def node_detail(fleet: Fleet, node: NodeRef, commands: int = 20) -> Doc:
     node_doc = fleet.status.get(schema.node_id(mac))
     if status is None and node_doc is None:
         raise _unknown_node(fleet, mac)
-    detail = summarize(mac, status, node_doc, server_now(fleet))
+    now = server_now(fleet)
+    detail = summarize(mac, status, node_doc, now)
+    site = detail["labels"].get(sites.SITE_LABEL)
+    if site and detail["state"] == "dead":  # unreachable if its whole site went silent
+        statuses, node_docs = _status_docs(fleet), _node_docs(fleet)
+        members = [summarize(m, statuses.get(m), doc, now) for m, doc in node_docs.items()
+                   if (doc.get("labels") or {}).get(sites.SITE_LABEL) == site]
+        sites.mark_offline(members, now)
+        detail.update({k: v for m in members if m["node"] == mac for k, v in m.items()
+                       if k in ("state", "state_text", "site_offline_since")})
     detail["status"] = status
     programs = {k: dict(v) for k, v in detail["programs"].items()}
     own = _code_docs(fleet, mac)

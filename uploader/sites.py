@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import urllib.parse
 from collections.abc import Iterable, Mapping
-from typing import Any, Optional
+from typing import Optional
 
 from himbeere import schema
 from himbeere.couch import Couch, Doc, security
