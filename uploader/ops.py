@@ -56,7 +56,7 @@ from himbeere.exceptions import ConfigError, Conflict, NotFound
 from himbeere.fleet import placement, targeting
 from himbeere.schema import ProgramState
 
-from . import keys, push, sites
+from . import keys, push, sitestate
 from .fleet import NODE_DOC_TYPE, Fleet, check_name, parse_labels
 
 #: A command's result is final in one of these states (``running`` is not).
@@ -170,7 +170,7 @@ def list_nodes(fleet: Fleet) -> list[Doc]:
     node that never sent a heartbeat, see :func:`himbeere.health.node_state`;
     ``unreachable`` for a node of a site whose relay went silent, with
     ``state_text`` and ``site_offline_since``, see
-    :func:`uploader.sites.mark_offline`),
+    :func:`uploader.sitestate.mark_offline`),
     ``heartbeat_age`` (seconds, server clock), ``ip``, ``hostname``, ``server``
     (the CouchDB server the node uses now: one node of a cluster),
     ``load``, ``temperature``, ``cpu_percent``, ``memory`` (``used_mb``,
@@ -185,7 +185,7 @@ def list_nodes(fleet: Fleet) -> list[Doc]:
     now = server_now(fleet)
     nodes = [summarize(mac, statuses.get(mac), node_docs.get(mac), now)
              for mac in set(statuses) | set(node_docs)]
-    sites.mark_offline(nodes, now)  # a silent site's nodes are unreachable, not dead
+    sitestate.mark_offline(nodes, now)  # a silent site's nodes are unreachable, not dead
     nodes.sort(key=lambda n: (n["name"] is None, n["name"] or "", n["node"]))
     return nodes
 
@@ -212,12 +212,12 @@ def node_detail(fleet: Fleet, node: NodeRef, commands: int = 20) -> Doc:
         raise _unknown_node(fleet, mac)
     now = server_now(fleet)
     detail = summarize(mac, status, node_doc, now)
-    site = detail["labels"].get(sites.SITE_LABEL)
+    site = detail["labels"].get(sitestate.SITE_LABEL)
     if site and detail["state"] == "dead":  # unreachable if its whole site went silent
         statuses, node_docs = _status_docs(fleet), _node_docs(fleet)
         members = [summarize(m, statuses.get(m), doc, now) for m, doc in node_docs.items()
-                   if (doc.get("labels") or {}).get(sites.SITE_LABEL) == site]
-        sites.mark_offline(members, now)
+                   if (doc.get("labels") or {}).get(sitestate.SITE_LABEL) == site]
+        sitestate.mark_offline(members, now)
         detail.update({k: v for m in members if m["node"] == mac for k, v in m.items()
                        if k in ("state", "state_text", "site_offline_since")})
     detail["status"] = status

@@ -24,7 +24,8 @@ The registry is one document per site in the central status database,
 
 Central tools show a node of a site whose every node fell silent at once as
 ``unreachable (site NAME offline since ...)`` rather than dead
-(:func:`offline_sites`, used by :func:`uploader.ops.list_nodes`).
+(:func:`offline_sites` and :func:`mark_offline`, from :mod:`uploader.sitestate`,
+used by :func:`uploader.ops.list_nodes`).
 """
 
 from __future__ import annotations
@@ -39,15 +40,10 @@ from himbeere.exceptions import ConfigError, HimbeereError, NotFound, Unreachabl
 
 from . import install, ops
 from .fleet import Fleet, check_name, short_reason
+from .sitestate import SITE_LABEL, SYNC_SLACK, mark_offline, offline_sites
 
 USERS_DB = "_users"
 REPLICATOR_DB = "_replicator"
-#: The label that makes a node a member of a site (``site=<name>``).
-SITE_LABEL = "site"
-#: A node of an offline site counts as reachable until the site went silent if
-#: its last heartbeat is at most this many heartbeat intervals older than the
-#: site's newest one: it was alive at the site's last sync.
-SYNC_SLACK = 2.0
 #: The four replications of a site: (database, direction).
 REPLICATIONS = (("code", "pull"), ("code", "push"), ("status", "pull"), ("status", "push"))
 #: Fields of a ``_users`` document that make a node's password work on the relay.
@@ -55,6 +51,9 @@ USER_FIELDS = ("name", "type", "roles", "password_scheme", "pbkdf2_prf", "iterat
                "derived_key", "salt")
 #: Fields of a replication document that say what it does (CouchDB adds others).
 REPLICATION_FIELDS = ("source", "target", "continuous", "selector", "himbeere_site")
+
+__all__ = ["SITE_LABEL", "SYNC_SLACK", "add_site", "list_sites", "mark_offline",
+           "offline_sites", "remove_site", "replication_docs", "selectors", "site_status"]
 
 
 # -- names and ids ------------------------------------------------------------------------
@@ -488,50 +487,3 @@ def remove_site(central: Fleet, name: str, relay_url: Optional[str] = None) -> D
     central.status.delete(doc)
     changes.append(f"deleted {doc['_id']} from {central.status.name}")
     return {"name": name, "relay": doc["relay"], "changes": changes}
-
-
-# -- central tools: a silent site is offline, not dead ------------------------------------
-def offline_sites(nodes: Iterable[Doc], now: float) -> dict[int, Doc]:
-    """Which nodes to show as ``unreachable``, not ``dead``, because their site is offline.
-
-    ``nodes`` are :func:`uploader.ops.summarize` entries (``node``,
-    ``labels``, ``state``, ``heartbeat_age``, ``heartbeat_interval``).  A
-    site (label ``site``) is offline when none of its nodes is alive.  A
-    dead node of it is unreachable when its last heartbeat is at most
-    :data:`SYNC_SLACK` intervals older than the site's newest: it was alive
-    when the site last synced.  Returns MAC id -> ``{"site", "since"}``
-    (``since``: the site's newest heartbeat, seconds since the epoch); pure.
-    """
-    by_site: dict[str, list[Doc]] = {}
-    for node in nodes:
-        site = (node.get("labels") or {}).get(SITE_LABEL)
-        if site:
-            by_site.setdefault(site, []).append(node)
-    found: dict[int, Doc] = {}
-    for site, members in by_site.items():
-        ages = [n["heartbeat_age"] for n in members if n.get("heartbeat_age") is not None]
-        if not ages or any(n.get("state") == "alive" for n in members):
-            continue
-        newest = min(ages)
-        for node in members:
-            interval = float(node.get("heartbeat_interval") or 10.0)
-            age = node.get("heartbeat_age")
-            if (node.get("state") == "dead" and age is not None
-                    and age - newest <= SYNC_SLACK * interval):
-                found[node["node"]] = {"site": site, "since": now - newest}
-    return found
-
-
-def mark_offline(nodes: list[Doc], now: float) -> None:
-    """Set ``state`` ``unreachable``, ``state_text``, ``site_offline_since`` (ISO) on the
-    :func:`uploader.ops.summarize` entries of nodes of an offline site; in place."""
-    offline = offline_sites(nodes, now)
-    for node in nodes:
-        found = offline.get(node["node"])
-        if found is None:
-            continue
-        since = schema.iso(found["since"])
-        node["state"] = "unreachable"
-        node["site_offline_since"] = since
-        node["state_text"] = f"unreachable (site {found['site']} offline since {since})"
-
