@@ -18,6 +18,7 @@ a decimal integer)::
     release:<name>:<n>      release   history:<mac>      the last day of health
                                       node:<mac>         node info (labels)
                                       rollout:<name>:<n> a staged rollout
+                                      site:<name>        a site's relay
 """
 
 from __future__ import annotations
@@ -188,6 +189,17 @@ def for_node(doc: dict[str, Any], node: int, code_only: bool = False) -> bool:
     if kind == COMMAND_TYPE:
         return targets_node(doc, node)
     return kind == commands_id(node)
+
+
+#: ``type`` of a site's registry document (status database of the CENTRAL
+#: server): a relay near some nodes, see :mod:`uploader.sites`.
+SITE_TYPE = "himbeere-site"
+SITE_PREFIX = "site:"
+
+
+def site_id(name: str) -> str:
+    """The registry document of site ``name``: ``site:<name>``."""
+    return f"{SITE_PREFIX}{name}"
 
 
 # -- states -------------------------------------------------------------------

@@ -32,7 +32,7 @@ from himbeere.couch import Doc, security
 from himbeere.exceptions import ConfigError, HimbeereError
 
 from . import discover as discovery
-from . import install, keys, push, releases, rollouts, users
+from . import install, keys, push, releases, rollouts, sites, users
 from .fleet import Fleet, parse_labels, parse_mac
 
 PROG = "himbeere-upload"
@@ -336,6 +336,80 @@ def cmd_keygen(args: argparse.Namespace) -> Output:
                   f"trusted_keys = {made['trusted_keys']}"]
 
 
+def cmd_site_add(args: argparse.Namespace) -> Output:
+    """Make a CouchDB near some nodes their site's relay, or bring a site up to date.
+
+    Sets the relay up (databases, design documents, _security), copies the
+    nodes' users with their password hashes, labels the nodes site=NAME and
+    writes four continuous replications into the relay's _replicator.  Again
+    with the same NAME: resolves the nodes again (without --nodes: as given
+    before) and changes only what differs.  --server is the central server,
+    --relay the relay, each with an admin's credentials.
+    """
+    result = sites.add_site(open_fleet(args), args.name, args.relay, args.nodes,
+                            args.central_url)
+    nodes = ", ".join(str(mac) for mac in result["nodes"])
+    if result["changed"]:
+        lines = [f"site {result['name']}: relay {result['relay']}, nodes {nodes}"]
+        lines += [f"  {change}" for change in result["changes"]]
+    else:
+        lines = [f"site {result['name']} unchanged: relay {result['relay']}, nodes {nodes}"]
+    lines += ["each site node's configuration (/etc/himbeere/himbeere.conf) needs the relay "
+              "first, the central server as the fallback (its own MAC id and password in the "
+              "first URL; the second inherits them):",
+              f"  {result['server_line']}"]
+    return result, lines
+
+
+def cmd_site_ls(args: argparse.Namespace) -> Output:
+    """List the sites: relay, nodes and the state of their replications."""
+    found = sites.list_sites(open_fleet(args))
+    if not found:
+        return {"sites": []}, ["no sites (himbeere-upload site add NAME --relay URL --nodes "
+                               "... makes one)"]
+    rows = [[s["name"], s["relay"], str(len(s["nodes"])), s["state"]] for s in found]
+    return {"sites": found}, table(["SITE", "RELAY", "NODES", "REPLICATIONS"], rows)
+
+
+def cmd_site_status(args: argparse.Namespace) -> Output:
+    """One site: each replication's state, last sync, error and lag, and its nodes.
+
+    The lag is the changes the relay's scheduler knows are still to copy.
+    """
+    shown = sites.site_status(open_fleet(args), args.name, args.relay)
+    lines = [f"site {shown['name']}: relay {shown['relay']}, created {shown['created']}"
+             + (f", nodes {shown['selector']}" if shown["selector"] else "")]
+    if shown["relay_error"]:
+        lines.append(f"relay unreachable: {shown['relay_error']}")
+    else:
+        lines += table(["REPLICATION", "STATE", "LAST SYNC", "LAG", "ERROR"],
+                       [[r["id"], r["state"], str(r["last_sync"] or "-"),
+                         "-" if r["lag"] is None else str(r["lag"]), str(r["error"] or "-")]
+                        for r in shown["replications"]])
+    rows = [[str(n["node"]), n["name"] or "-", n.get("state_text") or n["state"],
+             str(n["heartbeat"] or "-"), n["server"] or "-"] for n in shown["node_list"]]
+    lines += table(["NODE", "NAME", "STATE", "HEARTBEAT", "SERVER"], rows) if rows else [
+        "no node of the site has sent a heartbeat yet"]
+    return shown, lines
+
+
+def cmd_site_rm(args: argparse.Namespace) -> Output:
+    """Remove a site: its replications, its registry document, its nodes' label.
+
+    The relay's databases and users stay (delete them on the relay if wanted);
+    the nodes keep the relay in their configuration until it is changed.
+    """
+    result = sites.remove_site(open_fleet(args), args.name, args.relay)
+    lines = [f"removed site {result['name']}:"] + [f"  {c}" for c in result["changes"]]
+    lines.append(f"left on the relay {result['relay']}: its databases and users")
+    return result, lines
+
+
+def _no_site_command(args: argparse.Namespace) -> Output:
+    raise ConfigError("site: say what to do: add, ls, status or rm "
+                      "(himbeere-upload site --help)")
+
+
 def _handed_keys(args: argparse.Namespace, fleet_key: Optional[bytes]) -> Optional[list[str]]:
     """The public keys discover hands to the nodes: --trusted-key, or the signing key's."""
     from himbeere import signing
@@ -513,11 +587,47 @@ def build_parser() -> argparse.ArgumentParser:
     disc.add_argument("--node-server", metavar="URL",
                       help="URL the Pis should use, without credentials (default: the "
                            "server's)")
+    _add_site_commands(sub, common)
+
     keygen = add("keygen", cmd_keygen)
     keygen.add_argument("--out", metavar="FILE",
                         help=f"where to write the private key (default {keys.DEFAULT_KEY})")
     keygen.add_argument("--force", action="store_true", help="overwrite an existing key")
     return parser
+
+
+def _add_site_commands(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``site add|ls|status|rm``: flags go after the subcommand."""
+    site = sub.add_parser("site", help="site relays: a CouchDB near some nodes that carries "
+                                       "them through WAN outages",
+                          description="Site relays (see docs/edge-sites.rst).")
+    site.set_defaults(func=_no_site_command, json=False, debug=False)
+    commands = site.add_subparsers(dest="site_command", metavar="SUBCOMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], Output]) -> argparse.ArgumentParser:
+        doc = (func.__doc__ or "").strip()
+        command = commands.add_parser(name, parents=[common], help=summary(doc),
+                                      description=doc)
+        command.set_defaults(func=func)
+        return command
+
+    add_cmd = add("add", cmd_site_add)
+    add_cmd.add_argument("name", metavar="NAME", help="the site's name, e.g. greenhouse")
+    add_cmd.add_argument("--relay", metavar="URL", required=True,
+                         help="the relay, http://ADMIN:PASSWORD@relay:5984 (Apache CouchDB)")
+    add_cmd.add_argument("--nodes", metavar="SEL",
+                         help="MAC ids or names, or labels key=value (a node needs all), "
+                              "separated by commas (default: as given before)")
+    add_cmd.add_argument("--central-url", metavar="URL",
+                         help="the central server as the relay reaches it (default: "
+                              "--server; without credentials it takes --server's)")
+    add("ls", cmd_site_ls)
+    for name, func in (("status", cmd_site_status), ("rm", cmd_site_rm)):
+        one = add(name, func)
+        one.add_argument("name", metavar="NAME", help="the site's name")
+        one.add_argument("--relay", metavar="URL",
+                         help="the relay with an admin's credentials (default: the "
+                              "registry's URL with --server's credentials)")
 
 
 def main(argv: Optional[Sequence[str]] = None, *,

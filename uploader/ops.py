@@ -56,7 +56,7 @@ from himbeere.exceptions import ConfigError, Conflict, NotFound
 from himbeere.fleet import placement, targeting
 from himbeere.schema import ProgramState
 
-from . import keys, push
+from . import keys, push, sitestate
 from .fleet import NODE_DOC_TYPE, Fleet, check_name, parse_labels
 
 #: A command's result is final in one of these states (``running`` is not).
@@ -167,7 +167,10 @@ def list_nodes(fleet: Fleet) -> list[Doc]:
 
     Each is a dict: ``node`` (MAC id), ``name``, ``labels``, ``state``
     (``alive``, ``suspect``, ``dead``, ``stopped``, or ``unknown`` for a
-    node that never sent a heartbeat, see :func:`himbeere.health.node_state`),
+    node that never sent a heartbeat, see :func:`himbeere.health.node_state`;
+    ``unreachable`` for a node of a site whose relay went silent, with
+    ``state_text`` and ``site_offline_since``, see
+    :func:`uploader.sitestate.mark_offline`),
     ``heartbeat_age`` (seconds, server clock), ``ip``, ``hostname``, ``server``
     (the CouchDB server the node uses now: one node of a cluster),
     ``load``, ``temperature``, ``cpu_percent``, ``memory`` (``used_mb``,
@@ -182,6 +185,7 @@ def list_nodes(fleet: Fleet) -> list[Doc]:
     now = server_now(fleet)
     nodes = [summarize(mac, statuses.get(mac), node_docs.get(mac), now)
              for mac in set(statuses) | set(node_docs)]
+    sitestate.mark_offline(nodes, now)  # a silent site's nodes are unreachable, not dead
     nodes.sort(key=lambda n: (n["name"] is None, n["name"] or "", n["node"]))
     return nodes
 
@@ -206,7 +210,16 @@ def node_detail(fleet: Fleet, node: NodeRef, commands: int = 20) -> Doc:
     node_doc = fleet.status.get(schema.node_id(mac))
     if status is None and node_doc is None:
         raise _unknown_node(fleet, mac)
-    detail = summarize(mac, status, node_doc, server_now(fleet))
+    now = server_now(fleet)
+    detail = summarize(mac, status, node_doc, now)
+    site = detail["labels"].get(sitestate.SITE_LABEL)
+    if site and detail["state"] == "dead":  # unreachable if its whole site went silent
+        statuses, node_docs = _status_docs(fleet), _node_docs(fleet)
+        members = [summarize(m, statuses.get(m), doc, now) for m, doc in node_docs.items()
+                   if (doc.get("labels") or {}).get(sitestate.SITE_LABEL) == site]
+        sitestate.mark_offline(members, now)
+        detail.update({k: v for m in members if m["node"] == mac for k, v in m.items()
+                       if k in ("state", "state_text", "site_offline_since")})
     detail["status"] = status
     programs = {k: dict(v) for k, v in detail["programs"].items()}
     own = _code_docs(fleet, mac)

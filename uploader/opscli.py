@@ -119,7 +119,8 @@ def cmd_nodes(args: argparse.Namespace, fleet: Fleet) -> int:
     if not nodes:
         print(f"no nodes yet: none has sent a heartbeat to {fleet.server}")
         return 0
-    rows = [[n["name"] or "-", str(n["node"]), n["ip"] or "-", n["state"],
+    rows = [[n["name"] or "-", str(n["node"]), n["ip"] or "-",
+             n.get("state_text") or n["state"],
              _age(n["heartbeat_age"]),
              _num(n["load"][0] if n["load"] else None, "{:.2f}"),
              _num(n["temperature"], "{:.1f}°C"), _programs_summary(n),
@@ -151,10 +152,11 @@ def _kind(program: dict[str, Any]) -> str:
 
 def format_detail(d: dict[str, Any]) -> list[str]:
     memory, disk = d["memory"], d["disk"]
+    state = d.get("state_text") or d["state"]
     lines = [
-        f"node {node_label(d['node'], d['name'])}: {d['state']}, last heartbeat "
+        f"node {node_label(d['node'], d['name'])}: {state}, last heartbeat "
         f"{_age(d['heartbeat_age'])} ago" if d["heartbeat_age"] is not None
-        else f"node {node_label(d['node'], d['name'])}: {d['state']}, no heartbeat yet",
+        else f"node {node_label(d['node'], d['name'])}: {state}, no heartbeat yet",
         f"  ip {d['ip'] or '-'}  host {d['hostname'] or '-'}  server {d['server'] or '-'}  daemon "
         f"{d['daemon_version'] or '-'}  python {d['python'] or '-'}  uptime "
         f"{_age(d['uptime'])}",

@@ -127,7 +127,10 @@
       return { state: node.state, age: null };
     }
     const age = node.heartbeat_age + (Date.now() - fetchedAt) / 1000;
-    if (node.state === "stopped" || node.state === "unknown") return { state: node.state, age: age };
+    // "unreachable": its site's relay went silent (uploader/sites.py), not the node.
+    if (node.state === "stopped" || node.state === "unknown" || node.state === "unreachable") {
+      return { state: node.state, age: age };
+    }
     const interval = node.heartbeat_interval || 10;
     const t = config.thresholds;
     const state = age <= t.suspect_after * interval ? "alive"
