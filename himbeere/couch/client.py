@@ -422,6 +422,14 @@ class Database:
                 raise
         raise Conflict(f"{doc_id}: still conflicting after {retries} tries")
 
+    def bulk_docs(self, docs: list[Doc]) -> list[Doc]:
+        """Write ``docs`` in one request; one answer per document, in order.
+
+        Each answer is ``{"id", "rev"}`` or ``{"id", "error", "reason"}``
+        (``conflict`` for a stale ``_rev``): the writes are independent.
+        """
+        return self._request("POST", "_bulk_docs", body={"docs": docs})
+
     def all_docs(self, **params: Any) -> list[Doc]:
         answer = self._request("GET", "_all_docs", params=params)
         return answer["rows"]
