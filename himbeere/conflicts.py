@@ -80,11 +80,14 @@ class Conflicts(Component):
         while not self.stopping.wait(wait):
             wait = self.interval
             try:
-                self.loop()
+                self.check()
             except CouchError as exc:
                 log.debug("conflicts: %s (next check in %.0f s)", exc, self.interval)
 
-    def loop(self) -> int:
+    def loop(self) -> None:
+        self.check()
+
+    def check(self) -> int:
         """One check of both databases; returns the number of documents resolved."""
         resolved = 0
         for db in (self.status_db, self.code_db):
