@@ -9,7 +9,7 @@ runs a ``started`` one again.
 
 The :class:`Ledger` (``finished.json``) remembers the commands whose result
 was written, with the result, so that a node that moves to another server
-(a site's relay and the central server, see ``docs/edge.rst``) and finds a
+(a site's relay and the central server, see ``docs/architecture.rst``) and finds a
 command there without its result writes the kept result instead of running
 it again.
 """

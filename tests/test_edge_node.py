@@ -219,7 +219,8 @@ def test_without_the_conflicts_view_the_check_is_skipped(
 
 
 def test_the_daemon_with_two_servers_resolves_its_conflicts(
-        dbname: str, tmp_path: Path, node_user: Callable[[], tuple[int, str]], couch: Couch) -> None:
+        dbname: str, tmp_path: Path, node_user: Callable[[], tuple[int, str]],
+        couch: Couch) -> None:
     """The hook: a daemon with a server list checks one heartbeat after its start."""
     mac, url = node_user()
     admin_status = couch.database(dbname + "_status")
