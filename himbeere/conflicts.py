@@ -136,9 +136,11 @@ class Conflicts(Component):
                             answer.get("error"), answer.get("reason"))
             if lost:
                 return resolved
-            resolved = True
-            log.info("conflicts: resolved %s (%d revisions, kept %s)", printable(doc_id),
-                     len(revisions), _kept_rev(writes, revisions))
+            if any(not a.get("error") for a in answers):
+                # All 409s: another resolver got there first; read again.
+                resolved = True
+                log.info("conflicts: resolved %s (%d revisions, kept %s)", printable(doc_id),
+                         len(revisions), _kept_rev(writes, revisions))
         return resolved
 
 

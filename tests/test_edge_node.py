@@ -209,6 +209,42 @@ def test_two_resolvers_racing_leave_one_revision(
     assert status.get(status_id(mac))["heartbeat_time"] == 2.0
 
 
+class Racing(Database):
+    """A real database handle that lets ``rival`` resolve first, just before
+    this resolver's first write: the race of two copies of the daemon."""
+
+    def __init__(self, db: Database, rival: Callable[[], Any]) -> None:
+        super().__init__(db.couch, db.name)
+        self.rival: Optional[Callable[[], Any]] = rival
+
+    def bulk_docs(self, docs: list[Doc], new_edits: bool = True) -> list[Doc]:
+        rival, self.rival = self.rival, None
+        if rival is not None:
+            rival()
+        return super().bulk_docs(docs, new_edits)
+
+
+def test_a_resolver_that_loses_the_race_reads_again_and_agrees(
+        couch: Couch, dbname: str, node_user: Callable[[], tuple[int, str]]) -> None:
+    """Its merged write and deletions get 409s; it reads again and finds the
+    conflict resolved, with the same union of lines, nothing lost."""
+    mac, url = node_user()
+    admin_status = couch.database(dbname + "_status")
+    status = Couch(url).database(dbname + "_status")
+    code = Couch(url).database(dbname)
+    siblings(admin_status, log_id(mac, "p"), {"node": mac, "lines": [[2.0, "b"]]},
+             {"node": mac, "lines": [[1.0, "a"]]})
+    rival = Conflicts(status, code, mac, interval=30.0)
+    racing = Racing(status, lambda: rival.resolve(status, log_id(mac, "p")))
+    late = Conflicts(racing, code, mac, interval=30.0)
+    assert late.resolve(racing, log_id(mac, "p")) is False  # the rival did it
+    assert racing.rival is None  # the race did happen
+    doc = status.get(log_id(mac, "p"), conflicts=True)
+    assert doc is not None and not doc.get("_conflicts")
+    assert doc["lines"] == [[1.0, "a"], [2.0, "b"]]
+    assert doc["_rev"].startswith("2-")  # one merged write, not two
+
+
 def test_without_the_conflicts_view_the_check_is_skipped(
         couch: Couch, dbname: str) -> None:
     """An older design document (set up before version 9): no view, no error."""
