@@ -107,8 +107,10 @@ def test_a_command_that_ran_on_one_server_is_not_run_again_on_the_other(
     first, second = Fleet(restartable_server.url, dbname), Fleet(couch_url, dbname)
     install.setup(first)
     install.setup(second)
-    # The two servers count their changes apart; the centre has had more, so
-    # the seq the node saved on A finds the commands on B (see the report).
+    # The node's feed resumes on B from the seq it saved on A.  CouchDB sees
+    # that seq is another database's (its shard uuid) and starts B from 0;
+    # pouchdb-server takes an integer as it is.  Here the centre has had more
+    # changes than the relay, so B's commands come after that seq either way.
     second.code.bulk_docs([{"_id": f"other-{i}"} for i in range(60)])
     ledger = tmp_path / "ledger"
     first.code.save({"_id": "x", "type": f"{mac}_cmd", "cmd": once(ledger, "x")})
