@@ -24,7 +24,11 @@ Exactly once: a document that has a result is never run again, and every
 command the daemon takes on is kept in a journal in the state directory
 (``commands.json``, :mod:`himbeere.journal`) until its result is written: ``queued``, then
 ``started`` just before the process starts.  The next daemon runs a
-``queued`` one (it never started).
+``queued`` one (it never started).  Once the result is written, the ledger
+(``finished.json``, :class:`~himbeere.journal.Ledger`) keeps it for 30
+days: a node that moves to another server (a site's relay and the central
+server) and finds the command there without its result writes the kept
+result instead of running it again.
 
 A command's outcome does not depend on the daemon's life: each runs under a
 runner of its own (:mod:`himbeere.runner`, in its own session, forked by a
@@ -87,7 +91,7 @@ from . import defaults, signing
 from .component import Backoff, Component
 from .couch import Database, Doc
 from .exceptions import CommandError, CouchError, Unreachable
-from .journal import QUEUED, STARTED, Journal
+from .journal import QUEUED, STARTED, Journal, Ledger
 from .launcher import Launcher, boot_id, remove_dir, runner_alive, signal_runner
 from .logtext import EscapedArguments
 from .schema import COMMAND_TYPE, RESULT_PREFIX, RESULT_TYPE, iso, result_id, targets_node
@@ -273,6 +277,10 @@ class Commands(Component):
         self.journal = Journal(state_dir / "commands.json")
         #: What an earlier daemon left in the journal; this one only adds to it.
         self.leftover = self.journal.read()
+        #: Commands whose result was written (on any server), with the result.
+        self.ledger = Ledger(state_dir / "finished.json")
+        #: Commands whose kept result was written again (logged once each).
+        self._replayed: set[str] = set()
         self.on_result = on_result or (lambda doc_id, result: None)
         self.pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="command")
         self.inflight: set[str] = set()
@@ -315,7 +323,7 @@ class Commands(Component):
                 continue
             result = doc if command_id is None else self._result_doc(key)
             if phase == STARTED and not (result and has_result(result)) \
-                    and self._left_state(key) == "lost":
+                    and key not in self.ledger and self._left_state(key) == "lost":
                 interrupted += 1
             self.submit(doc)
         return interrupted
@@ -340,9 +348,14 @@ class Commands(Component):
                 return
             if self.closed:
                 # Stopping: the next start runs it (a feed may deliver late).
-                self.journal.set(doc_id, earlier or QUEUED)
+                if doc_id not in self.ledger:
+                    self.journal.set(doc_id, earlier or QUEUED)
                 return
             self.inflight.add(doc_id)
+        if doc_id in self.ledger:
+            # It ran here, and its result went to another server.
+            self.pool.submit(self._replay, doc_id, doc)
+            return
         if (earlier == STARTED or "started" in doc) and self._left_state(doc_id) != "never":
             # Started by an earlier daemon that did not write the result.
             self.journal.set(doc_id, STARTED)
@@ -375,7 +388,7 @@ class Commands(Component):
             if key in self.inflight:
                 return
             earlier = self.leftover.pop(key, None)
-        if earlier is None and self._joined_later(doc):
+        if earlier is None and key not in self.ledger and self._joined_later(doc):
             log.info("command %s for all nodes was created before this node first started; "
                      "not run here", command_id)
             return
@@ -404,6 +417,9 @@ class Commands(Component):
                 return  # stopping: the journal keeps it for the next start
             if has_result(result):
                 self._forget(key)
+                return
+            if key in self.ledger:
+                self._replay(key, result)
                 return
             if (earlier == STARTED or "started" in result) and self._left_state(key) != "never":
                 self._collect_left(key, result)
@@ -481,6 +497,30 @@ class Commands(Component):
         self.launcher.stop()
 
     # -- running ----------------------------------------------------------------
+    def _replay(self, key: str, known: Doc) -> None:
+        """Write the kept result of command ``key``, which ran here already.
+
+        The node wrote its result to another server (the relay, say) and then
+        moved here before replication brought it over: running it again would
+        run it twice.  ``known``: the document (or result document) here.
+        """
+        try:
+            result = self.ledger.get(key)
+            if result is None:
+                return  # aged out of the ledger since submit(): nothing to write
+            first = key not in self._replayed
+            self._replayed.add(key)
+            log.log(logging.INFO if first else logging.DEBUG,
+                    "command %s ran here already (finished %s, result written to another "
+                    "server); writing the kept result here instead of running it again",
+                    key, result.get("finished"))
+            self._settle(key, dict(result), known=known, record=False)
+            self._forget(key)
+        except Exception:
+            log.exception("command %s: cannot write the kept result", key)
+        finally:
+            self._done(key)
+
     def _finish_without_running(self, doc_id: str, fields: Doc, known: Doc) -> None:
         try:
             self._settle(doc_id, fields, known=known)
@@ -746,7 +786,7 @@ class Commands(Component):
                                      "node": self.node}, final=False, known=known)
 
     def _settle(self, doc_id: str, fields: Doc, final: bool = True,
-                known: Optional[Doc] = None) -> Optional[Doc]:
+                known: Optional[Doc] = None, record: bool = True) -> Optional[Doc]:
         """Merge ``fields`` into the command (or fleet result) document, retrying on 409.
 
         ``known`` is the document as the feed delivered it (a fleet result
@@ -755,6 +795,8 @@ class Commands(Component):
         before the PUT (on pouchdb-server 6 ms, a fifth of a command's round
         trip).  An edit since makes it stale; the server answers 409 and the
         document is read.  Returns the saved document (None: not written).
+        A final result goes to the ledger once written (``record``), before
+        the caller forgets the command.
         """
         if final:
             fields.setdefault("finished", iso())
@@ -802,6 +844,8 @@ class Commands(Component):
                 log.warning("command %s: the server refused the result as too large; "
                             "writing it with at most %d bytes of each output", doc_id, budget)
                 fields = _shortened(fields, budget, str(exc))
+        if final and record:
+            self.ledger.record(doc_id, fields)
         if saved is not None and final:
             self.on_result(doc_id, fields)
         return saved

@@ -12,6 +12,8 @@ How a change travels::
                                  run here; the leader assigns them (placement.py)
       node:<mac> (status database) -> NodeLabels: which programs for many
                                  nodes run here, refreshed each beat (targeting.py)
+      With several servers: conflicts of the node's own documents -> Conflicts,
+                                 every 30 beats (conflicts.py)
 
 Signals only set flags (logging in a handler is unsafe): TERM/INT stop
 gracefully, a second one forces; HUP reloads the configuration and restarts
@@ -33,6 +35,7 @@ from . import discovery, identity, signing, statelock
 from .commands import Commands
 from .component import Component
 from .config import Config, redact
+from .conflicts import CONFLICT_HEARTBEATS, Conflicts
 from .couch import Couch, Doc, split_servers, transport
 from .exceptions import ConfigError, CouchError, HimbeereError
 from .feed import Feed, SeqStore
@@ -136,6 +139,12 @@ class Daemon:
                                              self.placement, self.gate, self.feed,
                                              self.recheck,
                                              self.pairing]
+        # Only a node with several servers (a site's relay and the central
+        # server) writes a document on two sides that replicate into a conflict.
+        self.conflicts = Conflicts(self.status_db, self.db, self.node,
+                                   CONFLICT_HEARTBEATS * config.heartbeat_interval)
+        if len(self.couch.servers) > 1:
+            self.components.append(self.conflicts)
         self.apply(config)
         self.couch.on_move = self._server_moved
 
@@ -152,6 +161,7 @@ class Daemon:
         self.gate.interval = config.heartbeat_interval
         self.placement.lease.ttl = LEASE_TTL * config.heartbeat_interval
         self.recheck.interval = RECHECK_HEARTBEATS * config.heartbeat_interval
+        self.conflicts.interval = CONFLICT_HEARTBEATS * config.heartbeat_interval
         self.commands.default_timeout = config.command_timeout
         self.commands.grace_period = config.grace_period
         self.output.rate = config.program_log_rate

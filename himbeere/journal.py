@@ -6,6 +6,12 @@ is ``queued`` in ``commands.json`` in the state directory when the daemon
 takes it on, ``started`` just before its process starts, and removed once
 its result is written.  The next daemon runs a ``queued`` command and never
 runs a ``started`` one again.
+
+The :class:`Ledger` (``finished.json``) remembers the commands whose result
+was written, with the result, so that a node that moves to another server
+(a site's relay and the central server, see ``docs/architecture.rst``) and finds a
+command there without its result writes the kept result instead of running
+it again.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 #: Journal phases of a command.
 QUEUED, STARTED = "queued", "started"
@@ -111,3 +118,168 @@ class Journal:
             os.fsync(directory)
         finally:
             os.close(directory)
+
+
+#: How long the ledger keeps a finished command: a site's relay and the
+#: central server converge within minutes of the WAN's return, so a command
+#: still without its result a month later means servers that no longer
+#: replicate; older entries only cost disk.
+LEDGER_DAYS = 30
+#: At most this many entries (the newest): a day of one command a minute, far
+#: more than an outage leaves pending.  With :data:`LEDGER_OUTPUT` per stream
+#: the file stays under about 2000 * 8.5 KB = 17 MB even when every command
+#: prints a lot (a Pi's SD card has room), and a few hundred KB typically.
+LEDGER_SIZE = 2000
+#: Bytes of each output stream kept in the ledger (the rest is counted in
+#: ``truncated``): the full result is on the server that took it, and the
+#: owner's conflict resolution prefers it once replication brings it over.
+LEDGER_OUTPUT = 4096
+
+
+class Ledger:
+    """Commands whose result was written: id -> the result, for the last
+    :data:`LEDGER_DAYS` days and at most :data:`LEDGER_SIZE` commands.
+
+    JSON lines, each ``{"id": key, "at": epoch seconds, "result": {...}}``,
+    appended with ``fdatasync`` before the journal forgets the command (a
+    power cut in between leaves the journal entry, and the result is written
+    and recorded again).  Only the ids and times stay in memory (a Pi's RAM);
+    a result is read from the file when a command comes back without it,
+    which is rare.  The file is rewritten without the oldest entries when it
+    holds half as many lines again as it may keep.
+    """
+
+    def __init__(self, path: Path, days: float = LEDGER_DAYS, size: int = LEDGER_SIZE) -> None:
+        self.path = path
+        self.max_age = days * 86400.0
+        self.size = size
+        self._lock = threading.Lock()
+        #: id -> when it was recorded, oldest first.
+        self._index: dict[str, float] = {}
+        self._lines = 0
+        self._appendable = True
+        self._load()
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            at = self._index.get(key)
+        return at is not None and at >= time.time() - self.max_age
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def get(self, key: str) -> Optional[dict[str, Any]]:
+        """The result kept for ``key`` (None: not kept)."""
+        if key not in self:
+            return None
+        found = None
+        for entry in self._entries():
+            if entry["id"] == key:
+                found = entry["result"]  # the last line of a key wins
+        return found
+
+    def record(self, key: str, result: dict[str, Any]) -> None:
+        """Keep ``result`` (a command's final fields) for ``key``; durable on return."""
+        line = json.dumps({"id": key, "at": time.time(), "result": _kept(result)})
+        with self._lock:
+            self._index.pop(key, None)
+            self._index[key] = time.time()
+            self._trim()
+            if self._appendable and self._lines < self.size + self.size // 2:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "ab") as handle:
+                    handle.write(line.encode() + b"\n")
+                    handle.flush()
+                    _fdatasync(handle.fileno())
+                self._lines += 1
+            else:
+                self._rewrite(extra=line)
+
+    def _trim(self) -> None:
+        """Drop the oldest entries from the index: past the age, or beyond the size."""
+        cutoff = time.time() - self.max_age
+        for key, at in list(self._index.items()):
+            if at >= cutoff and len(self._index) <= self.size:
+                break
+            del self._index[key]
+
+    def _entries(self) -> list[dict[str, Any]]:
+        """Every well-formed line of the file, in order."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, ValueError):
+            return []
+        entries = []
+        for line in text.split("\n"):
+            try:
+                entry = json.loads(line) if line.strip() else None
+            except ValueError:
+                continue  # torn by a power cut: that record never completed
+            if (isinstance(entry, dict) and isinstance(entry.get("id"), str)
+                    and isinstance(entry.get("result"), dict)
+                    and isinstance(entry.get("at"), (int, float))):
+                entries.append(entry)
+        return entries
+
+    def _load(self) -> None:
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except (OSError, ValueError):
+            text = ""
+        self._lines = text.count("\n")
+        self._appendable = text == "" or text.endswith("\n")
+        for entry in self._entries():
+            self._index.pop(entry["id"], None)
+            self._index[entry["id"]] = float(entry["at"])
+        self._trim()
+
+    def _rewrite(self, extra: str) -> None:
+        """Write the kept entries (and ``extra``, the newest line) to a new file."""
+        keep = self._index
+        latest: dict[str, str] = {}
+        for entry in self._entries():
+            if entry["id"] in keep:
+                latest[entry["id"]] = json.dumps(entry)
+        newest = json.loads(extra)["id"]
+        latest.pop(newest, None)
+        lines = [latest[key] for key in keep if key in latest] + [extra]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write("".join(line + "\n" for line in lines))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, self.path)
+        _fsync_directory(self.path.parent)
+        self._lines = len(lines)
+        self._appendable = True
+
+
+def _kept(result: dict[str, Any]) -> dict[str, Any]:
+    """``result`` with each output stream cut to :data:`LEDGER_OUTPUT` bytes."""
+    ret = result.get("ret")
+    if not isinstance(ret, list):
+        return dict(result)
+    kept = dict(result)
+    truncated = dict(result.get("truncated") or {})
+    texts = []
+    for name, text in zip(("stdout", "stderr"), ret):
+        data = str(text).encode("utf-8")
+        if len(data) > LEDGER_OUTPUT:
+            # "ignore" drops a character the cut split in two.
+            text = data[:LEDGER_OUTPUT].decode("utf-8", "ignore")
+            truncated[name] = truncated.get(name, 0) + len(data) - len(text.encode("utf-8"))
+        texts.append(text)
+    kept["ret"] = texts
+    if truncated:
+        kept["truncated"] = truncated
+    return kept
+
+
+def _fsync_directory(path: Path) -> None:
+    """Make a rename in ``path`` durable."""
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

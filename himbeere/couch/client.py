@@ -422,6 +422,19 @@ class Database:
                 raise
         raise Conflict(f"{doc_id}: still conflicting after {retries} tries")
 
+    def bulk_docs(self, docs: list[Doc], new_edits: bool = True) -> list[Doc]:
+        """Write ``docs`` in one request; one answer per document, in order.
+
+        Each answer is ``{"id", "rev"}`` or ``{"id", "error", "reason"}``
+        (``conflict`` for a stale ``_rev``): the writes are independent.
+        ``new_edits=False`` stores the revisions as given, as replication
+        does (the answer is then empty on CouchDB).
+        """
+        body: Doc = {"docs": docs}
+        if not new_edits:
+            body["new_edits"] = False
+        return self._request("POST", "_bulk_docs", body=body) or []
+
     def all_docs(self, **params: Any) -> list[Doc]:
         answer = self._request("GET", "_all_docs", params=params)
         return answer["rows"]

@@ -19,11 +19,13 @@ pouchdb-server filter parsed as JSON (``mac=1000`` arrives as a number),
 hence ``String(req.query.mac)``.
 
 The same document holds the ``programs`` view (what ``himbeere-upload ls``
-lists), the ``placed`` view (what ``himbeere placements`` lists) and the
+lists), the ``placed`` view (what ``himbeere placements`` lists), the
+``conflicts`` view (a node's command documents in conflict) and the
 ``validate_doc_update`` rules of :mod:`himbeere.security`.
 The status database gets a design document of its own
-(:func:`status_design_doc`): its rules and the ``names`` view of friendly
-node names.  Both are installed by ``himbeere-upload setup``; a daemon only
+(:func:`status_design_doc`): its rules, the ``names`` view of friendly
+node names and a ``conflicts`` view of its own.  Both are installed by
+``himbeere-upload setup``; a daemon only
 installs the code database's when it is missing and it may (an admin).
 """
 
@@ -43,7 +45,7 @@ log = logging.getLogger(__name__)
 DESIGN_ID = f"_design/{defaults.DESIGN}"
 #: Bumped whenever the design document changes, so daemons and the
 #: uploader know an installed copy is outdated.
-VERSION = 8
+VERSION = 9
 #: The oldest version whose ``node`` filter this daemon can follow: code and
 #: ``<macid>_cmd`` documents pass every version's filter (version 2 added
 #: views and rules).  An older filter is used with a warning rather than
@@ -60,6 +62,10 @@ PLACED_SINCE = 5
 #: The first version whose filter lets programs for many nodes
 #: (``himbeere-program``) through; its ``programs`` view gives their ``targets``.
 TARGETED_SINCE = 8
+#: The first version with the ``conflicts`` views (both databases), and whose
+#: rules let a node delete a revision of its command that holds a result: a
+#: node resolves the conflicts of its own documents (himbeere/conflicts.py).
+CONFLICTS_SINCE = 9
 
 #: The node's ``_changes`` filter (see above), for servers without ``_selector``.
 NODE_FILTER = js.load("node_filter.js")
@@ -70,6 +76,12 @@ PROGRAMS_MAP = js.load("programs_map.js")
 PLACED_MAP = js.load("placed_map.js")
 #: Friendly node names: ``node:<macid>`` documents of the status database.
 NAMES_MAP = js.load("names_map.js")
+#: A node's conflicted documents by ``[node]``: its command documents in the
+#: code database, its own documents in the status database.
+COMMAND_CONFLICTS_MAP = js.load("command_conflicts_map.js")
+STATUS_CONFLICTS_MAP = js.load("status_conflicts_map.js")
+#: The name of those views in both design documents.
+CONFLICTS_VIEW = "conflicts"
 
 
 def design_doc() -> Doc:
@@ -79,7 +91,8 @@ def design_doc() -> Doc:
         "language": "javascript",
         "himbeere_version": VERSION,
         "filters": {"node": NODE_FILTER},
-        "views": {"programs": {"map": PROGRAMS_MAP}, "placed": {"map": PLACED_MAP}},
+        "views": {"programs": {"map": PROGRAMS_MAP}, "placed": {"map": PLACED_MAP},
+                  CONFLICTS_VIEW: {"map": COMMAND_CONFLICTS_MAP}},
         "validate_doc_update": security.code_validate(),
     }
 
@@ -90,7 +103,8 @@ def status_design_doc() -> Doc:
         "_id": DESIGN_ID,
         "language": "javascript",
         "himbeere_version": VERSION,
-        "views": {"names": {"map": NAMES_MAP}},
+        "views": {"names": {"map": NAMES_MAP},
+                  CONFLICTS_VIEW: {"map": STATUS_CONFLICTS_MAP}},
         "validate_doc_update": security.status_validate(),
     }
 

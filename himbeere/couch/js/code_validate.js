@@ -19,7 +19,13 @@ __PREAMBLE__
     refuse('node ' + me + ' may only add results to its own commands (type ' + mine +
            '), not change ' + newDoc._id);
   }
-  if (newDoc._deleted) { refuse('node ' + me + ' may not delete ' + newDoc._id); }
+  if (newDoc._deleted) {
+    // A revision holding a result (or a running mark) the node wrote: it
+    // deletes it to resolve a conflict between two servers (conflicts.py),
+    // and could write any result into it anyway.  A pending command stays.
+    if (oldDoc.state !== undefined) { return; }
+    refuse('node ' + me + ' may not delete ' + newDoc._id);
+  }
   if (newDoc._attachments && !same(newDoc._attachments, oldDoc._attachments)) {
     refuse('node ' + me + ' may not change attachments of ' + newDoc._id);
   }
