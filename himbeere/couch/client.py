@@ -328,6 +328,21 @@ class Couch:
     def database(self, name: str) -> Database:
         return Database(self, name)
 
+    def database_url(self, name: str) -> str:
+        """Database ``name``'s URL on the current server, without credentials.
+
+        For what another server must reach it by: a replication's ``source``
+        or ``target`` (the credentials go beside it, in ``auth``).
+        """
+        return f"{self.base}/{quote(name)}"
+
+    def configure(self, section: str, key: str, value: str) -> Optional[str]:
+        """Set ``[section] key = value`` on the server reached (CouchDB's
+        ``_node/_local/_config``; admin only); returns the value before."""
+        before = self.request("PUT", f"_node/_local/_config/{quote(section)}/{quote(key)}",
+                              body=value)
+        return str(before) if before else None
+
     def create_database(self, name: str) -> bool:
         """Create ``name``; False if it already existed."""
         try:
