@@ -6,8 +6,9 @@ the daemon.  It stays small and imports nothing heavy, because it is the one
 piece a node cannot upgrade without someone logging in: it always runs from
 the installed package ("base"), whichever daemon version it starts.
 
-``python -m himbeere.launch [daemon flags]`` (or ``himbeere launch [flags]``)
-runs ``python -m himbeere daemon [flags]`` as its child.  The versions live in
+``himbeere launch [daemon flags]`` (``python -m himbeere launch``, its
+command in :mod:`himbeere.cli`) runs ``python -m himbeere daemon [flags]``
+as its child.  The versions live in
 the state directory::
 
     <state_dir>/versions/<version>/  a daemon installed from its wheel (pip --target)
@@ -287,15 +288,3 @@ class Launcher:
         shutil.rmtree(self.versions / version, ignore_errors=True)
         log.error("launch: reverted version %s to %s: %s", version, previous, why)
         return active(self.state_dir)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m himbeere.launch [daemon flags]``: the same as ``himbeere launch``."""
-    from . import cli
-
-    args = list(sys.argv[1:] if argv is None else argv)
-    return cli.main(["launch", *args])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
