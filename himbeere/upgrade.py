@@ -38,7 +38,6 @@ puts the launcher's ``upgrade.json`` into the status document.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -164,6 +163,8 @@ class Upgrader(Component):
         data = self.db.attachment(daemon_release_id(version), DAEMON_WHEEL)
         if data is None:
             raise UpgradeError(f"{daemon_release_id(version)} has no wheel attachment")
+        import hashlib  # here: it loads OpenSSL, a Pi's RAM a daemon never upgrading keeps
+
         digest = hashlib.sha256(data).hexdigest()
         if digest != release.get("sha256"):
             raise UpgradeError(f"the wheel's SHA-256 is {digest}, the release says "
