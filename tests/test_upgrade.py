@@ -239,3 +239,45 @@ def test_upgrade_refuses_what_it_cannot_do(couch_url: str, dbname: str, tmp_path
         archive.writestr("extra.txt", "different bytes")
     code, answer = upload(couch_url, dbname, "upgrade", "--wheel", str(same_version))
     assert code == 1 and "exists with another wheel" in answer["error"]
+
+
+def test_the_launcher_in_the_background_for_sysvinit(
+        couch_url: str, dbname: str, tmp_path: Path) -> None:
+    """``rspby start`` runs ``himbeere launch start``: the launcher takes the pidfile and
+    gives the state lock to its daemon, which heartbeats; ``stop`` ends both."""
+    import os
+    import subprocess
+
+    from tests.nodes import free_udp_port, pid_alive
+
+    from uploader import install
+    from uploader.fleet import Fleet
+
+    install.setup(Fleet(couch_url, dbname))
+    state, mac = tmp_path / "state", 7103
+    (tmp_path / "empty.conf").touch()
+    env = dict(os.environ, HIMBEERE_CONFIG=str(tmp_path / "empty.conf"), PYTHONPATH=str(ROOT))
+    flags = ["--server", couch_url, "--database", dbname, "--state-dir", str(state),
+             "--mac-id", str(mac), "--heartbeat-interval", "1",
+             "--discovery-address", "127.255.255.255",
+             "--discovery-port", str(free_udp_port())]
+
+    def launch_cli(action: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([PY, "-m", "himbeere", "launch", action, *flags], env=env,
+                              cwd=str(ROOT), capture_output=True, text=True, timeout=60)
+
+    started = launch_cli("start")
+    assert started.returncode == 0, started.stderr
+    pid = int((state / "himbeere.pid").read_text())
+    status_db = Couch(couch_url).database(f"{dbname}_status")
+    try:
+        wait_for(lambda: (status_db.get(f"status:{mac}") or {}).get("state") == "running", 60,
+                 message=lambda: (state / "himbeere.log").read_text()[-3000:])
+        assert launch_cli("status").stdout.strip() == f"running (pid {pid})"
+    finally:
+        stopped = launch_cli("stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert not pid_alive(pid)
+    assert (status_db.get(f"status:{mac}") or {}).get("state") == "stopped"
+    log = (state / "himbeere.log").read_text()
+    assert "launch: started daemon base" in log
