@@ -79,7 +79,7 @@ def payload(doc: Mapping[str, Any], signed_at: str) -> bytes:
     """The bytes a signature of ``doc`` covers (canonical JSON, UTF-8)."""
     from .schema import DAEMON_RELEASE_TYPE
 
-    names = SIGNED_FIELDS
+    names: tuple[str, ...] = SIGNED_FIELDS
     if doc.get("type") == DAEMON_RELEASE_TYPE:
         names += DAEMON_SIGNED_FIELDS
     fields = {field: doc[field] for field in names if field in doc}

@@ -20,9 +20,13 @@ What a user would see is what is waited for: the status document's
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
+import io
 import json
+import os
 import shutil
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -32,9 +36,11 @@ import pytest
 
 from himbeere import __version__, launch, schema
 from himbeere.couch import Couch
-from tests.helpers import wait_for
-from tests.nodes import ROOT, Node
+from tests.helpers import himbeere, wait_for
+from tests.nodes import ROOT, Node, free_udp_port, pid_alive
+from uploader import install
 from uploader.cli import main as upload_main
+from uploader.fleet import Fleet
 
 pytestmark = pytest.mark.slow
 
@@ -88,9 +94,6 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # -- helpers ------------------------------------------------------------------------------
 def upload(couch_url: str, dbname: str, *argv: str) -> tuple[int, dict[str, Any]]:
     """``himbeere-upload ARGV --json`` in-process: exit code and its JSON answer."""
-    import contextlib
-    import io
-
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = upload_main([*argv, "--server", couch_url, "--database", dbname, "--json"],
@@ -187,7 +190,6 @@ def test_nodes_upgrade_and_revert_a_broken_version(
     assert row["state"] == "reverted" and row["daemon_version"] == "0.3.0", row
     assert "exited with code 1" in row["detail"]
 
-    from tests.helpers import himbeere
     code, out, _ = himbeere(capsys, "nodes", "--server", couch_url, "--database", dbname)
     assert code == 0 and "VERSION" in out.splitlines()[0]
     assert "0.3.0" in next(line for line in out.splitlines() if str(node.mac_id) in line)
@@ -219,9 +221,6 @@ def test_a_node_that_was_off_upgrades_when_it_comes_back(
 
 def test_upgrade_refuses_what_it_cannot_do(couch_url: str, dbname: str, tmp_path: Path,
                                            wheels: dict[str, Path]) -> None:
-    from uploader import install
-    from uploader.fleet import Fleet
-
     install.setup(Fleet(couch_url, dbname))
     code, answer = upload(couch_url, dbname, "upgrade", "--wheel", str(wheels["0.2.0"]),
                           "--rollout", "1,100%")
@@ -245,14 +244,6 @@ def test_the_launcher_in_the_background_for_sysvinit(
         couch_url: str, dbname: str, tmp_path: Path) -> None:
     """``rspby start`` runs ``himbeere launch start``: the launcher takes the pidfile and
     gives the state lock to its daemon, which heartbeats; ``stop`` ends both."""
-    import os
-    import subprocess
-
-    from tests.nodes import free_udp_port, pid_alive
-
-    from uploader import install
-    from uploader.fleet import Fleet
-
     install.setup(Fleet(couch_url, dbname))
     state, mac = tmp_path / "state", 7103
     (tmp_path / "empty.conf").touch()
