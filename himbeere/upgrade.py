@@ -123,7 +123,11 @@ class Upgrader(Component):
     def loop(self) -> None:
         self._mark_heartbeat()
         with self._lock:
-            wanted, self._wanted = self._wanted, None
+            # Not before this daemon's first heartbeat: on probation, an exit before
+            # it would count as a failed start, and the launcher would revert it.
+            wanted = self._wanted if self.heartbeats() else None
+            if wanted is not None:
+                self._wanted = None
         if wanted is not None:
             try:
                 self.consider(wanted)
