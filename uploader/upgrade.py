@@ -44,7 +44,7 @@ Output = tuple[Any, list[str]]
 
 
 def cmd_upgrade(args: argparse.Namespace) -> Output:
-    """Upgrade the nodes' daemon to a wheel of himbeerecouch (or show where they are).
+    """Upgrade the nodes' daemon from a himbeerecouch wheel.
 
     The wheel goes into the code database as daemon release daemon:VERSION,
     signed when a signing key is found; every targeted node installs it
