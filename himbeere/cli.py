@@ -254,7 +254,8 @@ def build_parser(add_commands: Sequence[AddCommands] = ()) -> argparse.ArgumentP
                         help="control a background daemon instead of running in the foreground")
     add_config_flags(daemon)
     daemon.set_defaults(func=cmd_daemon)
-    launch = sub.add_parser("launch", help="Run the daemon through its upgrading launcher", description=cmd_launch.__doc__)
+    launch = sub.add_parser("launch", help="Run the daemon through its upgrading launcher",
+                            description=cmd_launch.__doc__)
     launch.add_argument("action", nargs="?", choices=("start", "stop", "restart", "reload",
                                                       "status"),
                         help="control a background launcher instead of running in the "
