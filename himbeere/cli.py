@@ -1,4 +1,4 @@
-"""The node's commands of ``himbeere``: ``daemon`` and ``pair``.
+"""The node's commands of ``himbeere``: ``daemon``, ``launch`` and ``pair``.
 
 ``himbeere daemon`` runs a node in the foreground (for systemd and
 supervisord); ``himbeere daemon start|stop|restart|reload|status`` runs it in
@@ -93,11 +93,15 @@ def add_config_flags(parser: argparse.ArgumentParser,
             group.add_argument(flag, metavar=metavar, help=text)
 
 
+#: Settings that name files: made absolute, for a daemon that runs in another directory.
+PATH_SETTINGS = ("state_dir", "log_file", "pid_file", "server_file", "fleet_key_file")
+
+
 def load_config(args: argparse.Namespace) -> Callable[[], configuration.Config]:
     """A function that (re)reads the configuration the way ``args`` asks."""
     flags: dict[str, Any] = {key: getattr(args, key, None) for key in SETTINGS}
     # A background daemon runs in /, and reload re-reads these: keep them absolute.
-    for key in ("state_dir", "log_file", "pid_file", "server_file", "fleet_key_file"):
+    for key in PATH_SETTINGS:
         if flags[key]:
             flags[key] = os.path.abspath(flags[key])
     config_file = os.path.abspath(args.config) if args.config else None
@@ -123,6 +127,42 @@ def cmd_daemon(args: argparse.Namespace) -> int:
         setup_logging(args.debug)
         return daemon.run(config, load)
     return service.control(args.action, config, run)
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    """Run the daemon through the launcher (what systemd, supervisord and rspby start): it
+    starts the active daemon version and reverts an upgrade that fails to come up
+    (docs/upgrading.rst).  With an action, in the background with a pidfile."""
+    from . import launch, service, statelock
+
+    config = load_config(args)()
+    launcher = launch.Launcher(config.state_path, daemon_argv(args),
+                               heartbeat_timeout=float(args.upgrade_timeout))
+    if args.action is None:
+        setup_logging(args.debug)
+        launcher.install_signals()
+        return launcher.run()
+
+    def run(cfg: configuration.Config) -> int:
+        # The daemon logs to stdout, the log file here (no rotation: the daemon
+        # writes through its own descriptor); the launcher logs there too.
+        setup_logging(args.debug)
+        statelock.release(cfg.state_dir)  # the daemon takes it: one daemon per node
+        launcher.install_signals()
+        return launcher.run()
+
+    return service.control(args.action, config, run)
+
+
+def daemon_argv(args: argparse.Namespace) -> list[str]:
+    """The flags of ``args`` for ``himbeere daemon``, files as absolute paths."""
+    argv = ["--config", os.path.abspath(args.config)] if args.config else []
+    for key in SETTINGS:
+        value = getattr(args, key, None)
+        if value is not None:
+            argv += ["--" + key.replace("_", "-"),
+                     os.path.abspath(value) if key in PATH_SETTINGS else str(value)]
+    return argv + (["--debug"] if args.debug else [])
 
 
 def cmd_pair(args: argparse.Namespace) -> int:
@@ -183,7 +223,7 @@ def rotating_log(path: os.PathLike[str], max_bytes: int, backups: int) -> loggin
 
 #: Commands that run on a node; the laptop's ``himbeere`` (uploader/main.py) hands
 #: them to :func:`main` before it imports anything of its own.
-NODE_COMMANDS = ("daemon", "pair")
+NODE_COMMANDS = ("daemon", "pair", "launch")
 
 #: Adds commands to the parser's ``add_subparsers()`` object.
 AddCommands = Callable[[Any], None]
@@ -214,6 +254,18 @@ def build_parser(add_commands: Sequence[AddCommands] = ()) -> argparse.ArgumentP
                         help="control a background daemon instead of running in the foreground")
     add_config_flags(daemon)
     daemon.set_defaults(func=cmd_daemon)
+    launch = sub.add_parser("launch", help="Run the daemon through its upgrading launcher",
+                            description=cmd_launch.__doc__)
+    launch.add_argument("action", nargs="?", choices=("start", "stop", "restart", "reload",
+                                                      "status"),
+                        help="control a background launcher instead of running in the "
+                             "foreground")
+    launch.add_argument("--upgrade-timeout", metavar="S", type=float,
+                        default=launch_timeout(),
+                        help="seconds a new daemon version has to send its first heartbeat "
+                             "before it is reverted (default 120; HIMBEERE_UPGRADE_TIMEOUT)")
+    add_config_flags(launch)
+    launch.set_defaults(func=cmd_launch)
     pair = sub.add_parser("pair", help="Open this node's pairing window",
                           description=cmd_pair.__doc__)
     pair.add_argument("--close", action="store_true", help="close pairing now")
@@ -226,6 +278,16 @@ def build_parser(add_commands: Sequence[AddCommands] = ()) -> argparse.ArgumentP
 
 
 DEBUG_HELP = "show tracebacks and debug logs"
+
+
+def launch_timeout() -> float:
+    """``HIMBEERE_UPGRADE_TIMEOUT``, else 120 s (the default of ``--upgrade-timeout``)."""
+    from .launch import HEARTBEAT_TIMEOUT
+
+    try:
+        return float(os.environ.get("HIMBEERE_UPGRADE_TIMEOUT", HEARTBEAT_TIMEOUT))
+    except ValueError:
+        return HEARTBEAT_TIMEOUT
 
 
 def add_debug_flags(sub: Any) -> None:

@@ -31,7 +31,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from . import discovery, identity, signing, statelock
+from . import discovery, identity, launch, signing, statelock
 from .commands import Commands
 from .component import Component
 from .config import Config, redact
@@ -49,6 +49,7 @@ from .programs import Supervisor
 from .recheck import RECHECK_HEARTBEATS, Recheck
 from .schema import COMMAND_TYPE, commands_id
 from .status import Status
+from .upgrade import Upgrader
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class Daemon:
         self.config = config
         self.reload_config = reload_config
         self.stop_requested = 0  # 1: graceful, 2: forced
+        #: What run() returns: launch.EXIT_UPGRADE once a new version is installed.
+        self.exit_code = 0
         self.reload_requested = False
         self.dump_requested = False
         self._stopped = threading.Event()
@@ -123,10 +126,14 @@ class Daemon:
         # Documents under a staged rollout: the gate picks the release to run.
         self.gate = Gate(self.status_db, self.db, self.node, config.heartbeat_interval,
                          submit=self.supervisor.submit, on_event=self._program_event)
+        self.upgrader = Upgrader(self.db, self.status_db, self.node, config.state_path,
+                                 on_installed=self._upgrade_installed,
+                                 heartbeats=lambda: self.status.writes)
         self.status = Status(self.status_db, self.node, config.heartbeat_interval,
                              programs=self.supervisor.snapshot, interface=config.interface,
                              extra=lambda: dict(self.health.collect(),
-                                                **self.placement.describe()),
+                                                **self.placement.describe(),
+                                                **self.upgrader.describe()),
                              clock_offset=lambda: self.couch.clock_offset,
                              history_interval=config.history_interval)
         self.recheck = Recheck(self.db, self.node,
@@ -137,7 +144,7 @@ class Daemon:
         #: starts first; what brings work in (placement, feed, pairing) stops first.
         self.components: list[Component] = [self.status, self.logs, self.commands,
                                              self.placement, self.gate, self.feed,
-                                             self.recheck,
+                                             self.recheck, self.upgrader,
                                              self.pairing]
         # Only a node with several servers (a site's relay and the central
         # server) writes a document on two sides that replicate into a conflict.
@@ -168,6 +175,9 @@ class Daemon:
         # Read here, at every reload too: a key removed from trusted_keys is revoked.
         policy = signing.policy(config.trusted_keys, config.require_signed, config.state_path)
         self.supervisor.signatures = self.commands.signatures = policy
+        trusted = signing.parse_trusted(config.trusted_keys)
+        trusted.update(signing.read_keys_file(config.state_path))
+        self.upgrader.trusted = trusted  # a daemon release is checked whenever keys are set
 
     def _server_moved(self) -> None:
         """Every component follows the shared :class:`Couch`; programs start there too."""
@@ -184,6 +194,8 @@ class Daemon:
     def dispatch(self, doc: Doc) -> None:
         """Route a document from the feed to the programs or the commands."""
         kind = str(doc.get("type"))
+        if self.upgrader.note(doc):
+            return
         if kind in (commands_id(self.node), COMMAND_TYPE) and not doc.get("_deleted"):
             self.commands.submit(doc)
         else:
@@ -215,6 +227,16 @@ class Daemon:
         self.logs.add(doc_id, name, [tuple(line) for line in lines], dropped)
         # The daemon's own lines (time, text, kind) are in its log already.
         self.output.add(doc_id, name, [line[1] for line in lines if len(line) == 2], dropped)
+
+    def _upgrade_installed(self, version: str) -> None:
+        """A new version waits: stop cleanly, and tell the launcher to start it.
+
+        The normal shutdown: programs stop, running commands end and write
+        their results (the journal makes a restart safe), the final status is
+        written.  Then run() returns :data:`~himbeere.launch.EXIT_UPGRADE`.
+        """
+        self.exit_code = launch.EXIT_UPGRADE
+        self.request_stop()
 
     def _program_changed(self) -> None:
         self.status.poke()
@@ -248,7 +270,7 @@ class Daemon:
             while True:
                 self._run_once()
                 if not self.reload_requested:
-                    return 0
+                    return self.exit_code
                 self.reload_requested = False
                 self.stop_requested = 0
                 self._setup()

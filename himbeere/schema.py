@@ -16,8 +16,8 @@ a decimal integer)::
     cmd-<stamp>-<random>    fleet cmd lease:<name>       lease (scheduler, groups)
     program:<name>          targeted  placement:<name>   placement of a program
     release:<name>:<n>      release   history:<mac>      the last day of health
-                                      node:<mac>         node info (labels)
-                                      rollout:<name>:<n> a staged rollout
+    daemon:<version>        daemon    node:<mac>         node info (labels)
+    daemon:current          pointer   rollout:<name>:<n> a staged rollout
                                       site:<name>        a site's relay
 """
 
@@ -174,7 +174,8 @@ def for_node(doc: dict[str, Any], node: int, code_only: bool = False) -> bool:
     against its own labels: the feed cannot know them), documents with
     ``global_modules`` and (unless ``code_only``) its commands.  A deletion
     is followed by every node: its body is gone, and a node that ran the
-    program stops it.  Design documents are not
+    program stops it.  The pointer to the daemon release to run
+    (``daemon:current``) is followed by every node, as code.  Design documents are not
     followed (the feed drops them, whatever the server passes).
     """
     if str(doc.get("_id", "")).startswith("_design/"):
@@ -182,7 +183,8 @@ def for_node(doc: dict[str, Any], node: int, code_only: bool = False) -> bool:
     if doc.get("_deleted"):
         return True
     kind = doc.get("type")
-    if names_node(kind, node) or kind in (PLACED_TYPE, PROGRAM_TYPE) or "global_modules" in doc:
+    if (names_node(kind, node) or kind in (PLACED_TYPE, PROGRAM_TYPE, DAEMON_CURRENT_TYPE)
+            or "global_modules" in doc):
         return True
     if code_only:
         return False
@@ -338,3 +340,22 @@ def targets_text(targets: Any) -> str:
     if isinstance(wanted, dict):
         return ", ".join(f"{key}={value}" for key, value in sorted(wanted.items())) or "all"
     return f"nothing ({targets!r} is not a target)"
+
+
+# -- daemon upgrades -------------------------------------------------------------
+
+#: ``type`` of a daemon release (code database, ``daemon:<version>``): the wheel
+#: as the attachment :data:`DAEMON_WHEEL`, its ``version``, ``sha256`` and ``targets``.
+DAEMON_RELEASE_TYPE = "himbeere-daemon-release"
+#: ``type`` of the pointer :data:`DAEMON_CURRENT_ID`: which release nodes run
+#: (``version``); the only daemon document the node's feed passes.
+DAEMON_CURRENT_TYPE = "himbeere-daemon-current"
+DAEMON_PREFIX = "daemon:"
+DAEMON_CURRENT_ID = f"{DAEMON_PREFIX}current"
+#: The name of a daemon release's attachment: the wheel itself.
+DAEMON_WHEEL = "wheel"
+
+
+def daemon_release_id(version: str) -> str:
+    """The daemon release of ``version`` (as ``himbeere.__version__`` spells it)."""
+    return f"{DAEMON_PREFIX}{version}"

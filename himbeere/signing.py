@@ -44,6 +44,10 @@ log = logging.getLogger(__name__)
 SIGNED_FIELDS = ("_id", "type", "targets", "name", "code", "modules", "global_modules", "git",
                  "cmd", "timeout", "release", "previous_release", "rollout", "labels",
                  "replicas", "requires")
+#: Signed as well in a daemon release (``type`` :data:`~himbeere.schema.DAEMON_RELEASE_TYPE`):
+#: its version and the SHA-256 of its wheel.  Only there: a program document
+#: signed before may carry fields of these names, and its signature must hold.
+DAEMON_SIGNED_FIELDS = ("version", "sha256")
 SIGNATURE = "signature"
 #: File in the state directory with the keys handed over at pairing, one a line.
 KEYS_FILE = "trusted_keys"
@@ -73,7 +77,12 @@ def _normal(value: Any) -> Any:
 
 def payload(doc: Mapping[str, Any], signed_at: str) -> bytes:
     """The bytes a signature of ``doc`` covers (canonical JSON, UTF-8)."""
-    fields = {field: doc[field] for field in SIGNED_FIELDS if field in doc}
+    from .schema import DAEMON_RELEASE_TYPE
+
+    names: tuple[str, ...] = SIGNED_FIELDS
+    if doc.get("type") == DAEMON_RELEASE_TYPE:
+        names += DAEMON_SIGNED_FIELDS
+    fields = {field: doc[field] for field in names if field in doc}
     fields["signed_at"] = signed_at
     return json.dumps(_normal(fields), sort_keys=True, separators=(",", ":"),
                       ensure_ascii=False).encode("utf-8")

@@ -41,10 +41,12 @@ class Node:
         self.discovery_port = free_udp_port()
         self.process: Optional[subprocess.Popen[bytes]] = None
         self.couch = Couch(url)
+        #: Start it through the launcher (``himbeere launch``), which can upgrade it.
+        self.launch = False
 
     def command(self) -> list[str]:
         return [
-            sys.executable, "-m", "himbeere", "daemon",
+            sys.executable, "-m", "himbeere", "launch" if self.launch else "daemon",
             "--server", self.url, "--database", self.database,
             "--state-dir", str(self.state_dir), "--mac-id", str(self.mac_id),
             "--heartbeat-interval", "1", "--grace-period", "2",

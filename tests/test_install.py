@@ -103,7 +103,7 @@ def test_rspby_installs_the_systemd_unit(
     assert "Next: systemctl enable --now himbeere" in result.stdout
     lines = unit.read_text().splitlines()
     assert [line for line in lines if line.startswith("ExecStart=")] == [
-        f"ExecStart={venv}/bin/himbeere daemon"]
+        f"ExecStart={venv}/bin/himbeere launch"]
     # The rest is the unit of the package, as it is in the checkout.
     shipped = (REPO / "himbeere" / "himbeere.service").read_text().splitlines()
     assert [line for line in lines if not line.startswith("ExecStart=")] == [

@@ -184,7 +184,10 @@ def _documents(seed: int, count: int) -> list[Doc]:
                                      schema.targeted_id])(f"p{n}")
             doc["type"] = rng.choice([schema.PLACED_TYPE, schema.PLACED_TYPE, None, "x",
                                       schema.PROGRAM_TYPE, schema.PROGRAM_TYPE,
-                                      schema.PROGRAM_TYPE.upper(), [schema.PROGRAM_TYPE]])
+                                      schema.PROGRAM_TYPE.upper(), [schema.PROGRAM_TYPE],
+                                      # daemon upgrades: only the pointer passes
+                                      schema.DAEMON_CURRENT_TYPE, [schema.DAEMON_CURRENT_TYPE],
+                                      schema.DAEMON_RELEASE_TYPE])
             if rng.random() < 0.5:  # whatever the targets: the node decides, not the feed
                 doc["targets"] = rng.choice(
                     [_targets(rng), {"labels": {"room": "lab"}}, {"labels": "room=lab"}])

@@ -32,7 +32,7 @@ from himbeere.couch import Doc, security
 from himbeere.exceptions import ConfigError, HimbeereError
 
 from . import discover as discovery
-from . import install, keys, push, releases, rollouts, sites, users
+from . import install, keys, push, releases, rollouts, sites, upgrade, users
 from .fleet import Fleet, parse_labels, parse_mac
 
 PROG = "himbeere-upload"
@@ -588,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="URL the Pis should use, without credentials (default: the "
                            "server's)")
     _add_site_commands(sub, common)
+    # A new daemon for the nodes (uploader/upgrade.py, docs/upgrading.rst).
+    upgrade.add_flags(add("upgrade", upgrade.cmd_upgrade), open_fleet)
 
     keygen = add("keygen", cmd_keygen)
     keygen.add_argument("--out", metavar="FILE",

@@ -146,6 +146,7 @@ def summarize(node: int, status: Optional[Doc], node_doc: Optional[Doc],
         "hostname": status.get("hostname"),
         "server": status.get("server"),
         "daemon_version": status.get("daemon_version"),
+        "upgrade": status.get("upgrade"),  # the launcher's last upgrade (himbeere.launch)
         "python": status.get("python"),
         "uptime": status.get("uptime"),
         "load": status.get("load"),

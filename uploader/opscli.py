@@ -111,7 +111,7 @@ def _first_line(result: Optional[dict[str, Any]]) -> str:
 # -- nodes and status --------------------------------------------------------------------
 def cmd_nodes(args: argparse.Namespace, fleet: Fleet) -> int:
     """A table of every node: name, MAC id, IP, state, heartbeat age, load, temperature,
-    programs running or crashed, and the CouchDB server it uses now."""
+    programs running or crashed, the CouchDB server it uses now and its daemon version."""
     nodes = ops.list_nodes(fleet)
     if args.json:
         emit(args, {"nodes": nodes})
@@ -124,9 +124,9 @@ def cmd_nodes(args: argparse.Namespace, fleet: Fleet) -> int:
              _age(n["heartbeat_age"]),
              _num(n["load"][0] if n["load"] else None, "{:.2f}"),
              _num(n["temperature"], "{:.1f}°C"), _programs_summary(n),
-             n["server"] or "-"] for n in nodes]
+             n["server"] or "-", n["daemon_version"] or "-"] for n in nodes]
     print("\n".join(table(["NAME", "MAC ID", "IP", "STATE", "AGE", "LOAD", "TEMP",
-                           "PROGRAMS", "SERVER"], rows)))
+                           "PROGRAMS", "SERVER", "VERSION"], rows)))
     return 0
 
 

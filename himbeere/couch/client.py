@@ -18,6 +18,8 @@ Two server quirks shape this module:
 
 from __future__ import annotations
 
+import base64
+import binascii
 import copy
 import email.utils
 import json
@@ -398,6 +400,34 @@ class Database:
             answer = self._request("POST", body=doc)
         doc["_id"], doc["_rev"] = answer["id"], answer["rev"]
         return doc
+
+    def save_with_attachment(self, doc: Doc, name: str, data: bytes,
+                             content_type: str = "application/octet-stream") -> Doc:
+        """:meth:`save` ``doc`` with the attachment ``name`` holding ``data``, in one request.
+
+        Inline (base64 in the JSON body), so one revision carries both: a
+        reader never sees the document without its attachment.
+        """
+        attachments = dict(doc.get("_attachments") or {})
+        attachments[name] = {"content_type": content_type,
+                             "data": base64.b64encode(data).decode("ascii")}
+        return self.save(dict(doc, _attachments=attachments))
+
+    def attachment(self, doc_id: str, name: str) -> Optional[bytes]:
+        """The bytes of attachment ``name`` of ``doc_id``; None if either is missing.
+
+        Fetched inline (``attachments=true``, base64 in the JSON answer)
+        through :meth:`Couch.request`, so the node's one HTTP path (failover,
+        credentials, JSON errors) serves it too.
+        """
+        doc = self.get(doc_id, attachments=True)
+        stub = ((doc or {}).get("_attachments") or {}).get(name)
+        if not isinstance(stub, dict) or not isinstance(stub.get("data"), str):
+            return None
+        try:
+            return base64.b64decode(stub["data"], validate=True)
+        except (binascii.Error, ValueError):
+            raise CouchError(f"attachment {name!r} of {doc_id}: not base64") from None
 
     def delete(self, doc: Doc) -> None:
         self._request("DELETE", doc_path(doc["_id"]), params={"rev": doc["_rev"]})

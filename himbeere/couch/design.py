@@ -7,7 +7,8 @@ or a list holding its MAC id (integer or string), placed programs
 (``type: "himbeere-placed"``: every node must know them, the scheduler
 decides where they run), programs for many nodes (``type:
 "himbeere-program"``: each node checks their ``targets`` against its own
-labels), documents exporting ``global_modules`` and
+labels), the daemon release pointer (``type: "himbeere-daemon-current"``,
+see :mod:`himbeere.upgrade`), documents exporting ``global_modules`` and
 deletions (a deleted document has no ``type`` left to
 test, so every node sees every deletion and ignores the ones it does not
 know).
@@ -36,7 +37,7 @@ from typing import Any, Optional
 
 from .. import defaults
 from ..exceptions import CouchError, NotFound, Unauthorized
-from ..schema import COMMAND_TYPE, PLACED_TYPE, PROGRAM_TYPE, commands_id
+from ..schema import COMMAND_TYPE, DAEMON_CURRENT_TYPE, PLACED_TYPE, PROGRAM_TYPE, commands_id
 from . import js, security
 from .client import Couch, Database, Doc, FeedFilter
 
@@ -45,7 +46,7 @@ log = logging.getLogger(__name__)
 DESIGN_ID = f"_design/{defaults.DESIGN}"
 #: Bumped whenever the design document changes, so daemons and the
 #: uploader know an installed copy is outdated.
-VERSION = 9
+VERSION = 10
 #: The oldest version whose ``node`` filter this daemon can follow: code and
 #: ``<macid>_cmd`` documents pass every version's filter (version 2 added
 #: views and rules).  An older filter is used with a warning rather than
@@ -66,6 +67,9 @@ TARGETED_SINCE = 8
 #: rules let a node delete a revision of its command that holds a result: a
 #: node resolves the conflicts of its own documents (himbeere/conflicts.py).
 CONFLICTS_SINCE = 9
+#: The first version whose filter lets the daemon release pointer
+#: (``daemon:current``, ``himbeere-daemon-current``) through: self-upgrades.
+DAEMON_UPGRADE_SINCE = 10
 
 #: The node's ``_changes`` filter (see above), for servers without ``_selector``.
 NODE_FILTER = js.load("node_filter.js")
@@ -188,7 +192,7 @@ def selector_filter(node: int, code_only: bool = False) -> FeedFilter:
         types.append(commands_id(node))
     either: list[Doc] = [{"_deleted": True}]
     either += [{"type": {"$eq": kind}} for kind in types]
-    either += [{"type": PLACED_TYPE}, {"type": PROGRAM_TYPE},
+    either += [{"type": PLACED_TYPE}, {"type": PROGRAM_TYPE}, {"type": DAEMON_CURRENT_TYPE},
                {"global_modules": {"$exists": True}}]
     if not code_only:
         either.append({"type": COMMAND_TYPE, "targets": "all"})
@@ -211,8 +215,10 @@ def prepare(db: Database, couch: Couch) -> None:
         if not design_usable(db):
             raise
         current = db.get(DESIGN_ID) or {}
-        if _version(current) < TARGETED_SINCE:
-            missing = "programs for many nodes (push --all, --label)"
+        if _version(current) < DAEMON_UPGRADE_SINCE:
+            missing = "daemon upgrades (himbeere-upload upgrade)"
+            if _version(current) < TARGETED_SINCE:
+                missing = "programs for many nodes (push --all, --label) and " + missing
             if _version(current) < PLACED_SINCE:
                 missing = "placed programs and " + missing
             if _version(current) < FLEET_COMMANDS_SINCE:

@@ -7,7 +7,7 @@ function (doc, req) {
   }
   var type = doc.type;
   if (names(type) || type === 'himbeere-placed' || type === 'himbeere-program' ||
-      doc.global_modules !== undefined) {
+      type === 'himbeere-daemon-current' || doc.global_modules !== undefined) {
     return true;
   }
   if (String(req.query.kind) === 'code') { return false; }

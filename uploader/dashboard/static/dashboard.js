@@ -216,7 +216,9 @@
       return [
         [h("a", { href: "/nodes/" + node.node, className: "node-link" }, nodeLabel(node.node, node.name)),
           ...Object.entries(node.labels || {}).map(([k, v]) => h("span", { className: "label", text: k + "=" + v }))],
-        [node.ip || "–"],
+        [node.ip || "–", ...(node.daemon_version
+          ? [h("span", { className: "hint version", title: "daemon version", text: " himbeere " + node.daemon_version })]
+          : [])],
         shown(node, "load"),
         shown(node, "cpu"),
         shown(node, "temperature"),
