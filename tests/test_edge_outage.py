@@ -203,6 +203,7 @@ def test_a_site_runs_through_a_wan_outage_and_reconciles_with_nothing_lost_or_ru
                  message=lambda: f"no result of edge centrally: {fleet.code.get(edge)}")
         wait_for(lambda: final(fleet.status.get(schema.result_id(central_command, b))), 60,
                  message="B never ran the centre's command at the centre")
+        nodes[b].wait_log(f"command {edge} ran here already", 10)
         time.sleep(max(0.0, CUT - (time.monotonic() - cut_at)))
         assert ledger_counts(ledger)[str(b)]["edge"] == 1
         assert "centralF" not in ledger_counts(ledger)[str(a)]  # A is still cut off

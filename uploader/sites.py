@@ -101,7 +101,7 @@ def selectors(macs: Iterable[int]) -> dict[str, Doc]:
         {"$or": [
             {"type": {"$in": types}},
             {"_deleted": True},
-            {"_id": {"$in": commands}},
+            {"type": {"$in": commands}},
             {"_id": {"$regex": shared_code}},
             {"global_modules": {"$exists": True}},
             {"type": {"$in": [schema.COMMAND_TYPE, schema.PROGRAM_TYPE, schema.PLACED_TYPE,
@@ -109,7 +109,7 @@ def selectors(macs: Iterable[int]) -> dict[str, Doc]:
         ]},
     ]}
     code_push = {"$or": [
-        {"_id": {"$in": commands}},
+        {"type": {"$in": commands}},
         {"_id": {"$regex": f"^{schema.COMMAND_PREFIX}"}},  # fleet commands written there
     ]}
     own_status = [
