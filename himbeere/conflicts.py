@@ -14,7 +14,11 @@ owner knows which content is right, so it resolves its own documents:
   keeps only 4 KB of each stream, :mod:`himbeere.journal`); equal: CouchDB's
   winner;
 * ``log:<mac>:<program>``: the union of the lines, in time order, without
-  duplicates, written on top of the winner.
+  duplicates, written on top of the winner;
+* ``state:<program>``, a program's shared state, which no one node owns
+  (two nodes on either side of a split may both save it): the revision
+  saved last on its server's clock.  Any node with several servers resolves
+  it; all choose alike.
 
 Every other revision is deleted in the same ``_bulk_docs`` request.  The
 choice depends only on the revisions' content, so two resolvers racing (two
@@ -24,7 +28,8 @@ already is left alone.
 
 Finding them costs :data:`CONFLICT_HEARTBEATS`-th of two requests a beat:
 each check asks the ``conflicts`` view of both databases (design version
-9, installed by ``himbeere-upload setup``) for this node's key.  Where the
+9, installed by ``himbeere-upload setup``) for this node's key (and, in
+the status database, for the shared key ``["state"]``).  Where the
 view is missing (an older design document), the check is skipped quietly.
 The daemon runs the check only with more than one server: a node with one
 server never writes a document on two sides.
@@ -42,7 +47,14 @@ from .couch import Database, Doc, design
 from .exceptions import CouchError, NotFound
 from .logship import RING
 from .logtext import printable
-from .schema import HISTORY_PREFIX, LOG_PREFIX, RESULT_PREFIX, STATUS_PREFIX, commands_id
+from .schema import (
+    HISTORY_PREFIX,
+    LOG_PREFIX,
+    RESULT_PREFIX,
+    STATE_PREFIX,
+    STATUS_PREFIX,
+    commands_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +65,8 @@ log = logging.getLogger(__name__)
 #: branch it follows, which then wins.  Two view requests every 30 beats
 #: add 0.07 requests to each beat of a node (issue 14 counted every one).
 CONFLICT_HEARTBEATS = 30
+#: The ``conflicts`` view's key of documents no one node owns: ``state:*``.
+SHARED = "state"
 #: Reads and writes of one document before giving up until the next check.
 ATTEMPTS = 5
 
@@ -100,8 +114,9 @@ class Conflicts(Component):
 
     def conflicted(self, db: Database) -> list[str]:
         """Ids of this node's documents in ``db`` that have conflicts ([] without the view)."""
+        keys = [[str(self.node)]] + ([[SHARED]] if db is self.status_db else [])
         try:
-            rows = db.view(defaults.DESIGN, design.CONFLICTS_VIEW, key=[str(self.node)])
+            rows = db.view(defaults.DESIGN, design.CONFLICTS_VIEW, keys=keys)
         except NotFound:
             if db.name not in self.missing:
                 self.missing.add(db.name)
@@ -159,6 +174,8 @@ def owner_rule(doc_id: str, node: int, code: bool = False) -> Optional[str]:
         return "log"
     if doc_id.startswith(RESULT_PREFIX) and doc_id.endswith(f":{mac}"):
         return "result"
+    if doc_id.startswith(STATE_PREFIX):
+        return "state"  # shared: whichever node looks first (all choose alike)
     return None
 
 
@@ -180,6 +197,10 @@ def choose(rule: str, revisions: list[Doc]) -> Doc:
         return _best(revisions, lambda r: _number(r.get("heartbeat_time")))
     if rule == "history":
         return _best(revisions, lambda r: (_newest_sample(r), str(r.get("updated") or "")))
+    if rule == "state":
+        # The last save on the server's clock: a program's state is saved
+        # whole every 10 s, so the newest revision is what it believes now.
+        return _best(revisions, lambda r: (_number(r.get("saved")), str(r.get("node"))))
     if rule in ("result", "command"):
         return _best(revisions, lambda r: (r.get("state") in FINAL_STATES, _output(r)))
     return revisions[0]

@@ -169,9 +169,14 @@ def test_the_owner_resolves_the_conflicts_of_its_documents(
              {"type": f"{mac}_cmd", "cmd": ["true"], "state": "running", "node": mac})
     siblings(admin_status, status_id(other), {"node": other, "heartbeat_time": 2.0},
              {"node": other, "heartbeat_time": 1.0})
+    # Shared state, saved last by another node on the other side of a split:
+    # no one owns it, any node resolves it, and the last save wins.
+    siblings(admin_status, "state:program:counter",
+             {"node": other, "saved": 2000.0, "values": {"runs": 7}},
+             {"node": other, "saved": 1000.0, "values": {"runs": 5}})
 
     resolver = Conflicts(status, code, mac, interval=30.0)
-    assert resolver.check() == 5
+    assert resolver.check() == 6
 
     def shown(db: Database, doc_id: str) -> Doc:
         doc = db.get(doc_id, conflicts=True)
@@ -184,6 +189,7 @@ def test_the_owner_resolves_the_conflicts_of_its_documents(
     assert merged["lines"] == [[1.0, "a"], [2.0, "b"], [3.0, "c"]] and merged["dropped"] == 1
     assert shown(status, result_id("c1", mac))["ret"] == ["the whole output", ""]
     assert shown(code, "cmd1")["state"] == "done"
+    assert shown(status, "state:program:counter")["values"] == {"runs": 7}
     assert admin_status.get(status_id(other), conflicts=True)["_conflicts"] == [LOW]
     assert resolver.check() == 0  # idempotent: nothing left to do
 
