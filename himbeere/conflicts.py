@@ -32,7 +32,9 @@ each check asks the ``conflicts`` view of both databases (design version
 the status database, for the shared key ``["state"]``).  Where the
 view is missing (an older design document), the check is skipped quietly.
 The daemon runs the check only with more than one server: a node with one
-server never writes a document on two sides.
+server never writes a document on two sides.  The same component moves the
+node back to its first server (a site's relay) when that answers again
+(:meth:`himbeere.couch.Couch.return_to_first`), at each check.
 """
 
 from __future__ import annotations
@@ -94,6 +96,9 @@ class Conflicts(Component):
         while not self.stopping.wait(wait):
             wait = self.interval
             try:
+                # Back to the first server (a site's relay) once it answers
+                # again; then its conflicts, which replication left there.
+                self.status_db.couch.return_to_first()
                 self.check()
             except CouchError as exc:
                 log.debug("conflicts: %s (next check in %.0f s)", exc, self.interval)

@@ -122,7 +122,8 @@ class Feed(Component):
                                  on_open=self._opened)
         for change in changes:
             self.handle(change)
-        # follow() returns only when asked to stop
+        # follow() returns when asked to stop, or when the node moved back to
+        # its first server (Couch.return_to_first): the loop reconnects there
 
     def _opened(self) -> None:
         # Only an open feed resets the backoff: a server that answers the

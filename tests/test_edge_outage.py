@@ -104,6 +104,18 @@ def conflicts(couch: Couch, names: list[str]) -> list[str]:
     return found
 
 
+def placed_runs(couch: Couch, dbname: str, macs: dict[str, int]) -> Optional[dict[int, int]]:
+    """``{node: pid}`` of the site's placed program where exactly one node runs it."""
+    status = couch.database(dbname + "_status")
+    running = {}
+    for mac in macs.values():
+        entry = ((status.get(schema.status_id(mac)) or {}).get("programs") or {}).get(
+            "placed:keeper") or {}
+        if entry.get("state") == "running" and entry.get("pid"):
+            running[mac] = int(entry["pid"])
+    return running if len(running) == 1 else None
+
+
 def heartbeat(db: Database, mac: int) -> float:
     return float((db.get(schema.status_id(mac)) or {}).get("heartbeat_time") or 0.0)
 
@@ -157,6 +169,17 @@ def test_a_site_runs_through_a_wan_outage_and_reconciles_with_nothing_lost_or_ru
                                     .get("programs", {}).get("program:sensor", {})
                                     .get("state") == "running"), 60,
                      message="the central server never saw the program running at the site")
+        # A placed program restricted to the site: the relay's leader places it.
+        keeper = tmp_path / "keeper.py"
+        keeper.write_text("import time\ndef main():\n    while not should_quit():\n"
+                          "        time.sleep(0.2)\n")
+        code, _, err = upload("push", str(keeper), "--placed", "--label", "site=farm",
+                              "--replicas", "1", "--name", "keeper")
+        assert code == 0, err
+        placed_on = wait_for(lambda: placed_runs(relay, dbname, macs), 90,
+                             message=lambda: f"keeper never ran at the site: "
+                                             f"{placed_runs(relay, dbname, macs)}")
+
         wanted: dict[str, list[tuple[str, int]]] = {}
         pre = ops.create_command(fleet, ledger_command("pre"), [a, b])
         wanted["pre"] = [(pre, a), (pre, b)]
@@ -187,6 +210,8 @@ def test_a_site_runs_through_a_wan_outage_and_reconciles_with_nothing_lost_or_ru
             capsys, "nodes")[1], 30, message=lambda: himbeere(capsys, "nodes")[1])
         counts = ledger_counts(ledger)
         assert "centralF" not in counts[str(a)] and "centralF" not in counts[str(b)]
+        # The site's placed program kept its place (and its process) through the cut.
+        assert placed_runs(relay, dbname, macs) == placed_on
         assert relay.database(dbname).get(central_command) is None
         assert fleet.status.get(schema.result_id(central_command, a)) is None
         assert not fleet.code.get(relay_node_command)  # still only at the relay

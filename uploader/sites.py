@@ -110,6 +110,10 @@ def selectors(macs: Iterable[int]) -> dict[str, Doc]:
     ]}
     code_push = {"$or": [
         {"type": {"$in": commands}},
+        # A node resolving a conflict of its command at the relay deletes the
+        # losing revision; a deleted revision has no type, and without this
+        # the centre kept the conflict (found by the WAN-outage test).
+        {"_deleted": True},
         {"_id": {"$regex": f"^{schema.COMMAND_PREFIX}"}},  # fleet commands written there
     ]}
     own_status = [

@@ -155,6 +155,32 @@ class Couch:
         servers = self.servers[self._current:] + self.servers[:self._current]
         return ",".join(server.url for server in servers)
 
+    def return_to_first(self, timeout: float = 5.0) -> bool:
+        """Make the first server current again if it answers; True if it moved.
+
+        The list is an order of preference (an edge site's relay before the
+        central server): after a failover the daemon asks now and then
+        whether the first is back, rather than staying on the fallback
+        until that fails too.
+        """
+        with self._lock:
+            if self._current == 0:
+                return False
+            first = self.servers[0]
+        try:
+            answer = first.http.send("GET", "/", None, {}, timeout)
+        except Unreachable:
+            return False
+        if answer.status >= 500:
+            return False
+        with self._lock:
+            self._current = 0
+            self._moves.clear()
+        log.warning("server %s answers again: using it now", first.base)
+        if self.on_move is not None:
+            self.on_move()
+        return True
+
     def move_on(self, failed: Server, error: BaseException) -> None:
         """``failed`` stopped answering: make the next server the current one.
 
@@ -555,6 +581,8 @@ class Database:
             for line in lines:
                 if stop is not None and stop.is_set():
                     return
+                if self.couch.current is not server:
+                    return  # moved back to a preferred server: follow it there
                 if not line.strip():
                     continue
                 try:

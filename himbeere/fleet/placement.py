@@ -272,6 +272,14 @@ class Placement(Component):
         if not mine and not free:
             self._lost()
             return
+        if self._away_from_site():
+            # A site node on its fallback (the central server) must not lead
+            # there: it would place its site's programs a second time, beside
+            # the relay's leader, and drop the central ones (in_scope).
+            if mine:
+                self.lease.release()
+            self._lost()
+            return
         current = (doc or {}).get("assignments")
         current = current if isinstance(current, dict) else {}
         assignments = self.schedule(current, now)
@@ -331,6 +339,16 @@ class Placement(Component):
             log.info("placement: %s on %s%s", doc_id, entry.get("nodes", "no node (deleted)"),
                      "; " + entry["problem"] if entry.get("problem") else "")
         return result
+
+    def _away_from_site(self) -> bool:
+        """True for a site node using another server than its first (its relay).
+
+        Costs a read of ``node:<mac>`` per beat, only while on a fallback.
+        """
+        couch = self.status_db.couch
+        if couch.current is couch.servers[0]:
+            return False
+        return self._site([self.status_db.get(node_id(self.node)) or {}]) is not None
 
     def _site(self, node_docs: list[Doc]) -> Optional[str]:
         """This node's edge site (its ``site`` label), or None."""
