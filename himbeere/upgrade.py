@@ -70,8 +70,8 @@ from .schema import (
     DAEMON_CURRENT_ID,
     DAEMON_RELEASE_TYPE,
     DAEMON_WHEEL,
-    daemon_release_id,
     RolloutState,
+    daemon_release_id,
     node_id,
     targets_labels,
 )
