@@ -180,9 +180,9 @@ class Upgrader(Component):
         rollout admits it).  True: look again at the next heartbeat (a rollout)."""
         version = pointer.get("version")
         rid = pointer.get("rollout") if isinstance(pointer.get("rollout"), str) else None
+        self.waiting = None
         if rid is not None and version == __version__:
             return self.follow(rid, version)
-        self.waiting = None
         why = self.skip_reason(version)
         if why is not None:
             if str(version) not in self._told:
