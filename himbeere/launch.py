@@ -17,6 +17,7 @@ the state directory::
     <state_dir>/versions/previous    the version before it, what a revert goes back to
     <state_dir>/versions/pending     written by the daemon: installed, start it next
     <state_dir>/versions/heartbeat   written by the daemon after its first heartbeat
+    <state_dir>/versions/rollback    written by the daemon: go back from this version
     <state_dir>/upgrade.json         the outcome of the last upgrade (see below)
 
 **An upgrade.**  The daemon installs a new version beside itself
@@ -35,6 +36,12 @@ installs again.  A version that passes is ``upgraded``.
 
     {"state": "pending" | "upgraded" | "reverted", "version": "0.2.0",
      "from": "base", "reason": null, "at": "2026-...Z", "reverted": ["0.3.0"]}
+
+**A rollback.**  A version that came up, but whose staged rollout was
+rolled back or aborted (:mod:`himbeere.fleet.rollout`), goes back too: the
+daemon writes ``rollback`` (``{"version": ..., "reason": ...}``, see
+:func:`request_rollback`) and exits with :data:`EXIT_UPGRADE`; the launcher
+reverts that version as it reverts one that failed its probation.
 
 A launcher killed during a probation (a power cut) finds ``state`` still
 ``pending`` for the current version and goes on with the probation.  The
@@ -71,6 +78,7 @@ CURRENT = "current"
 PREVIOUS = "previous"
 PENDING = "pending"
 HEARTBEAT = "heartbeat"
+ROLLBACK = "rollback"
 OUTCOME = "upgrade.json"
 #: Seconds a new version has to write its first heartbeat (default).
 HEARTBEAT_TIMEOUT = 120.0
@@ -78,7 +86,7 @@ HEARTBEAT_TIMEOUT = 120.0
 #: heartbeats at once: a daemon that dies right after its first heartbeat is broken too.
 SETTLE = 5.0
 #: Names a version can never have: the files beside the version directories.
-RESERVED = frozenset({BASE, CURRENT, PREVIOUS, PENDING, HEARTBEAT})
+RESERVED = frozenset({BASE, CURRENT, PREVIOUS, PENDING, HEARTBEAT, ROLLBACK})
 
 
 def valid_version(name: Any) -> bool:
@@ -132,6 +140,12 @@ def write_outcome(state_dir: Path, state: str, version: str, previous: str,
                "at": iso(), "reverted": reverted[-20:]}
     write_text(Path(state_dir) / OUTCOME, json.dumps(outcome, sort_keys=True))
     return outcome
+
+
+def request_rollback(state_dir: Path, version: str, reason: str) -> None:
+    """Ask the launcher to go back from ``version`` when the daemon exits next."""
+    write_text(versions_dir(state_dir) / ROLLBACK,
+               json.dumps({"version": version, "reason": reason}, sort_keys=True))
 
 
 def active(state_dir: Path) -> str:
@@ -198,6 +212,11 @@ class Launcher:
                 continue
             if code != EXIT_UPGRADE:
                 return code  # the init system's restart policy takes over, as ever
+            why = self.take_rollback(version)
+            if why is not None:
+                version = self.revert(version, why)
+                probation = False
+                continue
             pending = self.take_pending()
             probation = pending is not None
             version = pending or active(self.state_dir)
@@ -270,6 +289,20 @@ class Launcher:
         write_outcome(self.state_dir, "pending", pending, current)
         log.info("launch: upgrading from %s to %s", current, pending)
         return pending
+
+    def take_rollback(self, version: str) -> Optional[str]:
+        """Why the daemon asked to go back from ``version`` (its ``rollback`` file), or None."""
+        path = self.versions / ROLLBACK
+        try:
+            asked = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        path.unlink(missing_ok=True)
+        if not isinstance(asked, dict) or asked.get("version") != version or version == BASE:
+            log.error("launch: a rollback of %s asked for, but %s runs; ignored",
+                      asked.get("version") if isinstance(asked, dict) else asked, version)
+            return None
+        return str(asked.get("reason") or "rolled back")
 
     def confirm(self, version: str) -> None:
         outcome = read_outcome(self.state_dir)

@@ -31,6 +31,17 @@ calls ``on_installed``: the daemon stops through its normal clean shutdown
 (programs stopped, results written, the journal closed) and exits with
 :data:`~himbeere.launch.EXIT_UPGRADE`; the launcher starts the new version.
 
+**Under a staged rollout** (the pointer has ``"rollout": "rollout:daemon:<version>"``,
+:mod:`himbeere.fleet.rollout`) a node installs the release only once the
+rollout admits it (:func:`himbeere.fleet.gate.admits`, the rules of a
+program's gate).  Until then it stays on its version, and its status
+``upgrade`` field says so: ``"wants": "<version>"`` (the scheduler's leader
+finds the rollout's nodes by it) and ``"waiting": "not yet admitted by
+rollout:..."``; it looks again at each heartbeat.  A node that runs the
+release and sees its rollout ``rolled-back`` or ``aborted`` goes back: it
+asks the launcher (:func:`himbeere.launch.request_rollback`) and stops as
+for an upgrade; the launcher reverts the version.
+
 After the first heartbeat the upgrader writes ``versions/heartbeat``, the
 launcher's sign that the new version is up.  :meth:`Upgrader.describe`
 puts the launcher's ``upgrade.json`` into the status document.
@@ -52,11 +63,14 @@ from . import __version__, launch, signing
 from .component import Component
 from .couch import Database, Doc
 from .exceptions import CouchError, HimbeereError
+from .fleet.gate import admits
+from .fleet.rollout import is_final
 from .fleet.targeting import labels_of
 from .schema import (
     DAEMON_CURRENT_ID,
     DAEMON_RELEASE_TYPE,
     DAEMON_WHEEL,
+    RolloutState,
     daemon_release_id,
     node_id,
     targets_labels,
@@ -92,7 +106,13 @@ class Upgrader(Component):
         #: The launcher's name of the running version; None: not under a launcher.
         self.launched = os.environ.get(launch.ENV_VERSION)
         self.last_error: Optional[str] = None
+        #: ``{"wants", "rollout", "waiting"}`` while a rollout holds a release back.
+        self.waiting: Optional[dict[str, Any]] = None
         self._wanted: Optional[Doc] = None
+        self._release: Optional[tuple[tuple[str, str], Doc]] = None
+        self._fresh = False  # a pointer came that was not looked at yet
+        self._again = False  # look at the pointer again at the next heartbeat (a rollout)
+        self._looked_at = 0  # the heartbeat count at the last look
         self._lock = threading.Lock()
         self._poke = threading.Event()
         self._marked = False
@@ -105,7 +125,7 @@ class Upgrader(Component):
             return False
         if not doc.get("_deleted"):
             with self._lock:
-                self._wanted = doc
+                self._wanted, self._fresh = doc, True
             self._poke.set()
         return True
 
@@ -114,6 +134,8 @@ class Upgrader(Component):
         outcome = launch.read_outcome(self.state_dir)
         if self.last_error is not None:
             outcome = dict(outcome, error=self.last_error)
+        if self.waiting is not None:
+            outcome = dict(outcome, **self.waiting)
         return {"upgrade": outcome or None}
 
     # -- the thread
@@ -122,19 +144,26 @@ class Upgrader(Component):
 
     def loop(self) -> None:
         self._mark_heartbeat()
+        beats = self.heartbeats()
         with self._lock:
             # Not before this daemon's first heartbeat: on probation, an exit before
             # it would count as a failed start, and the launcher would revert it.
-            wanted = self._wanted if self.heartbeats() else None
-            if wanted is not None:
-                self._wanted = None
+            # Under a rollout: again at each heartbeat, until the rollout decides.
+            due = bool(beats) and self._wanted is not None and (
+                self._fresh or (self._again and beats != self._looked_at))
+            wanted = self._wanted if due else None
+            if due:
+                self._fresh, self._looked_at = False, beats
         if wanted is not None:
+            again = False
             try:
-                self.consider(wanted)
+                again = self.consider(wanted)
             except (UpgradeError, CouchError, OSError) as exc:
                 self.last_error = f"{wanted.get('version')}: {exc}"
                 log.error("upgrade: cannot install daemon version %s: %s",
                           wanted.get("version"), exc)
+            with self._lock:
+                self._again = again
         self._poke.wait(1.0)
         self._poke.clear()
 
@@ -146,24 +175,76 @@ class Upgrader(Component):
                           self.launched + "\n")
         self._marked = True
 
-    def consider(self, pointer: Doc) -> None:
-        """Install the release ``pointer`` names, if it is for this node."""
+    def consider(self, pointer: Doc) -> bool:
+        """Install the release ``pointer`` names, if it is for this node (and its
+        rollout admits it).  True: look again at the next heartbeat (a rollout)."""
         version = pointer.get("version")
+        rid = pointer.get("rollout") if isinstance(pointer.get("rollout"), str) else None
+        self.waiting = None
+        if rid is not None and version == __version__:
+            return self.follow(rid, version)
         why = self.skip_reason(version)
         if why is not None:
             if str(version) not in self._told:
                 self._told.add(str(version))
                 log.info("upgrade: not installing daemon version %s: %s", version, why)
-            return
+            return False
         assert isinstance(version, str)
-        release = self.db.get(daemon_release_id(version))
-        if release is None:
-            raise UpgradeError(f"{daemon_release_id(version)} does not exist")
+        release = self.release(version, pointer)
         if not self.for_this_node(release):
             log.info("upgrade: daemon version %s is not for this node (targets %s)",
                      version, release.get("targets"))
-            return
+            return False
         self.check(release, version)
+        if rid is not None:
+            rollout = self.status_db.get(rid)
+            go, why = admits(rid, rollout, self.node)
+            if not go:
+                final = rollout is not None and is_final(rollout)
+                # "wants" only while the rollout may still admit it: its leader
+                # finds the rollout's nodes by it.
+                self.waiting = dict({"rollout": rid, "waiting": why},
+                                    **({} if final else {"wants": version}))
+                if why not in self._told:
+                    self._told.add(why)
+                    log.info("upgrade: not installing daemon version %s yet: %s", version, why)
+                return not final
+            log.info("upgrade: daemon version %s: %s", version, why)
+        self.install_release(release, version)
+        return False
+
+    def release(self, version: str, pointer: Doc) -> Doc:
+        """The release document of ``version``; read once per pointer revision (a node
+        waiting for a rollout looks at the pointer at each heartbeat)."""
+        key = (version, str(pointer.get("_rev")))
+        if self._release is None or self._release[0] != key:
+            release = self.db.get(daemon_release_id(version))
+            if release is None:
+                raise UpgradeError(f"{daemon_release_id(version)} does not exist")
+            self._release = (key, release)
+        return self._release[1]
+
+    def follow(self, rid: str, version: str) -> bool:
+        """This daemon is ``version``, under rollout ``rid``: go back if it was rolled
+        back or aborted.  True while the rollout is not final (look again)."""
+        if self.launched in (None, launch.BASE):
+            return False  # the installed package itself: there is nothing to go back to
+        rollout = self.status_db.get(rid)
+        if rollout is None or not is_final(rollout):
+            return True
+        state = str(rollout.get("state"))
+        if state not in (RolloutState.ROLLED_BACK.value, RolloutState.ABORTED.value):
+            return False  # done
+        failure = (rollout.get("failure") or {}).get("why")
+        reason = f"{rid} was {state}" + (f" ({failure})" if failure else "")
+        log.warning("upgrade: daemon version %s goes back to the previous version: %s",
+                    version, reason)
+        launch.request_rollback(self.state_dir, version, reason)
+        self.on_installed(version)  # stop cleanly for the launcher, as for an upgrade
+        return False
+
+    def install_release(self, release: Doc, version: str) -> None:
+        """Download, check and install the wheel of ``release``; stop for the launcher."""
         data = self.db.attachment(daemon_release_id(version), DAEMON_WHEEL)
         if data is None:
             raise UpgradeError(f"{daemon_release_id(version)} has no wheel attachment")

@@ -253,8 +253,8 @@ def test_upgrade_refuses_what_it_cannot_do(couch_url: str, dbname: str, tmp_path
                                            wheels: dict[str, Path]) -> None:
     install.setup(Fleet(couch_url, dbname))
     code, answer = upload(couch_url, dbname, "upgrade", "--wheel", str(wheels["0.2.0"]),
-                          "--rollout", "1,100%")
-    assert code == 1 and "not built yet" in answer["error"]
+                          "--rollout", "1,x,100%")
+    assert code == 1 and "wave 'x' is not allowed" in answer["error"]
     not_ours = tmp_path / "other-1.0-py3-none-any.whl"
     not_ours.write_bytes(b"PK")
     code, answer = upload(couch_url, dbname, "upgrade", "--wheel", str(not_ours))

@@ -5,6 +5,9 @@ as the last step before it writes the program document; the
 fleet's scheduler drives the rollout from there (:mod:`himbeere.fleet.rollout`).
 :func:`listing`, :func:`show`, :func:`steer` and :func:`wait` serve
 ``himbeere rollouts``, ``himbeere rollout ID`` and ``push --wait``.
+They show daemon rollouts (``himbeere-upload upgrade --rollout``, ``kind``
+``daemon``) too: a node's release is its ``daemon_version`` there, and its
+state the upgrader's (``upgrade`` in its status).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, Optional
 from himbeere import health
 from himbeere.couch import Doc
 from himbeere.exceptions import ConfigError, HimbeereError, NotFound
-from himbeere.fleet.rollout import FINAL, entry_of, wave_size
+from himbeere.fleet.rollout import FINAL, entry_of, is_daemon, upgrade_of, wave_size
 from himbeere.schema import (
     RELEASE_TYPE,
     ROLLOUT_PREFIX,
@@ -176,7 +179,8 @@ def summary(doc: Doc) -> Doc:
     health_of = doc.get("health") or {}
     admitted = doc.get("admitted") or {}
     failure = doc.get("failure") or {}
-    return {"id": doc["_id"], "name": doc.get("name"), "release": doc.get("release"),
+    return {"id": doc["_id"], "kind": doc.get("kind") or "program", "name": doc.get("name"),
+            "release": doc.get("release"),
             "previous_release": doc.get("previous_release"), "state": doc.get("state"),
             "wave": int(doc.get("wave", -1)) + 1, "waves": len(doc.get("waves") or []),
             "nodes": len(doc.get("nodes") or []), "admitted": len(admitted),
@@ -194,8 +198,11 @@ def show(fleet: Fleet, rid: str) -> Doc:
     nodes = []
     for mac in doc.get("nodes") or []:
         status = statuses.get(int(mac))
-        found = entry_of(status, docs)
-        entry = found[1] if found else {}
+        if is_daemon(doc):
+            entry = _daemon_entry(status, doc)
+        else:
+            found = entry_of(status, docs)
+            entry = found[1] if found else {}
         seen = (doc.get("health") or {}).get(str(mac)) or {}
         nodes.append({"node": int(mac), "admitted": (doc.get("admitted") or {}).get(str(mac)),
                       "release": entry.get("release"), "program": entry.get("state"),
@@ -211,6 +218,18 @@ def show(fleet: Fleet, rid: str) -> Doc:
     return dict(summary(doc), rollout=doc, node_list=nodes, wave_list=waves,
                 healthy_for=doc.get("healthy_for"), failure=doc.get("failure"),
                 requested=doc.get("requested"))
+
+
+def _daemon_entry(status: Optional[Doc], doc: Doc) -> Doc:
+    """A node of a daemon rollout, as a program's status entry would show it."""
+    upgrade = upgrade_of(status)
+    state = (status or {}).get("state")
+    if upgrade.get("version") == doc.get("release") and upgrade.get("state") == "reverted":
+        state = "reverted"
+    elif upgrade.get("waiting"):
+        state = "waiting"
+    return {"release": (status or {}).get("daemon_version"), "state": state,
+            "restarts": None, "rollout": upgrade.get("waiting") or upgrade.get("reason")}
 
 
 def _statuses(fleet: Fleet) -> dict[int, Doc]:
@@ -259,8 +278,8 @@ def steer(fleet: Fleet, rid: str, action: str) -> Doc:
 def outcome(fleet: Fleet, doc: Doc) -> None:
     """Write a final rollout's state into its release record (``outcome``), once."""
     state = str(doc.get("state"))
-    if state not in FINAL:
-        return
+    if state not in FINAL or is_daemon(doc):
+        return  # a daemon release has no release record: its rollout document says it
     rid = release_id(str(doc.get("name")), int(doc.get("release") or 0))
 
     def change(record: Doc) -> bool:

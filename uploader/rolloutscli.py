@@ -20,13 +20,14 @@ Add = Callable[..., argparse.ArgumentParser]
 
 
 def cmd_rollouts(args: argparse.Namespace, fleet: Fleet) -> int:
-    """Staged rollouts, newest first: program, release, state, wave, nodes ok/failed."""
+    """Staged rollouts, newest first: program (or daemon), release, state, wave, nodes."""
     found = rollouts.listing(fleet)
     if args.json:
         print(json.dumps({"ok": True, "rollouts": found}, sort_keys=True))
         return 0
     if not found:
-        print("no rollouts (himbeere-upload push PATH --rollout 1,25%,100% starts one)")
+        print("no rollouts (himbeere-upload push PATH --rollout 1,25%,100% starts one; "
+              "upgrade --wheel W --rollout ... one of the daemon)")
         return 0
     rows = [[r["id"], str(r["name"]), str(r["release"]), str(r["state"]),
              f"{r['wave']}/{r['waves']}", f"{r['ok']}/{r['admitted']}",
@@ -62,7 +63,8 @@ def cmd_rollout(args: argparse.Namespace, fleet: Fleet) -> int:
 
 
 def format_rollout(shown: dict[str, Any]) -> list[str]:
-    lines = [f"{shown['id']}: {shown['name']} release {shown['release']} "
+    what = "daemon version" if shown.get("kind") == "daemon" else f"{shown['name']} release"
+    lines = [f"{shown['id']}: {what} {shown['release']} "
              f"(previous {shown['previous_release']}), {shown['state']}, wave "
              f"{shown['wave']}/{shown['waves']}, healthy for {shown['healthy_for']:g} s"]
     failure = shown.get("failure") or {}
@@ -83,7 +85,8 @@ def format_rollout(shown: dict[str, Any]) -> list[str]:
         lines += table(["NODE", "ADMITTED", "RELEASE", "STATE", "RESTARTS", "NODE STATE",
                         "HEALTHY"], rows)
     else:
-        lines.append("no node runs the program yet")
+        lines.append("no node wants the daemon version yet" if shown.get("kind") == "daemon"
+                     else "no node runs the program yet")
     return lines
 
 

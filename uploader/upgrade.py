@@ -13,12 +13,15 @@ it through the launcher, which reverts it if it does not come up
 with the current release: ``upgraded``, ``pending``, ``reverted`` (and
 why), ``not yet``, or ``not targeted``.
 
-Staged daemon rollouts (``--rollout``) are not built yet: the program
-rollouts (:mod:`himbeere.fleet.rollout`) judge a program's state in each
-node's status and gate documents on the node; a daemon upgrade would need
-its own health rules and a gate in front of the upgrader.  Until then an
-upgrade goes to every targeted node at once, and each node takes back a
-version that does not come up by itself.
+``upgrade --wheel W --rollout 1,25%,100% [--healthy-for 60s]`` goes out
+in waves: it creates the daemon rollout ``rollout:daemon:<version>``
+(status database; the program rollouts' document with ``"kind":
+"daemon"``, :func:`himbeere.fleet.rollout.daemon_rollout`) before it points
+``daemon:current`` at the release with ``"rollout": <its id>``.  The
+scheduler's leader drives it like a program's; each node installs the
+release only once admitted, and goes back when it is rolled back
+(:mod:`himbeere.upgrade`).  ``himbeere rollouts`` lists it.  A new
+upgrade supersedes a daemon rollout still under way: it is aborted.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ from typing import Any, Callable, Optional
 from himbeere import launch, schema
 from himbeere.couch import Doc
 from himbeere.exceptions import ConfigError, HimbeereError
+from himbeere.fleet.rollout import daemon_rollout, daemon_rollout_id, is_daemon, is_final
 
-from . import keys, ops
+from . import keys, ops, rollouts
 from .fleet import Fleet, parse_labels
 
 #: ``__version__ = "..."`` in himbeere/__init__.py of the wheel.
@@ -58,21 +62,28 @@ def cmd_upgrade(args: argparse.Namespace) -> Output:
     if not args.wheel:
         raise ConfigError("--wheel FILE is missing: a wheel of himbeerecouch (pip wheel "
                           "--no-deps -w dist .); or --status")
+    plan = None
     if args.rollout:
-        raise ConfigError("--rollout: staged daemon upgrades are not built yet; without it "
-                          "every targeted node upgrades at once, and each node reverts a "
-                          "version that does not come up")
+        plan = rollouts.Plan.parse(args.rollout, args.healthy_for)
+    elif args.healthy_for:
+        raise ConfigError("--healthy-for is for staged upgrades; add --rollout WAVES, "
+                          "e.g. --rollout 1,25%,100%")
     targets: Any = "all"
     if args.label:
         targets = {"labels": parse_labels(args.label)}
     signing_key = keys.find(args.signing_key, args.environ)
-    result = publish(fleet, Path(args.wheel), targets, signing_key)
+    result = publish(fleet, Path(args.wheel), targets, signing_key, plan)
     line = (f"{result['action']} {result['id']} ({result['size']} bytes, sha256 "
             f"{result['sha256'][:16]}), daemon:current -> {result['version']}, targets "
             f"{schema.targets_text(targets)}")
     if signing_key is not None:
         line += f", signed by {signing_key.key_id}"
-    return result, [line, "follow it with: himbeere-upload upgrade --status"]
+    lines = [line]
+    if plan is not None:
+        lines.append(f"rollout {result['rollout']}: waves {','.join(plan.waves)}, healthy "
+                     f"for {plan.healthy_for:g} s; `himbeere rollout {result['rollout']}` "
+                     "follows it")
+    return result, lines + ["follow it with: himbeere-upload upgrade --status"]
 
 
 def add_flags(command: argparse.ArgumentParser, open_fleet: Callable[..., Fleet]) -> None:
@@ -84,9 +95,11 @@ def add_flags(command: argparse.ArgumentParser, open_fleet: Callable[..., Fleet]
                          help="only nodes with this label upgrade (repeat: all of them; "
                               "default: every node)")
     command.add_argument("--rollout", metavar="WAVES",
-                         help="staged waves, e.g. 1,25%%,100%% (not built yet for the daemon)")
+                         help="go out in waves, e.g. 1,25%%,100%% (cumulative node counts or "
+                              "percentages); a failure rolls the reached nodes back")
     command.add_argument("--healthy-for", metavar="DURATION",
-                         help="with --rollout: how long each wave must run cleanly")
+                         help="with --rollout: how long each wave must run the new daemon "
+                              f"cleanly (default {rollouts.DEFAULT_HEALTHY_FOR}; s, m, h)")
     command.add_argument("--signing-key", metavar="FILE",
                          help=f"sign with this key ({keys.ENV}; default {keys.DEFAULT_KEY} "
                               "if it exists)")
@@ -120,8 +133,10 @@ def wheel_version(path: Path, data: bytes) -> str:
 
 
 def publish(fleet: Fleet, wheel: Path, targets: Any,
-            signing_key: Optional[keys.SigningKey] = None) -> Doc:
-    """Write the release of ``wheel`` and point ``daemon:current`` at it."""
+            signing_key: Optional[keys.SigningKey] = None,
+            plan: Optional[rollouts.Plan] = None) -> Doc:
+    """Write the release of ``wheel`` and point ``daemon:current`` at it; with a
+    ``plan``, through a staged rollout (created before the pointer names it)."""
     data = wheel.read_bytes()
     version = wheel_version(wheel, data)
     digest = hashlib.sha256(data).hexdigest()
@@ -144,13 +159,45 @@ def publish(fleet: Fleet, wheel: Path, targets: Any,
                                             "application/zip")
     pointer = fleet.code.get(schema.DAEMON_CURRENT_ID) or {"_id": schema.DAEMON_CURRENT_ID}
     previous = pointer.get("version")
+    previous = previous if previous != version else pointer.get("previous")
+    supersede(fleet, pointer.get("rollout"), version)
+    rid = None
+    if plan is not None:
+        rid = start_rollout(fleet, version, previous, plan)
     pointer.update({"type": schema.DAEMON_CURRENT_TYPE, "version": version,
-                    "previous": previous if previous != version else pointer.get("previous"),
+                    "previous": previous, "rollout": rid,
                     "updated": schema.iso(), "updated_by": fleet.user})
     fleet.code.save(pointer)
     return {"action": action, "id": release_id, "rev": saved["_rev"], "version": version,
-            "sha256": digest, "size": len(data), "targets": targets,
+            "sha256": digest, "size": len(data), "targets": targets, "rollout": rid,
             "key": signing_key.key_id if signing_key is not None else None}
+
+
+def start_rollout(fleet: Fleet, version: str, previous: Optional[str],
+                  plan: rollouts.Plan) -> str:
+    """Create the daemon rollout of ``version`` (afresh if one exists); its id."""
+    rollout = daemon_rollout(version, previous if isinstance(previous, str) else None,
+                             plan.waves, plan.healthy_for, fleet.user, schema.iso())
+    old = fleet.status.get(rollout["_id"])
+    if old is not None:  # the same version again: its rollout starts over
+        rollout["_rev"] = old["_rev"]
+    fleet.status.save(rollout)
+    return str(rollout["_id"])
+
+
+def supersede(fleet: Fleet, rid: Any, version: str) -> None:
+    """Abort the daemon rollout ``rid`` (the pointer's before this upgrade) if it is
+    still under way: nodes follow the new pointer, and no leader should drive it on."""
+    old = fleet.status.get(rid) if isinstance(rid, str) else None
+    if old is None or not is_daemon(old) or is_final(old) or old.get("release") == version:
+        return
+    now = schema.iso()
+    why = f"superseded by {schema.daemon_release_id(version)}"
+    fleet.status.save(dict(old, state=schema.RolloutState.ABORTED.value, updated=now,
+                           finished=now, requested={"action": "abort", "by": fleet.user,
+                                                    "at": now},
+                           failure={"mac": None, "doc": None, "state": "aborted",
+                                    "error": None, "why": why, "at": now}))
 
 
 # -- following it -------------------------------------------------------------------------
@@ -166,6 +213,8 @@ def node_state(node: Doc, version: Optional[str], targeted: bool) -> tuple[str, 
         return "upgraded", ""
     if upgrade.get("version") == version and upgrade.get("state") == "pending":
         return "pending", ""
+    if upgrade.get("waiting") and upgrade.get("rollout") == daemon_rollout_id(version):
+        return "waiting", str(upgrade["waiting"])
     if not targeted:
         return "not targeted", ""
     return "not yet", str(upgrade.get("error") or "") if upgrade else ""
@@ -184,7 +233,11 @@ def status(fleet: Fleet) -> Doc:
         rows.append({"node": node["node"], "name": node.get("name"),
                      "daemon_version": node.get("daemon_version"), "state": state,
                      "detail": detail, "node_state": node.get("state")})
-    return {"version": version, "targets": targets, "nodes": rows}
+    rid = pointer.get("rollout")
+    rollout = fleet.status.get(rid) if isinstance(rid, str) else None
+    return {"version": version, "targets": targets, "nodes": rows,
+            "rollout": rollouts.summary(rollout) if rollout else None,
+            "rollout_line": rollouts.progress_line(rollout) if rollout else None}
 
 
 def status_output(fleet: Fleet) -> Output:
@@ -199,6 +252,8 @@ def status_output(fleet: Fleet) -> Output:
             + (", ".join(f"{n} {state}" for state, n in sorted(counts.items())) or "no nodes"))
     rows = [[str(r["node"]), r["name"] or "-", r["daemon_version"] or "-", r["state"],
              r["node_state"] or "-", r["detail"]] for r in result["nodes"]]
+    if result["rollout_line"]:
+        head += f"\nrollout {result['rollout_line']}"
     return result, [head, *_table(["MAC ID", "NAME", "VERSION", "STATE", "NODE", "DETAIL"],
                                   rows)]
 

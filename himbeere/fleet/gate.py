@@ -58,6 +58,13 @@ def choose(doc: Doc, rollout: Optional[Doc], node: int) -> tuple[str, str]:
     return "previous", f"not yet admitted by {rid}"
 
 
+def admits(rid: str, rollout: Optional[Doc], node: int) -> tuple[bool, str]:
+    """``(True, why)`` when rollout ``rid`` lets ``node`` take its release: the
+    daemon upgrader's gate (:mod:`himbeere.upgrade`), the same rules as a program's."""
+    choice, why = choose({"rollout": rid}, rollout, node)
+    return choice == "new", why
+
+
 class Gate(Component):
     """Holds the documents under a rollout; hands the supervisor the release to run."""
 

@@ -43,6 +43,19 @@ roll back.  ``done``, ``rolled-back`` and ``aborted`` are final.
 
 Each node decides itself what it runs from this document
 (:mod:`himbeere.fleet.gate`).
+
+**A daemon rollout** (``himbeere-upload upgrade --wheel W --rollout ...``)
+is the same document with ``"kind": "daemon"`` (:data:`DAEMON_KIND`; a
+program rollout has no ``kind``), the id ``rollout:daemon:<version>``
+(:func:`daemon_rollout_id`), ``"name": "daemon"``, the version as
+``release`` (a string), the version ``daemon:current`` named before as
+``previous_release`` and ``"docs": ["daemon:current"]``.  Its nodes are
+those whose status ``upgrade`` field ``wants`` the version (the upgrader
+says so once the release is for it, and waits: :mod:`himbeere.upgrade`).
+An admitted node is healthy once its status shows ``daemon_version`` the
+release, in state ``running``, for ``healthy_for``; it failed when its
+launcher reverted the version (status ``upgrade``: ``state`` ``reverted``,
+``version`` the release) or it is ``dead``.
 """
 
 from __future__ import annotations
@@ -58,7 +71,9 @@ from ..couch import Database, Doc
 from ..exceptions import Conflict, CouchError
 from ..logtext import EscapedArguments
 from ..schema import (
+    DAEMON_CURRENT_ID,
     ROLLOUT_PREFIX,
+    ROLLOUT_TYPE,
     STATUS_PREFIX,
     ProgramState,
     RolloutState,
@@ -78,6 +93,31 @@ FAILED_STATES = frozenset({ProgramState.CRASHED.value, ProgramState.INVALID.valu
                            ProgramState.REJECTED.value, ProgramState.BACKING_OFF.value})
 #: States that count as running cleanly (a program may end by itself).
 GOOD_STATES = frozenset({ProgramState.RUNNING.value, ProgramState.FINISHED.value})
+#: ``kind`` of a daemon rollout (a program rollout has none).
+DAEMON_KIND = "daemon"
+DAEMON_NAME = "daemon"
+
+
+def daemon_rollout_id(version: str) -> str:
+    """The rollout of daemon release ``version``: ``rollout:daemon:<version>``."""
+    return f"{ROLLOUT_PREFIX}{DAEMON_NAME}:{version}"
+
+
+def is_daemon(rollout: Optional[Mapping[str, Any]]) -> bool:
+    """True for the rollout of a daemon release (``kind`` ``daemon``)."""
+    return bool(rollout) and (rollout or {}).get("kind") == DAEMON_KIND
+
+
+def daemon_rollout(version: str, previous: Optional[str], waves: list[str],
+                   healthy_for: float, user: Optional[str], now: str) -> Doc:
+    """A new daemon rollout document (what ``himbeere-upload upgrade --rollout`` writes)."""
+    return {"_id": daemon_rollout_id(version), "type": ROLLOUT_TYPE, "kind": DAEMON_KIND,
+            "name": DAEMON_NAME, "release": version, "previous_release": previous,
+            "docs": [DAEMON_CURRENT_ID], "waves": waves, "healthy_for": healthy_for,
+            "state": RolloutState.RUNNING.value, "nodes": [], "wave": -1, "wave_started": [],
+            "admitted": {}, "health": {}, "failure": None, "requested": None,
+            "created": now, "created_by": user, "updated": now, "finished": None,
+            "driver": None}
 
 
 # -- waves -------------------------------------------------------------------------------
@@ -110,8 +150,12 @@ def step(rollout: Doc, statuses: Mapping[int, Doc], now: float) -> Doc:
     if str(doc.get("state")) in FINAL:
         return doc
     docs = [str(d) for d in doc.get("docs") or []]
-    _discover(doc, statuses, docs)
-    failure = _check_admitted(doc, statuses, docs, now)
+    if is_daemon(doc):
+        _discover_daemon(doc, statuses)
+        failure = _check_daemon(doc, statuses, now)
+    else:
+        _discover(doc, statuses, docs)
+        failure = _check_admitted(doc, statuses, docs, now)
     if failure is not None:
         failure["at"] = iso(now)
         doc.update(state=RolloutState.ROLLED_BACK.value, failure=failure, finished=iso(now))
@@ -200,6 +244,54 @@ def _check_admitted(doc: Doc, statuses: Mapping[int, Doc], docs: list[str],
             seen["since"] = iso(now)
         since = parse_iso(seen["since"])
         beat = (status or {}).get("heartbeat_server_time")
+        seen["healthy"] = (now - since >= healthy_for and isinstance(beat, (int, float))
+                           and float(beat) >= since + healthy_for)
+    return None
+
+
+def upgrade_of(status: Optional[Mapping[str, Any]]) -> Doc:
+    """A node status's ``upgrade`` field (the upgrader's), or {}."""
+    upgrade = (status or {}).get("upgrade")
+    return upgrade if isinstance(upgrade, dict) else {}
+
+
+def _discover_daemon(doc: Doc, statuses: Mapping[int, Doc]) -> None:
+    """Append the nodes whose upgrader wants the release and are not known yet."""
+    known = set(doc["nodes"])
+    version = doc.get("release")
+    new = sorted(mac for mac, status in statuses.items()
+                 if mac not in known and upgrade_of(status).get("wants") == version
+                 and status.get("state") != "stopped")
+    doc["nodes"].extend(new)
+
+
+def _check_daemon(doc: Doc, statuses: Mapping[int, Doc], now: float) -> Optional[Doc]:
+    """Each admitted node's health for a daemon release; the first failure, or None."""
+    version = doc.get("release")
+    healthy_for = float(doc.get("healthy_for") or 0.0)
+    for key in sorted(doc["admitted"], key=lambda k: doc["admitted"][k]):
+        mac = int(key)
+        status = statuses.get(mac) or {}
+        seen: Doc = doc["health"].setdefault(key, {"since": None, "healthy": False})
+        state = health.node_state(status, now)
+        running = status.get("daemon_version")
+        seen.update(node=state, release=running, state=status.get("state"))
+        upgrade = upgrade_of(status)
+        if upgrade.get("state") == "reverted" and upgrade.get("version") == version:
+            reason = upgrade.get("reason")
+            return {"mac": mac, "doc": DAEMON_CURRENT_ID, "state": "reverted", "error": reason,
+                    "why": f"node {mac} reverted daemon {version}: {reason}"}
+        if state == "dead":
+            age = health.heartbeat_age(status, now)
+            return {"mac": mac, "doc": None, "state": "dead", "error": None,
+                    "why": f"node {mac} is dead: no heartbeat for {age or 0:.0f} s"}
+        if running != version or status.get("state") != "running":
+            seen["healthy"] = False  # not switched yet, or between two daemons
+            continue
+        if seen.get("since") is None:
+            seen["since"] = iso(now)
+        since = parse_iso(seen["since"])
+        beat = status.get("heartbeat_server_time")
         seen["healthy"] = (now - since >= healthy_for and isinstance(beat, (int, float))
                            and float(beat) >= since + healthy_for)
     return None
