@@ -129,7 +129,8 @@ def test_nodes_move_a_rollout_on_but_may_not_create_delete_or_rewrite_one(
     mine = as_node.get(rid)
     assert mine is not None
     as_node.save(dict(mine, wave=0, admitted={"1": "t"}))  # what the scheduler does
-    for change in ({"docs": ["evil"]}, {"release": 7}, {"waves": ["100%"]}):
+    for change in ({"docs": ["evil"]}, {"release": 7}, {"waves": ["100%"]},
+                   {"kind": "daemon"}):
         current = as_node.get(rid)
         with pytest.raises(Unauthorized, match="may not change"):
             as_node.save(dict(current, **change))

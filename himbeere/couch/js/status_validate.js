@@ -62,7 +62,7 @@ __PREAMBLE__
     if (!oldDoc || oldDoc._deleted || newDoc._deleted) {
       refuse('node ' + me + ' may not create or delete ' + id + '; a deployer pushes rollouts');
     }
-    var fixed = ['type', 'name', 'release', 'previous_release', 'docs', 'waves', 'healthy_for',
+    var fixed = ['type', 'name', 'release', 'previous_release', 'docs', 'waves', 'healthy_for', 'kind',
                  'created', 'created_by'];
     for (var i = 0; i < fixed.length; i++) {
       if (JSON.stringify(newDoc[fixed[i]]) !== JSON.stringify(oldDoc[fixed[i]])) {
