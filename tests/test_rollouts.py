@@ -399,3 +399,17 @@ def test_deployers_pause_resume_and_abort_a_rollout_on_its_page(
         assert get_rollout(fleet, rid)["state"] == "running"
     finally:
         app.extensions["himbeere"].hub.close()
+
+
+def test_a_sites_leader_leaves_rollouts_to_the_central_leader(fleet: Fleet) -> None:
+    # A relay holds a copy of each rollout; if its leader stepped it too, the
+    # two copies would split into a conflict (docs/edge-sites.rst).
+    now = time.time()
+    fleet.status.save(doc(_id=rollout_id("p", 2), type="himbeere-rollout"))
+    fleet.status.save(dict(status(11, now, 1), _id="status:11"))
+    fleet.status.save({"_id": "node:21", "type": "himbeere-node", "node": 21,
+                       "labels": {"site": "farm"}})
+    assert rollout.Driver(fleet.status, "21").drive() == 0
+    assert get_rollout(fleet, rollout_id("p", 2))["admitted"] == {}
+    assert rollout.Driver(fleet.status, "12").drive() == 1  # no node document: central
+    assert list(get_rollout(fleet, rollout_id("p", 2))["admitted"]) == ["11"]

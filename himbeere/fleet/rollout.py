@@ -79,6 +79,7 @@ from ..schema import (
     RolloutState,
     iso,
     mac_of,
+    node_id,
     parse_iso,
 )
 
@@ -339,7 +340,7 @@ class Driver:
         """One heartbeat of the leader; returns how many rollouts it moved on."""
         rollouts = [doc for doc in _prefixed(self.status_db, ROLLOUT_PREFIX)
                     if not is_final(doc)]
-        if not rollouts:
+        if not rollouts or self._in_a_site():
             return 0
         statuses = {}
         for status in _prefixed(self.status_db, STATUS_PREFIX):
@@ -350,6 +351,23 @@ class Driver:
         for rollout in rollouts:
             moved += self._one(rollout, statuses, epoch)
         return moved
+
+    def _in_a_site(self) -> bool:
+        """True when this leader is a site's (label ``site``): it leaves rollouts alone.
+
+        A rollout is one document that one leader moves on.  A site's relay
+        has a copy (pulled from the centre) and a leader of its own; if both
+        leaders stepped, their copies would split into a conflict.  So the
+        central leader drives every rollout, site nodes included (their
+        statuses reach it), and its admissions reach the site; during a WAN
+        outage a site's waiting nodes stay on their release.  One GET a
+        heartbeat, only while a rollout runs.
+        """
+        if not self.holder.isdigit():
+            return False
+        doc = self.status_db.get(node_id(int(self.holder))) or {}
+        labels = doc.get("labels")
+        return isinstance(labels, dict) and bool(labels.get("site"))
 
     def _one(self, rollout: Doc, statuses: Mapping[int, Doc], epoch: int) -> int:
         now = self.clock()
