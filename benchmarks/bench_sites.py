@@ -21,7 +21,9 @@ push to running on a site node
     first (no heartbeat in the path).  ``replication_ms`` is the PUT's start
     to the revision's arrival on this process's continuous ``_changes`` feed
     of the relay; ``node_ms`` the rest (the daemon's feed on the relay, the
-    old program's stop, the new one's start).
+    old program's stop, the new one's start).  On a loaded machine this
+    process's feed may wake after the daemon's: a sample's split can then be
+    a few ms off, ``node_ms`` even below 0; the total is not affected.
 catch-up after a cut
     ``--nodes`` simulated nodes (``benchmarks/simulate.py``, the daemon's own
     requests) heartbeat against the relay every ``--heartbeat`` seconds.  The
@@ -328,6 +330,7 @@ async def catch_up_round(site: Site, fleet: Fleet, macs: list[int],
     await asyncio.sleep(max(0.0, args.cut - (time.monotonic() - cut_at)))
     # What waits: every result, and each node's newest heartbeat at the relay.
     newest = await loop.run_in_executor(None, heartbeats, relay_status, macs)
+    states = await loop.run_in_executor(None, sites.replication_states, site.relay.couch, SITE)
     site.wan.restore()
     restored = time.perf_counter()
     cut_s = time.monotonic() - cut_at
@@ -355,7 +358,17 @@ async def catch_up_round(site: Site, fleet: Fleet, macs: list[int],
     return {"catch_up_s": round(total, 2), "results_s": round(done["results"] or 0.0, 2),
             "heartbeats_s": round(done["heartbeats"] or 0.0, 2),
             "first_result_s": round(done["first"] or 0.0, 2), "cut_s": round(cut_s, 1),
-            "results": len(results), "commands": len(commands)}
+            "results": len(results), "commands": len(commands),
+            # How the relay's scheduler saw its replications just before the restore.
+            "replications_at_restore": {doc_id: _state(doc) for doc_id, doc in states.items()}}
+
+
+def _state(doc: Optional[dict[str, Any]]) -> Optional[str]:
+    if doc is None:
+        return None
+    info = doc.get("info") if isinstance(doc.get("info"), dict) else {}
+    error = (info or {}).get("error") or doc.get("error_count")
+    return f"{doc.get('state')}" + (f" ({error})" if error else "")
 
 
 async def catch_ups(site: Site, args: argparse.Namespace) -> dict[str, Any]:
