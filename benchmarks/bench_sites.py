@@ -368,6 +368,7 @@ def _state(doc: Optional[dict[str, Any]]) -> Optional[str]:
         return None
     info = doc.get("info") if isinstance(doc.get("info"), dict) else {}
     error = (info or {}).get("error") or doc.get("error_count")
+    error = " ".join(str(error or "").split())  # Erlang terms come over several lines
     return f"{doc.get('state')}" + (f" ({error})" if error else "")
 
 
@@ -412,6 +413,7 @@ async def catch_ups(site: Site, args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-sites-"))
     load_before = os.getloadavg()
+    code = git_tree()  # what runs, before anyone commits meanwhile
     macs = [args.mac_id] + [FIRST_MAC + i for i in range(args.nodes)]
     try:
         site = Site(workdir, macs, pin=not args.no_pin)
@@ -439,7 +441,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               f"{platform.python_version()}",
                     "load_average_before": [round(x, 2) for x in load_before],
                     "load_average_after": [round(x, 2) for x in os.getloadavg()]},
-        "code": git_tree(),
+        "code": code,
         "tuned_replicator_settings": dict(sites.REPLICATOR_SETTINGS),
         "couchdb_replicator_defaults": dict(COUCHDB_REPLICATOR_DEFAULTS),
         "push_to_running": push,
