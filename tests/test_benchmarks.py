@@ -8,6 +8,7 @@ finishes and prints the figures it promises, not how good they are.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,49 @@ def test_bench_revs() -> None:
     assert sorted(runs) == ["100", "1000"]
     assert [block["revisions"] for block in runs["100"]] == [10, 20]
     assert all(block["server_cpu_ms_per_write"] > 0 for block in runs["1000"])
+
+
+def test_bench_sites(tmp_path: Path) -> None:
+    """A central push to a site node and one short WAN cut, on a central server and a
+    relay of its own (Apache CouchDB: a site needs it at both ends)."""
+    from tests.cluster import SERVER_ENV, skip_reason
+
+    if os.environ.get(SERVER_ENV) != "couchdb":
+        pytest.skip(f"bench_sites starts two CouchDB servers of its own; {SERVER_ENV}=couchdb "
+                    "runs it")
+    reason = skip_reason()  # no CouchDB release here
+    if reason is not None:
+        pytest.skip(reason)
+    out = tmp_path / "sites.json"
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_sites.py"), "--pushes", "2",
+         "--warmup", "1", "--gap", "0.2", "--nodes", "3", "--commands", "1", "--cut", "3",
+         "--heartbeat", "1", "--rounds", "1", "--default-rounds", "0", "--settle", "1",
+         "--json-out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result == json.loads(done.stdout)
+    push = result["push_to_running"]
+    assert_figure(push["total_ms"], 2)
+    assert_figure(push["replication_ms"], 2)
+    # Not asserted positive: the split is taken on this process's own feed of the
+    # relay, which a loaded machine may wake after the daemon's (a few ms below 0).
+    assert push["node_ms"]["n"] == 2
+    assert push["target"]["median_ms_at_most"] == 1000
+    assert push["target"]["value"] == push["total_ms"]["median"]
+    assert push["daemon_exit_code"] == 0
+    catch_up = result["catch_up"]
+    assert (catch_up["nodes"], catch_up["results"], catch_up["cut_s"]) == (3, 3, 3)
+    assert "default" not in catch_up
+    tuned = catch_up["tuned"]
+    assert tuned["replicator"] == result["tuned_replicator_settings"] == {
+        "max_history": "1", "interval": "5000"}
+    [one] = tuned["rounds"]
+    assert one["results"] == 3 and one["cut_s"] >= 3
+    assert one["results_s"] > 0 and one["heartbeats_s"] > 0
+    assert one["catch_up_s"] == max(one["results_s"], one["heartbeats_s"])
+    assert_figure(tuned["catch_up_s"], 1)
+    assert sorted(one["replications_at_restore"]) == [
+        f"himbeere-site-bench-{db}-{way}" for db in ("code", "status") for way in ("pull", "push")]
+    assert result["machine"]["cpus"] >= 1 and len(result["machine"]["load_average_before"]) == 3
