@@ -329,8 +329,8 @@ def copy_users(central: Fleet, relay: Fleet, macs: Iterable[int]) -> list[str]:
 #: backs a crashing replication off 30 s x 2^(crashes - 1), up to 8.5 hours
 #: (``couch_replicator_scheduler``), counting the crashes in a job's last
 #: ``max_history`` events, and retries jobs every ``interval`` ms.  After a
-#: 60 s cut, the defaults (20, 60000) took 52 s to move the first document
-#: again; with these, 4.5 s -- and after a day's outage no longer than that,
+#: 60 s cut, the defaults (20, 60000) took 119 s to catch a site up
+#: (benchmarks/bench_sites.py); with these, 3.0 s -- and after a day's outage no longer,
 #: where the defaults would wait up to 8.5 hours.  The cost: a relay whose
 #: WAN is down tries every 5 s, one small request per replication.
 REPLICATOR_SETTINGS = {"max_history": "1", "interval": "5000"}
