@@ -132,11 +132,11 @@ def test_daemon_stops_its_components_in_reverse_order(daemon: Daemon,
                         lambda force=False: events.append("programs"))
     daemon.shutdown()
     assert [c.name for c in daemon.components] == [
-        "status", "logs", "commands", "placement", "rollouts", "feed", "recheck",
+        "status", "logs", "commands", "placement", "rollouts", "feed", "recheck", "upgrade",
         "himbeere-pairing"]
     # What brings work in stops first; programs stop before the commands get their grace.
-    assert events == ["himbeere-pairing", "recheck", "feed", "rollouts", "placement", "programs",
-                      "commands", "logs", "status"]
+    assert events == ["himbeere-pairing", "upgrade", "recheck", "feed", "rollouts", "placement",
+                      "programs", "commands", "logs", "status"]
 
 
 def test_daemon_applies_settings_at_setup_and_at_reload(daemon: Daemon) -> None:
