@@ -322,7 +322,8 @@ class Node:
     def extra(self) -> Doc:
         return dict(self.fleet.health_fields(),
                     placement={"leader": not self.follows_lease, "fenced": False,
-                               "assigned": [], "refused": {}})
+                               "assigned": [], "refused": {}},
+                    upgrade=None)  # himbeere.upgrade: no upgrade yet
 
     async def run(self, phase: float) -> None:
         """The daemon's threads as tasks: feed, status, placement, recheck (and a program)."""

@@ -337,7 +337,9 @@ def cmd_keygen(args: argparse.Namespace) -> Output:
 
 
 def cmd_site_add(args: argparse.Namespace) -> Output:
-    """Make a CouchDB near some nodes their site's relay, or bring a site up to date.
+    """Set up a relay for nodes at an edge site, or update one.
+
+    Makes a CouchDB near some nodes their site's relay, or brings a site up to date.
 
     Sets the relay up (databases, design documents, _security), copies the
     nodes' users with their password hashes, labels the nodes site=NAME and
@@ -362,7 +364,7 @@ def cmd_site_add(args: argparse.Namespace) -> Output:
 
 
 def cmd_site_ls(args: argparse.Namespace) -> Output:
-    """List the sites: relay, nodes and the state of their replications."""
+    """List the sites: relays, nodes, replications."""
     found = sites.list_sites(open_fleet(args))
     if not found:
         return {"sites": []}, ["no sites (himbeere-upload site add NAME --relay URL --nodes "
@@ -372,7 +374,7 @@ def cmd_site_ls(args: argparse.Namespace) -> Output:
 
 
 def cmd_site_status(args: argparse.Namespace) -> Output:
-    """One site: each replication's state, last sync, error and lag, and its nodes.
+    """Show a site's replications (state, sync, lag) and nodes.
 
     The lag is the changes the relay's scheduler knows are still to copy.
     """
@@ -394,7 +396,7 @@ def cmd_site_status(args: argparse.Namespace) -> Output:
 
 
 def cmd_site_rm(args: argparse.Namespace) -> Output:
-    """Remove a site: its replications, its registry document, its nodes' label.
+    """Remove a site: replications, registry, node labels.
 
     The relay's databases and users stay (delete them on the relay if wanted);
     the nodes keep the relay in their configuration until it is changed.
@@ -600,8 +602,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_site_commands(sub: Any, common: argparse.ArgumentParser) -> None:
     """``site add|ls|status|rm``: flags go after the subcommand."""
-    site = sub.add_parser("site", help="site relays: a CouchDB near some nodes that carries "
-                                       "them through WAN outages",
+    site = sub.add_parser("site", help="Manage edge sites and their relays",
                           description="Site relays (see docs/edge-sites.rst).")
     site.set_defaults(func=_no_site_command, json=False, debug=False)
     commands = site.add_subparsers(dest="site_command", metavar="SUBCOMMAND")
