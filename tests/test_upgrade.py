@@ -35,7 +35,7 @@ from typing import Any, Callable, Optional
 import pytest
 
 from himbeere import __version__, launch, schema, signing
-from himbeere.couch import Couch
+from himbeere.couch import Couch, Database
 from tests.helpers import himbeere, wait_for
 from tests.nodes import ROOT, Node, free_udp_port, pid_alive
 from uploader import install, keys
@@ -127,9 +127,9 @@ def runs_version(node: Node, version: str) -> dict[str, Any]:
         s.get("daemon_version") == version and s.get("state") == "running"))
 
 
-def run_once(node: Node, ledger: Path, mark: str) -> None:
-    """A command that appends ``mark`` to ``ledger``; wait for its result."""
-    db = Couch(node.url).database(node.database)
+def run_once(db: Database, node: Node, ledger: Path, mark: str) -> None:
+    """A command (written by the deployer, into ``db``) that appends ``mark`` to
+    ``ledger``; wait for its result."""
     doc_id = f"{node.mac_id}-{mark}"
     db.save({"_id": doc_id, "type": schema.commands_id(node.mac_id),
              "cmd": [PY, "-c", f"open({str(ledger)!r}, 'a').write({mark!r} + '\\n')"]})
@@ -149,7 +149,7 @@ def test_nodes_upgrade_and_revert_a_broken_version(
     node = launched(node_factory, 7101)
     ledger = tmp_path / "ledger"
     runs_version(node, __version__)
-    run_once(node, ledger, "before")
+    run_once(Couch(couch_url).database(dbname), node, ledger, "before")
 
     code, answer = upload(couch_url, dbname, "upgrade", "--wheel", str(wheels["0.2.0"]))
     assert code == 0, answer
@@ -158,7 +158,7 @@ def test_nodes_upgrade_and_revert_a_broken_version(
     upgrade = wait_status(node, "upgraded 0.2.0", lambda s: (s.get("upgrade") or {}).get(
         "state") == "upgraded")["upgrade"]
     assert upgrade["version"] == "0.2.0" and upgrade["from"] == launch.BASE, upgrade
-    run_once(node, ledger, "on-0.2.0")
+    run_once(Couch(couch_url).database(dbname), node, ledger, "on-0.2.0")
 
     # From one installed version to the next: 0.2.0 becomes the previous one.
     assert upload(couch_url, dbname, "upgrade", "--wheel", str(wheels["0.3.0"]))[0] == 0
@@ -175,7 +175,7 @@ def test_nodes_upgrade_and_revert_a_broken_version(
     assert "exited with code 1" in status["upgrade"]["reason"], status["upgrade"]
     assert status["upgrade"]["reverted"] == ["0.4.0"]
     assert not (node.state_dir / "versions" / "0.4.0").exists()
-    run_once(node, ledger, "after-revert")
+    run_once(Couch(couch_url).database(dbname), node, ledger, "after-revert")
     # The node keeps heartbeating, and never tries 0.4.0 again.
     beats = node.status()["heartbeat"]  # type: ignore[index]
     wait_status(node, "a later heartbeat", lambda s: s["heartbeat"] > beats)
@@ -214,7 +214,7 @@ def test_a_node_that_was_off_upgrades_when_it_comes_back(
     runs_version(node, "0.2.0")
     wait_status(node, "upgraded", lambda s: (s.get("upgrade") or {}).get("state") == "upgraded")
     ledger = tmp_path / "ledger"
-    run_once(node, ledger, "back")
+    run_once(Couch(couch_url).database(dbname), node, ledger, "back")
     assert lines(ledger) == ["back"]
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Optional
 import pytest
 
 from himbeere import __version__, launch, schema
-from himbeere.couch import Couch, Doc
+from himbeere.couch import Doc
 from himbeere.fleet import rollout
 from himbeere.fleet.gate import admits
 from tests.helpers import himbeere, wait_for
@@ -174,7 +174,7 @@ def test_a_good_version_reaches_the_canary_first_and_an_aborted_one_goes_back(
     # A command written while the canary upgrades (installed, the new daemon not
     # yet heartbeating) runs exactly once.
     ledger = tmp_path / "ledger"
-    db = Couch(canary.url).database(canary.database)
+    db = fleet.code  # a deployer writes commands
     wait_for(lambda: (canary.state_dir / "versions" / "0.2.0").is_dir(), 120,
              interval=0.01, message=lambda: canary.log()[-3000:])
     db.save({"_id": f"{canary.mac_id}-during", "type": schema.commands_id(canary.mac_id),
@@ -226,7 +226,7 @@ def test_a_good_version_reaches_the_canary_first_and_an_aborted_one_goes_back(
             status = waiting(node, f"{rid3} was aborted")
             assert status["daemon_version"] == "0.2.0" and "wants" not in status["upgrade"]
             assert not (node.state_dir / "versions" / "0.3.0").exists()
-        run_once(node, ledger, f"after-{node.mac_id}")
+        run_once(fleet.code, node, ledger, f"after-{node.mac_id}")
     assert sorted(lines(ledger)) == sorted(["during"] + [f"after-{n.mac_id}" for n in nodes])
 
 
@@ -260,7 +260,7 @@ def test_a_broken_version_is_reverted_on_the_canary_and_goes_no_further(
             assert starts(tmp_path, node) == 1  # its program never restarted
     ledger = tmp_path / "ledger"
     for node in nodes:
-        run_once(node, ledger, f"after-{node.mac_id}")
+        run_once(fleet.code, node, ledger, f"after-{node.mac_id}")
     assert sorted(lines(ledger)) == sorted(f"after-{n.mac_id}" for n in nodes)
 
     code, answer = upload(couch_url, dbname, "upgrade", "--status")
