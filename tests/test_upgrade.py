@@ -146,52 +146,66 @@ def lines(path: Path) -> list[str]:
 def test_nodes_upgrade_and_revert_a_broken_version(
         node_factory: Callable[..., Node], couch_url: str, dbname: str, tmp_path: Path,
         wheels: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
-    node = launched(node_factory, 7101)
-    ledger = tmp_path / "ledger"
-    runs_version(node, __version__)
-    run_once(Couch(couch_url).database(dbname), node, ledger, "before")
+    nodes = [launched(node_factory, 7101), launched(node_factory, 7104)]
+    code_db = Couch(couch_url).database(dbname)
+    ledgers = {node.mac_id: tmp_path / f"ledger-{node.mac_id}" for node in nodes}
+
+    def everywhere(mark: str) -> None:
+        for node in nodes:
+            run_once(code_db, node, ledgers[node.mac_id], mark)
+
+    for node in nodes:
+        runs_version(node, __version__)
+    everywhere("before")
 
     code, answer = upload(couch_url, dbname, "upgrade", "--wheel", str(wheels["0.2.0"]))
     assert code == 0, answer
     assert answer["version"] == "0.2.0" and answer["id"] == "daemon:0.2.0"
-    runs_version(node, "0.2.0")
-    upgrade = wait_status(node, "upgraded 0.2.0", lambda s: (s.get("upgrade") or {}).get(
-        "state") == "upgraded")["upgrade"]
-    assert upgrade["version"] == "0.2.0" and upgrade["from"] == launch.BASE, upgrade
-    run_once(Couch(couch_url).database(dbname), node, ledger, "on-0.2.0")
+    for node in nodes:
+        runs_version(node, "0.2.0")
+        upgrade = wait_status(node, "upgraded 0.2.0", lambda s: (s.get("upgrade") or {}).get(
+            "state") == "upgraded")["upgrade"]
+        assert upgrade["version"] == "0.2.0" and upgrade["from"] == launch.BASE, upgrade
+    everywhere("on-0.2.0")
 
     # From one installed version to the next: 0.2.0 becomes the previous one.
     assert upload(couch_url, dbname, "upgrade", "--wheel", str(wheels["0.3.0"]))[0] == 0
-    runs_version(node, "0.3.0")
-    upgrade = wait_status(node, "upgraded 0.3.0", lambda s: (s.get("upgrade") or {}).get(
-        "version") == "0.3.0" and s["upgrade"]["state"] == "upgraded")["upgrade"]
-    assert upgrade["from"] == "0.2.0", upgrade
+    for node in nodes:
+        runs_version(node, "0.3.0")
+        upgrade = wait_status(node, "upgraded 0.3.0", lambda s: (s.get("upgrade") or {}).get(
+            "version") == "0.3.0" and s["upgrade"]["state"] == "upgraded")["upgrade"]
+        assert upgrade["from"] == "0.2.0", upgrade
 
-    # A version whose daemon exits at start is taken back by the launcher.
+    # A version whose daemon exits at start is taken back by every node's launcher.
     assert upload(couch_url, dbname, "upgrade", "--wheel", str(wheels["0.4.0"]))[0] == 0
-    status = wait_status(node, "reverted 0.4.0", lambda s: (s.get("upgrade") or {}).get(
-        "state") == "reverted" and s.get("daemon_version") == "0.3.0")
-    assert status["upgrade"]["version"] == "0.4.0" and status["upgrade"]["from"] == "0.3.0"
-    assert "exited with code 1" in status["upgrade"]["reason"], status["upgrade"]
-    assert status["upgrade"]["reverted"] == ["0.4.0"]
-    assert not (node.state_dir / "versions" / "0.4.0").exists()
-    run_once(Couch(couch_url).database(dbname), node, ledger, "after-revert")
-    # The node keeps heartbeating, and never tries 0.4.0 again.
-    beats = node.status()["heartbeat"]  # type: ignore[index]
-    wait_status(node, "a later heartbeat", lambda s: s["heartbeat"] > beats)
-    node.wait_log("not installing daemon version 0.4.0: it was reverted on this node")
-    assert node.alive()
-    assert lines(ledger) == ["before", "on-0.2.0", "after-revert"]
+    for node in nodes:
+        status = wait_status(node, "reverted 0.4.0", lambda s: (s.get("upgrade") or {}).get(
+            "state") == "reverted" and s.get("daemon_version") == "0.3.0")
+        assert status["upgrade"]["version"] == "0.4.0"
+        assert status["upgrade"]["from"] == "0.3.0"
+        assert "exited with code 1" in status["upgrade"]["reason"], status["upgrade"]
+        assert status["upgrade"]["reverted"] == ["0.4.0"]
+        assert not (node.state_dir / "versions" / "0.4.0").exists()
+    everywhere("after-revert")
+    # The nodes keep heartbeating, and never try 0.4.0 again.
+    for node in nodes:
+        beats = node.status()["heartbeat"]  # type: ignore[index]
+        wait_status(node, "a later heartbeat", lambda s, b=beats: s["heartbeat"] > b)
+        node.wait_log("not installing daemon version 0.4.0: it was reverted on this node")
+        assert node.alive()
+        assert lines(ledgers[node.mac_id]) == ["before", "on-0.2.0", "after-revert"]
 
     code, answer = upload(couch_url, dbname, "upgrade", "--status")
     assert code == 0 and answer["version"] == "0.4.0"
-    row = next(r for r in answer["nodes"] if r["node"] == node.mac_id)
-    assert row["state"] == "reverted" and row["daemon_version"] == "0.3.0", row
-    assert "exited with code 1" in row["detail"]
+    for node in nodes:
+        row = next(r for r in answer["nodes"] if r["node"] == node.mac_id)
+        assert row["state"] == "reverted" and row["daemon_version"] == "0.3.0", row
+        assert "exited with code 1" in row["detail"]
 
     code, out, _ = himbeere(capsys, "nodes", "--server", couch_url, "--database", dbname)
     assert code == 0 and "VERSION" in out.splitlines()[0]
-    assert "0.3.0" in next(line for line in out.splitlines() if str(node.mac_id) in line)
+    for node in nodes:
+        assert "0.3.0" in next(line for line in out.splitlines() if str(node.mac_id) in line)
 
 
 def test_a_node_that_was_off_upgrades_when_it_comes_back(
